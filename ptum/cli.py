@@ -1,0 +1,88 @@
+"""The `ptum` command: one subcommand per pipeline stage (thin: parse config, call the library).
+
+Every stage reads its own section of params.yaml and accepts overrides:
+    ptum prepare --set prepare.max_behaviors=50 --set prepare.on_bad_rows=quarantine
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from ptum.config import ConfigError, Params, load_params, to_dict
+from ptum.data.errors import DataError
+
+RAW = Path("data/raw")
+PREPARED = Path("data/prepared")
+TOKENIZED = Path("data/tokenized")
+
+
+def _ingest(p: Params, args: argparse.Namespace) -> dict:
+    from ptum.data.ingest import ingest
+
+    d = p.data
+    return ingest(source=d.source, path=d.path, out_dir=args.out or RAW, size=d.size, seed=d.seed,
+                  click_threshold=d.click_threshold, age_edges=d.age_edges,
+                  movielens_variant=d.movielens_variant)
+
+
+def _prepare(p: Params, args: argparse.Namespace) -> dict:
+    from ptum.data.prepare import PrepareOptions, prepare
+
+    opts = PrepareOptions(**to_dict(p.prepare) | {"demo_split": p.prepare.demo_split,
+                                                  "label_ratios": p.prepare.label_ratios})
+    return prepare(args.input or RAW, args.out or PREPARED, opts)
+
+
+def _tokenize(p: Params, args: argparse.Namespace) -> dict:
+    from ptum.tokenize import tokenize
+
+    t = p.tokenize
+    return tokenize((args.input or PREPARED) / "items.parquet", args.out or TOKENIZED,
+                    vocab_size=t.vocab_size, model_type=t.model_type,
+                    byte_fallback=t.byte_fallback, max_tokens=t.max_tokens,
+                    character_coverage=t.character_coverage, seed=t.seed)
+
+
+STAGES = {
+    "ingest": (_ingest, "bring a data source into the generic format (data/raw)"),
+    "prepare": (_prepare, "validate, build items, user sequences and splits (data/prepared)"),
+    "tokenize": (_tokenize, "train SentencePiece and encode each item once (data/tokenized)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ptum", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
+    for name, (_, help_text) in STAGES.items():
+        s = sub.add_parser(name, help=help_text, description=help_text)
+        s.add_argument("--params", type=Path, default=Path("params.yaml"),
+                       help="params file (default: params.yaml)")
+        s.add_argument("--set", dest="overrides", action="append", default=[],
+                       metavar="SECTION.KEY=VALUE", help="override a parameter (repeatable)")
+        s.add_argument("--input", type=Path, default=None, help="input directory override")
+        s.add_argument("--out", type=Path, default=None, help="output directory override")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        params = load_params(args.params, args.overrides)
+        run, _ = STAGES[args.stage]
+        t0 = time.perf_counter()
+        result = run(params, args)
+    except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
+        print(f"ptum {args.stage}: error: {e}", file=sys.stderr)
+        return 2
+    summary = json.dumps(result, indent=1, sort_keys=True, default=str)
+    print(summary if len(summary) < 4000 else summary[:4000] + "\n...")
+    print(f"ptum {args.stage}: done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,210 @@
+"""Typed configuration: one frozen dataclass per `params.yaml` section.
+
+Only stage entry points (the CLI) read configuration; library functions take explicit arguments.
+Loading rejects unknown keys and wrong types with a message naming the section and key, so a typo
+in `params.yaml` or in a `--set section.key=value` override fails loudly instead of being ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params file or override that does not match the expected schema."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Stage `ingest`: where the behavior log comes from."""
+
+    source: Literal["synthetic", "movielens", "generic", "ptum_tsv"] = "synthetic"
+    # Input directory (movielens, generic) or file (ptum_tsv). Relative paths are resolved from
+    # the project root. Empty for synthetic; for movielens, empty means "download from GroupLens".
+    path: str = ""
+    # Synthetic size preset (see ptum.data.synthetic.PRESETS).
+    size: str = "default"
+    seed: int = 7
+    # MovieLens: an impression is a click when rating >= click_threshold.
+    click_threshold: int = 4
+    # MovieLens: age bucket edges (years); bucket i holds ages in [edge[i-1], edge[i]).
+    age_edges: tuple[int, ...] = (25, 35, 45)
+    # MovieLens download variant when path is empty.
+    movielens_variant: Literal["ml-100k", "ml-1m"] = "ml-100k"
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    """Stage `prepare`: validation, item table, user sequences, splits."""
+
+    max_behaviors: int = 100
+    # error: stop at the first bad row with file:line and reason. quarantine: drop bad rows into
+    # data/prepared/quarantine/ and count them per reason in the data report.
+    on_bad_rows: Literal["error", "quarantine"] = "error"
+    # CTR time windows: global timestamp cut-offs, or each user's own impressions.
+    ctr_windows: Literal["global", "per_user"] = "global"
+    # Fractions of impressions (by time rank) in the CTR-train and CTR-test windows; impressions
+    # before the CTR-train window are history and are not used as CTR samples.
+    ctr_train_frac: float = 0.1
+    ctr_test_frac: float = 0.1
+    # Share of CTR-train-window impressions held out for validation (paper: 9:1).
+    ctr_valid_frac: float = 0.1
+    # Labeled users: train / validation / test shares (paper: 80/10/10).
+    demo_split: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    # Nested training-label subsets (fractions of the training users / impressions).
+    label_ratios: tuple[float, ...] = (0.2, 0.5, 1.0)
+    # Share of pre-training users held out to measure MBP/NBP accuracy.
+    pretrain_valid_frac: float = 0.05
+    seed: int = 13
+
+
+@dataclass(frozen=True)
+class TokenizeConfig:
+    """Stage `tokenize`: SentencePiece over the distinct item texts."""
+
+    model_type: Literal["unigram", "bpe", "char", "word"] = "unigram"
+    vocab_size: int = 8000
+    byte_fallback: bool = True
+    max_tokens: int = 30
+    character_coverage: float = 0.9995
+    seed: int = 1
+
+
+@dataclass(frozen=True)
+class Params:
+    """All sections of params.yaml that this version of ptum knows about."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+
+
+SECTIONS: dict[str, type] = {
+    "data": DataConfig,
+    "prepare": PrepareConfig,
+    "tokenize": TokenizeConfig,
+}
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check `value` against a type hint, converting lists to tuples; raise ConfigError."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            if option is type(None) and value is None:
+                return None
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} does not match {hint}")
+    if origin is tuple:
+        args = typing.get_args(hint)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, where)
+    raise ConfigError(f"{where}: unsupported type {hint}")  # pragma: no cover - schema bug
+
+
+def build(cls: type, raw: Any, where: str) -> Any:
+    """Build frozen dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse `section.key=value` (value in YAML syntax) into (["section", "key"], value)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    key, _, value = text.partition("=")
+    parts = key.strip().split(".")
+    if len(parts) < 2 or not all(parts):
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    return parts, yaml.safe_load(value) if value.strip() else ""
+
+
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """Load params.yaml (missing file = all defaults), apply overrides, validate every section.
+
+    Unknown sections are rejected like unknown keys: a misspelt section must not silently fall
+    back to defaults.
+    """
+    path = Path(path)
+    raw: dict[str, Any] = {}
+    if path.exists():
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at top level")
+        raw = dict(loaded or {})
+    for text in overrides or []:
+        parts, value = parse_override(text)
+        if parts[0] not in SECTIONS:
+            raise ConfigError(f"override {text!r}: unknown section {parts[0]!r}; known: {sorted(SECTIONS)}")
+        node = raw.setdefault(parts[0], {}) or {}
+        raw[parts[0]] = node
+        for p in parts[1:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    unknown = sorted(set(raw) - set(SECTIONS))
+    if unknown:
+        raise ConfigError(f"{path.name}: unknown section(s) {unknown}; known: {sorted(SECTIONS)}")
+    sections = {
+        name: build(cls, raw.get(name), f"{path.name}:{name}")
+        for name, cls in SECTIONS.items()
+    }
+    return Params(**sections)
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass -> plain JSON-able dict (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple | list):
+        return [to_dict(v) for v in obj]
+    return obj

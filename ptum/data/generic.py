@@ -1,0 +1,186 @@
+"""The generic input format, read with line numbers and validated row by row (Polars, lazy).
+
+Three tables, each a TSV file with a header line (UTF-8, tab-separated, no quoting: fields may
+not contain tabs or newlines) or a Parquet file:
+
+    behaviors(user_id, timestamp, text[, item_id])
+    labels(user_id, <one column per label>)          any label column is a demographic task
+    impressions(user_id, timestamp, text, clicked[, item_id])
+
+`timestamp` is integer seconds since the epoch; `clicked` is 0 or 1; `item_id` is an optional
+source identifier used only to tell apart two events with the same text at the same second.
+Extra columns are ignored. Each row gets a `line` (1-based line in a TSV, row in Parquet) and
+a `reason` (null when the row is good), so the caller can either stop at the first bad row
+with a precise DataError or quarantine bad rows and count them per reason.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+
+from ptum.data.errors import DataError
+
+REQUIRED = {
+    "behaviors": ("user_id", "timestamp", "text"),
+    "labels": ("user_id",),
+    "impressions": ("user_id", "timestamp", "text", "clicked"),
+}
+OPTIONAL = {"behaviors": ("item_id",), "labels": (), "impressions": ("item_id",)}
+REASONS = (
+    "blank_line", "malformed_line", "bad_utf8", "missing_user", "bad_timestamp", "empty_text",
+    "bad_clicked", "duplicate_event", "duplicate_user", "unknown_user",
+)
+_REPLACEMENT = "\ufffd"  # what a lossy UTF-8 decode puts in place of bad bytes
+
+
+def find_table(directory: Path, table: str) -> Path | None:
+    """The file holding `table` in `directory` (.parquet, .tsv or .tsv.gz-less .txt), or None."""
+    for suffix in (".parquet", ".tsv", ".txt"):
+        p = directory / f"{table}{suffix}"
+        if p.exists():
+            return p
+    return None
+
+
+def _tsv_header(path: Path) -> list[str]:
+    with path.open("rb") as f:
+        first = f.readline()
+    try:
+        header = first.decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:
+        raise DataError(path, 1, "header line is not valid UTF-8") from None
+    if not header:
+        raise DataError(path, 1, "empty file or missing header line")
+    return header.split("\t")
+
+
+def scan(path: Path, table: str) -> tuple[pl.LazyFrame, list[str]]:
+    """Lazily read a table as string columns plus `line` and a per-row `reason`.
+
+    Returns the LazyFrame (columns: line, the table's columns, reason) and the label columns
+    (for `labels`; empty otherwise). Missing required columns raise a DataError at once.
+    Row-level problems that need the whole table (duplicates, unknown users) are added later by
+    the caller; this function flags what one row alone can tell.
+    """
+    required = REQUIRED[table]
+    if path.suffix == ".parquet":
+        lf = pl.scan_parquet(path)
+        columns = list(lf.collect_schema().names())
+        unit_offset = 1  # row numbers are 1-based
+        missing = [c for c in required if c not in columns]
+        if missing:
+            raise DataError(path, None, f"missing column(s) {missing}; file has {columns}", "row")
+        lf = lf.with_row_index("line", offset=unit_offset).with_columns(
+            pl.col(c).cast(pl.String) for c in columns
+        ).with_columns(pl.lit(None, dtype=pl.String).alias("__reason"))
+    else:
+        columns = _tsv_header(path)
+        missing = [c for c in required if c not in columns]
+        if missing:
+            raise DataError(path, 1, f"missing column(s) {missing}; header has {columns}")
+        if len(set(columns)) != len(columns):
+            raise DataError(path, 1, f"duplicate column names in header {columns}")
+        # One string column per physical line keeps line numbers exact (blank lines included)
+        # and lets the split below find lines with the wrong number of fields.
+        raw = pl.scan_csv(
+            path, has_header=False, separator="\x1f", quote_char=None,
+            schema={"__raw": pl.String}, encoding="utf8-lossy", skip_rows=1,
+        ).with_row_index("line", offset=2)
+        fields = pl.col("__raw").str.split("\t")
+        lf = raw.with_columns(__fields=fields).with_columns(
+            pl.col("__fields").list.get(i, null_on_oob=True).alias(c) for i, c in enumerate(columns)
+        ).with_columns(
+            __reason=pl.when(pl.col("__raw").is_null() | (pl.col("__raw").str.strip_chars() == ""))
+            .then(pl.lit("blank_line"))
+            .when(pl.col("__fields").list.len() != len(columns))
+            .then(pl.lit("malformed_line"))
+            .when(pl.col("__raw").str.contains(_REPLACEMENT, literal=True))
+            .then(pl.lit("bad_utf8"))
+        ).drop("__raw", "__fields")
+
+    keep = [c for c in columns if c in required or c in OPTIONAL[table]]
+    label_cols: list[str] = []
+    if table == "labels":
+        label_cols = [c for c in columns if c != "user_id"]
+        if not label_cols:
+            raise DataError(path, None if path.suffix == ".parquet" else 1,
+                            "labels table has no label column besides user_id")
+        keep = ["user_id", *label_cols]
+    lf = lf.select("line", *keep, "__reason")
+
+    reason = pl.col("__reason")
+    checks: list[tuple[pl.Expr, str]] = [
+        (pl.col("user_id").is_null() | (pl.col("user_id").str.strip_chars() == ""), "missing_user"),
+    ]
+    if "timestamp" in keep:
+        ts = pl.col("timestamp").str.strip_chars().cast(pl.Int64, strict=False)
+        checks.append((ts.is_null() | (ts < 0), "bad_timestamp"))
+    if "text" in keep:
+        checks.append((pl.col("text").is_null() | (pl.col("text").str.strip_chars() == ""),
+                       "empty_text"))
+    if "clicked" in keep:
+        checks.append((~pl.col("clicked").str.strip_chars().is_in(["0", "1"])
+                       | pl.col("clicked").is_null(), "bad_clicked"))
+    for cond, name in checks:
+        reason = pl.when(reason.is_null() & cond).then(pl.lit(name)).otherwise(reason)
+    lf = lf.with_columns(reason=reason).drop("__reason")
+
+    casts = [pl.col("user_id").str.strip_chars()]
+    if "timestamp" in keep:
+        casts.append(pl.col("timestamp").str.strip_chars().cast(pl.Int64, strict=False))
+    if "clicked" in keep:
+        casts.append(pl.col("clicked").str.strip_chars().cast(pl.Int8, strict=False))
+    if "text" in keep:
+        casts.append(pl.col("text").str.strip_chars())
+    for c in label_cols:
+        casts.append(pl.when(pl.col(c).str.strip_chars() == "").then(None)
+                     .otherwise(pl.col(c).str.strip_chars()).alias(c))
+    if "item_id" in keep:
+        # The source's own id: kept only to tell apart same-second events with one text.
+        casts.append(pl.col("item_id").str.strip_chars().alias("source_item_id"))
+    out = lf.with_columns(casts)
+    return (out.drop("item_id") if "item_id" in keep else out), label_cols
+
+
+def flag_duplicates(lf: pl.LazyFrame, keys: list[str], reason: str) -> pl.LazyFrame:
+    """Mark every good row but the first (by line) of each group of `keys` with `reason`."""
+    first = pl.col("line").rank("ordinal").over([*keys, pl.col("reason").is_null()]) == 1
+    return lf.with_columns(
+        reason=pl.when(pl.col("reason").is_null() & ~first).then(pl.lit(reason))
+        .otherwise(pl.col("reason"))
+    )
+
+
+def raise_first(bad: pl.DataFrame, path: Path, total: dict[str, int]) -> None:
+    """Raise a DataError for the first bad row of `bad` (sorted by line), with the counts."""
+    row = bad.sort("line").row(0, named=True)
+    unit = "row" if path.suffix == ".parquet" else "line"
+    counts = ", ".join(f"{k}: {v}" for k, v in sorted(total.items()))
+    detail = {
+        "blank_line": "blank line",
+        "malformed_line": "wrong number of tab-separated fields",
+        "bad_utf8": "bytes that are not valid UTF-8",
+        "missing_user": "empty user_id",
+        "bad_timestamp": "timestamp is not a non-negative integer (seconds since the epoch)",
+        "empty_text": "empty text",
+        "bad_clicked": "clicked is not 0 or 1",
+        "duplicate_event": "duplicate event (same user, timestamp and text as an earlier line)",
+        "duplicate_user": f"user {row.get('user_id')!r} appears more than once",
+        "unknown_user": f"user {row.get('user_id')!r} has no behaviors",
+    }[row["reason"]]
+    excerpt = _excerpt(path, int(row["line"])) if unit == "line" else repr(row)
+    raise DataError(path, int(row["line"]), f"{detail} [{row['reason']}]: {excerpt} (bad rows in "
+                    f"this file: {counts}; set prepare.on_bad_rows=quarantine to drop and count "
+                    "them)", unit)
+
+
+def _excerpt(path: Path, line: int, width: int = 120) -> str:
+    """The raw text of one line of a file (bad bytes shown as escapes), shortened to `width`."""
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if n == line:
+                text = raw.rstrip(b"\r\n").decode("utf-8", errors="backslashreplace")
+                return repr(text if len(text) <= width else text[:width] + "...")
+    return "''"

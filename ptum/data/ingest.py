@@ -1,0 +1,117 @@
+"""Stage `ingest`: bring any source into the generic format under data/raw/.
+
+- synthetic: generate (seeded) and write behaviors/labels/impressions.parquet.
+- movielens: read a local 100K or 1M directory (or download and verify the GroupLens zip) and
+  write the same three Parquet files. These are derivatives of licensed data: data/raw/ is
+  ignored by git and only versioned in the local DVC cache.
+- generic: copy the user's TSV/Parquet tables unchanged (so `prepare` reports true line numbers).
+- ptum_tsv: convert the original PTUM `behavior.tsv` layout into a generic behaviors table.
+
+A `manifest.json` records the source, its parameters and the SHA-256 of every output file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import polars as pl
+
+from ptum.data import generic, movielens, synthetic
+from ptum.data.errors import DataError
+
+PTUM_SEP = "#|NTABN|#"
+
+
+def read_ptum_tsv(path: Path) -> pl.DataFrame:
+    """Original PTUM layout: user in column 0, texts joined by '#|NTABN|#' in column 2,
+    integer timestamps joined the same way in column 3. Returns generic behaviors."""
+    users, stamps, texts, lines = [], [], [], []
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise DataError(path, n, f"bytes that are not valid UTF-8 at offset {e.start}") from None
+            if not line.strip():
+                continue
+            cols = line.split("\t")
+            if len(cols) < 4:
+                raise DataError(path, n, f"expected at least 4 tab-separated columns, found {len(cols)}")
+            t = cols[2].split(PTUM_SEP)
+            s = cols[3].split(PTUM_SEP)
+            if len(t) != len(s):
+                raise DataError(path, n, f"{len(t)} texts but {len(s)} timestamps in columns 2 and 3")
+            for k, v in enumerate(s):
+                try:
+                    stamps.append(int(v))
+                except ValueError:
+                    raise DataError(path, n, f"timestamp #{k + 1} {v!r} is not an integer") from None
+            users.extend([cols[0]] * len(t))
+            texts.extend(t)
+            lines.extend([n] * len(t))
+    return pl.DataFrame({"user_id": users, "timestamp": stamps, "text": texts},
+                        schema={"user_id": pl.String, "timestamp": pl.Int64, "text": pl.String})
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def ingest(*, source: str, path: str, out_dir: Path, size: str = "default", seed: int = 7,
+           click_threshold: int = 4, age_edges: tuple[int, ...] = (25, 35, 45),
+           movielens_variant: str = "ml-100k", root: Path = Path(".")) -> dict:
+    """Write the generic tables of `source` into out_dir (replaced atomically); return manifest."""
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    src = (root / path).resolve() if path else None
+    info: dict = {"source": source, "path": path}
+    if source == "synthetic":
+        spec = synthetic.spec_for(size)
+        beh, labels, imps = synthetic.generate(spec, seed)
+        info.update(size=size, seed=seed)
+        frames = {"behaviors": beh, "labels": labels, "impressions": imps}
+    elif source == "movielens":
+        if src is None:
+            src = movielens.download(movielens_variant, root / "data" / "download")
+        elif not src.is_dir():
+            raise DataError(src, None, "data.path must be a MovieLens directory")
+        variant = movielens.detect_variant(src)
+        if variant == "ml-100k":
+            movielens.verify_100k(src)
+        beh, labels, imps = movielens.read(src, click_threshold, age_edges)
+        info.update(variant=variant, click_threshold=click_threshold, age_edges=list(age_edges))
+        frames = {"behaviors": beh, "labels": labels, "impressions": imps}
+    elif source == "ptum_tsv":
+        if src is None or not src.is_file():
+            raise DataError(src or "data.path", None, "ptum_tsv needs data.path = a behavior.tsv file")
+        frames = {"behaviors": read_ptum_tsv(src)}
+    elif source == "generic":
+        if src is None or not src.is_dir():
+            raise DataError(src or "data.path", None, "generic needs data.path = a directory with "
+                            "behaviors(.tsv|.parquet), optional labels and impressions")
+        frames = {}
+        for table in ("behaviors", "labels", "impressions"):
+            found = generic.find_table(src, table)
+            if found is not None:
+                shutil.copyfile(found, tmp / found.name)
+        if generic.find_table(tmp, "behaviors") is None:
+            raise DataError(src, None, "no behaviors.tsv or behaviors.parquet in this directory")
+    else:
+        raise ValueError(f"unknown data.source {source!r}")
+    for name, df in frames.items():
+        df.write_parquet(tmp / f"{name}.parquet")
+    info["files"] = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+    (tmp / "manifest.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return info

@@ -1,0 +1,220 @@
+"""MovieLens-100K and MovieLens-1M readers, and the checksummed GroupLens download.
+
+Behaviors are rated movies ordered by time; a behavior's text is the movie title plus its genres
+("Toy Story (1995) | Animation, Children's, Comedy"). Labels are gender and an age bucket
+(edges are a parameter). Impressions are the same ratings with clicked = rating >= threshold;
+`prepare` keeps only those in the CTR time windows.
+
+Items are keyed by *text* downstream (ptum.data.prepare): on MovieLens-100K the 1,682 movie ids
+carry 1,664 distinct texts, because a few movies appear twice under two ids with the same title.
+The behavior encoder only sees text, so two ids with one text are the same item to the model;
+keying by text keeps such twins from ever being each other's negative. The source's movie id is
+kept in the `item_id` column so that two genuine ratings of the twins at the same second are not
+mistaken for a duplicated event.
+
+The MovieLens license forbids redistribution: nothing here is ever written into the repository;
+ingest writes to data/raw/ (ignored by git, versioned by DVC locally).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import shutil
+import urllib.request
+import zipfile
+from pathlib import Path
+
+import polars as pl
+
+from ptum.data.errors import DataError
+
+GENRES_100K = (
+    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
+    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
+    "Thriller", "War", "Western",
+)
+# ML-1M users.dat codes its ages as the lower edge of a bucket: 1 = "under 18", 18 = 18-24, ...
+URLS = {
+    "ml-100k": "https://files.grouplens.org/datasets/movielens/ml-100k.zip",
+    "ml-1m": "https://files.grouplens.org/datasets/movielens/ml-1m.zip",
+}
+# SHA-256 of the member files of the canonical ml-100k.zip (unmodified GroupLens release).
+SHA256_100K = {
+    "u.data": "06416e597f82b7342361e41163890c81036900f418ad91315590814211dca490",
+    "u.item": "553841ebc7de3a0fd0d6b62a204ea30c1e651aacfb2814c7a6584ac52f2c5701",
+    "u.user": "f120e114da2e8cf314fd28f99417c94ae9ddf1cb6db8ce0e4b5995d40e90e62c",
+}
+
+
+def detect_variant(path: Path) -> str:
+    """'ml-100k' if the directory holds u.data, 'ml-1m' if ratings.dat; else a clear error."""
+    if (path / "u.data").exists():
+        return "ml-100k"
+    if (path / "ratings.dat").exists():
+        return "ml-1m"
+    raise DataError(path, None, "not a MovieLens directory: neither u.data (100K) nor "
+                    "ratings.dat (1M) is there")
+
+
+def age_bucket(age: int, edges: tuple[int, ...]) -> str:
+    """Bucket label for an age: '<25', '25-35', ..., '>=45' for edges (25, 35, 45)."""
+    if age < edges[0]:
+        return f"<{edges[0]}"
+    for lo, hi in zip(edges, edges[1:]):
+        if lo <= age < hi:
+            return f"{lo}-{hi}"
+    return f">={edges[-1]}"
+
+
+def _lines(path: Path, encoding: str = "latin-1"):
+    """(line number, text) for each non-empty line; missing file is a DataError."""
+    if not path.exists():
+        raise DataError(path, None, "file is missing")
+    with path.open(encoding=encoding, newline="") as f:
+        for n, raw in enumerate(f, start=1):
+            text = raw.rstrip("\r\n")
+            if text:
+                yield n, text
+
+
+def _int(path: Path, n: int, field: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise DataError(path, n, f"{field} {value!r} is not an integer") from None
+
+
+def read_100k(path: Path, click_threshold: int, age_edges: tuple[int, ...]):
+    """Read u.data / u.item / u.user into generic (behaviors, labels, impressions) frames."""
+    texts: dict[int, str] = {}
+    for n, line in _lines(path / "u.item"):
+        f = line.split("|")
+        if len(f) != 5 + len(GENRES_100K):
+            raise DataError(path / "u.item", n, f"expected {5 + len(GENRES_100K)} '|'-separated "
+                            f"fields, found {len(f)}")
+        genres = [g for g, flag in zip(GENRES_100K, f[5:]) if flag == "1"]
+        texts[_int(path / "u.item", n, "movie id", f[0])] = f"{f[1]} | {', '.join(genres)}"
+    users, items, ts, ratings = [], [], [], []
+    for n, line in _lines(path / "u.data"):
+        f = line.split("\t")
+        if len(f) != 4:
+            raise DataError(path / "u.data", n, f"expected 4 tab-separated fields, found {len(f)}")
+        u, i, r, t = (_int(path / "u.data", n, name, v)
+                      for name, v in zip(("user id", "movie id", "rating", "timestamp"), f))
+        if i not in texts:
+            raise DataError(path / "u.data", n, f"movie id {i} is not in u.item")
+        users.append(str(u)); items.append(i); ratings.append(r); ts.append(t)
+    label_rows = []
+    for n, line in _lines(path / "u.user"):
+        f = line.split("|")
+        if len(f) != 5:
+            raise DataError(path / "u.user", n, f"expected 5 '|'-separated fields, found {len(f)}")
+        age = _int(path / "u.user", n, "age", f[1])
+        label_rows.append((f[0], f[2], age_bucket(age, age_edges)))
+    return _frames(users, items, ts, ratings, texts, label_rows, click_threshold)
+
+
+def read_1m(path: Path, click_threshold: int, age_edges: tuple[int, ...]):
+    """Read ratings.dat / movies.dat / users.dat (MovieLens-1M, '::'-separated)."""
+    texts: dict[int, str] = {}
+    for n, line in _lines(path / "movies.dat"):
+        f = line.split("::")
+        if len(f) != 3:
+            raise DataError(path / "movies.dat", n, f"expected 3 '::'-separated fields, found {len(f)}")
+        texts[_int(path / "movies.dat", n, "movie id", f[0])] = (
+            f"{f[1]} | {', '.join(f[2].split('|'))}"
+        )
+    users, items, ts, ratings = [], [], [], []
+    for n, line in _lines(path / "ratings.dat"):
+        f = line.split("::")
+        if len(f) != 4:
+            raise DataError(path / "ratings.dat", n, f"expected 4 '::'-separated fields, found {len(f)}")
+        u, i, r, t = (_int(path / "ratings.dat", n, name, v)
+                      for name, v in zip(("user id", "movie id", "rating", "timestamp"), f))
+        if i not in texts:
+            raise DataError(path / "ratings.dat", n, f"movie id {i} is not in movies.dat")
+        users.append(str(u)); items.append(i); ratings.append(r); ts.append(t)
+    label_rows = []
+    for n, line in _lines(path / "users.dat"):
+        f = line.split("::")
+        if len(f) != 5:
+            raise DataError(path / "users.dat", n, f"expected 5 '::'-separated fields, found {len(f)}")
+        # ML-1M ages are already coarse codes (1, 18, 25, 35, 45, 50, 56): bucket the code.
+        label_rows.append((f[0], f[1], age_bucket(_int(path / "users.dat", n, "age", f[2]), age_edges)))
+    return _frames(users, items, ts, ratings, texts, label_rows, click_threshold)
+
+
+def _frames(users, items, ts, ratings, texts, label_rows, click_threshold):
+    ratings_df = pl.DataFrame(
+        {"user_id": users, "timestamp": ts, "item_id": items, "rating": ratings},
+        schema={"user_id": pl.String, "timestamp": pl.Int64, "item_id": pl.Int64, "rating": pl.Int64},
+    ).with_columns(
+        text=pl.col("item_id").replace_strict(texts, return_dtype=pl.String)
+    )
+    behaviors = ratings_df.select("user_id", "timestamp", "text", pl.col("item_id").cast(pl.String))
+    impressions = ratings_df.select(
+        "user_id", "timestamp", "text",
+        clicked=(pl.col("rating") >= click_threshold).cast(pl.Int8),
+        item_id=pl.col("item_id").cast(pl.String),
+    )
+    labels = pl.DataFrame(label_rows, schema=["user_id", "gender", "age"], orient="row")
+    return behaviors, labels, impressions
+
+
+def read(path: Path, click_threshold: int = 4, age_edges: tuple[int, ...] = (25, 35, 45)):
+    """Read a MovieLens directory (100K or 1M layout) into generic-format frames."""
+    if list(age_edges) != sorted(set(age_edges)) or not age_edges:
+        raise ValueError(f"age_edges must be strictly increasing and non-empty, got {age_edges}")
+    variant = detect_variant(path)
+    reader = read_100k if variant == "ml-100k" else read_1m
+    return reader(path, click_threshold, age_edges)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def verify_100k(path: Path) -> None:
+    """Check u.data/u.item/u.user against the canonical release's SHA-256 (a DataError if not)."""
+    for name, expected in SHA256_100K.items():
+        got = sha256(path / name)
+        if got != expected:
+            raise DataError(path / name, None, f"SHA-256 {got} does not match the GroupLens "
+                            f"release ({expected}): the file is corrupt or modified")
+
+
+def download(variant: str, dest: Path, url: str | None = None) -> Path:
+    """Download and unpack a GroupLens zip into dest/<variant>, verifying checksums.
+
+    ml-100k is verified against the SHA-256 of its member files (pinned above). ml-1m is verified
+    against the MD5 that GroupLens publishes next to the zip (`<url>.md5`).
+    """
+    url = url or URLS[variant]
+    target = dest / variant
+    if target.exists():
+        shutil.rmtree(target)
+    with urllib.request.urlopen(url) as r:  # noqa: S310 - fixed https URL or a test's file:// URL
+        blob = r.read()
+    if variant == "ml-1m":
+        with urllib.request.urlopen(url + ".md5") as r:  # noqa: S310
+            # The .md5 file reads "MD5 (ml-1m.zip) = <hex>" or "<hex>  ml-1m.zip".
+            words = r.read().decode().split()
+        expected = words[-1] if "=" in words else words[0]
+        got = hashlib.md5(blob).hexdigest()  # noqa: S324 - GroupLens publishes MD5 only
+        if got != expected:
+            raise DataError(url, None, f"MD5 {got} does not match the published {expected}")
+    with zipfile.ZipFile(io.BytesIO(blob)) as z:
+        for member in z.namelist():
+            name = Path(member).name
+            if not name or member.endswith("/"):
+                continue
+            target.mkdir(parents=True, exist_ok=True)
+            (target / name).write_bytes(z.read(member))
+    if variant == "ml-100k":
+        verify_100k(target)
+    return target

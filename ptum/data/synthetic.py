@@ -1,0 +1,216 @@
+"""Deterministic synthetic behavior log: the project's embedded default data source.
+
+Generative model (documented in the README so results on it can be read):
+
+1. Vocabulary. `n_topics` topics, each with `words_per_topic` pseudo-words; a shared pool of
+   general words; a pool of ad words. Words are built from syllables, so titles look like text.
+2. Items. Each item has one topic and a title of 4-12 words: ~70% drawn from its topic's words
+   (Zipf within the topic), the rest general words. Item popularity is Zipf within each topic
+   (popular head, long tail). A few percent of items reuse another item's title (shared titles).
+3. Users and labels. Each user has a gender (2 classes) and an age bucket (4 classes). Every
+   gender and every age bucket has its own random topic-affinity vector; a user's interest vector
+   is drawn from a Dirichlet whose mean mixes uniform, gender and age affinities. So labels
+   correlate with interests, but only through a noisy, sparse interest draw: they are not a
+   function of the titles. Only `labeled_frac` of users publish labels (unlabeled users far
+   outnumber labeled ones, as in the paper).
+4. Behaviors. A user's sequence length is log-normal. Topics follow a sticky Markov chain
+   (stay in the current topic with probability `stickiness`, else draw from the interest vector),
+   which gives next-behavior prediction something to learn; the item is drawn by popularity
+   within the topic; with probability `repeat_prob` the user revisits an earlier item. Timestamps
+   come in sessions: short gaps (minutes) inside a session, long gaps (hours to days) between.
+5. Ads. `n_ads` ads, each with a topic and a title of ad words plus topic words. Users in the
+   ad audience see impressions at random times within their active span; an impression is
+   clicked with probability sigmoid(b0 + b1 * interest[ad topic] + ad quality noise), so CTR
+   depends on the user-ad topic match.
+
+Same preset + seed -> identical tables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+import polars as pl
+
+GENDERS = ("F", "M")
+AGE_BUCKETS = ("<20", "20-40", "40-60", ">60")
+EPOCH0 = 1_700_000_000  # timestamps start here (2023-11-14), seconds
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """Sizes and knobs of the synthetic generator."""
+
+    n_users: int
+    mean_behaviors: float
+    n_items_per_topic: int
+    n_topics: int = 24
+    words_per_topic: int = 60
+    n_general_words: int = 200
+    n_ads: int = 300
+    labeled_frac: float = 0.2
+    audience_frac: float = 0.4
+    mean_impressions: float = 30.0
+    stickiness: float = 0.55
+    repeat_prob: float = 0.08
+    shared_title_frac: float = 0.03
+    interest_concentration: float = 0.1
+
+
+PRESETS: dict[str, SyntheticSpec] = {
+    "tiny": SyntheticSpec(n_users=300, mean_behaviors=20, n_items_per_topic=15, n_topics=6,
+                          words_per_topic=20, n_general_words=40, n_ads=30,
+                          labeled_frac=0.5, audience_frac=0.5, mean_impressions=12),
+    "small": SyntheticSpec(n_users=2_000, mean_behaviors=30, n_items_per_topic=60),
+    "default": SyntheticSpec(n_users=8_000, mean_behaviors=40, n_items_per_topic=150),
+    "large": SyntheticSpec(n_users=50_000, mean_behaviors=60, n_items_per_topic=400),
+}
+
+_ONSETS = ("b", "c", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
+           "br", "st", "tr", "pl", "gr", "sh", "ch")
+_VOWELS = ("a", "e", "i", "o", "u", "ai", "ou", "ea")
+
+
+def _words(rng: np.random.Generator, n: int, taken: set[str]) -> list[str]:
+    """n distinct pseudo-words of 2-3 syllables, none in `taken` (which is updated)."""
+    out: list[str] = []
+    while len(out) < n:
+        k = int(rng.integers(2, 4))
+        w = "".join(_ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))]
+                    for _ in range(k))
+        if w not in taken:
+            taken.add(w)
+            out.append(w)
+    return out
+
+
+def _zipf_cdf(n: int, s: float = 1.1) -> np.ndarray:
+    w = 1.0 / np.arange(1, n + 1) ** s
+    return np.cumsum(w / w.sum())
+
+
+def _title(rng: np.random.Generator, topic_words: list[str], general: list[str],
+           n_words: int, topic_share: float) -> str:
+    cdf = _zipf_cdf(len(topic_words), 0.9)
+    words = []
+    for _ in range(n_words):
+        if rng.random() < topic_share:
+            words.append(topic_words[int(np.searchsorted(cdf, rng.random()))])
+        else:
+            words.append(general[int(rng.integers(len(general)))])
+    words[0] = words[0].capitalize()
+    return " ".join(words)
+
+
+def generate(spec: SyntheticSpec, seed: int) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """Generate (behaviors, labels, impressions) in the generic format.
+
+    Returns:
+        behaviors: user_id str, timestamp i64 (s), text str — one row per behavior.
+        labels: user_id str, gender str, age str — labeled users only.
+        impressions: user_id str, timestamp i64, text str, clicked i8.
+    """
+    rng = np.random.default_rng(seed)
+    taken: set[str] = set()
+    T = spec.n_topics
+    topic_words = [_words(rng, spec.words_per_topic, taken) for _ in range(T)]
+    general = _words(rng, spec.n_general_words, taken)
+    ad_words = _words(rng, 40, taken)
+
+    # Items: topic-major layout, popularity rank = position within topic.
+    n_items = T * spec.n_items_per_topic
+    item_topic = np.repeat(np.arange(T), spec.n_items_per_topic)
+    titles: list[str] = []
+    for i in range(n_items):
+        n_words = int(rng.integers(4, 13))
+        titles.append(_title(rng, topic_words[item_topic[i]], general, n_words, 0.7))
+    shared = rng.random(n_items) < spec.shared_title_frac
+    for i in np.flatnonzero(shared):
+        t = item_topic[i]
+        j = int(rng.integers(t * spec.n_items_per_topic, (t + 1) * spec.n_items_per_topic))
+        titles[i] = titles[j]
+    item_cdf = _zipf_cdf(spec.n_items_per_topic)
+
+    # Users, labels and interests.
+    U = spec.n_users
+    gender = rng.choice(2, size=U, p=[0.42, 0.58])
+    age = rng.choice(4, size=U, p=[0.08, 0.32, 0.35, 0.25])
+    aff_gender = rng.dirichlet(np.ones(T) * 0.5, size=2)
+    aff_age = rng.dirichlet(np.ones(T) * 0.5, size=4)
+    mean = 0.4 / T + 0.3 * aff_gender[gender] + 0.3 * aff_age[age]  # (U, T)
+    alpha = np.maximum(spec.interest_concentration * T * mean, 1e-3)
+    interest = np.stack([rng.dirichlet(a) for a in alpha])  # (U, T)
+    interest_cdf = np.cumsum(interest, axis=1)
+    interest_cdf[:, -1] = 1.0
+
+    # Behaviors, vectorised over all users at once.
+    lengths = np.clip(
+        rng.lognormal(np.log(spec.mean_behaviors) - 0.32, 0.8, size=U), 3, 8 * spec.mean_behaviors
+    ).astype(np.int64)
+    owner = np.repeat(np.arange(U), lengths)  # (N,)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    n = int(lengths.sum())
+    pos = np.arange(n) - starts[owner]
+    fresh = (interest_cdf[owner] < rng.random(n)[:, None]).sum(axis=1)  # topic ~ interest
+    fresh = np.minimum(fresh, T - 1)
+    stay = (rng.random(n) < spec.stickiness) & (pos > 0)
+    src = np.maximum.accumulate(np.where(stay, 0, np.arange(n)))
+    topic = fresh[src]
+    rank = np.minimum(np.searchsorted(item_cdf, rng.random(n)), spec.n_items_per_topic - 1)
+    item = topic * spec.n_items_per_topic + rank
+    lag = rng.geometric(0.3, size=n)
+    repeat = (rng.random(n) < spec.repeat_prob) & (lag <= pos)
+    item = np.where(repeat, item[np.arange(n) - np.where(repeat, lag, 0)], item)
+    # Sessions: short gaps inside, long gaps between.
+    in_session = rng.random(n) < 0.75
+    gaps = np.where(in_session, rng.exponential(120.0, n), rng.exponential(20 * 3600.0, n))
+    gaps = np.where(pos == 0, rng.uniform(0, 10 * 86400.0, n), gaps).astype(np.int64) + 1
+    cum = np.cumsum(gaps)
+    ts = EPOCH0 + cum - np.repeat(cum[starts] - gaps[starts], lengths)
+
+    user_ids = np.array([f"u{u:07d}" for u in range(U)])
+    title_series = pl.Series("text", titles, dtype=pl.String)
+    behaviors = pl.DataFrame(
+        {"user_id": user_ids[owner], "timestamp": ts.astype(np.int64),
+         "text": title_series.gather(item)}
+    )
+
+    labeled = rng.random(U) < spec.labeled_frac
+    labels = pl.DataFrame({
+        "user_id": user_ids[labeled],
+        "gender": np.array(GENDERS)[gender[labeled]],
+        "age": np.array(AGE_BUCKETS)[age[labeled]],
+    })
+
+    # Ads and impressions.
+    ad_topic = rng.integers(T, size=spec.n_ads)
+    ad_titles = [
+        " ".join([ad_words[int(rng.integers(len(ad_words)))] for _ in range(2)]).capitalize()
+        + " " + _title(rng, topic_words[t], general, int(rng.integers(4, 9)), 0.85).lower()
+        for t in ad_topic
+    ]
+    ad_quality = rng.normal(0.0, 0.5, spec.n_ads)
+    audience = np.flatnonzero(rng.random(U) < spec.audience_frac)
+    n_imp = rng.poisson(spec.mean_impressions, size=len(audience)) + 1
+    imp_user = np.repeat(audience, n_imp)
+    first = ts[starts[imp_user]]
+    last = ts[starts[imp_user] + lengths[imp_user] - 1]
+    imp_ts = (first + rng.random(len(imp_user)) * (last - first + 3600)).astype(np.int64)
+    imp_ad = rng.integers(spec.n_ads, size=len(imp_user))
+    logit = -2.2 + 5.0 * interest[imp_user, ad_topic[imp_ad]] + ad_quality[imp_ad]
+    clicked = (rng.random(len(imp_user)) < 1 / (1 + np.exp(-logit))).astype(np.int8)
+    impressions = pl.DataFrame({
+        "user_id": user_ids[imp_user],
+        "timestamp": imp_ts,
+        "text": pl.Series(ad_titles, dtype=pl.String).gather(imp_ad),
+        "clicked": clicked,
+    })
+    return behaviors, labels, impressions
+
+
+def spec_for(size: str, **overrides: float | int) -> SyntheticSpec:
+    """Look up a preset by name (clear error on unknown names), optionally overriding fields."""
+    if size not in PRESETS:
+        raise ValueError(f"unknown synthetic size {size!r}; presets: {sorted(PRESETS)}")
+    return replace(PRESETS[size], **overrides)

@@ -1,0 +1,107 @@
+"""Stage `tokenize`: train SentencePiece on the distinct item texts and encode each item once.
+
+Outputs (in out_dir):
+    spm.model, spm.vocab   the SentencePiece model (pad=0, unk=1, no bos/eos)
+    tokens.npy             int32 (n_items + 1, max_tokens): row i = item_id i, row 0 = padding
+    lengths.npy            int32 (n_items + 1,): real tokens per row (0 for the padding row)
+    report.json            vocab size, token statistics, truncation share, model hash
+
+Behaviors stay integer item ids: tokens are stored once per distinct item, never per behavior,
+which is what lets paper-scale logs (63M behaviors, far fewer distinct titles) fit.
+Training is deterministic: one thread, fixed seed, input in item_id order -> same model bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import sentencepiece as spm
+
+PAD_ID = 0
+UNK_ID = 1
+
+
+def train(texts: list[str], prefix: Path, *, vocab_size: int, model_type: str,
+          byte_fallback: bool, character_coverage: float, seed: int) -> None:
+    """Train a SentencePiece model on `texts`, writing prefix.model / prefix.vocab."""
+    # Keep the generator seeded and single-threaded: same input -> same bytes.
+    spm.set_random_generator_seed(seed)
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts),
+        model_prefix=str(prefix),
+        vocab_size=vocab_size,
+        model_type=model_type,
+        byte_fallback=byte_fallback,
+        character_coverage=character_coverage,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=-1, eos_id=-1,
+        hard_vocab_limit=False,  # small corpora: use as many pieces as the data supports
+        num_threads=1,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        minloglevel=2,
+    )
+
+
+def encode(sp: spm.SentencePieceProcessor, texts: list[str], max_tokens: int
+           ) -> tuple[np.ndarray, np.ndarray, int]:
+    """Encode texts into an int32 (len+1, max_tokens) matrix with a padding row 0.
+
+    Returns (tokens, lengths, n_truncated). Titles longer than max_tokens keep their first tokens.
+    """
+    ids = sp.encode(texts, out_type=int)
+    tokens = np.zeros((len(texts) + 1, max_tokens), dtype=np.int32)
+    lengths = np.zeros(len(texts) + 1, dtype=np.int32)
+    truncated = 0
+    for i, row in enumerate(ids, start=1):
+        if len(row) > max_tokens:
+            truncated += 1
+            row = row[:max_tokens]
+        tokens[i, : len(row)] = row
+        lengths[i] = len(row)
+    return tokens, lengths, truncated
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def tokenize(items_path: Path, out_dir: Path, *, vocab_size: int, model_type: str,
+             byte_fallback: bool, max_tokens: int, character_coverage: float, seed: int) -> dict:
+    """Run the stage; returns its report (also written to out_dir/report.json)."""
+    items = pl.read_parquet(items_path).sort("item_id")
+    ids = items["item_id"].to_numpy()
+    if not np.array_equal(ids, np.arange(1, len(ids) + 1)):
+        raise ValueError(f"{items_path}: item_id must be 1..N without gaps")
+    texts = items["text"].to_list()
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    train(texts, tmp / "spm", vocab_size=vocab_size, model_type=model_type,
+          byte_fallback=byte_fallback, character_coverage=character_coverage, seed=seed)
+    sp = spm.SentencePieceProcessor(model_file=str(tmp / "spm.model"))
+    tokens, lengths, truncated = encode(sp, texts, max_tokens)
+    np.save(tmp / "tokens.npy", tokens)
+    np.save(tmp / "lengths.npy", lengths)
+    real = lengths[1:]
+    report = {
+        "items": len(texts),
+        "vocab_size": sp.get_piece_size(),
+        "vocab_size_requested": vocab_size,
+        "max_tokens": max_tokens,
+        "tokens_per_item_mean": round(float(real.mean()), 3) if len(real) else 0.0,
+        "tokens_per_item_max": int(real.max()) if len(real) else 0,
+        "truncated_share": round(truncated / max(len(texts), 1), 5),
+        "unk_share": round(float((tokens[1:] == UNK_ID).sum() / max(real.sum(), 1)), 6),
+        "spm_sha256": file_sha256(tmp / "spm.model"),
+    }
+    (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return report
