@@ -14,6 +14,7 @@ Training is deterministic: one thread, fixed seed, input in item_id order -> sam
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 from pathlib import Path
@@ -26,29 +27,52 @@ PAD_ID = 0
 UNK_ID = 1
 
 
-def train(texts: list[str], prefix: Path, *, vocab_size: int, model_type: str,
-          byte_fallback: bool, character_coverage: float, seed: int) -> None:
-    """Train a SentencePiece model on `texts`, writing prefix.model / prefix.vocab."""
+def train(
+    texts: list[str],
+    *,
+    vocab_size: int,
+    model_type: str,
+    byte_fallback: bool,
+    character_coverage: float,
+    seed: int,
+) -> bytes:
+    """Train a SentencePiece model on `texts` and return the serialized model.
+
+    The model is written through a memory buffer rather than a model_prefix path: the path
+    would be recorded in the model's trainer spec, and the bytes would depend on where they
+    were written.
+    """
     # Keep the generator seeded and single-threaded: same input -> same bytes.
     spm.set_random_generator_seed(seed)
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts),
-        model_prefix=str(prefix),
-        vocab_size=vocab_size,
-        model_type=model_type,
-        byte_fallback=byte_fallback,
-        character_coverage=character_coverage,
-        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=-1, eos_id=-1,
-        hard_vocab_limit=False,  # small corpora: use as many pieces as the data supports
-        num_threads=1,
-        input_sentence_size=0,
-        shuffle_input_sentence=False,
-        minloglevel=2,
-    )
+    buffer = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(texts),
+            model_writer=buffer,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=byte_fallback,
+            character_coverage=character_coverage,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=-1,
+            eos_id=-1,
+            hard_vocab_limit=False,  # small corpora: use as many pieces as the data supports
+            num_threads=1,
+            input_sentence_size=0,
+            shuffle_input_sentence=False,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        raise ValueError(
+            f"SentencePiece training failed (check tokenize.vocab_size and character_coverage): {e}"
+        ) from None
+    return buffer.getvalue()
 
 
-def encode(sp: spm.SentencePieceProcessor, texts: list[str], max_tokens: int
-           ) -> tuple[np.ndarray, np.ndarray, int]:
+def encode(
+    sp: spm.SentencePieceProcessor, texts: list[str], max_tokens: int
+) -> tuple[np.ndarray, np.ndarray, int]:
     """Encode texts into an int32 (len+1, max_tokens) matrix with a padding row 0.
 
     Returns (tokens, lengths, n_truncated). Titles longer than max_tokens keep their first tokens.
@@ -70,8 +94,17 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def tokenize(items_path: Path, out_dir: Path, *, vocab_size: int, model_type: str,
-             byte_fallback: bool, max_tokens: int, character_coverage: float, seed: int) -> dict:
+def tokenize(
+    items_path: Path,
+    out_dir: Path,
+    *,
+    vocab_size: int,
+    model_type: str,
+    byte_fallback: bool,
+    max_tokens: int,
+    character_coverage: float,
+    seed: int,
+) -> dict:
     """Run the stage; returns its report (also written to out_dir/report.json)."""
     items = pl.read_parquet(items_path).sort("item_id")
     ids = items["item_id"].to_numpy()
@@ -82,9 +115,20 @@ def tokenize(items_path: Path, out_dir: Path, *, vocab_size: int, model_type: st
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    train(texts, tmp / "spm", vocab_size=vocab_size, model_type=model_type,
-          byte_fallback=byte_fallback, character_coverage=character_coverage, seed=seed)
-    sp = spm.SentencePieceProcessor(model_file=str(tmp / "spm.model"))
+    model = train(
+        texts,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        byte_fallback=byte_fallback,
+        character_coverage=character_coverage,
+        seed=seed,
+    )
+    (tmp / "spm.model").write_bytes(model)
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    (tmp / "spm.vocab").write_text(
+        "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n" for i in range(sp.get_piece_size())),
+        encoding="utf-8",
+    )
     tokens, lengths, truncated = encode(sp, texts, max_tokens)
     np.save(tmp / "tokens.npy", tokens)
     np.save(tmp / "lengths.npy", lengths)

@@ -55,7 +55,9 @@ class SyntheticSpec:
     stickiness: float = 0.55
     repeat_prob: float = 0.08
     shared_title_frac: float = 0.03
-    interest_concentration: float = 0.1
+    interest_concentration: float = 0.3
+    # Weight of the gender/age topic affinities in the mean interest (rest is uniform).
+    label_signal: float = 0.8
 
 
 PRESETS: dict[str, SyntheticSpec] = {
@@ -136,9 +138,10 @@ def generate(spec: SyntheticSpec, seed: int) -> tuple[pl.DataFrame, pl.DataFrame
     U = spec.n_users
     gender = rng.choice(2, size=U, p=[0.42, 0.58])
     age = rng.choice(4, size=U, p=[0.08, 0.32, 0.35, 0.25])
-    aff_gender = rng.dirichlet(np.ones(T) * 0.5, size=2)
-    aff_age = rng.dirichlet(np.ones(T) * 0.5, size=4)
-    mean = 0.4 / T + 0.3 * aff_gender[gender] + 0.3 * aff_age[age]  # (U, T)
+    aff_gender = rng.dirichlet(np.ones(T) * 0.3, size=2)
+    aff_age = rng.dirichlet(np.ones(T) * 0.3, size=4)
+    sig = spec.label_signal
+    mean = (1 - sig) / T + sig / 2 * (aff_gender[gender] + aff_age[age])  # (U, T)
     alpha = np.maximum(spec.interest_concentration * T * mean, 1e-3)
     interest = np.stack([rng.dirichlet(a) for a in alpha])  # (U, T)
     interest_cdf = np.cumsum(interest, axis=1)
@@ -198,7 +201,7 @@ def generate(spec: SyntheticSpec, seed: int) -> tuple[pl.DataFrame, pl.DataFrame
     last = ts[starts[imp_user] + lengths[imp_user] - 1]
     imp_ts = (first + rng.random(len(imp_user)) * (last - first + 3600)).astype(np.int64)
     imp_ad = rng.integers(spec.n_ads, size=len(imp_user))
-    logit = -2.2 + 5.0 * interest[imp_user, ad_topic[imp_ad]] + ad_quality[imp_ad]
+    logit = -1.8 + 5.0 * interest[imp_user, ad_topic[imp_ad]] + ad_quality[imp_ad]
     clicked = (rng.random(len(imp_user)) < 1 / (1 + np.exp(-logit))).astype(np.int8)
     impressions = pl.DataFrame({
         "user_id": user_ids[imp_user],

@@ -1,0 +1,32 @@
+"""Shared fixtures: tiny data sets built inside the test session (nothing is downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ptum.data.ingest import ingest
+from ptum.data.prepare import PrepareOptions, prepare
+from ptum.tokenize import tokenize
+
+MOVIELENS_100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "movielens-100k"
+
+
+def write_tsv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
+    lines = ["\t".join(header)] + ["\t".join(str(v) for v in r) for r in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory) -> Path:
+    """ingest -> prepare -> tokenize on the tiny synthetic preset; returns the data root."""
+    root = tmp_path_factory.mktemp("tiny")
+    ingest(source="synthetic", path="", out_dir=root / "raw", size="tiny", seed=7)
+    prepare(root / "raw", root / "prepared", PrepareOptions(max_behaviors=20, ctr_train_frac=0.3,
+                                                            ctr_test_frac=0.2))
+    tokenize(root / "prepared" / "items.parquet", root / "tokenized", vocab_size=300,
+             model_type="unigram", byte_fallback=True, max_tokens=16,
+             character_coverage=1.0, seed=1)
+    return root

@@ -1,0 +1,164 @@
+"""Generic-format reading and the bad-input contract: clear errors or counted quarantine."""
+
+from __future__ import annotations
+
+import json
+
+import polars as pl
+import pytest
+
+from ptum.data.errors import DataError
+from ptum.data.ingest import ingest, read_ptum_tsv
+from ptum.data.prepare import PrepareOptions, prepare
+from tests.conftest import write_tsv
+
+GOOD = [
+    ["a", 100, "red apple pie"], ["a", 200, "green tea"], ["a", 300, "red apple pie"],
+    ["b", 150, "green tea"], ["b", 250, "blue cheese"], ["b", 260, "jazz night"],
+    ["c", 120, "jazz night"], ["c", 130, "blue cheese"],
+]
+
+
+def _write(tmp_path, behaviors=GOOD, labels=None, impressions=None, extra_lines=""):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write_tsv(raw / "behaviors.tsv", ["user_id", "timestamp", "text"], behaviors)
+    if extra_lines:
+        with (raw / "behaviors.tsv").open("ab") as f:
+            f.write(extra_lines if isinstance(extra_lines, bytes) else extra_lines.encode())
+    if labels is not None:
+        write_tsv(raw / "labels.tsv", ["user_id", "gender"], labels)
+    if impressions is not None:
+        write_tsv(raw / "impressions.tsv", ["user_id", "timestamp", "text", "clicked"], impressions)
+    return raw
+
+
+def _prepare(tmp_path, raw, **kw):
+    opts = PrepareOptions(demo_split=(0.34, 0.33, 0.33), **kw)
+    return prepare(raw, tmp_path / "prepared", opts)
+
+
+def test_good_tsv_round_trip(tmp_path):
+    raw = _write(tmp_path, labels=[["a", "F"], ["b", "M"], ["c", "F"]],
+                 impressions=[["a", 400, "ad one", 1], ["b", 500, "ad two", 0]])
+    report = _prepare(tmp_path, raw)
+    assert report["behaviors"]["rows_read"] == 8
+    assert report["behaviors"]["users"] == 3
+    # Items are distinct texts of behaviors and impressions.
+    items = pl.read_parquet(tmp_path / "prepared" / "items.parquet")
+    assert sorted(items["text"]) == sorted({r[2] for r in GOOD} | {"ad one", "ad two"})
+    assert items["item_id"].to_list() == list(range(1, items.height + 1))
+
+
+@pytest.mark.parametrize(
+    ("extra", "line", "reason"),
+    [
+        ("d\t10\n", 10, "malformed_line"),  # missing field
+        ("d\t10\tx\ty\n", 10, "malformed_line"),  # one field too many
+        (b"d\t10\tbad \xff\xfe bytes\n", 10, "bad_utf8"),
+        ("d\t10\t   \n", 10, "empty_text"),
+        ("d\tten\ttext\n", 10, "bad_timestamp"),
+        ("d\t-5\ttext\n", 10, "bad_timestamp"),
+        ("\t10\ttext\n", 10, "missing_user"),
+        ("a\t100\tred apple pie\n", 10, "duplicate_event"),
+    ],
+)
+def test_bad_behavior_rows_name_file_and_line(tmp_path, extra, line, reason):
+    raw = _write(tmp_path, extra_lines=extra)
+    with pytest.raises(DataError) as err:
+        _prepare(tmp_path, raw)
+    assert err.value.path.endswith("behaviors.tsv")
+    assert err.value.line == line
+    assert f"[{reason}]" in str(err.value)
+    assert f"behaviors.tsv:{line}:" in str(err.value)
+    # Nothing half-written is left behind and no earlier output is destroyed.
+    assert not (tmp_path / "prepared").exists()
+
+
+def test_error_does_not_destroy_previous_output(tmp_path):
+    raw = _write(tmp_path)
+    _prepare(tmp_path, raw)
+    before = (tmp_path / "prepared" / "items.parquet").read_bytes()
+    with (raw / "behaviors.tsv").open("a") as f:
+        f.write("d\tten\ttext\n")
+    with pytest.raises(DataError):
+        _prepare(tmp_path, raw)
+    assert (tmp_path / "prepared" / "items.parquet").read_bytes() == before
+
+
+def test_missing_column_is_a_clear_error(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    write_tsv(raw / "behaviors.tsv", ["user_id", "text"], [["a", "x"]])
+    with pytest.raises(DataError, match=r"behaviors.tsv:1: missing column\(s\) \['timestamp'\]"):
+        _prepare(tmp_path, raw)
+
+
+def test_unknown_user_in_labels(tmp_path):
+    raw = _write(tmp_path, labels=[["a", "F"], ["zz", "M"]])
+    with pytest.raises(DataError, match=r"labels.tsv:3: user 'zz' has no behaviors \[unknown_user\]"):
+        _prepare(tmp_path, raw)
+
+
+def test_duplicate_user_in_labels(tmp_path):
+    raw = _write(tmp_path, labels=[["a", "F"], ["a", "M"]])
+    with pytest.raises(DataError, match=r"labels.tsv:3: .*\[duplicate_user\]"):
+        _prepare(tmp_path, raw)
+
+
+def test_bad_clicked(tmp_path):
+    raw = _write(tmp_path, impressions=[["a", 400, "ad", 2]])
+    with pytest.raises(DataError, match=r"impressions.tsv:2: clicked is not 0 or 1"):
+        _prepare(tmp_path, raw)
+
+
+def test_quarantine_counts_and_reconciles(tmp_path):
+    extra = ("d\t10\n" "\n" "a\t100\tred apple pie\n" "e\tten\tx\n" "f\t11\t \n")
+    raw = _write(tmp_path, labels=[["a", "F"], ["zz", "M"], ["b", ""]], extra_lines=extra)
+    report = _prepare(tmp_path, raw, on_bad_rows="quarantine")
+    b = report["behaviors"]
+    assert b["rows_dropped"] == {"malformed_line": 1, "duplicate_event": 1, "bad_timestamp": 1,
+                                 "empty_text": 1}
+    assert b["rows_kept"] == len(GOOD)
+    assert b["rows_read"] == b["rows_kept"] + sum(b["rows_dropped"].values())
+    assert b["blank_lines_skipped"] == 1
+    assert report["labels"]["rows_dropped"] == {"unknown_user": 1}
+    # An empty label value is a missing label, not a bad row.
+    assert report["labels"]["rows_kept"] == 2
+    q = pl.read_parquet(tmp_path / "prepared" / "quarantine" / "behaviors.parquet")
+    assert sorted(q["line"].to_list()) == [10, 12, 13, 14]
+    saved = json.loads((tmp_path / "prepared" / "report.json").read_text())
+    assert saved["behaviors"]["reconciles"] is True
+
+
+def test_parquet_input_with_row_numbers(tmp_path):
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    pl.DataFrame({"user_id": ["a", "a", "b"], "timestamp": [1, 2, None],
+                  "text": ["x", "y", "z"]}).write_parquet(raw / "behaviors.parquet")
+    with pytest.raises(DataError, match=r"behaviors.parquet row 3: timestamp"):
+        _prepare(tmp_path, raw)
+
+
+def test_generic_source_copies_files_unchanged(tmp_path):
+    src = _write(tmp_path, labels=[["a", "F"]])
+    out = tmp_path / "ingested"
+    info = ingest(source="generic", path=str(src), out_dir=out)
+    assert (out / "behaviors.tsv").read_bytes() == (src / "behaviors.tsv").read_bytes()
+    assert set(info["files"]) == {"behaviors.tsv", "labels.tsv"}
+
+
+def test_ptum_tsv_layout(tmp_path):
+    f = tmp_path / "behavior.tsv"
+    sep = "#|NTABN|#"
+    f.write_text(f"u1\tx\tfirst title{sep}second title\t100{sep}200\n"
+                 f"u2\tx\tonly one\t50\n", encoding="utf-8")
+    df = read_ptum_tsv(f)
+    assert df.rows() == [("u1", 100, "first title"), ("u1", 200, "second title"),
+                         ("u2", 50, "only one")]
+    f.write_text(f"u1\tx\ta{sep}b\t100\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"behavior.tsv:1: 2 texts but 1 timestamps"):
+        read_ptum_tsv(f)
+    f.write_bytes(b"u1\tx\ta\t1\nu2\tx\t\xff\t2\n")
+    with pytest.raises(DataError, match=r"behavior.tsv:2: bytes that are not valid UTF-8"):
+        read_ptum_tsv(f)

@@ -1,0 +1,140 @@
+"""Preprocessing invariants on the tiny synthetic preset: order, truncation, splits, no leakage."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from ptum.data.prepare import PrepareOptions, ctr_cutoffs, prepare, split_labels
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_pipeline):
+    d = tiny_pipeline / "prepared"
+    return {n: pl.read_parquet(d / f"{n}.parquet")
+            for n in ("items", "sequences", "users", "labels", "impressions")}
+
+
+def test_sequences_time_ordered_truncated_with_true_gaps(tiny_pipeline, prepared):
+    raw = pl.read_parquet(tiny_pipeline / "raw" / "behaviors.parquet")
+    items = prepared["items"]
+    full = raw.join(items.select("text", "item_id"), on="text").sort("user_id", "timestamp")
+    seqs = prepared["sequences"].filter(pl.col("view") == "full")
+    assert seqs.height > 0
+    for row in seqs.iter_rows(named=True):
+        ts = row["timestamps"]
+        assert ts == sorted(ts)
+        assert len(row["item_ids"]) == min(row["n_total"], 20)
+        mine = full.filter(pl.col("user_id") == row["user_id"])
+        assert mine.height == row["n_total"]
+        # The kept behaviors are the most recent ones, with gaps to their true predecessor.
+        assert ts == mine["timestamp"].to_list()[-20:]
+        all_ts = mine["timestamp"].to_list()
+        expected_gaps = [0] + [b - a for a, b in zip(all_ts, all_ts[1:])]
+        assert row["gaps"] == expected_gaps[-20:]
+    assert seqs["n_total"].max() > 20  # truncation was exercised
+
+
+def test_items_are_distinct_texts(tiny_pipeline, prepared):
+    items = prepared["items"]
+    assert items["text"].n_unique() == items.height
+    raw = pl.read_parquet(tiny_pipeline / "raw" / "behaviors.parquet")
+    imps = pl.read_parquet(tiny_pipeline / "raw" / "impressions.parquet")
+    assert set(items["text"]) == set(raw["text"]) | set(imps["text"])
+    counts = dict(raw.group_by("text").len().iter_rows())
+    assert all(counts.get(t, 0) == n for t, n in items.select("text", "n_behaviors").iter_rows())
+
+
+def test_label_splits_disjoint_and_subsets_nested(prepared):
+    labels = prepared["labels"]
+    sizes = dict(labels.group_by("split").len().iter_rows())
+    n = labels.height
+    assert sizes["train"] == round(0.8 * n) and sizes["valid"] == round(0.1 * n)
+    assert labels["user_id"].n_unique() == n
+    train = labels.filter(pl.col("split") == "train")
+    s20, s50, s100 = (set(train.filter(pl.col(c))["user_id"])
+                      for c in ("train_20", "train_50", "train_100"))
+    assert s20 < s50 < s100 and s100 == set(train["user_id"])
+    assert len(s20) == round(0.2 * len(s100))
+    # Subset flags never mark validation or test users.
+    assert not labels.filter(pl.col("split") != "train")["train_100"].any()
+
+
+def test_impression_windows_and_subsets(prepared):
+    imps = prepared["impressions"]
+    assert set(imps["window"]) == {"train", "valid", "test"}
+    tr = imps.filter(pl.col("window") == "train")
+    n20, n50 = tr["train_20"].sum(), tr["train_50"].sum()
+    assert n20 < n50 < tr.height
+    assert (tr["train_20"] & ~tr["train_50"]).sum() == 0
+    assert not imps.filter(pl.col("window") != "train")["train_100"].any()
+    # Global windows: every test impression is later than every train/valid impression.
+    assert imps.filter(pl.col("window") == "test")["timestamp"].min() >= \
+        imps.filter(pl.col("window") != "test")["timestamp"].max()
+
+
+def test_no_leakage_into_pretraining_corpus(tiny_pipeline, prepared):
+    """The pre-training corpus holds no behavior at/after any user's CTR test window, and the
+    histories of CTR samples end strictly before their window starts."""
+    imps = prepared["impressions"]
+    seqs = prepared["sequences"]
+    test_start = imps.filter(pl.col("window") == "test")["timestamp"].min()
+    train_start = imps.filter(pl.col("window") != "test")["timestamp"].min()
+    pre = seqs.filter(pl.col("view") == "before_test")
+    assert pre.height == prepared["users"]["pretrain_split"].is_not_null().sum() + \
+        (pre["n_total"] < 2).sum()
+    assert pre.explode("timestamps")["timestamps"].max() < test_start
+    hist = seqs.filter(pl.col("view") == "before_train").explode("timestamps")
+    assert hist["timestamps"].max() < train_start
+    # No (user, item) pair of a test impression at or after its time is in the corpus.
+    test_pairs = imps.filter(pl.col("window") == "test").select("user_id", "item_id", "timestamp")
+    corpus = pre.explode("item_ids", "timestamps").rename(
+        {"item_ids": "item_id", "timestamps": "ts"})
+    leaked = test_pairs.join(corpus, on=["user_id", "item_id"]).filter(
+        pl.col("ts") >= pl.col("timestamp"))
+    assert leaked.height == 0
+    # Labels never travel into pre-training inputs.
+    assert set(pre.columns) == {"user_id", "view", "item_ids", "timestamps", "gaps", "n_total"}
+
+
+def test_pretrain_valid_split_seeded(prepared):
+    users = prepared["users"]
+    assert set(users["pretrain_split"].drop_nulls()) == {"train", "valid"}
+    assert users.filter(pl.col("pretrain_split") == "valid").height == round(
+        0.05 * users["pretrain_split"].is_not_null().sum())
+
+
+def test_prepare_is_deterministic(tiny_pipeline, tmp_path):
+    opts = PrepareOptions(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2)
+    prepare(tiny_pipeline / "raw", tmp_path / "again", opts)
+    for name in ("items", "sequences", "users", "labels", "impressions"):
+        a = pl.read_parquet(tiny_pipeline / "prepared" / f"{name}.parquet")
+        b = pl.read_parquet(tmp_path / "again" / f"{name}.parquet")
+        assert a.equals(b), name
+
+
+def test_per_user_windows():
+    imps = pl.DataFrame({
+        "line": list(range(1, 11)), "user_id": ["a"] * 5 + ["b"] * 5,
+        "timestamp": [1, 2, 3, 4, 5, 100, 200, 300, 400, 500],
+        "item_id": [1] * 10, "clicked": [0] * 10,
+    })
+    out, cut = ctr_cutoffs(imps, "per_user", train_frac=0.2, test_frac=0.2)
+    w = dict(zip(zip(out["user_id"], out["timestamp"]), out["window"]))
+    assert w[("a", 5)] == "test" and w[("a", 4)] == "train" and w[("a", 3)] == "history"
+    assert w[("b", 500)] == "test" and w[("b", 400)] == "train"
+    cut = dict(zip(cut["user_id"], cut.select("t_train", "t_test").rows()))
+    assert cut == {"a": (4, 5), "b": (400, 500)}
+
+
+def test_split_labels_seed_changes_assignment():
+    labels = pl.DataFrame({"user_id": [f"u{i}" for i in range(200)]})
+    a = split_labels(labels, (0.8, 0.1, 0.1), (0.2, 1.0), seed=1)
+    b = split_labels(labels, (0.8, 0.1, 0.1), (0.2, 1.0), seed=1)
+    c = split_labels(labels, (0.8, 0.1, 0.1), (0.2, 1.0), seed=2)
+    assert a.equals(b) and not a.equals(c)
+    # Independent of input order.
+    d = split_labels(labels.reverse(), (0.8, 0.1, 0.1), (0.2, 1.0), seed=1).sort("user_id")
+    assert d.equals(a.sort("user_id"))
+    assert np.isclose(a["train_20"].sum(), 0.2 * 160)
