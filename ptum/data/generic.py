@@ -146,8 +146,9 @@ def scan(path: Path, table: str) -> tuple[pl.LazyFrame, list[str]]:
 
 def flag_duplicates(lf: pl.LazyFrame, keys: list[str], reason: str) -> pl.LazyFrame:
     """Mark every good row but the first (by line) of each group of `keys` with `reason`."""
-    first = pl.col("line").rank("ordinal").over([*keys, pl.col("reason").is_null()]) == 1
-    return lf.with_columns(
+    first = pl.struct(*keys, pl.col("reason").is_null()).is_first_distinct()
+    # is_first_distinct follows row order: make it the line order explicitly.
+    return lf.sort("line").with_columns(
         reason=pl.when(pl.col("reason").is_null() & ~first).then(pl.lit(reason))
         .otherwise(pl.col("reason"))
     )

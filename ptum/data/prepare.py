@@ -176,12 +176,17 @@ def sequences(behaviors: pl.LazyFrame, cut: pl.LazyFrame, labeled: pl.LazyFrame,
     behaviors: user_id, timestamp, item_id (+ line for a stable order of same-second events).
     cut: user_id, t_train, t_test (null = no such window for that user).
     """
-    ordered = behaviors.sort("user_id", "timestamp", "line").with_columns(
-        gap=(pl.col("timestamp") - pl.col("timestamp").shift(1).over("user_id"))
-        .fill_null(0).clip(lower_bound=0)
-    ).join(cut, on="user_id", how="left")
     labeled_users = labeled.select("user_id").unique().with_columns(__labeled=pl.lit(True))
-    ordered = ordered.join(labeled_users, on="user_id", how="left")
+    # Materialised once and shared by the three views below (each would otherwise re-sort).
+    ordered = (
+        behaviors.sort("user_id", "timestamp", "line")
+        .with_columns(gap=(pl.col("timestamp") - pl.col("timestamp").shift(1).over("user_id"))
+                      .fill_null(0).clip(lower_bound=0))
+        .join(cut, on="user_id", how="left")
+        .join(labeled_users, on="user_id", how="left")
+        .collect()
+        .lazy()
+    )
 
     def view(name: str, keep: pl.Expr, users: pl.Expr) -> pl.LazyFrame:
         return (
