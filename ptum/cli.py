@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,10 +49,33 @@ def _tokenize(p: Params, args: argparse.Namespace) -> dict:
                     character_coverage=t.character_coverage, seed=t.seed)
 
 
+def _pretrain(p: Params, args: argparse.Namespace) -> dict:
+    arch = args.arch or p.pretrain.architectures[0]
+    out = args.out or Path("models/pretrain") / arch
+    report = Path("reports/pretrain") / arch
+    procs = args.nproc or p.pretrain.processes
+    if procs > 1 and "WORLD_SIZE" not in os.environ:
+        # Re-launch this very command under torchrun: one process per data-parallel rank.
+        # (--nproc is dropped: torchrun's parser would mistake it for its own option; inside
+        # torchrun WORLD_SIZE is set, which stops the recursion.)
+        argv = [a for i, a in enumerate(sys.argv[1:])
+                if not a.startswith("--nproc") and not (i and sys.argv[i] == "--nproc")]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={procs}", "-m", "ptum", *argv]
+        subprocess.run(cmd, check=True)
+        return json.loads((report / "metrics.json").read_text())
+    from ptum.pretrain.stage import run_stage
+
+    return run_stage(p.pretrain, arch, prepared=args.input or PREPARED, tokenized=TOKENIZED,
+                     max_behaviors=p.prepare.max_behaviors, out_dir=out, report_dir=report,
+                     tuned_path=Path("reports/tune/best_params.json"))
+
+
 STAGES = {
     "ingest": (_ingest, "bring a data source into the generic format (data/raw)"),
     "prepare": (_prepare, "validate, build items, user sequences and splits (data/prepared)"),
     "tokenize": (_tokenize, "train SentencePiece and encode each item once (data/tokenized)"),
+    "pretrain": (_pretrain, "pre-train one user model with MBP + NBP (models/pretrain/ARCH)"),
 }
 
 
@@ -65,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="SECTION.KEY=VALUE", help="override a parameter (repeatable)")
         s.add_argument("--input", type=Path, default=None, help="input directory override")
         s.add_argument("--out", type=Path, default=None, help="output directory override")
+        if name == "pretrain":
+            s.add_argument("--arch", default=None, help="architecture (default: the first of "
+                           "pretrain.architectures)")
+            s.add_argument("--nproc", type=int, default=0, help="data-parallel processes "
+                           "(default: pretrain.processes)")
     return parser
 
 
@@ -76,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         result = run(params, args)
     except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
+        if os.environ.get("PTUM_DEBUG"):
+            raise
         print(f"ptum {args.stage}: error: {e}", file=sys.stderr)
         return 2
     summary = json.dumps(result, indent=1, sort_keys=True, default=str)

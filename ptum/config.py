@@ -82,18 +82,62 @@ class TokenizeConfig:
 
 
 @dataclass(frozen=True)
+class ModelParams:
+    """Encoder sizes (paper: 300-d words, 16 heads x 16 dims, attention hidden 200, 256-d)."""
+
+    word_dim: int = 300
+    dim: int = 256
+    heads: int = 16
+    head_dim: int = 16
+    attn_hidden: int = 200
+    dropout: float = 0.2
+    layers: int = 2
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Stage `pretrain`: MBP + NBP self-supervision (paper Eq. 1-3)."""
+
+    # User models to pre-train (a DVC foreach runs one stage per entry); names of
+    # ptum.models.ARCHITECTURES: hsa, han, hura, gru4rec, nativectr, bert4rec.
+    architectures: tuple[str, ...] = ("hsa", "han", "hura", "gru4rec", "nativectr", "bert4rec")
+    # Override the architecture's behavior encoder (selfattn | cnn | lstm | id); "" = default.
+    behavior_encoder: str = ""
+    model: ModelParams = field(default_factory=ModelParams)
+    mbp: bool = True
+    nbp: bool = True
+    k: int = 2
+    lam: float = 1.0
+    p: int = 4
+    negatives: Literal["popularity", "uniform"] = "popularity"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    epochs: int = 3
+    seed: int = 42
+    grad_clip: float = 1.0
+    # Data-parallel processes (torchrun; gloo on CPU, NCCL on GPU). 1 = plain single process.
+    processes: int = 1
+    device: str = "auto"
+    # Take k / lam / p / lr from the tuning stage's best_params.json.
+    use_tuned: bool = False
+
+
+@dataclass(frozen=True)
 class Params:
     """All sections of params.yaml that this version of ptum knows about."""
 
     data: DataConfig = field(default_factory=DataConfig)
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
 
 SECTIONS: dict[str, type] = {
     "data": DataConfig,
     "prepare": PrepareConfig,
     "tokenize": TokenizeConfig,
+    "pretrain": PretrainConfig,
 }
 
 

@@ -1,0 +1,225 @@
+"""The pre-training loop: explicit, resumable, optionally data-parallel (torchrun + DDP).
+
+Determinism: the user order of an epoch, the samples of a step and the dropout noise of a step
+are pure functions of (seed, epoch, step), so a run resumed from any saved step ends with the
+same weights as an uninterrupted one, and N data-parallel processes see the same global batch
+as one process does (each takes rows rank::N of it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from ptum import checkpoint
+from ptum.models.user_model import ModelConfig, UserModel
+from ptum.pretrain.data import Batch, Corpus, epoch_order, make_batch, step_rng
+from ptum.pretrain.tasks import ptum_step
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Explicit arguments of the pre-training loop."""
+
+    mbp: bool = True
+    nbp: bool = True
+    k: int = 2
+    lam: float = 1.0
+    p: int = 4
+    negatives: str = "popularity"  # popularity | uniform
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 64
+    epochs: int = 3
+    seed: int = 42
+    grad_clip: float = 1.0
+    max_steps: int = 0  # stop after this many steps in total (0 = no limit); for tests/tuning
+
+    def __post_init__(self) -> None:
+        if not (self.mbp or self.nbp):
+            raise ValueError("pretrain: at least one of mbp / nbp must be on")
+        if self.k < 1 or self.p < 1:
+            raise ValueError("pretrain.k and pretrain.p must be >= 1")
+        if self.lam < 0:
+            raise ValueError("pretrain.lam must be >= 0")
+        if self.negatives not in ("popularity", "uniform"):
+            raise ValueError("pretrain.negatives must be 'popularity' or 'uniform'")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class _StopFlag:
+    """Set by SIGTERM/SIGINT; the loop saves a checkpoint at the next step boundary and exits."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def __call__(self, signum: int, _frame: Any) -> None:
+        self.signum = signum
+
+
+class Interrupted(RuntimeError):
+    def __init__(self, signum: int):
+        super().__init__(f"interrupted by signal {signum}; checkpoint saved")
+        self.signum = signum
+
+
+@torch.no_grad()
+def evaluate(model: UserModel, tokens: torch.Tensor, corpus: Corpus, opts: TrainOptions,
+             device: torch.device, batch_size: int = 256) -> dict[str, float]:
+    """MBP/NBP loss and accuracy on a held-out corpus with fixed samples (seeded by opts.seed)."""
+    model.eval()
+    rows = np.flatnonzero(corpus.lengths >= 2)
+    sums: dict[str, float] = {}
+    n = 0
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        batch = make_batch(corpus, chunk, step_rng(opts.seed, 2**20, start), k=opts.k, p=opts.p,
+                           negatives=opts.negatives).to(device)
+        with _autocast(device):
+            out = ptum_step(model, tokens, batch, use_mbp=True, use_nbp=True, lam=opts.lam)
+        for key, v in out.items():
+            sums[key] = sums.get(key, 0.0) + float(v) * len(chunk)
+        n += len(chunk)
+    model.train()
+    return {f"valid_{k}": v / max(n, 1) for k, v in sums.items()}
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", enabled=False)
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def pretrain(*, train: Corpus, valid: Corpus, config: ModelConfig, opts: TrainOptions,
+             out_dir: Path, meta: dict[str, Any], device: torch.device | None = None,
+             resume: bool = True, log=print) -> dict[str, Any]:
+    """Pre-train a user model; checkpoints every epoch in out_dir (and on SIGTERM/SIGINT).
+
+    Returns the final metrics. `meta` (tokenizer/data hashes, params) is stored in checkpoints.
+    """
+    device = device or pick_device()
+    rank, world = _dist_info()
+    if opts.batch_size % world:
+        raise ValueError(f"pretrain.batch_size {opts.batch_size} must divide by {world} processes")
+    torch.manual_seed(opts.seed)
+    model = UserModel(config=config).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    eligible = np.flatnonzero(train.lengths >= 2)
+    steps_per_epoch = math.ceil(len(eligible) / opts.batch_size)
+    if steps_per_epoch == 0:
+        raise ValueError("no pre-training user has 2 or more behaviors")
+    epoch, step_in_epoch, history = 0, 0, []
+    if resume and (out_dir / "meta.json").exists():
+        loaded = checkpoint.load(out_dir, tokenizer_sha256=meta.get("tokenizer_sha256"),
+                                 expect_config=config, with_optimizer=True)
+        saved = loaded.meta
+        if saved.get("train_options") != asdict(opts) or saved.get("data_sha256") != meta.get(
+                "data_sha256"):
+            log(f"{out_dir}: checkpoint is from other options or data; starting over")
+        else:
+            model.load_state_dict(loaded.model.state_dict())
+            if loaded.optimizer_tensors is not None:
+                checkpoint.load_optimizer(opt, loaded.optimizer_tensors,
+                                          saved["optimizer_scalars"])
+            epoch, step_in_epoch, history = saved["epoch"], saved["step_in_epoch"], saved["history"]
+            log(f"resuming from epoch {epoch} step {step_in_epoch}")
+    ddp = world > 1
+    objective: torch.nn.Module = Objective(model, opts)
+    if ddp:
+        # A switched-off task leaves parameters (e.g. mask_vector) without gradients.
+        objective = torch.nn.parallel.DistributedDataParallel(
+            objective, find_unused_parameters=not (opts.mbp and opts.nbp))
+    tokens = train.tokens.to(device)
+    stop = _StopFlag()
+    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def save(ep: int, st: int) -> None:
+        if rank == 0:
+            checkpoint.save(out_dir, model, {
+                **meta, "model_config": config.to_dict(), "train_options": asdict(opts),
+                "epoch": ep, "step_in_epoch": st, "global_step": ep * steps_per_epoch + st,
+                "history": history, "complete": ep >= opts.epochs,
+            }, opt)
+        if ddp:
+            dist.barrier()
+
+    model.train()
+    try:
+        while epoch < opts.epochs:
+            order = eligible[epoch_order(len(eligible), opts.seed, epoch)]
+            t0, seen, sums = time.perf_counter(), 0, {}
+            for step in range(step_in_epoch, steps_per_epoch):
+                global_step = epoch * steps_per_epoch + step
+                if opts.max_steps and global_step >= opts.max_steps:
+                    break
+                rows = order[step * opts.batch_size : (step + 1) * opts.batch_size]
+                batch = make_batch(train, rows, step_rng(opts.seed, epoch, step), k=opts.k,
+                                   p=opts.p, negatives=opts.negatives)
+                batch = batch.shard(rank, world).to(device)
+                torch.manual_seed(opts.seed * 1_000_003 + global_step * 101 + rank)
+                with _autocast(device):
+                    out = objective(tokens, batch)
+                opt.zero_grad(set_to_none=True)
+                out["loss"].backward()
+                if opts.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
+                opt.step()
+                for key, v in out.items():
+                    sums[key] = sums.get(key, 0.0) + float(v.detach())
+                seen += 1
+                if stop.signum is not None:
+                    save(epoch, step + 1)
+                    raise Interrupted(stop.signum)
+            else:
+                # The epoch ran to its end: evaluate, log, checkpoint.
+                metrics = {"epoch": epoch + 1, **{f"train_{k}": v / max(seen, 1)
+                                                  for k, v in sums.items()}}
+                metrics.update(evaluate(model, tokens, valid, opts, device))
+                metrics["users_per_s"] = seen * opts.batch_size / (time.perf_counter() - t0)
+                history.append(metrics)
+                log(json.dumps({k: round(v, 4) if isinstance(v, float) else v
+                                for k, v in metrics.items()}))
+                epoch, step_in_epoch = epoch + 1, 0
+                save(epoch, 0)
+                continue
+            break  # max_steps reached
+        if opts.max_steps and epoch < opts.epochs:
+            save(epoch, opts.max_steps - epoch * steps_per_epoch)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    return history[-1] if history else {}
+
+
+class Objective(torch.nn.Module):
+    """The pre-training objective as a module, so DistributedDataParallel can wrap it (DDP
+    all-reduces gradients of what runs inside its `forward`)."""
+
+    def __init__(self, model: UserModel, opts: TrainOptions):
+        super().__init__()
+        self.model = model
+        self.opts = opts
+
+    def forward(self, tokens: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
+        o = self.opts
+        return ptum_step(self.model, tokens, batch, use_mbp=o.mbp, use_nbp=o.nbp, lam=o.lam)
