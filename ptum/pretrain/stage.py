@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 
 import torch.distributed as dist
@@ -81,8 +80,7 @@ def run_stage(cfg: PretrainConfig, arch: str, *, prepared: Path, tokenized: Path
         report_dir.mkdir(parents=True, exist_ok=True)
         chance = 1.0 / (opts.p + 1)
         metrics = {"architecture": arch, "chance_acc": chance, "epochs": len(history),
-                   **{k: v for k, v in (history[-1] if history else {}).items() if k != "epoch"},
-                   "train_options": asdict(opts)}
+                   **{k: v for k, v in (history[-1] if history else {}).items() if k != "epoch"}}
         (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
         (report_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
     if dist.is_initialized():

@@ -194,8 +194,8 @@ def pretrain(*, train: Corpus, valid: Corpus, config: ModelConfig, opts: TrainOp
                 # The epoch ran to its end: evaluate, log, checkpoint.
                 metrics = {"epoch": epoch + 1, **{f"train_{k}": v / max(seen, 1)
                                                   for k, v in sums.items()}}
-                metrics.update(evaluate(model, tokens, valid, opts, device))
                 metrics["users_per_s"] = seen * opts.batch_size / (time.perf_counter() - t0)
+                metrics.update(evaluate(model, tokens, valid, opts, device))
                 history.append(metrics)
                 log(json.dumps({k: round(v, 4) if isinstance(v, float) else v
                                 for k, v in metrics.items()}))
