@@ -1,0 +1,166 @@
+"""Benchmark: pre-training throughput, unique-item encoding vs naive per-behavior encoding.
+
+    python benchmarks/pretrain.py [--movielens ../shared/data/movielens-100k] [--steps 6]
+    python benchmarks/pretrain.py --gpu          # on a CUDA machine: users/s and TFLOP/s
+
+For each data set, the same model (paper-sized HSA by default) and the same batches are timed
+with (a) each distinct item of the batch encoded once and gathered, and (b) every behavior and
+candidate encoded separately. Each variant runs in its own child process so its peak memory
+(RSS on CPU, max allocated on GPU) is its own. Training steps = forward + backward + AdamW step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+CHILD = r"""
+import json, resource, sys, time
+import numpy as np, torch
+from benchmarks.pretrain import build
+from ptum.pretrain.data import make_batch, step_rng
+from ptum.pretrain.tasks import ptum_step
+from torch.utils.flop_counter import FlopCounterMode
+args = json.loads(sys.argv[1])
+torch.manual_seed(0)
+torch.set_num_threads(args["threads"])
+device = torch.device(args["device"])
+model, corpus = build(args)
+model = model.to(device)
+tokens = corpus.tokens.to(device)
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+rows_all = np.flatnonzero(corpus.lengths >= 2)
+def step(i, count=False):
+    rows = rows_all[(i * args["batch"]) % len(rows_all):][: args["batch"]]
+    b = make_batch(corpus, rows, step_rng(0, 0, i), k=2, p=4, negatives="popularity").to(device)
+    ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+    with ctx:
+        out = ptum_step(model, tokens, b, use_mbp=True, use_nbp=True, lam=1.0, unique=args["unique"])
+    opt.zero_grad(); out["loss"].backward(); opt.step()
+    return len(rows)
+for i in range(args["warmup"]):
+    step(i)
+flops = 0
+if args["count_flops"]:
+    with FlopCounterMode(display=False) as fc:
+        step(0)
+    flops = fc.get_total_flops()
+if device.type == "cuda":
+    torch.cuda.synchronize(); torch.cuda.reset_peak_memory_stats()
+t0 = time.perf_counter(); users = 0
+for i in range(args["steps"]):
+    users += step(args["warmup"] + i)
+if device.type == "cuda":
+    torch.cuda.synchronize()
+dt = time.perf_counter() - t0
+peak = (torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda"
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+print(json.dumps({"users_per_s": users / dt, "step_s": dt / args["steps"], "peak_mib": peak,
+                  "tflops": flops * args["steps"] / dt / 1e12 if flops else 0.0}))
+"""
+
+
+def build(args: dict):
+    """The model and corpus of one benchmark case (called in the child process)."""
+    import torch
+
+    from ptum.models.user_model import ModelConfig, UserModel
+    from ptum.pretrain.data import Corpus, load_corpus
+
+    if args["data"] == "synthetic":
+        rng = np.random.default_rng(0)
+        n_users, n_items, L, T, V = 2000, 20000, 100, 30, 8000
+        lengths = np.full(n_users, L)
+        # Zipf-popular items: behaviors repeat, as in real logs.
+        w = 1 / np.arange(1, n_items + 1) ** 1.05
+        items = rng.choice(np.arange(1, n_items + 1), size=(n_users, L), p=w / w.sum())
+        tok_len = rng.integers(8, T + 1, size=n_items + 1)
+        tokens = rng.integers(2, V, size=(n_items + 1, T))
+        tokens[np.arange(T)[None, :] >= tok_len[:, None]] = 0
+        tokens[0] = 0
+        corpus = Corpus([str(i) for i in range(n_users)], items.astype(np.int64),
+                        rng.integers(0, 10**6, size=(n_users, L)), lengths,
+                        torch.from_numpy(tokens.astype(np.int64)), items.ravel())
+        vocab = V
+    else:
+        root = Path(args["data"])
+        corpus = load_corpus(root / "prepared", root / "tokenized", "train", 100)
+        vocab = json.loads((root / "tokenized" / "report.json").read_text())["vocab_size"]
+    m = args["model"]
+    config = ModelConfig(behavior_encoder="selfattn", user_encoder="hsa", vocab_size=vocab,
+                         max_tokens=corpus.tokens.shape[1], max_behaviors=100, **m)
+    return UserModel(config=config), corpus
+
+
+def prepare_movielens(src: Path, dest: Path) -> None:
+    from ptum.data.ingest import ingest
+    from ptum.data.prepare import PrepareOptions, prepare
+    from ptum.tokenize import tokenize
+
+    ingest(source="movielens", path=str(src), out_dir=dest / "raw")
+    prepare(dest / "raw", dest / "prepared", PrepareOptions())
+    tokenize(dest / "prepared" / "items.parquet", dest / "tokenized", vocab_size=8000,
+             model_type="unigram", byte_fallback=True, max_tokens=30,
+             character_coverage=0.9995, seed=1)
+
+
+def run_child(args: dict) -> dict:
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], env=env, check=True,
+                         capture_output=True, text=True, cwd=root)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+PAPER = {"word_dim": 300, "dim": 256, "heads": 16, "head_dim": 16, "attn_hidden": 200,
+         "dropout": 0.2, "layers": 2}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--movielens", type=Path,
+                    default=Path(__file__).resolve().parents[2] / "shared/data/movielens-100k")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--gpu", action="store_true", help="run on CUDA and report TFLOP/s")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    args = ap.parse_args()
+    device = "cuda" if args.gpu else "cpu"
+    cases = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.movielens.exists():
+            prepare_movielens(args.movielens, Path(tmp))
+            cases.append(("MovieLens-100K", tmp))
+        else:
+            print(f"(skipping MovieLens: {args.movielens} not found)")
+        cases.append(("synthetic 100 beh x 30 tok", "synthetic"))
+        print(f"device: {device}; threads: {args.threads}; model: HSA, paper sizes {PAPER}; "
+              f"batch {args.batch} users; {args.steps} timed steps after 1 warm-up")
+        print(f"{'data':28} {'encoding':>9} {'users/s':>9} {'s/step':>8} {'peak MiB':>9}"
+              + (f" {'TFLOP/s':>8}" if args.gpu else ""))
+        for name, data in cases:
+            res = {}
+            for unique in (True, False):
+                res[unique] = run_child({"data": data, "unique": unique, "model": PAPER,
+                                         "batch": args.batch, "steps": args.steps, "warmup": 1,
+                                         "device": device, "threads": args.threads,
+                                         "count_flops": args.gpu})
+                r = res[unique]
+                print(f"{name:28} {'unique' if unique else 'naive':>9} {r['users_per_s']:>9.1f} "
+                      f"{r['step_s']:>8.2f} {r['peak_mib']:>9.0f}"
+                      + (f" {r['tflops']:>8.2f}" if args.gpu else ""), flush=True)
+            print(f"{name:28} speed-up unique/naive: "
+                  f"{res[True]['users_per_s'] / res[False]['users_per_s']:.1f}x")
+
+
+if __name__ == "__main__":
+    time.sleep(0)
+    main()
