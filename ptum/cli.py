@@ -71,11 +71,22 @@ def _pretrain(p: Params, args: argparse.Namespace) -> dict:
                      tuned_path=Path("reports/tune/best_params.json"))
 
 
+def _finetune(p: Params, args: argparse.Namespace) -> dict:
+    from ptum.finetune.stage import run_stage
+
+    task = args.task or "demo"
+    return run_stage(p.finetune, task, prepared=args.input or PREPARED, tokenized=TOKENIZED,
+                     max_behaviors=p.prepare.max_behaviors, ckpt_root=Path("models/pretrain"),
+                     cache_dir=Path("models/finetune_cache"),
+                     out=args.out or Path("reports/finetune") / f"{task}.json")
+
+
 STAGES = {
     "ingest": (_ingest, "bring a data source into the generic format (data/raw)"),
     "prepare": (_prepare, "validate, build items, user sequences and splits (data/prepared)"),
     "tokenize": (_tokenize, "train SentencePiece and encode each item once (data/tokenized)"),
     "pretrain": (_pretrain, "pre-train one user model with MBP + NBP (models/pretrain/ARCH)"),
+    "finetune": (_finetune, "fine-tuning grid of one task: demo or ctr (reports/finetune)"),
 }
 
 
@@ -90,6 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="SECTION.KEY=VALUE", help="override a parameter (repeatable)")
         s.add_argument("--input", type=Path, default=None, help="input directory override")
         s.add_argument("--out", type=Path, default=None, help="output directory override")
+        if name == "finetune":
+            s.add_argument("--task", choices=["demo", "ctr"], default=None,
+                           help="downstream task (default: demo)")
         if name == "pretrain":
             s.add_argument("--arch", default=None, help="architecture (default: the first of "
                            "pretrain.architectures)")

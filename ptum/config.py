@@ -124,6 +124,28 @@ class PretrainConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Stage `finetune@TASK`: the grid task x model x mode x ratio x seed (paper Tables 2-3)."""
+
+    demo_models: tuple[str, ...] = ("han", "hura", "hsa")
+    ctr_models: tuple[str, ...] = ("gru4rec", "nativectr", "bert4rec")
+    modes: tuple[str, ...] = ("scratch", "frozen", "finetune")
+    ratios: tuple[float, ...] = (0.2, 0.5, 1.0)
+    repeats: int = 10
+    seed: int = 100
+    lr: float = 1e-3
+    batch_size: int = 64
+    max_epochs: int = 10
+    patience: int = 2
+    head_hidden: int = 200
+    weight_decay: float = 0.0
+    # Validation metric that selects the epoch on Demo tasks (CTR uses AUC).
+    demo_select: Literal["acc", "macro_f1"] = "acc"
+    # Parallel worker processes for independent cells (each uses one thread).
+    workers: int = 2
+
+
+@dataclass(frozen=True)
 class Params:
     """All sections of params.yaml that this version of ptum knows about."""
 
@@ -131,6 +153,7 @@ class Params:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
 
 SECTIONS: dict[str, type] = {
@@ -138,6 +161,7 @@ SECTIONS: dict[str, type] = {
     "prepare": PrepareConfig,
     "tokenize": TokenizeConfig,
     "pretrain": PretrainConfig,
+    "finetune": FinetuneConfig,
 }
 
 

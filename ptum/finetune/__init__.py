@@ -1,0 +1,1 @@
+"""Downstream tasks: demographic prediction and CTR, the fine-tuning grid and its report."""

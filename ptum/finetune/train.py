@@ -1,0 +1,235 @@
+"""Fine-tuning one cell of the grid: a (task, model, mode, ratio, seed) run, explicit loops.
+
+Modes (paper Tables 2-3):
+    scratch   the architecture of the pre-trained checkpoint, randomly initialised, trained end
+              to end on the task;
+    frozen    "+PTUM (no finetune)": the pre-trained user model is fixed; user (and candidate)
+              vectors are computed once and only the head trains;
+    finetune  "+PTUM (finetune)": pre-trained weights, everything trains.
+
+Model selection uses the validation split only (early stopping with patience); the test split is
+scored exactly once, with the selected weights, at the end of the cell.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ptum.finetune.metrics import accuracy, average_precision, macro_f1, roc_auc
+from ptum.heads import CtrHead, DemoHead
+from ptum.models.layers import time_gap_bucket
+from ptum.models.user_model import UserModel
+from ptum.pretrain.data import Corpus, recency_positions
+from ptum.pretrain.tasks import encode_ids
+
+MODES = ("scratch", "frozen", "finetune")
+
+
+@dataclass(frozen=True)
+class CellOptions:
+    lr: float = 1e-3
+    batch_size: int = 64
+    max_epochs: int = 10
+    patience: int = 2
+    head_hidden: int = 200
+    weight_decay: float = 0.0
+
+
+def user_vectors(model: UserModel, corpus: Corpus, rows: np.ndarray, device: torch.device
+                 ) -> Tensor:
+    """(len(rows), D) user vectors of corpus rows (grad flows if the model is training)."""
+    items = torch.from_numpy(corpus.items[rows]).to(device)
+    lengths = corpus.lengths[rows]
+    mask = torch.from_numpy(np.arange(items.shape[1])[None, :] < lengths[:, None]).to(device)
+    positions = torch.from_numpy(recency_positions(lengths, items.shape[1])).to(device)
+    gaps = time_gap_bucket(torch.from_numpy(corpus.gaps[rows])).to(device)
+    (vecs,) = encode_ids(model, corpus.tokens, [items])
+    return model.encode_users(vecs, mask, positions, gaps)
+
+
+@torch.no_grad()
+def all_user_vectors(model: UserModel, corpus: Corpus, device: torch.device,
+                     batch: int = 256) -> Tensor:
+    model.eval()
+    rows = np.arange(len(corpus.user_ids))
+    return torch.cat([user_vectors(model, corpus, rows[i : i + batch], device)
+                      for i in range(0, len(rows), batch)]) if len(rows) else torch.zeros(0)
+
+
+@torch.no_grad()
+def item_vectors(model: UserModel, tokens: Tensor, ids: np.ndarray, batch: int = 1024) -> Tensor:
+    model.eval()
+    out = []
+    for i in range(0, len(ids), batch):
+        tok = tokens[torch.from_numpy(ids[i : i + batch])]
+        out.append(model.encode_items(tok, tok != 0))
+    return torch.cat(out)
+
+
+def _init_model(pretrained: UserModel, mode: str, seed: int) -> UserModel:
+    torch.manual_seed(seed)
+    if mode == "scratch":
+        return UserModel(config=pretrained.config)
+    return copy.deepcopy(pretrained)
+
+
+def _state(*modules: torch.nn.Module) -> list[dict[str, Tensor]]:
+    return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
+
+
+# ---------------------------------------------------------------- demographic tasks
+
+
+def run_demo(*, pretrained: UserModel, corpus: Corpus, y: np.ndarray, split: np.ndarray,
+             train_rows: np.ndarray, n_classes: int, mode: str, seed: int, opts: CellOptions,
+             select: str = "acc", device: torch.device | None = None,
+             return_models: bool = False) -> dict:
+    """Train one demographic cell; returns validation-selected test metrics.
+
+    corpus rows align with y / split; y = class index, -1 = label missing (row unused).
+    train_rows: the rows of the training subset (ratio) with a label.
+    """
+    device = device or torch.device("cpu")
+    model = _init_model(pretrained, mode, seed).to(device)
+    torch.manual_seed(seed + 1)
+    head = DemoHead(dim=model.config.dim, hidden=opts.head_hidden, classes=n_classes).to(device)
+    valid_rows = np.flatnonzero((split == "valid") & (y >= 0))
+    test_rows = np.flatnonzero((split == "test") & (y >= 0))
+    frozen = mode == "frozen"
+    cached = all_user_vectors(model, corpus, device) if frozen else None
+    params = list(head.parameters()) + ([] if frozen else list(model.parameters()))
+    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    y_t = torch.from_numpy(y).to(device)
+
+    def vectors(rows: np.ndarray) -> Tensor:
+        return cached[rows] if frozen else user_vectors(model, corpus, rows, device)
+
+    @torch.no_grad()
+    def predict(rows: np.ndarray) -> np.ndarray:
+        model.eval(), head.eval()
+        out = [head.logits(vectors(rows[i : i + 256])).argmax(-1).cpu()
+               for i in range(0, len(rows), 256)]
+        return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+
+    def score(rows: np.ndarray) -> dict[str, float]:
+        pred = predict(rows)
+        return {"acc": accuracy(y[rows], pred), "macro_f1": macro_f1(y[rows], pred, n_classes)}
+
+    rng = np.random.default_rng(seed)
+    best, best_state, bad_epochs, epochs = -np.inf, _state(model, head), 0, 0
+    for epoch in range(opts.max_epochs):
+        model.train(not frozen), head.train()
+        order = rng.permutation(train_rows)
+        for start in range(0, len(order), opts.batch_size):
+            batch = order[start : start + opts.batch_size]
+            loss = F.cross_entropy(head.logits(vectors(batch)), y_t[batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        epochs = epoch + 1
+        val = score(valid_rows)[select]
+        if val > best:
+            best, best_state, bad_epochs = val, _state(model, head), 0
+        else:
+            bad_epochs += 1
+            if bad_epochs >= opts.patience:
+                break
+    model.load_state_dict(best_state[0])
+    head.load_state_dict(best_state[1])
+    valid, test = score(valid_rows), score(test_rows)  # the test split's only use
+    out = {"valid": valid, "test": test, "epochs": epochs, "n_train": len(train_rows),
+           "n_valid": len(valid_rows), "n_test": len(test_rows)}
+    return out | ({"model": model, "head": head} if return_models else {})
+
+
+# ---------------------------------------------------------------- CTR
+
+
+@dataclass(frozen=True)
+class CtrData:
+    """Impressions of the CTR task; `row` indexes the history corpus of the impression's window
+    (before_train for train/valid impressions, before_test for test impressions)."""
+
+    hist_train: Corpus
+    hist_test: Corpus
+    row: np.ndarray
+    item: np.ndarray
+    clicked: np.ndarray
+    window: np.ndarray
+
+
+def run_ctr(*, pretrained: UserModel, data: CtrData, train_idx: np.ndarray, mode: str,
+            seed: int, opts: CellOptions, device: torch.device | None = None,
+            return_models: bool = False) -> dict:
+    """Train one CTR cell (train_idx: impressions of the training subset)."""
+    device = device or torch.device("cpu")
+    model = _init_model(pretrained, mode, seed).to(device)
+    torch.manual_seed(seed + 1)
+    head = CtrHead(dim=model.config.dim).to(device)
+    tokens = data.hist_train.tokens.to(device)
+    frozen = mode == "frozen"
+    if frozen:
+        u_train = all_user_vectors(model, data.hist_train, device)
+        u_test = all_user_vectors(model, data.hist_test, device)
+        items = item_vectors(model, tokens, np.arange(tokens.shape[0]))
+    params = list(head.parameters()) + ([] if frozen else list(model.parameters()))
+    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    y = torch.from_numpy(data.clicked.astype(np.float32)).to(device)
+
+    def logits(idx: np.ndarray, test: bool) -> Tensor:
+        rows = data.row[idx]
+        cand_ids = torch.from_numpy(data.item[idx]).to(device)
+        if frozen:
+            u = (u_test if test else u_train)[torch.from_numpy(rows)]
+            c = items[cand_ids]
+        else:
+            uniq, inv = np.unique(rows, return_inverse=True)
+            u = user_vectors(model, data.hist_test if test else data.hist_train, uniq, device)
+            u = u[torch.from_numpy(inv)]
+            (c,) = encode_ids(model, tokens, [cand_ids])
+        return head.logits(u, c)
+
+    @torch.no_grad()
+    def score(idx: np.ndarray, test: bool) -> dict[str, float]:
+        model.eval(), head.eval()
+        # Group by user so each history is encoded once per chunk.
+        idx = idx[np.argsort(data.row[idx], kind="stable")]
+        s = torch.cat([logits(idx[i : i + 2048], test).float().cpu()
+                       for i in range(0, len(idx), 2048)]).numpy()
+        yt = data.clicked[idx]
+        return {"auc": roc_auc(yt, s), "ap": average_precision(yt, s)}
+
+    valid_idx = np.flatnonzero(data.window == "valid")
+    test_idx = np.flatnonzero(data.window == "test")
+    rng = np.random.default_rng(seed)
+    best, best_state, bad_epochs, epochs = -np.inf, _state(model, head), 0, 0
+    for epoch in range(opts.max_epochs):
+        model.train(not frozen), head.train()
+        order = rng.permutation(train_idx)
+        for start in range(0, len(order), opts.batch_size):
+            batch = order[start : start + opts.batch_size]
+            loss = F.binary_cross_entropy_with_logits(logits(batch, False),
+                                                      y[torch.from_numpy(batch)])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        epochs = epoch + 1
+        val = score(valid_idx, False)["auc"]
+        if val > best:
+            best, best_state, bad_epochs = val, _state(model, head), 0
+        else:
+            bad_epochs += 1
+            if bad_epochs >= opts.patience:
+                break
+    model.load_state_dict(best_state[0])
+    head.load_state_dict(best_state[1])
+    valid, test = score(valid_idx, False), score(test_idx, True)  # the test split's only use
+    out = {"valid": valid, "test": test, "epochs": epochs, "n_train": len(train_idx),
+           "n_valid": len(valid_idx), "n_test": len(test_idx)}
+    return out | ({"model": model, "head": head} if return_models else {})

@@ -1,0 +1,113 @@
+"""Downstream heads on top of user vectors: CTR scoring and demographic classification.
+
+Both are plain tensor-only `nn.Module`s so that fine-tuning trains them and `ptum.export` turns
+them into ONNX without glue code:
+
+    CtrHead   user (B, D), candidate (B, D) -> click probability sigmoid(W user . candidate + b)
+    DemoHead  user (B, D) -> class probabilities (B, C): Linear(D, hidden) -> ReLU -> Linear(C)
+              -> softmax. Train on `DemoHead.logits` with F.cross_entropy (stable); serve
+              `forward` (probabilities).
+
+A fine-tuned demographic head is stored next to the user-model checkpoint as
+`demo_<label>.safetensors` (weights) + `demo_<label>.json` (dim, hidden, classes) with
+`save_demo_head`; `ptum.export.export` picks up every such pair it finds there.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+_LABEL = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+class CtrHead(nn.Module):
+    """Dot-product click scoring (official PTUM code: sigmoid(user . candidate)).
+
+    With `dim`, the user vector first goes through a learned linear map initialised to the
+    identity, plus a scalar bias: at initialisation this is exactly the paper's dot product, and
+    it gives the "+PTUM (no finetune)" mode something to train when the user model and the
+    candidate (behavior) encoder are frozen. Without `dim` it is the bare dot product.
+    """
+
+    def __init__(self, *, dim: int | None = None) -> None:
+        super().__init__()
+        self.proj: nn.Linear | None = None
+        if dim is not None:
+            self.proj = nn.Linear(dim, dim)
+            with torch.no_grad():
+                self.proj.weight.copy_(torch.eye(dim))
+                self.proj.bias.zero_()
+            self.bias = nn.Parameter(torch.zeros(()))
+
+    def logits(self, user: Tensor, candidate: Tensor) -> Tensor:
+        """(B, D), (B, D) -> (B,) click logits (the training path, for BCE-with-logits)."""
+        if self.proj is None:
+            return (user * candidate).sum(dim=-1)
+        return (self.proj(user) * candidate).sum(dim=-1) + self.bias
+
+    def forward(self, user: Tensor, candidate: Tensor) -> Tensor:
+        """(B, D) user vectors, (B, D) candidate behavior vectors -> (B,) click probability."""
+        return torch.sigmoid(self.logits(user, candidate))
+
+
+class DemoHead(nn.Module):
+    """Demographic classifier: a one-hidden-layer MLP over the user vector."""
+
+    def __init__(self, *, dim: int, hidden: int, classes: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if classes < 2:
+            raise ValueError(f"DemoHead needs at least 2 classes, got {classes}")
+        self.dim, self.hidden, self.classes = dim, hidden, classes
+        self.drop = nn.Dropout(dropout)
+        self.hidden_layer = nn.Linear(dim, hidden)
+        self.out = nn.Linear(hidden, classes)
+
+    def logits(self, user: Tensor) -> Tensor:
+        """(B, D) -> (B, C) unnormalised scores (the training path)."""
+        h = self.drop(torch.relu(self.hidden_layer(self.drop(user))))  # (B, hidden)
+        return self.out(h)
+
+    def forward(self, user: Tensor) -> Tensor:
+        """(B, D) -> (B, C) class probabilities (the serving path)."""
+        return torch.softmax(self.logits(user), dim=-1)
+
+
+def _check_label(label: str) -> None:
+    if not _LABEL.fullmatch(label):
+        raise ValueError(f"label {label!r} must match {_LABEL.pattern} (it becomes a file name)")
+
+
+def save_demo_head(directory: Path, label: str, head: DemoHead, classes: list[str]) -> None:
+    """Write `demo_<label>.safetensors` + `demo_<label>.json` into `directory`.
+
+    `classes[i]` is the label value that class index i stands for (stored as strings).
+    """
+    _check_label(label)
+    if len(classes) != head.classes:
+        raise ValueError(f"{len(classes)} class names for a head with {head.classes} classes")
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()},
+              str(directory / f"demo_{label}.safetensors"))
+    spec = {"dim": head.dim, "hidden": head.hidden, "classes": [str(c) for c in classes]}
+    (directory / f"demo_{label}.json").write_text(json.dumps(spec, indent=1) + "\n")
+
+
+def load_demo_heads(directory: Path) -> dict[str, tuple[DemoHead, list[str]]]:
+    """Every `demo_<label>` head saved in `directory`: label -> (head in eval mode, classes)."""
+    heads: dict[str, tuple[DemoHead, list[str]]] = {}
+    for spec_path in sorted(directory.glob("demo_*.json")):
+        label = spec_path.stem.removeprefix("demo_")
+        spec = json.loads(spec_path.read_text())
+        head = DemoHead(dim=spec["dim"], hidden=spec["hidden"], classes=len(spec["classes"]))
+        weights = spec_path.with_suffix(".safetensors")
+        if not weights.exists():
+            raise FileNotFoundError(f"{spec_path}: weights {weights.name} missing")
+        head.load_state_dict(load_file(str(weights)))
+        heads[label] = (head.eval(), list(spec["classes"]))
+    return heads

@@ -1,0 +1,97 @@
+"""Fine-tuning cells: what each mode trains, and the test split is scored once, at the end."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import ptum.finetune.train as ft
+from ptum.finetune.grid import load_ctr, load_demo
+from ptum.models.user_model import ModelConfig, UserModel
+
+OPTS = ft.CellOptions(lr=3e-3, batch_size=16, max_epochs=3, patience=5, head_hidden=8)
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+    torch.manual_seed(0)
+    return UserModel(config=ModelConfig(behavior_encoder="cnn", user_encoder="hura",
+                                        vocab_size=400, max_tokens=16, max_behaviors=20,
+                                        word_dim=8, dim=8, attn_hidden=8, dropout=0.0))
+
+
+@pytest.fixture(scope="module")
+def demo(tiny_pipeline):
+    d = tiny_pipeline
+    return load_demo(d / "prepared", d / "tokenized", 20, [0.2, 0.5, 1.0])
+
+
+def _demo(pretrained, demo, mode, **kw):
+    y, classes = demo.labels["gender"]
+    rows = np.flatnonzero(demo.subsets[1.0] & (y >= 0))
+    return ft.run_demo(pretrained=pretrained, corpus=demo.corpus, y=y, split=demo.split,
+                       train_rows=rows, n_classes=len(classes), mode=mode, seed=1, opts=OPTS,
+                       return_models=True, **kw)
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+def test_frozen_keeps_encoder_finetune_and_scratch_change_it(pretrained, demo):
+    before = {k: v.clone() for k, v in pretrained.state_dict().items()}
+    frozen = _demo(pretrained, demo, "frozen")
+    assert _same(frozen["model"], pretrained)
+    tuned = _demo(pretrained, demo, "finetune")
+    assert not _same(tuned["model"], pretrained)
+    scratch = _demo(pretrained, demo, "scratch")
+    assert not _same(scratch["model"], pretrained)
+    # The shared pre-trained model itself is never modified by any cell.
+    assert all(torch.equal(before[k], v) for k, v in pretrained.state_dict().items())
+    for res in (frozen, tuned, scratch):
+        assert 0.0 <= res["test"]["acc"] <= 1.0 and res["n_test"] > 0
+
+
+def test_test_split_is_scored_once_after_training(pretrained, demo, monkeypatch):
+    y, _ = demo.labels["gender"]
+    test_rows = set(np.flatnonzero((demo.split == "test") & (y >= 0)).tolist())
+    steps = {"n": 0}
+    calls: list[tuple[int, set[int]]] = []
+    orig_step = torch.optim.AdamW.step
+    orig_vectors = ft.user_vectors
+
+    def step(self, *a, **k):
+        steps["n"] += 1
+        return orig_step(self, *a, **k)
+
+    def vectors(model, corpus, rows, device):
+        calls.append((steps["n"], set(np.asarray(rows).tolist())))
+        return orig_vectors(model, corpus, rows, device)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    monkeypatch.setattr(ft, "user_vectors", vectors)
+    _demo(pretrained, demo, "finetune")
+    touching = [(s, rows) for s, rows in calls if rows & test_rows]
+    assert touching, "the test split was never scored"
+    assert all(s == steps["n"] for s, _ in touching), "test rows seen before training ended"
+    assert set().union(*(r for _, r in touching)) == test_rows
+    # Scored once: the test rows are covered by one pass, no row twice.
+    seen = [row for _, rows in touching for row in rows & test_rows]
+    assert len(seen) == len(test_rows)
+
+
+def test_ctr_cell_runs_every_mode(pretrained, tiny_pipeline):
+    d = tiny_pipeline
+    task = load_ctr(d / "prepared", d / "tokenized", 20, [0.2, 1.0])
+    # Histories end before their window: train/valid rows use before_train, test before_test.
+    assert set(task.data.window) == {"train", "valid", "test"}
+    train_idx = np.flatnonzero(task.subsets[1.0])
+    for mode in ("scratch", "frozen", "finetune"):
+        res = ft.run_ctr(pretrained=pretrained, data=task.data, train_idx=train_idx, mode=mode,
+                         seed=0, opts=OPTS, return_models=True)
+        assert 0.0 <= res["test"]["auc"] <= 1.0
+        if mode == "frozen":
+            assert _same(res["model"], pretrained)
+            # ... but the CTR head did train.
+            assert not torch.equal(res["head"].proj.weight, torch.eye(8))
