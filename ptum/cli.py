@@ -77,8 +77,38 @@ def _finetune(p: Params, args: argparse.Namespace) -> dict:
     task = args.task or "demo"
     return run_stage(p.finetune, task, prepared=args.input or PREPARED, tokenized=TOKENIZED,
                      max_behaviors=p.prepare.max_behaviors, ckpt_root=Path("models/pretrain"),
-                     cache_dir=Path("models/finetune_cache"),
+                     cache_dir=Path("models/finetune_cache") / task,
                      out=args.out or Path("reports/finetune") / f"{task}.json")
+
+
+def _sensitivity(p: Params, args: argparse.Namespace) -> dict:
+    from ptum.finetune import sensitivity as sens
+
+    s = p.sensitivity
+    opts = sens.SensitivityOptions(tasks=s.tasks, demo_model=s.demo_model,
+                                   ctr_model=s.ctr_model, lams=s.lams, ks=s.ks, ratio=s.ratio,
+                                   repeats=s.repeats)
+    reports = Path("reports")
+    results = sens.run(p.pretrain, p.finetune, opts, prepared=PREPARED, tokenized=TOKENIZED,
+                       max_behaviors=p.prepare.max_behaviors,
+                       models_root=Path("models/sensitivity"), main_ckpts=Path("models/pretrain"),
+                       cache_dir=Path("models/finetune_cache/sensitivity"), reports=reports)
+    sens.write_outputs(results, reports)
+    return {t: {k: round(e["mean"], 4) for k, e in r["experiments"].items()}
+            for t, r in results.items()}
+
+
+def _report(p: Params, args: argparse.Namespace) -> dict:
+    from ptum.report import build
+
+    reports = Path("reports")
+    text = build(
+        finetune={t: reports / "finetune" / f"{t}.json" for t in ("demo", "ctr")},
+        sensitivity=reports / "sensitivity.json",
+        pretrain={a: reports / "pretrain" / a / "metrics.json" for a in p.pretrain.architectures},
+        data_report=PREPARED / "report.json", raw_manifest=RAW / "manifest.json",
+        params=to_dict(p), out=args.out or reports / "results.md")
+    return {"lines": text.count("\n")}
 
 
 STAGES = {
@@ -87,6 +117,8 @@ STAGES = {
     "tokenize": (_tokenize, "train SentencePiece and encode each item once (data/tokenized)"),
     "pretrain": (_pretrain, "pre-train one user model with MBP + NBP (models/pretrain/ARCH)"),
     "finetune": (_finetune, "fine-tuning grid of one task: demo or ctr (reports/finetune)"),
+    "sensitivity": (_sensitivity, "ablation and λ/K sweeps (reports/sensitivity.json, figures)"),
+    "report": (_report, "write reports/results.md from the pipeline's outputs"),
 }
 
 

@@ -146,6 +146,19 @@ class FinetuneConfig:
 
 
 @dataclass(frozen=True)
+class SensitivityConfig:
+    """Stage `sensitivity`: ablation (none / MBP / NBP / both) and λ, K sweeps (Figs. 3-5)."""
+
+    tasks: tuple[str, ...] = ("demo", "ctr")
+    demo_model: str = "hsa"
+    ctr_model: str = "bert4rec"
+    lams: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+    ks: tuple[int, ...] = (1, 2, 3, 4, 5)
+    ratio: float = 0.2
+    repeats: int = 3
+
+
+@dataclass(frozen=True)
 class Params:
     """All sections of params.yaml that this version of ptum knows about."""
 
@@ -154,6 +167,7 @@ class Params:
     tokenize: TokenizeConfig = field(default_factory=TokenizeConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
 
 
 SECTIONS: dict[str, type] = {
@@ -162,6 +176,7 @@ SECTIONS: dict[str, type] = {
     "tokenize": TokenizeConfig,
     "pretrain": PretrainConfig,
     "finetune": FinetuneConfig,
+    "sensitivity": SensitivityConfig,
 }
 
 

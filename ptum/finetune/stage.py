@@ -46,8 +46,22 @@ def run_stage(cfg: FinetuneConfig, task: str, *, prepared: Path, tokenized: Path
     result = {"task": task, "options": asdict(cell_options(cfg)), "repeats": cfg.repeats,
               "summary": summary["cells"], "tests": summary["tests"], "baselines": baselines,
               "runs": cells}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(result, indent=1, sort_keys=True) + "\n")
-    tmp.replace(out)
+    _write_json(out, result)
+    # A flat, small metrics file: `dvc metrics show` lists every cell (mean/std over seeds).
+    flat: dict[str, dict] = {}
+    for c in summary["cells"]:
+        name = f"{c['label']}/{c['model']}/{c['mode']}/{round(c['ratio'] * 100)}"
+        flat[name] = {k: round(v, 5) for k, v in c.items() if k.endswith(("_mean", "_std"))}
+    for t in summary["tests"]:
+        name = f"{t['label']}/{t['model']}/{t['comparison'].split()[0]}_vs_scratch/{round(t['ratio'] * 100)}"
+        flat[name] = {"mean_diff": round(t["mean_diff"], 5), "p_ttest": t["p_ttest"],
+                      "p_wilcoxon": t["p_wilcoxon"]}
+    _write_json(out.with_name(out.stem + "_metrics.json"), flat)
     return {"summary": summary["cells"], "tests": summary["tests"]}
+
+
+def _write_json(path: Path, obj: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    tmp.replace(path)

@@ -12,6 +12,7 @@ import json
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -112,10 +113,13 @@ def _dist_info() -> tuple[int, int]:
 
 def pretrain(*, train: Corpus, valid: Corpus, config: ModelConfig, opts: TrainOptions,
              out_dir: Path, meta: dict[str, Any], device: torch.device | None = None,
-             resume: bool = True, log=print) -> dict[str, Any]:
+             resume: bool = True, log=print,
+             on_epoch: Callable[[int, UserModel, dict], None] | None = None) -> dict[str, Any]:
     """Pre-train a user model; checkpoints every epoch in out_dir (and on SIGTERM/SIGINT).
 
     Returns the final metrics. `meta` (tokenizer/data hashes, params) is stored in checkpoints.
+    `on_epoch(epoch, model, metrics)` runs after each epoch's checkpoint (rank 0 sees the same
+    model as every rank); an exception it raises (e.g. optuna.TrialPruned) ends training.
     """
     device = device or pick_device()
     rank, world = _dist_info()
@@ -201,6 +205,8 @@ def pretrain(*, train: Corpus, valid: Corpus, config: ModelConfig, opts: TrainOp
                                 for k, v in metrics.items()}))
                 epoch, step_in_epoch = epoch + 1, 0
                 save(epoch, 0)
+                if on_epoch is not None:
+                    on_epoch(epoch, model, metrics)
                 continue
             break  # max_steps reached
         if opts.max_steps and epoch < opts.epochs:

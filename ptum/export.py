@@ -1,0 +1,445 @@
+"""Export a pre-trained / fine-tuned user model to ONNX for torch-free serving (`ptum.embed`).
+
+Writes into `out_dir`:
+    user_model.onnx        tokens (B, L, T) int64, token_mask (B, L, T) bool, mask (B, L) bool,
+                           positions (B, L) int64, gap_buckets (B, L) int64 -> user (B, D)
+    behavior_encoder.onnx  tokens (N, T) int64, token_mask (N, T) bool -> behavior (N, D)
+    ctr_head.onnx          user (B, D), candidate (B, D) -> score (B,) = sigmoid(user . candidate)
+    demo_<label>.onnx      user (B, D) -> probs (B, C), one per fine-tuned demographic head
+    spm.model              the SentencePiece model the token ids come from
+    export.json            what was exported, the dims, the parity check, every file's SHA-256
+
+Every ONNX file carries in its metadata_props what a consumer needs to build inputs (see
+`metadata`): tokenizer hash, max_behaviors / max_tokens, the time-gap bucketing rule, pad id,
+output dim, which of L / T are static, architecture, params and data version.
+
+All graphs come from the torch.export-based exporter (`torch.onnx.export(dynamo=True)`); the
+legacy TorchScript exporter was not needed for any architecture. Batch is always dynamic. L and
+T are dynamic too, except over the sequence an LSTM/GRU runs on (`static_lengths`): torch.export
+specializes recurrent sequence lengths to the example's, so those dims are exported at their
+maximum and serving pads to it (padding never changes a user's vector). Each export is checked
+against PyTorch at a shape different from the example shape, which catches such
+specializations even where the graph's input dims look symbolic.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import shutil
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import Tensor, nn
+
+from ptum import __version__, checkpoint
+from ptum.heads import CtrHead, DemoHead, load_demo_heads
+from ptum.models.layers import NUM_GAP_BUCKETS
+from ptum.models.user_model import ModelConfig
+from ptum.tokenize import PAD_ID
+
+USER_INPUTS = ("tokens", "token_mask", "mask", "positions", "gap_buckets")
+GAP_BUCKET_RULE = (
+    "floor(log2(gap_seconds+1)) clamped to [0,31]; gap_seconds = seconds since the user's "
+    "previous behavior (0 for the first), computed before keeping the last max_behaviors"
+)
+# Tolerance of the post-export parity check (float32, different kernel orders).
+CHECK_RTOL, CHECK_ATOL = 1e-3, 1e-5
+
+
+def static_lengths(config: ModelConfig) -> tuple[bool, bool]:
+    """(L static, T static): which sequence dims must be exported (and served) at their maximum.
+
+    T: an LSTM runs over tokens ("lstm" behavior encoder); the "id" encoder's T is its single
+    item-id column. L: an LSTM (HAN) or GRU (GRU4Rec) runs over behaviors. Measured on torch 2.13:
+    the LSTM graphs export with symbolic dims but fail in onnxruntime at any other length
+    (an Expand keeps the example length); the GRU graph runs but its value_info records the
+    example length, so it is kept static as well rather than trusted.
+    """
+    return config.user_encoder in ("han", "gru4rec"), config.behavior_encoder in ("lstm", "id")
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def metadata(
+    config: ModelConfig,
+    *,
+    architecture: str,
+    spm_sha256: str,
+    data_version: str,
+    params: Mapping[str, Any],
+    opset: int,
+) -> dict[str, str]:
+    """The metadata_props stored in every exported ONNX model (all values are strings)."""
+    static_l, static_t = static_lengths(config)
+    return {
+        "ptum_version": __version__,
+        "architecture": architecture,
+        "behavior_encoder": config.behavior_encoder,
+        "user_encoder": config.user_encoder,
+        "model_config": json.dumps(config.to_dict(), sort_keys=True),
+        "spm_sha256": spm_sha256,
+        "max_behaviors": str(config.max_behaviors),
+        "max_tokens": str(1 if config.behavior_encoder == "id" else config.max_tokens),
+        "behaviors_dim": "static" if static_l else "dynamic",
+        "tokens_dim": "static" if static_t else "dynamic",
+        "pad_id": str(PAD_ID),
+        "output_dim": str(config.dim),
+        "gap_buckets": str(NUM_GAP_BUCKETS),
+        "gap_bucket_rule": GAP_BUCKET_RULE,
+        "positions_rule": "recency rank: len - 1 - i for real behavior i (0 = most recent), "
+        "0 for pads; behaviors right-padded, oldest first",
+        "token_rule": "SentencePiece ids of the stripped text, first max_tokens kept, "
+        "right-padded with pad_id; token_mask = tokens != pad_id",
+        "params": json.dumps(params, sort_keys=True, default=str),
+        "data_version": data_version,
+        "opset": str(opset),
+    }
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Silence the exporter's warnings and progress logs (they drown a CLI run)."""
+    loggers = [
+        logging.getLogger(n)
+        for n in (
+            "torch.onnx",
+            "torch.export",
+            "torch._dynamo",
+            "torch.fx.experimental.symbolic_shapes",
+        )
+    ]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _to_onnx(
+    module: nn.Module,
+    args: tuple[Tensor, ...],
+    path: Path,
+    *,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_shapes: dict[str, dict[int, Any]],
+    opset: int,
+    meta: Mapping[str, str],
+) -> None:
+    """torch.onnx.export (dynamo) + metadata_props + onnx.checker, into one self-contained file."""
+    with _quiet(), torch.no_grad():
+        torch.onnx.export(
+            module.eval(),
+            args,
+            path,
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            input_names=input_names,
+            output_names=output_names,
+            opset_version=opset,
+            external_data=False,
+            verbose=False,
+        )
+    model = onnx.load(str(path))
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+
+
+def input_dims(path: Path) -> dict[str, list[int | str]]:
+    """Each graph input's dims: an int where static, the symbol's name where dynamic."""
+    model = onnx.load(str(path), load_external_data=False)
+    return {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+        for i in model.graph.input
+    }
+
+
+def _check_dims(path: Path, expected: dict[str, list[int | None]]) -> None:
+    """Raise unless each input dim is symbolic where `expected` has None, else that int.
+
+    A size-1 example dim, or a specialization inside the model, silently fixes a dim.
+    """
+    got = input_dims(path)
+    for name, want in expected.items():
+        dims = got[name]
+        ok = len(dims) == len(want) and all(
+            isinstance(d, str) if w is None else d == w for d, w in zip(dims, want)
+        )
+        if not ok:
+            raise RuntimeError(
+                f"{path.name}: input {name} has dims {dims}, expected "
+                f"{['dynamic' if w is None else w for w in want]}"
+            )
+
+
+def example_inputs(
+    config: ModelConfig, lengths: list[int], *, behaviors: int, tokens: int, seed: int = 0
+) -> dict[str, Tensor]:
+    """Random right-padded users shaped like serving inputs (lengths = real behaviors each).
+
+    Returns tokens (B, L, T), token_mask (B, L, T), mask (B, L), positions (B, L),
+    gap_buckets (B, L); padded behaviors are the all-pad item.
+    """
+    g = torch.Generator().manual_seed(seed)
+    vocab = config.num_items if config.behavior_encoder == "id" else config.vocab_size
+    B = len(lengths)
+    n = torch.tensor(lengths, dtype=torch.long)[:, None]  # (B, 1)
+    i = torch.arange(behaviors)[None, :]  # (1, L)
+    mask = i < n  # (B, L)
+    tok_len = torch.randint(1, tokens + 1, (B, behaviors), generator=g) * mask  # (B, L)
+    token_mask = torch.arange(tokens) < tok_len[..., None]  # (B, L, T)
+    ids = torch.randint(1, max(vocab, 2), (B, behaviors, tokens), generator=g)
+    return dict(
+        tokens=ids * token_mask,
+        token_mask=token_mask,
+        mask=mask,
+        positions=torch.where(mask, n - 1 - i, 0),
+        gap_buckets=torch.randint(0, NUM_GAP_BUCKETS, (B, behaviors), generator=g) * mask,
+    )
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _parity(path: Path, fn: Any, inputs: dict[str, Tensor]) -> float:
+    """Max |onnxruntime - PyTorch| on `inputs`; raises if outside the tolerance."""
+    got = _session(path).run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+    with torch.no_grad():
+        want = fn(**inputs).numpy()
+    try:
+        np.testing.assert_allclose(got, want, rtol=CHECK_RTOL, atol=CHECK_ATOL)
+    except AssertionError as e:
+        raise RuntimeError(
+            f"{path.name}: onnxruntime disagrees with PyTorch at input shapes "
+            f"{ {k: tuple(v.shape) for k, v in inputs.items()} }: {e}"
+        ) from None
+    return float(np.abs(got - want).max()) if got.size else 0.0
+
+
+def export_head(
+    head: nn.Module,
+    out_path: Path,
+    *,
+    dim: int,
+    opset: int = 18,
+    meta: Mapping[str, str] | None = None,
+    example_batch: int = 3,
+) -> float:
+    """Export a `CtrHead` or `DemoHead` with a dynamic batch; returns the parity check's diff.
+
+    CtrHead: inputs user (B, dim), candidate (B, dim) -> score (B,). DemoHead: user (B, dim) ->
+    probs (B, C); `meta["classes"]` (a JSON list) names the classes, default "0".."C-1".
+    """
+    if example_batch < 2:
+        raise ValueError("example_batch must be >= 2: a size-1 example dim becomes static")
+    meta = dict(meta or {})
+    batch = torch.export.Dim("batch")
+    g = torch.Generator().manual_seed(0)
+    if isinstance(head, DemoHead):
+        if head.dim != dim:
+            raise ValueError(f"the head takes {head.dim}-d users, the model makes {dim}-d")
+        names, outputs = ["user"], ["probs"]
+        meta.setdefault("classes", json.dumps([str(c) for c in range(head.classes)]))
+    elif isinstance(head, CtrHead):
+        names, outputs = ["user", "candidate"], ["score"]
+    else:
+        raise TypeError(f"export_head expects a CtrHead or DemoHead, got {type(head).__name__}")
+
+    def inputs(b: int) -> dict[str, Tensor]:
+        return {n: torch.randn(b, dim, generator=g) for n in names}
+
+    ex = inputs(example_batch)
+    _to_onnx(
+        head,
+        tuple(ex.values()),
+        out_path,
+        input_names=names,
+        output_names=outputs,
+        dynamic_shapes={n: {0: batch} for n in names},
+        opset=opset,
+        meta=meta,
+    )
+    _check_dims(out_path, {n: [None, dim] for n in names})
+    return max(_parity(out_path, head, inputs(b)) for b in (1, example_batch + 4))
+
+
+def export(
+    checkpoint_dir: Path,
+    out_dir: Path,
+    *,
+    opset: int = 18,
+    spm_model: Path,
+    data_version: str,
+    params: dict,
+    example_batch: int = 3,
+    example_behaviors: int = 5,
+    example_tokens: int = 7,
+    demo_heads: Mapping[str, tuple[DemoHead, list[str]]] | None = None,
+    ctr_head: CtrHead | None = None,
+) -> dict:
+    """Export the checkpoint's user model, behavior encoder and heads to ONNX in `out_dir`.
+
+    Args:
+        checkpoint_dir: a `ptum.checkpoint` directory (the model is rebuilt from its config).
+        out_dir: replaced atomically once everything is written and checked.
+        opset: ONNX opset of every graph.
+        spm_model: the SentencePiece model the checkpoint was trained with (hash-checked, copied).
+        data_version: stored in metadata (e.g. the checkpoint's data_sha256 or a DVC revision).
+        params: stored in metadata as JSON (the params the model was built with).
+        example_batch, example_behaviors, example_tokens: trace shapes of the dynamic dims; each
+            must be >= 2 (a size-1 dim would be fixed in the graph).
+        demo_heads: label -> (DemoHead, class names); default: the `demo_<label>` heads saved in
+            `checkpoint_dir` (`ptum.heads.save_demo_head`).
+        ctr_head: a fine-tuned CtrHead; default the paper's bare sigmoid(user . candidate).
+
+    Returns:
+        The export report (also written to out_dir/export.json).
+    """
+    if min(example_batch, example_behaviors, example_tokens) < 2:
+        raise ValueError("example sizes must be >= 2: a size-1 example dim becomes static")
+    spm_sha = file_sha256(spm_model)
+    loaded = checkpoint.load(checkpoint_dir, tokenizer_sha256=spm_sha)
+    model, config = loaded.model.eval(), loaded.model.config
+    arch = str(loaded.meta.get("architecture", f"{config.behavior_encoder}+{config.user_encoder}"))
+    if demo_heads is None:
+        demo_heads = load_demo_heads(checkpoint_dir)
+    meta = metadata(
+        config,
+        architecture=arch,
+        spm_sha256=spm_sha,
+        data_version=data_version,
+        params=params,
+        opset=opset,
+    )
+    static_l, static_t = static_lengths(config)
+    max_t = 1 if config.behavior_encoder == "id" else config.max_tokens
+    if (not static_l and config.max_behaviors < 2) or (not static_t and max_t < 2):
+        raise ValueError("dynamic L / T need max_behaviors / max_tokens >= 2")
+    # Trace at the maximum for static dims, else at the (clamped) example size.
+    ex_l = config.max_behaviors if static_l else min(example_behaviors, config.max_behaviors)
+    ex_t = max_t if static_t else min(example_tokens, max_t)
+    # The parity check runs at another shape: another batch, and the maximum L / T when the
+    # dim is dynamic (unless the example already is the maximum, then one less).
+    ck_l = ex_l if static_l else (config.max_behaviors if ex_l < config.max_behaviors else ex_l - 1)
+    ck_t = ex_t if static_t else (max_t if ex_t < max_t else ex_t - 1)
+
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    batch = torch.export.Dim("batch")
+    L = (
+        torch.export.Dim.STATIC
+        if static_l
+        else torch.export.Dim("behaviors", min=1, max=config.max_behaviors)
+    )
+    T = torch.export.Dim.STATIC if static_t else torch.export.Dim("tokens", min=1, max=max_t)
+    lengths = [ex_l - (i % ex_l) for i in range(example_batch)]  # ex_l, ex_l - 1, ...
+    ex = example_inputs(config, lengths, behaviors=ex_l, tokens=ex_t, seed=0)
+    ck_lengths = [ck_l, 0, 1, *[(3 * i) % (ck_l + 1) for i in range(example_batch + 1)]]
+    ck = example_inputs(config, ck_lengths, behaviors=ck_l, tokens=ck_t, seed=1)
+    l_dim, t_dim = (ex_l if static_l else None), (ex_t if static_t else None)
+    report: dict[str, Any] = {
+        "architecture": arch,
+        "opset": opset,
+        "exporter": "dynamo",
+        "behaviors_dim": meta["behaviors_dim"],
+        "tokens_dim": meta["tokens_dim"],
+        "files": {},
+        "parity": {},
+    }
+
+    path = tmp / "user_model.onnx"
+    shapes = {
+        k: {0: batch, 1: L, 2: T} if k.startswith("token") else {0: batch, 1: L}
+        for k in USER_INPUTS
+    }
+    _to_onnx(
+        model,
+        tuple(ex[k] for k in USER_INPUTS),
+        path,
+        input_names=list(USER_INPUTS),
+        output_names=["user"],
+        dynamic_shapes=shapes,
+        opset=opset,
+        meta=meta,
+    )
+    _check_dims(
+        path,
+        {k: [None, l_dim, t_dim] if k.startswith("token") else [None, l_dim] for k in USER_INPUTS},
+    )
+    report["parity"]["user_model"] = _parity(path, model, ck)
+
+    path = tmp / "behavior_encoder.onnx"
+    items = {k: ex[k].flatten(0, 1) for k in ("tokens", "token_mask")}  # (B * L, T)
+    _to_onnx(
+        model.behavior_encoder,
+        (items["tokens"], items["token_mask"]),
+        path,
+        input_names=["tokens", "token_mask"],
+        output_names=["behavior"],
+        dynamic_shapes={k: {0: torch.export.Dim("items"), 1: T} for k in items},
+        opset=opset,
+        meta=meta,
+    )
+    _check_dims(path, {k: [None, t_dim] for k in items})
+    report["parity"]["behavior_encoder"] = _parity(
+        path, model.behavior_encoder, {k: ck[k].flatten(0, 1) for k in ("tokens", "token_mask")}
+    )
+
+    report["parity"]["ctr_head"] = export_head(
+        (ctr_head or CtrHead()).eval(),
+        tmp / "ctr_head.onnx",
+        dim=config.dim,
+        opset=opset,
+        meta=meta,
+        example_batch=example_batch,
+    )
+    for label, (head, classes) in sorted(demo_heads.items()):
+        if len(classes) != head.classes:
+            raise ValueError(
+                f"demographic head {label!r}: {len(classes)} class names for {head.classes} classes"
+            )
+        head_meta = meta | {"label": label, "classes": json.dumps([str(c) for c in classes])}
+        report["parity"][f"demo_{label}"] = export_head(
+            head.eval(),
+            tmp / f"demo_{label}.onnx",
+            dim=config.dim,
+            opset=opset,
+            meta=head_meta,
+            example_batch=example_batch,
+        )
+
+    shutil.copyfile(spm_model, tmp / "spm.model")
+    report["files"] = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
+    report["input_dims"] = {p.stem: input_dims(p) for p in sorted(tmp.glob("*.onnx"))}
+    report["metadata"] = meta
+    (tmp / "export.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return report

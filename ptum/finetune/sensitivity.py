@@ -1,0 +1,168 @@
+"""Stage `sensitivity`: the paper's ablation (Fig. 3) and λ / K sweeps (Figs. 4-5).
+
+For each task, one user model (paper: HSA on Demo, BERT4Rec on CTR) is pre-trained once per
+distinct variant — MBP only, NBP only, both, each λ, each K — with everything else as in the
+`pretrain` section, then fine-tuned at one label ratio over `repeats` seeds. "none" is the same
+model trained from scratch. Variants that coincide (λ = 0 is MBP only; the default λ and K are
+"both") are pre-trained once and reused.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from ptum.config import FinetuneConfig, PretrainConfig
+from ptum.finetune.grid import run_grid
+from ptum.finetune.stage import cell_options
+from ptum.pretrain.stage import run_stage as pretrain_stage
+
+
+@dataclass(frozen=True)
+class SensitivityOptions:
+    tasks: tuple[str, ...]
+    demo_model: str
+    ctr_model: str
+    lams: tuple[float, ...]
+    ks: tuple[int, ...]
+    ratio: float
+    repeats: int
+
+
+def variant_key(mbp: bool, nbp: bool, lam: float, k: int) -> str:
+    if not nbp or lam == 0:
+        return "mbp_only"
+    if not mbp:
+        return f"nbp_only_k{k}"
+    return f"both_lam{lam:g}_k{k}"
+
+
+def plan(pre: PretrainConfig, opts: SensitivityOptions) -> dict[str, dict[str, str]]:
+    """Experiment name -> {group, x, variant}; variants are the distinct pre-trainings."""
+    out = {
+        "mbp_only": {"group": "ablation", "x": "MBP", "variant": variant_key(True, False, 0, pre.k)},
+        "nbp_only": {"group": "ablation", "x": "NBP",
+                     "variant": variant_key(False, True, pre.lam, pre.k)},
+        "both": {"group": "ablation", "x": "MBP+NBP",
+                 "variant": variant_key(True, True, pre.lam, pre.k)},
+    }
+    for lam in opts.lams:
+        out[f"lam={lam:g}"] = {"group": "lambda", "x": f"{lam:g}",
+                               "variant": variant_key(True, True, lam, pre.k)}
+    for k in opts.ks:
+        out[f"K={k}"] = {"group": "k", "x": str(k),
+                         "variant": variant_key(True, True, pre.lam, k)}
+    return out
+
+
+def _variant_config(pre: PretrainConfig, key: str) -> PretrainConfig:
+    if key == "mbp_only":
+        return replace(pre, nbp=False)
+    if key.startswith("nbp_only"):
+        return replace(pre, mbp=False, k=int(key.split("_k")[1]))
+    lam, k = key.removeprefix("both_lam").split("_k")
+    return replace(pre, lam=float(lam), k=int(k))
+
+
+def run(pre: PretrainConfig, ft: FinetuneConfig, opts: SensitivityOptions, *, prepared: Path,
+        tokenized: Path, max_behaviors: int, models_root: Path, main_ckpts: Path,
+        cache_dir: Path, reports: Path) -> dict:
+    """Run every variant of every task; writes reports/sensitivity.json and figures."""
+    experiments = plan(pre, opts)
+    results: dict[str, dict] = {}
+    for task in opts.tasks:
+        model = opts.demo_model if task == "demo" else opts.ctr_model
+        metric = "acc" if task == "demo" else "auc"
+        per_exp: dict[str, dict] = {}
+        done: dict[str, list[dict]] = {}
+        for name, exp in experiments.items():
+            key = exp["variant"]
+            if key not in done:
+                variant = _variant_config(pre, key)
+                if variant == pre:
+                    ckpt_root = main_ckpts  # the main pre-training already is this variant
+                else:
+                    ckpt_root = models_root / key
+                    pretrain_stage(variant, model, prepared=prepared, tokenized=tokenized,
+                                   max_behaviors=max_behaviors, out_dir=ckpt_root / model,
+                                   report_dir=reports / "sensitivity" / "pretrain" / key / model)
+                done[key] = run_grid(
+                    task=task, labels=None, models=[model], modes=["finetune"],
+                    ratios=[opts.ratio], repeats=opts.repeats, seed=ft.seed,
+                    opts=cell_options(ft), demo_select=ft.demo_select, prepared=prepared,
+                    tokenized=tokenized, max_len=max_behaviors, ckpt_root=ckpt_root,
+                    cache_dir=cache_dir, workers=ft.workers)
+            per_exp[name] = {**exp, **_aggregate(done[key], metric)}
+        scratch = run_grid(task=task, labels=None, models=[model], modes=["scratch"],
+                           ratios=[opts.ratio], repeats=opts.repeats, seed=ft.seed,
+                           opts=cell_options(ft), demo_select=ft.demo_select,
+                           prepared=prepared, tokenized=tokenized, max_len=max_behaviors,
+                           ckpt_root=main_ckpts, cache_dir=cache_dir, workers=ft.workers)
+        per_exp["none"] = {"group": "ablation", "x": "none", "variant": "scratch",
+                           **_aggregate(scratch, metric)}
+        results[task] = {"model": model, "metric": metric, "ratio": opts.ratio,
+                         "experiments": per_exp}
+    return results
+
+
+def _aggregate(cells: list[dict], metric: str) -> dict:
+    """Mean/std per label of the test metric over seeds, plus the mean over labels."""
+    by_label: dict[str, list[float]] = {}
+    for c in cells:
+        by_label.setdefault(c["label"], []).append(c["test"][metric])
+    out = {f"{lab}_mean": float(np.mean(v)) for lab, v in by_label.items()}
+    out.update({f"{lab}_std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+                for lab, v in by_label.items()})
+    out["mean"] = float(np.mean([np.mean(v) for v in by_label.values()]))
+    out["n"] = len(cells)
+    return out
+
+
+def write_outputs(results: dict, reports: Path) -> None:
+    """sensitivity.json, DVC plot tables, and one PNG per (task, group)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reports.mkdir(parents=True, exist_ok=True)
+    (reports / "sensitivity.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    figs = reports / "figures"
+    figs.mkdir(exist_ok=True)
+    plots = reports / "plots"
+    plots.mkdir(exist_ok=True)
+    titles = {"ablation": "pre-training tasks (Fig. 3)", "lambda": "λ (Fig. 4)", "k": "K (Fig. 5)"}
+    for task, res in results.items():
+        for group, title in titles.items():
+            exps = [e for e in res["experiments"].values() if e["group"] == group]
+            if group == "ablation":
+                order = ["none", "MBP", "NBP", "MBP+NBP"]
+                exps = sorted(exps, key=lambda e: order.index(e["x"]))
+            labels = sorted({k[:-5] for e in exps for k in e if k.endswith("_mean") and k != "mean"})
+            rows = [{"x": e["x"], **{lab: round(e[f"{lab}_mean"], 5) for lab in labels}}
+                    for e in exps]
+            (plots / f"{task}_{group}.json").write_text(json.dumps(rows, indent=1) + "\n")
+            fig, ax = plt.subplots(figsize=(5, 3.2))
+            xs = np.arange(len(exps))
+            for j, lab in enumerate(labels):
+                means = [e[f"{lab}_mean"] for e in exps]
+                stds = [e[f"{lab}_std"] for e in exps]
+                if group == "ablation":
+                    w = 0.8 / len(labels)
+                    ax.bar(xs + j * w, means, w, yerr=stds, label=lab, capsize=3)
+                else:
+                    ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=lab)
+            ax.set_xticks(xs + (0.4 - 0.4 / len(labels) if group == "ablation" else 0))
+            ax.set_xticklabels([e["x"] for e in exps])
+            ax.set_ylabel(f"test {res['metric']} ({round(res['ratio'] * 100)}% labels)")
+            ax.set_title(f"{res['model']} on {task}: {title}", fontsize=10)
+            lo = min(e[f"{lab}_mean"] - e[f"{lab}_std"] for e in exps for lab in labels)
+            hi = max(e[f"{lab}_mean"] + e[f"{lab}_std"] for e in exps for lab in labels)
+            ax.set_ylim(max(0.0, lo - 0.02), min(1.0, hi + 0.02))
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            fig.savefig(figs / f"{task}_{group}.png", dpi=110)
+            plt.close(fig)
