@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -239,8 +240,11 @@ def run_grid(*, task: str, labels: list[str] | None, models: list[str], modes: l
         _progress(len(results), len(cells), t0, cached)
 
     if todo and workers > 1:
+        # spawn, not fork: a fork after torch has run (e.g. pre-training in this process) can
+        # deadlock the child on OpenMP's thread pool.
+        ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
-                                 initargs=init) as pool:
+                                 initargs=init, mp_context=ctx) as pool:
             futures = {pool.submit(_run_cell, c, opts, demo_select): c for c in todo}
             for f in as_completed(futures):
                 store(futures[f], f.result())
