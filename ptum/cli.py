@@ -111,6 +111,80 @@ def _report(p: Params, args: argparse.Namespace) -> dict:
     return {"lines": text.count("\n")}
 
 
+def _tune(p: Params, args: argparse.Namespace) -> dict:
+    from dataclasses import replace
+
+    from ptum.finetune.stage import cell_options
+    from ptum.pretrain.stage import train_options
+    from ptum.tune import SearchSpace, StudySpec, TrialSetup, default_study_name, tune
+
+    t = p.tune
+    setup = TrialSetup(
+        prepared=args.input or PREPARED, tokenized=TOKENIZED,
+        max_behaviors=p.prepare.max_behaviors, arch=t.arch,
+        behavior_encoder=p.pretrain.behavior_encoder, model_sizes=to_dict(p.pretrain.model),
+        base=replace(train_options(p.pretrain), epochs=t.epochs, seed=t.seed),
+        space=SearchSpace(k=t.k, lam=t.lam, p=t.p, lr=t.lr),
+        finetune=replace(cell_options(p.finetune), max_epochs=t.finetune_epochs),
+        demo_select=p.finetune.demo_select, multi_objective=t.multi_objective,
+        device=p.pretrain.device, work_dir=Path("data/tune/trials"))
+    spec = StudySpec(storage=t.storage,
+                     study_name=t.study_name or default_study_name(setup, t.seed),
+                     n_trials=t.n_trials, seed=t.seed, pruner=t.pruner,
+                     prune_startup_trials=t.prune_startup_trials,
+                     heartbeat_interval=t.heartbeat_interval, grace_period=t.grace_period,
+                     retry_killed=t.retry_killed, worker=args.worker)
+    out = args.out or Path("reports/tune")
+    summary = tune(setup=setup, spec=spec, best_params_path=out / "best_params.json",
+                   reports_dir=out / "figures", n_workers=args.workers or t.workers)
+    return {k: v for k, v in summary.items() if k != "pareto_front"}
+
+
+ONNX = Path("models/onnx")
+
+
+def _export(p: Params, args: argparse.Namespace) -> dict:
+    from ptum.checkpoint import read_meta
+    from ptum.export import export
+
+    e = p.export
+    arch = args.arch or p.pretrain.architectures[0]
+    ckpt = args.input or Path("models/pretrain") / arch
+    meta = read_meta(ckpt)
+    demo_heads, ctr_head = None, None
+    if e.heads:
+        from ptum.finetune.serving import train_serving_heads
+
+        demo_heads, ctr_head = train_serving_heads(
+            ckpt, prepared=PREPARED, tokenized=TOKENIZED, max_behaviors=p.prepare.max_behaviors,
+            cfg=p.finetune, seed=e.head_seed)
+    # The params the checkpoint was trained with (its meta), not today's params.yaml.
+    params = {"pretrain": meta.get("pretrain_params"), "max_behaviors": meta.get("max_behaviors"),
+              "export": to_dict(e)}
+    return export(ckpt, args.out or ONNX / arch, opset=e.opset,
+                  spm_model=TOKENIZED / "spm.model",
+                  data_version=e.data_version or meta.get("data_sha256", "unknown"),
+                  params=params, example_batch=e.example_batch,
+                  example_behaviors=e.example_behaviors, example_tokens=e.example_tokens,
+                  demo_heads=demo_heads, ctr_head=ctr_head)
+
+
+def _embed(p: Params, args: argparse.Namespace) -> dict:
+    from ptum.data.generic import find_table
+    from ptum.embed import embed
+
+    arch = args.arch or p.pretrain.architectures[0]
+    src = args.input or RAW
+    if src.is_dir():
+        found = find_table(src, "behaviors")
+        if found is None:
+            raise FileNotFoundError(f"{src}: no behaviors.parquet / behaviors.tsv")
+        src = found
+    return embed(src, args.model or ONNX / arch,
+                 args.out or Path("data/embeddings") / f"{arch}.parquet",
+                 batch_size=p.embed.batch_size, demo=p.embed.demo)
+
+
 STAGES = {
     "ingest": (_ingest, "bring a data source into the generic format (data/raw)"),
     "prepare": (_prepare, "validate, build items, user sequences and splits (data/prepared)"),
@@ -118,6 +192,10 @@ STAGES = {
     "pretrain": (_pretrain, "pre-train one user model with MBP + NBP (models/pretrain/ARCH)"),
     "finetune": (_finetune, "fine-tuning grid of one task: demo or ctr (reports/finetune)"),
     "sensitivity": (_sensitivity, "ablation and λ/K sweeps (reports/sensitivity.json, figures)"),
+    "tune": (_tune, "Optuna search over K, λ, P and lr (data/tune/optuna.db, reports/tune)"),
+    "export": (_export, "export a pre-trained model and serving heads to ONNX (models/onnx/ARCH)"),
+    "embed": (_embed, "user vectors from a behavior log with onnxruntime, no torch "
+              "(data/embeddings/ARCH.parquet)"),
     "report": (_report, "write reports/results.md from the pipeline's outputs"),
 }
 
@@ -136,6 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "finetune":
             s.add_argument("--task", choices=["demo", "ctr"], default=None,
                            help="downstream task (default: demo)")
+        if name in ("export", "embed"):
+            s.add_argument("--arch", default=None, help="architecture (default: the first of "
+                           "pretrain.architectures)")
+        if name == "embed":
+            s.add_argument("--model", type=Path, default=None,
+                           help="exported model directory (default: models/onnx/ARCH)")
+        if name == "tune":
+            s.add_argument("--workers", type=int, default=0, help="local worker processes "
+                           "(default: tune.workers)")
+            s.add_argument("--worker", type=int, default=0, help="this machine's index among "
+                           "machines running one study by hand (offsets the sampler seed)")
         if name == "pretrain":
             s.add_argument("--arch", default=None, help="architecture (default: the first of "
                            "pretrain.architectures)")

@@ -159,6 +159,70 @@ class SensitivityConfig:
 
 
 @dataclass(frozen=True)
+class TuneConfig:
+    """Stage `tune`: Optuna search over K, λ, P and the pre-training lr (ptum.tune)."""
+
+    # User model each trial pre-trains (a key of ptum.models.ARCHITECTURES; paper Demo: hsa).
+    arch: str = "hsa"
+    # Complete + pruned trials the study must hold; a rerun adds only the missing ones.
+    n_trials: int = 20
+    # Local worker processes on the same storage (`ptum tune --workers N` overrides).
+    workers: int = 1
+    # Sampler seed; trial i pre-trains and fine-tunes with seed + i.
+    seed: int = 0
+    # Pre-training epochs of a trial (the pruner looks after each) and the epochs of the brief
+    # fine-tuning (Demo, label ratio 1.0) whose validation metric is the trial's value.
+    epochs: int = 2
+    finetune_epochs: int = 3
+    # Search space: inclusive ranges for K and P, the λ choices, a log-uniform lr range.
+    k: tuple[int, int] = (1, 5)
+    lam: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+    p: tuple[int, int] = (1, 16)
+    lr: tuple[float, float] = (1e-4, 1e-2)
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    prune_startup_trials: int = 5
+    # Maximise (Demo validation metric, CTR validation AUC) and report the Pareto front; Optuna
+    # does not prune multi-objective studies.
+    multi_objective: bool = False
+    # RDB storage URL (PostgreSQL when workers run on several machines) and study name; "" =
+    # ptum-ARCH-<hash of data, model, options, search space, seed>, so changing what a trial
+    # measures starts a new study instead of mixing incomparable trials.
+    storage: str = "sqlite:///data/tune/optuna.db"
+    study_name: str = ""
+    # A RUNNING trial without a heartbeat for grace_period seconds (its process died) is marked
+    # FAIL when the study next starts a trial, and its parameters are retried retry_killed times.
+    heartbeat_interval: int = 60
+    grace_period: int = 180
+    retry_killed: int = 1
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Stage `export@ARCH`: ONNX files of a pre-trained model (+ serving heads)."""
+
+    opset: int = 18
+    # Trace sizes of the dynamic dims; each >= 2 (a size-1 example dim is fixed in the graph).
+    example_batch: int = 3
+    example_behaviors: int = 5
+    example_tokens: int = 7
+    # Stored in the ONNX metadata; "" = the checkpoint's data_sha256.
+    data_version: str = ""
+    # Serving heads are trained on the frozen pre-trained user vectors with all training
+    # labels (the "+PTUM (no finetune)" setting), so one user model serves every head.
+    heads: bool = True
+    head_seed: int = 0
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """Command `embed`: user vectors from a behavior log with onnxruntime (no torch)."""
+
+    batch_size: int = 256
+    # Also predict every demographic label that has an exported demo_<label>.onnx head.
+    demo: bool = False
+
+
+@dataclass(frozen=True)
 class Params:
     """All sections of params.yaml that this version of ptum knows about."""
 
@@ -168,6 +232,9 @@ class Params:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
 
 
 SECTIONS: dict[str, type] = {
@@ -177,6 +244,9 @@ SECTIONS: dict[str, type] = {
     "pretrain": PretrainConfig,
     "finetune": FinetuneConfig,
     "sensitivity": SensitivityConfig,
+    "tune": TuneConfig,
+    "export": ExportConfig,
+    "embed": EmbedConfig,
 }
 
 

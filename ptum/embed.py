@@ -61,7 +61,14 @@ def read_behaviors(path: Path) -> pl.DataFrame:
     bad = df.filter(pl.col("reason").is_not_null() & (pl.col("reason") != "blank_line"))
     if bad.height:
         counts = {str(k): int(v) for k, v in bad.group_by("reason").len().iter_rows()}
-        generic.raise_first(bad, path, counts)
+        try:
+            generic.raise_first(bad, path, counts)
+        except DataError as e:
+            # Same message as prepare, minus its advice to quarantine: embed has no such mode.
+            problem = e.problem.split("; set prepare.on_bad_rows=quarantine")[0]
+            problem += ")" if problem != e.problem else ""
+            unit = "row" if path.suffix == ".parquet" else "line"
+            raise DataError(e.path, e.line, problem, unit) from None
     good = df.filter(pl.col("reason").is_null())
     if good.height == 0:
         raise DataError(path, None, "no valid rows", "row" if path.suffix == ".parquet" else "line")
@@ -185,6 +192,8 @@ def embed(
     Returns:
         A report: users, behaviors, truncated users, dim, timings.
     """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     t0 = time.perf_counter()
     session = _session(model_dir / "user_model.onnx")
     meta = session.get_modelmeta().custom_metadata_map

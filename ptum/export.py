@@ -317,7 +317,8 @@ def export(
         ctr_head: a fine-tuned CtrHead; default the paper's bare sigmoid(user . candidate).
 
     Returns:
-        The export report (also written to out_dir/export.json).
+        The export report: files and their SHA-256, input dims, parity diffs (out_dir/export.json
+        holds it plus the metadata).
     """
     if min(example_batch, example_behaviors, example_tokens) < 2:
         raise ValueError("example sizes must be >= 2: a size-1 example dim becomes static")
@@ -436,9 +437,12 @@ def export(
 
     shutil.copyfile(spm_model, tmp / "spm.model")
     report["files"] = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
-    report["input_dims"] = {p.stem: input_dims(p) for p in sorted(tmp.glob("*.onnx"))}
-    report["metadata"] = meta
-    (tmp / "export.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+    report["input_dims"] = {
+        p.stem: {k: "(" + ", ".join(map(str, v)) + ")" for k, v in input_dims(p).items()}
+        for p in sorted(tmp.glob("*.onnx"))
+    }
+    full = report | {"metadata": meta}
+    (tmp / "export.json").write_text(json.dumps(full, indent=1, sort_keys=True) + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)

@@ -30,10 +30,10 @@ def encode_ids(model: UserModel, tokens: Tensor, ids: list[Tensor], unique: bool
     flat = torch.cat([i.reshape(-1) for i in ids])
     if unique:
         uniq, inverse = torch.unique(flat, return_inverse=True)
-        tok = tokens[uniq]  # (U, T)
+        tok = _trim(tokens[uniq])  # (U, T')
         vecs = model.encode_items(tok, tok != 0)[inverse]  # (sum, D)
     else:
-        tok = tokens[flat]
+        tok = _trim(tokens[flat])
         vecs = model.encode_items(tok, tok != 0)
     out, start = [], 0
     for i in ids:
@@ -41,6 +41,13 @@ def encode_ids(model: UserModel, tokens: Tensor, ids: list[Tensor], unique: bool
         out.append(vecs[start : start + n].reshape(*i.shape, -1))
         start += n
     return out
+
+
+def _trim(tok: Tensor) -> Tensor:
+    """Drop token columns that are padding in every row (titles are right-padded to
+    max_tokens, but most are much shorter); padding is masked, so the output is unchanged."""
+    longest = int((tok != 0).sum(1).max()) if tok.numel() else 0
+    return tok[:, : max(longest, 1)]
 
 
 def masked_ce(logits: Tensor, valid: Tensor, weight: Tensor | None = None

@@ -1,0 +1,514 @@
+"""Stage `tune`: an Optuna search over the pre-training hyper-parameters K, λ, P and the lr.
+
+One trial = one short pre-training of a user model (default HSA, the paper's Demo model) with
+sampled K (next behaviors predicted), λ (NBP loss weight; 0 = MBP only), P (negatives per
+positive) and learning rate, into a temporary checkpoint directory; then a brief fine-tuning on
+the demographic task at label ratio 1.0. The trial's value is the *validation* metric of that
+fine-tuning (mean over the demographic labels). Demographic test labels are hidden from every
+tuning cell; `run_ctr` (multi-objective mode) always scores its test window too, and that score
+is dropped unread. Tuning never selects on a test split.
+
+- Pruning: after each pre-training epoch a cheap validation metric (a head fitted on frozen user
+  vectors) is reported with `trial.report(value, epoch)` (epoch = epochs completed, from 1), and
+  the pruner (median | hyperband | none) may stop the trial there.
+- Multi-objective mode: (Demo validation metric, CTR validation AUC), both maximised; the Pareto
+  front is `study.best_trials`. Optuna does not prune multi-objective studies, so nothing is
+  reported per epoch there.
+- Storage: an RDB URL (SQLite by default, PostgreSQL for several machines) with
+  `load_if_exists=True`, so a rerun resumes the study. Trials record a heartbeat; a trial whose
+  process died (SIGKILL, lost machine) stops beating and is marked FAIL by the next process that
+  starts a trial on the study, after `grace_period` seconds (and re-queued with the same
+  parameters once when `retry_killed` > 0). RDBStorage rather than JournalStorage because only
+  RDB storages implement Optuna's heartbeat, and optuna-dashboard opens the same URL directly.
+  SQLite copes with a few local workers (trials take seconds to minutes, writes are rare; a 60 s
+  busy timeout absorbs lock contention) but not with a network filesystem: across machines, use
+  one PostgreSQL URL and start `ptum tune` on each machine with the same study name; that is
+  Optuna's own distributed mode, and the study's `n_trials` is a total shared by all of them.
+- Seeds: the sampler is `TPESampler(seed=seed + trials already in the study + 7919 * worker)`
+  (a resumed study does not replay the draws of its first start, and workers do not draw
+  alike); trial i pre-trains and fine-tunes with seed `seed + i`. A single-worker study is
+  reproducible: the same parameter sequence and values. With several workers the order in
+  which trials finish is up to the OS, so it is not.
+- Study names: `default_study_name` hashes what a trial measures, so changing the search space,
+  model or data starts a new study in the same storage rather than mixing incomparable trials.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from optuna.exceptions import ExperimentalWarning
+from optuna.trial import FrozenTrial, TrialState
+
+from ptum import checkpoint
+from ptum.finetune.grid import CtrTask, DemoTask, load_ctr, load_demo
+from ptum.finetune.train import CellOptions, run_ctr, run_demo
+from ptum.models.user_model import ModelConfig, UserModel
+from ptum.pretrain.data import Corpus, file_digest, load_corpus, tokenizer_digest
+from ptum.pretrain.train import TrainOptions, pick_device, pretrain
+
+PRUNERS = ("median", "hyperband", "none")
+# Trials that count towards the study's n_trials (a FAIL is retried by the next run).
+DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What a trial samples: integer ranges are inclusive, lr is sampled log-uniformly."""
+
+    k: tuple[int, int] = (1, 5)
+    lam: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+    p: tuple[int, int] = (1, 16)
+    lr: tuple[float, float] = (1e-4, 1e-2)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k[0] <= self.k[1]:
+            raise ValueError(f"tune: k range {self.k} must satisfy 1 <= low <= high")
+        if not 1 <= self.p[0] <= self.p[1]:
+            raise ValueError(f"tune: p range {self.p} must satisfy 1 <= low <= high")
+        if not 0 < self.lr[0] < self.lr[1]:
+            raise ValueError(f"tune: lr range {self.lr} must satisfy 0 < low < high")
+        if not self.lam or min(self.lam) < 0:
+            raise ValueError(f"tune: lam choices {self.lam} must be non-empty and >= 0")
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        # Choices as floats: a study reloaded with [0, 1] from YAML must see the same
+        # categorical distribution as one created with [0.0, 1.0].
+        return {
+            "k": trial.suggest_int("k", *self.k),
+            "lam": trial.suggest_categorical("lam", [float(v) for v in self.lam]),
+            "p": trial.suggest_int("p", *self.p),
+            "lr": trial.suggest_float("lr", *self.lr, log=True),
+        }
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """Everything a trial trains and scores except the sampled hyper-parameters.
+
+    `base` holds the pre-training options that are not tuned (batch size, negatives, ...); its
+    k / lam / p / lr / seed are replaced per trial and its `epochs` is the (short) pre-training
+    length of a trial. `finetune` is the brief fine-tuning that gives the trial's value.
+    """
+
+    prepared: Path
+    tokenized: Path
+    max_behaviors: int
+    arch: str = "hsa"
+    behavior_encoder: str = ""  # "" = the architecture's own
+    model_sizes: Mapping[str, int | float] = field(default_factory=dict)  # word_dim, dim, ...
+    base: TrainOptions = field(default_factory=lambda: TrainOptions(epochs=2))
+    space: SearchSpace = field(default_factory=SearchSpace)
+    finetune: CellOptions = field(default_factory=lambda: CellOptions(max_epochs=3))
+    demo_select: str = "acc"  # acc | macro_f1
+    demo_labels: tuple[str, ...] = ()  # () = every label column of the data
+    ratio: float = 1.0  # label ratio of the fine-tuning (a prepare.label_ratios entry)
+    prune_head_epochs: int = 5  # epochs of the frozen-vector head behind the pruning metric
+    multi_objective: bool = False
+    device: str = "auto"
+    work_dir: Path | None = None  # parent of the per-trial checkpoint dirs (None = system tmp)
+
+
+@dataclass
+class _Data:
+    """What a worker process loads once and every trial of it reuses."""
+
+    train: Corpus
+    valid: Corpus
+    config: ModelConfig
+    meta: dict[str, Any]
+    demo: DemoTask
+    labels: list[str]
+    ctr: CtrTask | None
+
+
+def _load(s: TrialSetup) -> _Data:
+    train = load_corpus(s.prepared, s.tokenized, "train", s.max_behaviors)
+    valid = load_corpus(s.prepared, s.tokenized, "valid", s.max_behaviors)
+    vocab_size = int(json.loads((s.tokenized / "report.json").read_text())["vocab_size"])
+    config = ModelConfig.for_architecture(
+        s.arch, vocab_size=vocab_size, max_tokens=int(train.tokens.shape[1]),
+        max_behaviors=s.max_behaviors, num_items=train.num_items + 1, **dict(s.model_sizes))
+    if s.behavior_encoder:
+        config = replace(config, behavior_encoder=s.behavior_encoder)
+    if config.behavior_encoder == "id":
+        # As in the pretrain stage: the id encoder reads the item id itself as its one "token".
+        ids = torch.arange(train.num_items + 1).unsqueeze(1)
+        train = replace(train, tokens=ids)
+        valid = replace(valid, tokens=ids)
+    meta = {
+        "architecture": s.arch,
+        "tokenizer_sha256": tokenizer_digest(s.tokenized),
+        "data_sha256": file_digest([s.prepared / "sequences.parquet",
+                                    s.prepared / "users.parquet", s.tokenized / "tokens.npy"]),
+        "max_behaviors": s.max_behaviors,
+    }
+    demo = load_demo(s.prepared, s.tokenized, s.max_behaviors, [s.ratio])
+    labels = list(s.demo_labels) or list(demo.labels)
+    unknown = sorted(set(labels) - set(demo.labels))
+    if unknown or not labels:
+        raise ValueError(f"tune: demographic labels {unknown or labels} not in the data "
+                         f"(has {sorted(demo.labels)})")
+    # Hide the test labels: a tuning cell then never scores (let alone selects on) the test
+    # split. run_demo scores the empty test set as NaN, which is never read.
+    demo.labels = {lab: (np.where(demo.split == "test", -1, y), classes)
+                   for lab, (y, classes) in demo.labels.items()}
+    ctr = None
+    if s.multi_objective:
+        ctr = load_ctr(s.prepared, s.tokenized, s.max_behaviors, [s.ratio])
+    return _Data(train, valid, config, meta, demo, labels, ctr)
+
+
+def _demo_value(model: UserModel, d: _Data, s: TrialSetup, *, mode: str, opts: CellOptions,
+                seed: int, device: torch.device) -> tuple[float, dict[str, float]]:
+    """Mean over labels of the validation metric of one demographic cell per label."""
+    per_label = {}
+    for lab in d.labels:
+        y, classes = d.demo.labels[lab]
+        rows = np.flatnonzero(d.demo.subsets[s.ratio] & (y >= 0))
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
+            warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
+            res = run_demo(pretrained=model, corpus=d.demo.corpus, y=y, split=d.demo.split,
+                           train_rows=rows, n_classes=len(classes), mode=mode, seed=seed,
+                           opts=opts, select=s.demo_select, device=device)
+        per_label[lab] = float(res["valid"][s.demo_select])
+    return float(np.mean(list(per_label.values()))), per_label
+
+
+def _objective(d: _Data, s: TrialSetup) -> Callable[[optuna.Trial], float | tuple[float, float]]:
+    device = pick_device(s.device)
+    prune_opts = replace(s.finetune, max_epochs=s.prune_head_epochs)
+
+    def objective(trial: optuna.Trial) -> float | tuple[float, float]:
+        hp = s.space.suggest(trial)
+        seed = s.base.seed + trial.number
+        opts = replace(s.base, seed=seed, **hp)
+        trial.set_user_attr("seed", seed)
+
+        def on_epoch(epoch: int, model: UserModel, metrics: dict) -> None:
+            for key in ("valid_mbp_acc", "valid_nbp_acc", "valid_loss"):
+                if key in metrics:
+                    trial.set_user_attr(f"pretrain_{key}_e{epoch}", float(metrics[key]))
+            if s.multi_objective:
+                return  # Trial.report / should_prune are single-objective only
+            value, _ = _demo_value(model, d, s, mode="frozen", opts=prune_opts, seed=seed,
+                                   device=device)
+            trial.report(value, epoch)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned after pre-training epoch {epoch}: {value:.4f}")
+
+        if s.work_dir is not None:
+            s.work_dir.mkdir(parents=True, exist_ok=True)
+        out_dir = Path(tempfile.mkdtemp(prefix=f"trial{trial.number}-", dir=s.work_dir))
+        try:
+            pretrain(train=d.train, valid=d.valid, config=d.config, opts=opts, out_dir=out_dir,
+                     meta={**d.meta, "tune_trial": trial.number}, device=device, resume=False,
+                     log=lambda m: _log(f"trial {trial.number}: {m}"), on_epoch=on_epoch)
+            model = checkpoint.load(out_dir).model
+        finally:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        demo, per_label = _demo_value(model, d, s, mode="finetune", opts=s.finetune, seed=seed,
+                                      device=device)
+        for lab, v in per_label.items():
+            trial.set_user_attr(f"valid_{lab}_{s.demo_select}", v)
+        if not s.multi_objective:
+            return demo
+        assert d.ctr is not None
+        train_idx = np.flatnonzero(d.ctr.subsets[s.ratio])
+        res = run_ctr(pretrained=model, data=d.ctr.data, train_idx=train_idx, mode="finetune",
+                      seed=seed, opts=s.finetune, device=device)
+        return demo, float(res["valid"]["auc"])  # res["test"] is never read
+
+    return objective
+
+
+# ---------------------------------------------------------------- study
+
+
+def make_storage(url: str, *, heartbeat_interval: int = 60, grace_period: int = 180,
+                 retry_killed: int = 1) -> optuna.storages.RDBStorage:
+    """RDB storage with trial heartbeats and a 60 s SQLite busy timeout.
+
+    A RUNNING trial without a heartbeat for `grace_period` seconds is marked FAIL (its process
+    died) just before this storage's next trial starts; with `retry_killed` > 0 its parameters
+    are queued again (as a new trial) up to that many times.
+    """
+    if url.startswith("sqlite:///") and ":memory:" not in url:
+        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)  # the heartbeat API is experimental
+        callback = (optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retry_killed)
+                    if retry_killed > 0 else _report_stale)
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period, heartbeat_stale_trial_callback=callback)
+
+
+def _report_stale(study: optuna.Study, trial: FrozenTrial) -> None:
+    _log(f"tune: trial {trial.number} of {study.study_name} lost its process; marked FAIL")
+
+
+def make_pruner(name: str, *, epochs: int, startup_trials: int = 5) -> optuna.pruners.BasePruner:
+    """median | hyperband | none; steps are pre-training epochs completed (1..epochs)."""
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=0)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1),
+                                              reduction_factor=3)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise ValueError(f"tune: unknown pruner {name!r}; choose from {list(PRUNERS)}")
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """Where the study lives and how its trials are drawn (see `tune` for each field)."""
+
+    storage: str
+    study_name: str
+    n_trials: int = 20
+    seed: int = 0
+    pruner: str | optuna.pruners.BasePruner = "median"
+    prune_startup_trials: int = 5
+    heartbeat_interval: int = 60
+    grace_period: int = 180
+    retry_killed: int = 1
+    # Index of this process among workers started by hand on several machines (distinct per
+    # machine): it offsets the sampler seed so that simultaneous starts do not draw alike.
+    worker: int = 0
+
+
+def default_study_name(setup: TrialSetup, seed: int) -> str:
+    """`ptum-ARCH-HASH`, HASH over what a trial measures (data, model, options, search space,
+    seed): changing any of them starts a new study in the same storage instead of mixing
+    incomparable trials, while raising n_trials (or restarting) resumes the same one."""
+    data = file_digest([setup.prepared / "sequences.parquet", setup.prepared / "users.parquet",
+                        setup.prepared / "labels.parquet", setup.tokenized / "tokens.npy"])
+    what = {k: v for k, v in asdict(setup).items()
+            if k not in ("prepared", "tokenized", "device", "work_dir")}
+    blob = json.dumps([what, seed, data], sort_keys=True, default=str)
+    return f"ptum-{setup.arch}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def _directions(s: TrialSetup) -> list[str]:
+    return ["maximize", "maximize"] if s.multi_objective else ["maximize"]
+
+
+def _storage(spec: StudySpec) -> optuna.storages.RDBStorage:
+    return make_storage(spec.storage, heartbeat_interval=spec.heartbeat_interval,
+                        grace_period=spec.grace_period, retry_killed=spec.retry_killed)
+
+
+def _open(spec: StudySpec, setup: TrialSetup, storage: optuna.storages.RDBStorage, *,
+          worker: int = 0) -> optuna.Study:
+    study = optuna.create_study(storage=storage, study_name=spec.study_name,
+                                directions=_directions(setup), load_if_exists=True)
+    if [d.name.lower() for d in study.directions] != _directions(setup):
+        raise ValueError(f"tune: study {spec.study_name!r} exists with other objectives; "
+                         "choose another study name")
+    if setup.multi_objective or spec.pruner == "none":
+        pruner: optuna.pruners.BasePruner = optuna.pruners.NopPruner()
+    elif isinstance(spec.pruner, str):
+        pruner = make_pruner(spec.pruner, epochs=setup.base.epochs,
+                             startup_trials=spec.prune_startup_trials)
+    else:
+        pruner = spec.pruner
+    # Offset the sampler seed by the trials already stored: a resumed study must not replay
+    # the random start-up draws of its first run; distinct workers must not draw alike.
+    sampler = optuna.samplers.TPESampler(seed=spec.seed + len(study.trials) + 7919 * worker)
+    return optuna.load_study(study_name=spec.study_name, storage=storage, sampler=sampler,
+                             pruner=pruner)
+
+
+def run_worker(spec: StudySpec, setup: TrialSetup, n_trials: int, worker: int = 0,
+               threads: int = 0) -> None:
+    """Run up to `n_trials` trials in this process; stops early once the study has
+    `spec.n_trials` finished (complete or pruned) trials, whoever ran them."""
+    if threads:
+        torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    data = _load(setup)
+    study = _open(spec, setup, _storage(spec), worker=worker)
+    study.optimize(_objective(data, setup), n_trials=n_trials,
+                   callbacks=[optuna.study.MaxTrialsCallback(spec.n_trials, states=DONE)])
+
+
+def tune(*, setup: TrialSetup, spec: StudySpec, best_params_path: Path, reports_dir: Path,
+         n_workers: int = 1) -> dict[str, Any]:
+    """Run (or resume) the study until it holds `spec.n_trials` complete or pruned trials.
+
+    `n_workers` > 1 runs that many processes against the same storage, each with its share of
+    the remaining trials and its own sampler seed. Then writes `best_params_path` (k, lam, p,
+    lr, value, trial number; in multi-objective mode the Pareto trial with the best mean of the
+    objectives, plus the whole front) and PNG plots into `reports_dir`.
+    Returns a summary: trial counts per state and the best trial.
+    """
+    if n_workers < 1:
+        raise ValueError("tune: n_workers must be >= 1")
+    storage = _storage(spec)
+    study = _open(spec, setup, storage)
+    remaining = max(0, spec.n_trials - len(study.get_trials(deepcopy=False, states=DONE)))
+    t0 = time.perf_counter()
+    if remaining and n_workers == 1:
+        run_worker(spec, setup, remaining, spec.worker)
+    elif remaining:
+        shares = [remaining // n_workers + (i < remaining % n_workers) for i in range(n_workers)]
+        threads = max(1, (os.cpu_count() or 1) // n_workers)
+        # spawn, not fork: a forked child of a process that already ran torch can deadlock.
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=run_worker,
+                             args=(spec, setup, n, spec.worker * n_workers + i, threads),
+                             name=f"tune-worker-{i}") for i, n in enumerate(shares) if n]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+        failed = [p.name for p in procs if p.exitcode != 0]
+        if failed:
+            raise RuntimeError(f"tune: worker(s) {failed} failed; rerun to resume the study")
+    study = optuna.load_study(study_name=spec.study_name, storage=storage)
+    summary = write_outputs(study, best_params_path=best_params_path, reports_dir=reports_dir,
+                            objective_names=_objective_names(setup))
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    return summary
+
+
+def _objective_names(s: TrialSetup) -> list[str]:
+    demo = f"demo_valid_{s.demo_select}"
+    return [demo, "ctr_valid_auc"] if s.multi_objective else [demo]
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def _best(study: optuna.Study) -> tuple[FrozenTrial, list[FrozenTrial]]:
+    if len(study.directions) == 1:
+        return study.best_trial, [study.best_trial]
+    front = study.best_trials  # the Pareto front
+    return max(front, key=lambda t: (float(np.mean(t.values)), -t.number)), front
+
+
+def _entry(t: FrozenTrial, names: list[str]) -> dict[str, Any]:
+    values = dict(zip(names, t.values))
+    return {"trial": t.number, **{k: t.params[k] for k in ("k", "lam", "p", "lr")},
+            "value": float(np.mean(t.values)), "values": values}
+
+
+def write_outputs(study: optuna.Study, *, best_params_path: Path, reports_dir: Path,
+                  objective_names: list[str]) -> dict[str, Any]:
+    """best_params.json and the history / importance (/ Pareto) PNGs of a finished study."""
+    counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
+              for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
+                        TrialState.RUNNING, TrialState.WAITING)}
+    if counts["complete"] == 0:
+        raise ValueError(f"tune: study {study.study_name!r} has no completed trial yet "
+                         f"({counts}); rerun to add trials")
+    best, front = _best(study)
+    out = {**_entry(best, objective_names), "study": study.study_name, "trials": counts,
+           "objectives": objective_names}
+    if len(objective_names) > 1:
+        out["pareto_front"] = [_entry(t, objective_names) for t in front]
+    best_params_path.parent.mkdir(parents=True, exist_ok=True)
+    best_params_path.write_text(json.dumps(out, indent=1) + "\n")
+    out["plots"] = write_plots(study, reports_dir, objective_names)
+    return out
+
+
+def write_plots(study: optuna.Study, reports_dir: Path, objective_names: list[str]) -> dict:
+    """Optimisation history and parameter importances per objective (+ Pareto front, +
+    intermediate values) as PNG; a plot that cannot be drawn yet is skipped with a note."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ovm
+
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    multi = len(objective_names) > 1
+    written: dict[str, str] = {}
+
+    def save(name: str, draw: Callable[[], Any]) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            # Its reminder that a `target` is minimised: `negated` below takes care of that.
+            warnings.filterwarnings("ignore", "PedAnovaImportanceEvaluator computes",
+                                    UserWarning)
+            ax = draw()
+        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+        fig.tight_layout()
+        fig.savefig(reports_dir / f"{name}.png", dpi=110)
+        plt.close(fig)
+        written[name] = str(reports_dir / f"{name}.png")
+
+    for i, obj in enumerate(objective_names):
+        suffix = f"_{obj}" if multi else ""
+
+        def target(t: FrozenTrial, i: int = i) -> float:
+            return t.values[i]
+
+        def negated(t: FrozenTrial, i: int = i) -> float:
+            return -t.values[i]
+
+        tgt = target if multi else None
+        save(f"optimization_history{suffix}",
+             lambda tgt=tgt, obj=obj: ovm.plot_optimization_history(study, target=tgt,
+                                                                    target_name=obj))
+        # With a `target`, PED-ANOVA (Optuna's default evaluator) explains *low* target values,
+        # whatever the study's direction; our objectives are maximised, so it gets -value.
+        imp_tgt, imp_name = (negated, f"-{obj}") if multi else (None, obj)
+        note = _importances_note(study, complete, imp_tgt)
+        if note is None:
+            (reports_dir / f"param_importances{suffix}.txt").unlink(missing_ok=True)
+            save(f"param_importances{suffix}",
+                 lambda t=imp_tgt, n=imp_name: ovm.plot_param_importances(study, target=t,
+                                                                          target_name=n))
+        else:
+            (reports_dir / f"param_importances{suffix}.txt").write_text(note + "\n")
+            (reports_dir / f"param_importances{suffix}.png").unlink(missing_ok=True)
+            written[f"param_importances{suffix}"] = note
+    if multi:
+        save("pareto_front", lambda: ovm.plot_pareto_front(study, target_names=objective_names))
+    elif any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
+        save("intermediate_values", lambda: ovm.plot_intermediate_values(study))
+    return written
+
+
+def _importances_note(study: optuna.Study, complete: list[FrozenTrial],
+                      target: Callable[[FrozenTrial], float] | None) -> str | None:
+    """Why parameter importances cannot be estimated yet, or None when they can.
+
+    PED-ANOVA compares the parameter density of the top 10% of completed trials with that of
+    all of them; with too few trials (or ties at the top) both sets are the same and every
+    importance comes out equal, which Optuna only says in a warning: a plot would mislead.
+    """
+    if len(complete) < 2:
+        return f"skipped: importances need >= 2 completed trials (have {len(complete)})"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        optuna.importance.get_param_importances(study, target=target)
+    for w in caught:
+        if "importances will be equal" in str(w.message):
+            return f"skipped ({len(complete)} completed trials): {w.message}"
+    return None

@@ -1,0 +1,76 @@
+"""Fixtures: tiny user models on the tiny pipeline's tokenizer, saved as checkpoints, exported.
+
+Exports are slow (torch.export: several seconds each), so each architecture is exported once per
+session and shared by the parity and embed tests.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+from ptum import checkpoint
+from ptum.export import export
+from ptum.heads import DemoHead, save_demo_head
+from ptum.models.user_model import ModelConfig, UserModel
+
+TINY = dict(word_dim=16, dim=16, heads=2, head_dim=8, attn_hidden=16, layers=1, dropout=0.2)
+MAX_BEHAVIORS = 20  # the tiny pipeline's prepare.max_behaviors
+AGE_CLASSES = ["<25", "25-35", "35-45", ">=45"]
+
+
+@dataclass(frozen=True)
+class Exported:
+    checkpoint: Path
+    onnx: Path
+    report: dict
+    model: UserModel  # eval mode, reloaded from the checkpoint
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_pipeline: Path, tmp_path_factory):
+    """exported(arch) -> Exported; the hsa checkpoint also carries an `age` demographic head."""
+    cache: dict[str, Exported] = {}
+    tok = tiny_pipeline / "tokenized"
+    report = json.loads((tok / "report.json").read_text())
+
+    def make(arch: str) -> Exported:
+        if arch not in cache:
+            cfg = ModelConfig.for_architecture(
+                arch,
+                vocab_size=report["vocab_size"],
+                max_tokens=report["max_tokens"],
+                max_behaviors=MAX_BEHAVIORS,
+                **TINY,
+            )
+            torch.manual_seed(0)
+            root = tmp_path_factory.mktemp(f"export_{arch}")
+            checkpoint.save(
+                root / "ckpt",
+                UserModel(config=cfg),
+                {
+                    "architecture": arch,
+                    "tokenizer_sha256": report["spm_sha256"],
+                    "model_config": cfg.to_dict(),
+                },
+            )
+            if arch == "hsa":
+                head = DemoHead(dim=cfg.dim, hidden=8, classes=len(AGE_CLASSES))
+                save_demo_head(root / "ckpt", "age", head, AGE_CLASSES)
+            rep = export(
+                root / "ckpt",
+                root / "onnx",
+                opset=18,
+                spm_model=tok / "spm.model",
+                data_version="tiny-test",
+                params={"pretrain": {"model": TINY}},
+            )
+            model = checkpoint.load(root / "ckpt").model.eval()
+            cache[arch] = Exported(root / "ckpt", root / "onnx", rep, model)
+        return cache[arch]
+
+    return make

@@ -1,0 +1,156 @@
+"""`ptum embed`: torch-free, same sequences as prepare/pretrain, same vectors as PyTorch."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from ptum.data.errors import DataError
+from ptum.embed import embed, gap_buckets, read_behaviors, user_sequences
+from ptum.models.layers import time_gap_bucket
+from ptum.pretrain.data import load_corpus, recency_positions
+from tests.conftest import write_tsv
+from tests.export.conftest import AGE_CLASSES, MAX_BEHAVIORS
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_embed_imports_no_torch() -> None:
+    code = "import ptum.embed, sys; assert 'torch' not in sys.modules, 'torch was imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+def test_gap_buckets_match_torch() -> None:
+    edges = [0, 1, 2, 3, 4, 7, 8, 59, 60, 3600, 86_400, 2**31 - 2, 2**31 - 1, 2**31, 2**40, -5]
+    near = [2**k + d for k in range(1, 40) for d in (-2, -1, 0, 1) if 2**k + d >= 0]
+    gaps = np.array(edges + near, dtype=np.int64)
+    np.testing.assert_array_equal(gap_buckets(gaps), time_gap_bucket(torch.from_numpy(gaps)))
+    assert gap_buckets(np.array([0, 1, 2, 3, 2**31 - 1, 2**62])).tolist() == [0, 1, 1, 2, 31, 31]
+
+
+def test_sequences_match_prepare(tiny_pipeline: Path) -> None:
+    """Order, truncation, gaps and positions equal the prepare stage's `full` view."""
+    raw, prepared = tiny_pipeline / "raw", tiny_pipeline / "prepared"
+    seqs = user_sequences(read_behaviors(raw / "behaviors.parquet"), MAX_BEHAVIORS)
+    items = pl.read_parquet(prepared / "items.parquet").sort("item_id")["text"].to_list()
+    full = pl.read_parquet(prepared / "sequences.parquet").filter(pl.col("view") == "full")
+    index = {u: i for i, u in enumerate(seqs.user_ids)}
+    assert full.height > 50
+    truncated = 0
+    for row in full.iter_rows(named=True):
+        i = index[row["user_id"]]
+        lo, hi = seqs.offsets[i], seqs.offsets[i + 1]
+        assert [seqs.texts[j - 1] for j in seqs.items[lo:hi]] == [
+            items[j - 1] for j in row["item_ids"]
+        ]
+        assert seqs.gaps[lo:hi].tolist() == row["gaps"]
+        assert seqs.n_total[i] == row["n_total"]
+        n = hi - lo
+        assert seqs.positions[lo:hi].tolist() == recency_positions(np.array([n]), n)[0].tolist()
+        truncated += row["n_total"] > MAX_BEHAVIORS
+    assert truncated > 0  # the tiny data does exercise truncation
+
+
+@pytest.mark.parametrize("arch", ["hsa", "gru4rec"])
+def test_embed_matches_pytorch(arch: str, exported, tiny_pipeline: Path, tmp_path: Path) -> None:
+    """embed (onnxruntime) == the model on pretrain's own inputs (load_corpus of prepare's view)."""
+    ex = exported(arch)
+    out = tmp_path / "users.parquet"
+    report = embed(
+        tiny_pipeline / "raw" / "behaviors.parquet", ex.onnx, out, batch_size=32, demo=True
+    )
+    got = pl.read_parquet(out)
+    assert got["user_id"].to_list() == sorted(got["user_id"].to_list())
+    assert report["users"] == got.height and got.schema["vector"] == pl.List(pl.Float32)
+    # Labeled users: their `full` view holds every behavior, as embed sees them.
+    labeled = pl.read_parquet(tiny_pipeline / "prepared" / "labels.parquet")["user_id"].to_list()
+    c = load_corpus(
+        tiny_pipeline / "prepared",
+        tiny_pipeline / "tokenized",
+        "",
+        MAX_BEHAVIORS,
+        view="full",
+        users=labeled,
+    )
+    tokens = c.tokens[torch.from_numpy(c.items)]  # (U, L, T)
+    mask = torch.from_numpy(np.arange(MAX_BEHAVIORS) < c.lengths[:, None])
+    with torch.no_grad():
+        want = ex.model(
+            tokens,
+            tokens != 0,
+            mask,
+            torch.from_numpy(recency_positions(c.lengths, MAX_BEHAVIORS)),
+            time_gap_bucket(torch.from_numpy(c.gaps)),
+        ).numpy()
+    rows = got.join(pl.DataFrame({"user_id": c.user_ids}).with_row_index("i"), on="user_id")
+    vecs = np.stack(rows.sort("i")["vector"].to_numpy())
+    np.testing.assert_allclose(vecs, want, rtol=1e-3, atol=1e-5)
+    if arch == "hsa":
+        assert report["demographic_labels"] == ["age"]
+        assert set(got["age"].unique()) <= set(AGE_CLASSES)
+        probs = np.stack(got["age_probs"].to_numpy())
+        np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+        assert [AGE_CLASSES[k] for k in probs.argmax(1)] == got["age"].to_list()
+
+
+def _log(tmp_path: Path) -> Path:
+    rows = [
+        ["u2", 50, "late title"],
+        ["u1", 20, "second title"],
+        ["u1", 10, "first title"],
+        ["u2", 40, "early title"],
+        ["u1", 20, "same second, other title"],
+    ]
+    return write_tsv(tmp_path / "behaviors.tsv", ["user_id", "timestamp", "text"], rows)
+
+
+def test_embed_tsv_and_parquet_agree(exported, tmp_path: Path) -> None:
+    ex = exported("hsa")
+    tsv = _log(tmp_path)
+    pq = tmp_path / "behaviors.parquet"
+    pl.read_csv(tsv, separator="\t", quote_char=None).write_parquet(pq)
+    embed(tsv, ex.onnx, tmp_path / "a.parquet")
+    embed(pq, ex.onnx, tmp_path / "b.parquet", batch_size=1)
+    a, b = pl.read_parquet(tmp_path / "a.parquet"), pl.read_parquet(tmp_path / "b.parquet")
+    assert a["user_id"].to_list() == ["u1", "u2"] and "age" not in a.columns
+    np.testing.assert_allclose(
+        np.stack(a["vector"].to_numpy()), np.stack(b["vector"].to_numpy()), rtol=1e-5, atol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "line, text, reason",
+    [
+        ("u3\tsoon\tsome title", "behaviors.tsv:4", "bad_timestamp"),
+        ("u1\t10\tfirst title", "behaviors.tsv:7", "duplicate_event"),
+        ("u3\t5\t  ", "behaviors.tsv:4", "empty_text"),
+        ("u3\t5", "behaviors.tsv:4", "malformed_line"),
+    ],
+)
+def test_embed_stops_at_the_first_bad_row(
+    line: str, text: str, reason: str, exported, tmp_path: Path
+) -> None:
+    path = _log(tmp_path)
+    lines = path.read_text().splitlines()
+    at = 3 if reason != "duplicate_event" else len(lines)
+    lines.insert(at, line)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"{text}: .*\[{reason}\]") as e:
+        embed(path, exported("hsa").onnx, tmp_path / "out.parquet")
+    assert "quarantine" not in str(e.value) and str(e.value).endswith(")")
+    assert not (tmp_path / "out.parquet").exists()
+
+
+def test_embed_refuses_another_tokenizer(exported, tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(exported("hsa").onnx, model_dir)
+    (model_dir / "spm.model").write_bytes(b"not the tokenizer")
+    with pytest.raises(ValueError, match="sha256"):
+        embed(_log(tmp_path), model_dir, tmp_path / "out.parquet")

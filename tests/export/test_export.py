@@ -1,0 +1,180 @@
+"""ONNX export: onnxruntime matches PyTorch eval at shapes other than the export shapes.
+
+Fast set: hsa (all dims dynamic) and gru4rec (static L). The other architectures run in the slow
+sweep (each export costs several seconds of torch.export).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from ptum.checkpoint import CheckpointMismatch
+from ptum.export import (
+    USER_INPUTS,
+    example_inputs,
+    export,
+    export_head,
+    file_sha256,
+    static_lengths,
+)
+from ptum.heads import CtrHead, load_demo_heads
+from ptum.models.user_model import ARCHITECTURES
+from ptum.tokenize import train
+from tests.export.conftest import AGE_CLASSES, TINY
+
+FAST = ("hsa", "gru4rec")
+ARCHS = [a if a in FAST else pytest.param(a, marks=pytest.mark.slow) for a in sorted(ARCHITECTURES)]
+RTOL, ATOL = 1e-3, 1e-5
+
+
+def _session(path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def _pad(inputs: dict[str, torch.Tensor], L: int, T: int) -> dict[str, torch.Tensor]:
+    """Right-pad behaviors to L and tokens to T with zeros / False (what serving does)."""
+    out = {}
+    for k, v in inputs.items():
+        pad = [0, T - v.shape[2], 0, L - v.shape[1]] if v.dim() == 3 else [0, L - v.shape[1]]
+        out[k] = torch.nn.functional.pad(v, pad)
+    return out
+
+
+def _cases(config) -> list[tuple[str, list[int], int, int]]:
+    """(name, behaviors per user, L, T) — none at the export example shape (3, 5, 7)."""
+    Lmax, Tmax = config.max_behaviors, config.max_tokens
+    rng = np.random.default_rng(0)
+    return [
+        ("batch 1, max-length user", [Lmax], Lmax, Tmax),
+        ("batch 7, short/max/mostly-padding/empty", [Lmax, 1, 2, 0, Lmax - 1, 5, 1], Lmax, Tmax),
+        ("batch 7, short users and texts", [3, 1, 2, 3, 0, 1, 2], 3, 2),
+        ("batch 64, random lengths", [int(x) for x in rng.integers(0, Lmax + 1, 64)], Lmax, 4),
+    ]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_onnx_matches_pytorch(arch: str, exported) -> None:
+    ex = exported(arch)
+    model, config = ex.model, ex.model.config
+    static_l, static_t = static_lengths(config)
+    user, items = _session(ex.onnx / "user_model.onnx"), _session(ex.onnx / "behavior_encoder.onnx")
+    for seed, (name, lengths, L, T) in enumerate(_cases(config)):
+        inputs = example_inputs(config, lengths, behaviors=L, tokens=T, seed=seed)
+        with torch.no_grad():
+            want = model(**inputs).numpy()
+            want_items = model.behavior_encoder(
+                inputs["tokens"].flatten(0, 1), inputs["token_mask"].flatten(0, 1)
+            ).numpy()
+        # Static dims are served padded to the exported size; padding must not change a vector.
+        served = _pad(
+            inputs, config.max_behaviors if static_l else L, config.max_tokens if static_t else T
+        )
+        got = user.run(None, {k: served[k].numpy() for k in USER_INPUTS})[0]
+        assert got.shape == (len(lengths), config.dim), name
+        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL, err_msg=name)
+        assert np.isfinite(got).all() and np.isfinite(want).all(), name
+        flat = {k: served[k][:, :L].flatten(0, 1).numpy() for k in ("tokens", "token_mask")}
+        got_items = items.run(None, flat)[0]
+        np.testing.assert_allclose(got_items, want_items, rtol=RTOL, atol=ATOL, err_msg=name)
+    assert max(ex.report["parity"].values()) < 1e-4
+
+
+@pytest.mark.parametrize("arch", FAST)
+def test_graph_dims_and_metadata(arch: str, exported, tiny_pipeline) -> None:
+    ex = exported(arch)
+    config = ex.model.config
+    static_l, static_t = static_lengths(config)
+    spm = tiny_pipeline / "tokenized" / "spm.model"
+    assert file_sha256(ex.onnx / "spm.model") == file_sha256(spm)
+    for path in ex.onnx.glob("*.onnx"):
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model, full_check=True)
+        assert {o.domain: o.version for o in model.opset_import}[""] == 18
+        meta = {p.key: p.value for p in model.metadata_props}
+        assert meta["spm_sha256"] == file_sha256(spm)
+        assert meta["max_behaviors"] == str(config.max_behaviors)
+        assert meta["max_tokens"] == str(config.max_tokens)
+        assert meta["pad_id"] == "0" and meta["output_dim"] == str(config.dim)
+        assert meta["gap_bucket_rule"].startswith("floor(log2(gap_seconds+1)) clamped to [0,31]")
+        assert meta["behaviors_dim"] == ("static" if static_l else "dynamic")
+        assert meta["tokens_dim"] == ("static" if static_t else "dynamic")
+        assert meta["architecture"] == arch and meta["data_version"] == "tiny-test"
+        assert json.loads(meta["params"]) == {"pretrain": {"model": TINY}}
+        for i in model.graph.input:
+            assert i.type.tensor_type.shape.dim[0].dim_param, f"{path.name}:{i.name} batch fixed"
+    dims = {
+        i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+        for i in onnx.load(str(ex.onnx / "user_model.onnx")).graph.input
+    }
+    L = config.max_behaviors if static_l else "behaviors"
+    T = config.max_tokens if static_t else "tokens"
+    assert dims["tokens"] == ["batch", L, T] and dims["mask"] == ["batch", L]
+    assert json.loads((ex.onnx / "export.json").read_text())["files"]["spm.model"]
+
+
+def test_heads_match_pytorch(exported) -> None:
+    ex = exported("hsa")
+    head, classes = load_demo_heads(ex.checkpoint)["age"]
+    assert classes == AGE_CLASSES
+    demo, ctr = _session(ex.onnx / "demo_age.onnx"), _session(ex.onnx / "ctr_head.onnx")
+    assert json.loads(demo.get_modelmeta().custom_metadata_map["classes"]) == AGE_CLASSES
+    for b in (1, 9, 64):
+        user, cand = torch.randn(b, 16), torch.randn(b, 16)
+        with torch.no_grad():
+            want_p, want_s = head(user).numpy(), CtrHead()(user, cand).numpy()
+        probs = demo.run(None, {"user": user.numpy()})[0]
+        score = ctr.run(None, {"user": user.numpy(), "candidate": cand.numpy()})[0]
+        np.testing.assert_allclose(probs, want_p, rtol=RTOL, atol=ATOL)
+        np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(score, want_s, rtol=RTOL, atol=ATOL)
+        assert score.shape == (b,)
+
+
+def test_export_refuses_another_tokenizer(exported, tmp_path) -> None:
+    ex = exported("hsa")
+    other = tmp_path / "spm.model"
+    other.write_bytes(
+        train(
+            [f"other words {i}" for i in range(50)],
+            vocab_size=40,
+            model_type="unigram",
+            byte_fallback=False,
+            character_coverage=1.0,
+            seed=1,
+        )
+    )
+    with pytest.raises(CheckpointMismatch, match="tokenizer"):
+        export(ex.checkpoint, tmp_path / "out", spm_model=other, data_version="x", params={})
+    with pytest.raises(ValueError, match=">= 2"):
+        export(
+            ex.checkpoint,
+            tmp_path / "out",
+            spm_model=ex.onnx / "spm.model",
+            data_version="x",
+            params={},
+            example_batch=1,
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_trained_ctr_head_exports(tmp_path) -> None:
+    """A fine-tuned CtrHead (learned projection + bias) exports like the bare dot product."""
+    torch.manual_seed(0)
+    head = CtrHead(dim=16)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    diff = export_head(head.eval(), tmp_path / "ctr.onnx", dim=16)
+    user, cand = torch.randn(5, 16), torch.randn(5, 16)
+    got = _session(tmp_path / "ctr.onnx").run(
+        None, {"user": user.numpy(), "candidate": cand.numpy()}
+    )
+    with torch.no_grad():
+        np.testing.assert_allclose(got[0], head(user, cand).numpy(), rtol=RTOL, atol=ATOL)
+    assert diff < 1e-5

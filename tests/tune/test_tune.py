@@ -1,0 +1,298 @@
+"""Optuna tuning: a study runs on validation metrics only, is reproducible, survives a killed
+process, takes several workers on one SQLite file, and optuna-dashboard can read it."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import replace
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from optuna.trial import TrialState
+
+from ptum.finetune.train import CellOptions
+from ptum.pretrain.train import TrainOptions
+from ptum.tune import (
+    SearchSpace,
+    StudySpec,
+    TrialSetup,
+    default_study_name,
+    make_pruner,
+    tune,
+    write_plots,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_MODEL = {"word_dim": 16, "dim": 16, "heads": 2, "head_dim": 8, "attn_hidden": 16,
+              "dropout": 0.0, "layers": 1}
+SPACE = SearchSpace(k=(1, 5), lam=(0.0, 0.25, 0.5, 1.0, 2.0, 4.0), p=(1, 16), lr=(1e-4, 1e-2))
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Trials are tiny; on a shared 2-CPU machine, intra-op threads only add contention.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _setup(root: Path, tmp: Path, **kw) -> TrialSetup:
+    return TrialSetup(prepared=root / "prepared", tokenized=root / "tokenized", max_behaviors=20,
+                      arch="hsa", model_sizes=TINY_MODEL, space=SPACE,
+                      base=TrainOptions(epochs=2, batch_size=32, seed=5),
+                      finetune=CellOptions(max_epochs=2, patience=1, batch_size=32,
+                                           head_hidden=16),
+                      prune_head_epochs=3, work_dir=tmp / "trials", **kw)
+
+
+def _spec(tmp: Path, name: str = "s", db: str = "optuna.db", **kw) -> StudySpec:
+    return StudySpec(**{"storage": f"sqlite:///{tmp / db}", "study_name": name, "n_trials": 3,
+                        "seed": 11, **kw})
+
+
+def _trials(spec: StudySpec) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name=spec.study_name, storage=spec.storage).trials
+
+
+@pytest.fixture(scope="module")
+def finished(tiny_pipeline, tmp_path_factory):
+    """One 3-trial study (median pruner), its outputs and summary."""
+    tmp = tmp_path_factory.mktemp("tune")
+    spec = _spec(tmp, name="ptum-hsa")
+    summary = tune(setup=_setup(tiny_pipeline, tmp), spec=spec,
+                   best_params_path=tmp / "best_params.json", reports_dir=tmp / "reports")
+    return tmp, spec, summary
+
+
+def test_study_scores_validation_metrics_and_writes_outputs(finished):
+    tmp, spec, summary = finished
+    trials = _trials(spec)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    for t in trials:
+        assert 0.0 <= t.value <= 1.0
+        assert set(t.intermediate_values) == {1, 2}  # one report per pre-training epoch
+        assert all(0.0 <= v <= 1.0 for v in t.intermediate_values.values())
+        assert t.user_attrs["seed"] == 5 + t.number  # trial i trains with seed + i
+    best = json.loads((tmp / "best_params.json").read_text())
+    top = max(trials, key=lambda t: t.value)
+    assert best["trial"] == top.number and best["value"] == pytest.approx(top.value)
+    assert 1 <= best["k"] <= 5 and 1 <= best["p"] <= 16 and best["lam"] in SPACE.lam
+    assert 1e-4 <= best["lr"] <= 1e-2
+    assert {k: best[k] for k in ("k", "lam", "p", "lr")} == top.params
+    assert best["trials"]["complete"] == 3 and summary["trial"] == top.number
+    for name in ("optimization_history", "intermediate_values"):
+        assert (tmp / "reports" / f"{name}.png").read_bytes()[:8] == PNG, name
+    # Importances: a plot, or a note saying why 3 trials were too few (see the test below).
+    imp = tmp / "reports" / "param_importances"
+    assert imp.with_suffix(".png").exists() != imp.with_suffix(".txt").exists()
+    assert not list((tmp / "trials").iterdir()), "per-trial checkpoints must be removed"
+
+
+def test_a_pruned_trial_stops_after_the_epoch_it_was_pruned_at(tiny_pipeline, tmp_path):
+    # Every value is below 1.5, so this pruner stops each trial at its first report.
+    spec = _spec(tmp_path, n_trials=2, pruner=optuna.pruners.ThresholdPruner(lower=1.5))
+    with pytest.raises(ValueError, match="no completed trial"):
+        tune(setup=_setup(tiny_pipeline, tmp_path, demo_labels=("gender",)), spec=spec,
+             best_params_path=tmp_path / "best.json", reports_dir=tmp_path / "reports")
+    trials = _trials(spec)
+    assert [t.state for t in trials] == [TrialState.PRUNED] * 2
+    assert all(list(t.intermediate_values) == [1] for t in trials)
+    assert not (tmp_path / "best.json").exists()
+
+
+def test_importance_plot_is_skipped_with_a_note_until_it_means_something(tmp_path):
+    def study(values: list[float]) -> optuna.Study:
+        s = optuna.create_study(direction="maximize",
+                                sampler=optuna.samplers.RandomSampler(seed=0))
+        for v in values:
+            s.optimize(lambda t, v=v: (SPACE.suggest(t), v)[1], n_trials=1)
+        return s
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out = write_plots(study([0.5]), tmp_path / "one", ["demo_valid_acc"])
+    assert out["param_importances"].startswith("skipped")
+    assert "completed trials" in (tmp_path / "one" / "param_importances.txt").read_text()
+    assert (tmp_path / "one" / "optimization_history.png").read_bytes()[:8] == PNG
+    # Ties at the top: PED-ANOVA's top and reference sets coincide, all importances equal.
+    out = write_plots(study([0.5] * 4), tmp_path / "ties", ["demo_valid_acc"])
+    assert "equal" in out["param_importances"]
+    out = write_plots(study([0.1, 0.4, 0.2, 0.9, 0.3]), tmp_path / "ok", ["demo_valid_acc"])
+    assert (tmp_path / "ok" / "param_importances.png").read_bytes()[:8] == PNG
+    assert not (tmp_path / "ok" / "param_importances.txt").exists()
+
+
+def test_pruner_choices():
+    assert isinstance(make_pruner("median", epochs=3), optuna.pruners.MedianPruner)
+    assert isinstance(make_pruner("hyperband", epochs=3), optuna.pruners.HyperbandPruner)
+    assert isinstance(make_pruner("none", epochs=3), optuna.pruners.NopPruner)
+    with pytest.raises(ValueError, match="unknown pruner"):
+        make_pruner("asha", epochs=3)
+    with pytest.raises(ValueError, match="k range"):
+        SearchSpace(k=(0, 3))
+
+
+def test_default_study_name_follows_what_a_trial_measures(tiny_pipeline, tmp_path):
+    setup = _setup(tiny_pipeline, tmp_path)
+    name = default_study_name(setup, 0)
+    assert name.startswith("ptum-hsa-") and name == default_study_name(setup, 0)
+    assert name == default_study_name(replace(setup, work_dir=tmp_path / "x", device="cpu"), 0)
+    for other in (replace(setup, space=replace(SPACE, p=(1, 8))),
+                  replace(setup, base=replace(setup.base, epochs=3))):
+        assert default_study_name(other, 0) != name
+    assert default_study_name(setup, 1) != name
+
+
+def test_multi_objective_reports_the_pareto_front(tiny_pipeline, tmp_path):
+    spec = _spec(tmp_path, n_trials=2, seed=3)
+    summary = tune(setup=_setup(tiny_pipeline, tmp_path, multi_objective=True,
+                                demo_labels=("gender",)),
+                   spec=spec, best_params_path=tmp_path / "best.json",
+                   reports_dir=tmp_path / "reports")
+    study = optuna.load_study(study_name=spec.study_name, storage=spec.storage)
+    assert len(study.directions) == 2
+    for t in study.trials:
+        assert t.state == TrialState.COMPLETE and len(t.values) == 2
+        assert all(0.0 <= v <= 1.0 for v in t.values)
+        assert not t.intermediate_values  # no pruning (nor reports) with two objectives
+    front = {t.number for t in study.best_trials}
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert {e["trial"] for e in best["pareto_front"]} == front and best["trial"] in front
+    assert set(best["values"]) == {"demo_valid_acc", "ctr_valid_auc"}
+    assert summary["trials"]["complete"] == 2
+    assert (tmp_path / "reports" / "pareto_front.png").read_bytes()[:8] == PNG
+
+
+def test_single_worker_study_is_reproducible(tiny_pipeline, tmp_path):
+    runs = []
+    for db in ("a.db", "b.db"):
+        spec = _spec(tmp_path, db=db, n_trials=3, pruner="none")
+        tune(setup=_setup(tiny_pipeline, tmp_path, demo_labels=("gender",)), spec=spec,
+             best_params_path=tmp_path / f"{db}.json", reports_dir=tmp_path / f"rep-{db}")
+        runs.append([(t.params, t.value, t.intermediate_values) for t in _trials(spec)])
+    assert runs[0] == runs[1]
+    assert len({tuple(sorted(p.items())) for p, _, _ in runs[0]}) == 3  # distinct draws
+
+
+_CHILD = """
+import pickle, sys, time
+from pathlib import Path
+import torch
+import ptum.tune as tune
+torch.set_num_threads(1)
+setup, spec, marker = pickle.loads(Path(sys.argv[1]).read_bytes())
+pretrain = tune.pretrain
+def slow_second_trial(**kw):
+    out = pretrain(**kw)
+    if kw["meta"]["tune_trial"] == 1:  # pre-trained; now hang until killed
+        Path(marker).touch()
+        time.sleep(300)
+    return out
+tune.pretrain = slow_second_trial
+tune.run_worker(spec, setup, spec.n_trials)
+"""
+
+
+@pytest.mark.slow
+def test_killed_study_resumes_and_marks_the_killed_trial_failed(tiny_pipeline, tmp_path):
+    setup = _setup(tiny_pipeline, tmp_path, demo_labels=("gender",))
+    spec = _spec(tmp_path, n_trials=3, heartbeat_interval=1, grace_period=2)
+    marker = tmp_path / "trial1_running"
+    (tmp_path / "job.pkl").write_bytes(pickle.dumps((setup, spec, str(marker))))
+    (tmp_path / "child.py").write_text(_CHILD)
+    child = subprocess.Popen([sys.executable, str(tmp_path / "child.py"),
+                              str(tmp_path / "job.pkl")], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists():
+            assert child.poll() is None, "the study process ended before trial 1 ran"
+            assert time.monotonic() < deadline, "trial 1 never started"
+            time.sleep(0.1)
+        time.sleep(1.5)  # a heartbeat or two while trial 1 hangs
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    before = _trials(spec)
+    assert [t.state for t in before] == [TrialState.COMPLETE, TrialState.RUNNING]
+    time.sleep(spec.grace_period + 2)  # the killed trial's heartbeat goes stale
+    tune(setup=setup, spec=spec, best_params_path=tmp_path / "best.json",
+         reports_dir=tmp_path / "reports")
+    after = _trials(spec)
+    assert after[1].state == TrialState.FAIL  # not RUNNING forever
+    assert [t.state for t in after].count(TrialState.COMPLETE) == 3
+    assert TrialState.RUNNING not in [t.state for t in after]
+    # The killed trial's parameters were queued again once (retry_killed=1).
+    retry = [t for t in after if t.system_attrs.get("failed_trial") == 1]
+    assert len(retry) == 1 and retry[0].params == after[1].params
+    assert retry[0].state == TrialState.COMPLETE
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_sqlite_study(tiny_pipeline, tmp_path, capfd):
+    spec = _spec(tmp_path, n_trials=4, pruner="none")
+    summary = tune(setup=_setup(tiny_pipeline, tmp_path, demo_labels=("gender",)), spec=spec,
+                   best_params_path=tmp_path / "best.json", reports_dir=tmp_path / "reports",
+                   n_workers=2)
+    trials = _trials(spec)
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
+    assert summary["trials"] == {"complete": 4, "pruned": 0, "fail": 0, "running": 0,
+                                 "waiting": 0}
+    # Each worker has its own sampler seed, so the workers do not draw the same points.
+    assert len({tuple(sorted(t.params.items())) for t in trials}) == 4
+    err = capfd.readouterr().err
+    assert "database is locked" not in err and "OperationalError" not in err
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return json.loads(r.read())
+
+
+def test_optuna_dashboard_reads_the_study(finished):
+    _, spec, _ = finished
+    port = _free_port()
+    exe = Path(sys.executable).with_name("optuna-dashboard")
+    server = subprocess.Popen([str(exe), spec.storage, "--host", "127.0.0.1", "--port",
+                               str(port), "--quiet"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()
+            try:
+                studies = _get(f"{base}/api/studies")["study_summaries"]
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "optuna-dashboard did not answer"
+                time.sleep(0.3)
+        (study,) = [s for s in studies if s["study_name"] == spec.study_name]
+        assert study["directions"] == ["maximize"]
+        detail = _get(f"{base}/api/studies/{study['study_id']}")
+        assert detail["name"] == spec.study_name
+        assert len(detail["trials"]) == 3
+        assert detail["has_intermediate_values"]
+        assert all(t["state"] == "Complete" and len(t["intermediate_values"]) == 2
+                   for t in detail["trials"])
+        assert {p["name"] for p in detail["trials"][0]["params"]} == {"k", "lam", "p", "lr"}
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
