@@ -39,6 +39,8 @@ class CellOptions:
     patience: int = 2
     head_hidden: int = 200
     weight_decay: float = 0.0
+    # CTR batches hold whole users: all their training impressions share one history encoding.
+    ctr_users_per_batch: int = 16
 
 
 def user_vectors(model: UserModel, corpus: Corpus, rows: np.ndarray, device: torch.device
@@ -207,13 +209,19 @@ def run_ctr(*, pretrained: UserModel, data: CtrData, train_idx: np.ndarray, mode
 
     valid_idx = np.flatnonzero(data.window == "valid")
     test_idx = np.flatnonzero(data.window == "test")
+    # Group the training impressions by user (MIND-style): a batch is a set of users with all
+    # their impressions, so each history is encoded once per step however many candidates.
+    by_user = np.argsort(data.row[train_idx], kind="stable")
+    sorted_idx = train_idx[by_user]
+    users, starts = np.unique(data.row[sorted_idx], return_index=True)
+    groups = np.split(sorted_idx, starts[1:]) if len(users) else []
     rng = np.random.default_rng(seed)
     best, best_state, bad_epochs, epochs = -np.inf, _state(model, head), 0, 0
     for epoch in range(opts.max_epochs):
         model.train(not frozen), head.train()
-        order = rng.permutation(train_idx)
-        for start in range(0, len(order), opts.batch_size):
-            batch = order[start : start + opts.batch_size]
+        order = rng.permutation(len(groups))
+        for start in range(0, len(order), opts.ctr_users_per_batch):
+            batch = np.concatenate([groups[g] for g in order[start : start + opts.ctr_users_per_batch]])
             loss = F.binary_cross_entropy_with_logits(logits(batch, False),
                                                       y[torch.from_numpy(batch)])
             opt.zero_grad(set_to_none=True)

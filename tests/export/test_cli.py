@@ -1,6 +1,5 @@
 """`ptum export` then `ptum embed` from the command line.
 
-Skipped until the two subcommands are wired into `ptum.cli` (see `ptum.export` / `ptum.embed`).
 """
 
 from __future__ import annotations
@@ -23,8 +22,9 @@ def test_cli_export_then_embed(exported, tiny_pipeline: Path, tmp_path: Path, mo
         pytest.skip("ptum export / ptum embed are not wired into ptum.cli yet")
     ex = exported("hsa")
     monkeypatch.chdir(tmp_path)  # the CLI resolves data/tokenized/spm.model from the cwd
-    (tmp_path / "data" / "tokenized").mkdir(parents=True)
-    shutil.copy(tiny_pipeline / "tokenized" / "spm.model", tmp_path / "data" / "tokenized")
+    # export trains the serving heads on frozen user vectors: it reads the prepared data too.
+    for sub in ("prepared", "tokenized"):
+        shutil.copytree(tiny_pipeline / sub, tmp_path / "data" / sub)
     params = ["--params", str(tmp_path / "params.yaml")]  # missing file: every default
     assert (
         cli.main(
