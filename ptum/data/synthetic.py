@@ -20,8 +20,8 @@ Generative model (documented in the README so results on it can be read):
    come in sessions: short gaps (minutes) inside a session, long gaps (hours to days) between.
 5. Ads. `n_ads` ads, each with a topic and a title of ad words plus topic words. Users in the
    ad audience see impressions at random times within their active span; an impression is
-   clicked with probability sigmoid(b0 + b1 * interest[ad topic] + ad quality noise), so CTR
-   depends on the user-ad topic match.
+   clicked with probability sigmoid(-2.5 + 12 * interest[ad topic] + ad quality), ad quality
+   ~ N(0, 0.3): CTR depends mostly on the user-ad topic match.
 
 Same preset + seed -> identical tables.
 """
@@ -65,7 +65,8 @@ PRESETS: dict[str, SyntheticSpec] = {
                           words_per_topic=20, n_general_words=40, n_ads=30,
                           labeled_frac=0.5, audience_frac=0.5, mean_impressions=12),
     "small": SyntheticSpec(n_users=2_000, mean_behaviors=30, n_items_per_topic=60),
-    "default": SyntheticSpec(n_users=8_000, mean_behaviors=40, n_items_per_topic=150),
+    "default": SyntheticSpec(n_users=6_000, mean_behaviors=30, n_items_per_topic=150,
+                             labeled_frac=0.25),
     "large": SyntheticSpec(n_users=50_000, mean_behaviors=60, n_items_per_topic=400),
 }
 
@@ -105,13 +106,17 @@ def _title(rng: np.random.Generator, topic_words: list[str], general: list[str],
     return " ".join(words)
 
 
-def generate(spec: SyntheticSpec, seed: int) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+def generate(spec: SyntheticSpec, seed: int, latent: dict | None = None
+             ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """Generate (behaviors, labels, impressions) in the generic format.
 
     Returns:
         behaviors: user_id str, timestamp i64 (s), text str — one row per behavior.
         labels: user_id str, gender str, age str — labeled users only.
         impressions: user_id str, timestamp i64, text str, clicked i8.
+
+    If `latent` is a dict, it receives the hidden variables (interest, topics, click
+    probabilities), so analyses can measure what an ideal model could reach.
     """
     rng = np.random.default_rng(seed)
     taken: set[str] = set()
@@ -193,7 +198,7 @@ def generate(spec: SyntheticSpec, seed: int) -> tuple[pl.DataFrame, pl.DataFrame
         + " " + _title(rng, topic_words[t], general, int(rng.integers(4, 9)), 0.85).lower()
         for t in ad_topic
     ]
-    ad_quality = rng.normal(0.0, 0.5, spec.n_ads)
+    ad_quality = rng.normal(0.0, 0.3, spec.n_ads)
     audience = np.flatnonzero(rng.random(U) < spec.audience_frac)
     n_imp = rng.poisson(spec.mean_impressions, size=len(audience)) + 1
     imp_user = np.repeat(audience, n_imp)
@@ -201,8 +206,12 @@ def generate(spec: SyntheticSpec, seed: int) -> tuple[pl.DataFrame, pl.DataFrame
     last = ts[starts[imp_user] + lengths[imp_user] - 1]
     imp_ts = (first + rng.random(len(imp_user)) * (last - first + 3600)).astype(np.int64)
     imp_ad = rng.integers(spec.n_ads, size=len(imp_user))
-    logit = -1.8 + 5.0 * interest[imp_user, ad_topic[imp_ad]] + ad_quality[imp_ad]
+    logit = -2.5 + 12.0 * interest[imp_user, ad_topic[imp_ad]] + ad_quality[imp_ad]
     clicked = (rng.random(len(imp_user)) < 1 / (1 + np.exp(-logit))).astype(np.int8)
+    if latent is not None:
+        latent.update(interest=interest, item_topic=item_topic, ad_topic=ad_topic,
+                      impression_user=imp_user, impression_ad=imp_ad,
+                      click_prob=1 / (1 + np.exp(-logit)), gender=gender, age=age)
     impressions = pl.DataFrame({
         "user_id": user_ids[imp_user],
         "timestamp": imp_ts,
