@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast lint format bench clean quick
+.PHONY: run test test-fast lint format bench clean quick movielens prefect-server prefect-serve prefect-run optuna-dashboard bench-serve
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -38,3 +38,25 @@ clean:
 # The whole pipeline on the tiny preset (minutes), as a DVC experiment: params.yaml untouched.
 quick: $(STAMP)
 	eval "$(BIN)/dvc exp run $$($(BIN)/python -m ptum.presets)"
+
+# The MovieLens-100K result set (reads ../shared/data/movielens-100k; nothing of it is committed
+# but the metrics and reports): its own params.yaml, dvc.yaml and dvc.lock.
+movielens: $(STAMP)
+	$(BIN)/dvc repro experiments/movielens-100k/dvc.yaml
+
+# Prefect: a local server bound to 127.0.0.1 (state under .prefect/), the deployment ptum/full
+# served by a long-running process, and a run of it. Use three terminals, in this order.
+PREFECT_ENV := PREFECT_HOME=$(CURDIR)/.prefect PREFECT_API_URL=http://127.0.0.1:4200/api PREFECT_SERVER_ANALYTICS_ENABLED=false
+prefect-server: $(STAMP)
+	$(PREFECT_ENV) $(BIN)/prefect server start --host 127.0.0.1 --port 4200
+prefect-serve: $(STAMP)
+	$(PREFECT_ENV) $(BIN)/python -m flows.serve
+prefect-run: $(STAMP)
+	$(PREFECT_ENV) $(BIN)/prefect deployment run ptum/full --watch $(if $(QUICK),-p quick=true)
+
+# Optuna's dashboard on the tuning study, local only: http://127.0.0.1:8080/dashboard
+optuna-dashboard: $(STAMP)
+	$(BIN)/optuna-dashboard sqlite:///data/tune/optuna.db --host 127.0.0.1 --port 8080
+
+bench-serve: $(STAMP)
+	$(BIN)/python benchmarks/serve.py
