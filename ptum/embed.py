@@ -20,7 +20,6 @@ Only NumPy, Polars, SentencePiece and onnxruntime run here: this module must nev
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ import sentencepiece as spm
 
 from ptum.data import generic
 from ptum.data.errors import DataError
+from ptum.hashing import sha256_file
 from ptum.tokenize import PAD_ID, encode
 
 NUM_GAP_BUCKETS = 32
@@ -164,10 +164,6 @@ def batch_inputs(
     )
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
@@ -203,7 +199,7 @@ def embed(
             "ids are the prepare stage's); export a text-encoder model"
         )
     spm_path = model_dir / "spm.model"
-    if _sha256(spm_path) != meta["spm_sha256"]:
+    if sha256_file(spm_path) != meta["spm_sha256"]:
         raise ValueError(
             f"{spm_path}: not the SentencePiece model the ONNX model was exported "
             "with (sha256 differs from its metadata)"

@@ -25,7 +25,6 @@ specializations even where the graph's input dims look symbolic.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import shutil
@@ -41,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from ptum import __version__, checkpoint
+from ptum.hashing import sha256_file
 from ptum.heads import CtrHead, DemoHead, load_demo_heads
 from ptum.models.layers import NUM_GAP_BUCKETS
 from ptum.models.user_model import ModelConfig
@@ -67,13 +67,7 @@ def static_lengths(config: ModelConfig) -> tuple[bool, bool]:
     return config.user_encoder in ("han", "gru4rec"), config.behavior_encoder in ("lstm", "id")
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
+file_sha256 = sha256_file  # kept as this module's public name
 
 def metadata(
     config: ModelConfig,

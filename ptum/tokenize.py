@@ -13,7 +13,6 @@ Training is deterministic: one thread, fixed seed, input in item_id order -> sam
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import shutil
@@ -22,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import sentencepiece as spm
+
+from ptum.hashing import sha256_file
 
 PAD_ID = 0
 UNK_ID = 1
@@ -90,10 +91,6 @@ def encode(
     return tokens, lengths, truncated
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def tokenize(
     items_path: Path,
     out_dir: Path,
@@ -142,7 +139,7 @@ def tokenize(
         "tokens_per_item_max": int(real.max()) if len(real) else 0,
         "truncated_share": round(truncated / max(len(texts), 1), 5),
         "unk_share": round(float((tokens[1:] == UNK_ID).sum() / max(real.sum(), 1)), 6),
-        "spm_sha256": file_sha256(tmp / "spm.model"),
+        "spm_sha256": sha256_file(tmp / "spm.model"),
     }
     (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     if out_dir.exists():

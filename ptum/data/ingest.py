@@ -12,7 +12,6 @@ A `manifest.json` records the source, its parameters and the SHA-256 of every ou
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -21,6 +20,7 @@ import polars as pl
 
 from ptum.data import generic, movielens, synthetic
 from ptum.data.errors import DataError
+from ptum.hashing import sha256_file
 
 PTUM_SEP = "#|NTABN|#"
 
@@ -54,14 +54,6 @@ def read_ptum_tsv(path: Path) -> pl.DataFrame:
             lines.extend([n] * len(t))
     return pl.DataFrame({"user_id": users, "timestamp": stamps, "text": texts},
                         schema={"user_id": pl.String, "timestamp": pl.Int64, "text": pl.String})
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def ingest(*, source: str, path: str, out_dir: Path, size: str = "default", seed: int = 7,
@@ -109,7 +101,7 @@ def ingest(*, source: str, path: str, out_dir: Path, size: str = "default", seed
         raise ValueError(f"unknown data.source {source!r}")
     for name, df in frames.items():
         df.write_parquet(tmp / f"{name}.parquet")
-    info["files"] = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+    info["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
     (tmp / "manifest.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     if out_dir.exists():
         shutil.rmtree(out_dir)

@@ -28,6 +28,7 @@ from pathlib import Path
 import polars as pl
 
 from ptum.data.errors import DataError
+from ptum.hashing import sha256_file
 
 GENRES_100K = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
@@ -171,18 +172,10 @@ def read(path: Path, click_threshold: int = 4, age_edges: tuple[int, ...] = (25,
     return reader(path, click_threshold, age_edges)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def verify_100k(path: Path) -> None:
     """Check u.data/u.item/u.user against the canonical release's SHA-256 (a DataError if not)."""
     for name, expected in SHA256_100K.items():
-        got = sha256(path / name)
+        got = sha256_file(path / name)
         if got != expected:
             raise DataError(path / name, None, f"SHA-256 {got} does not match the GroupLens "
                             f"release ({expected}): the file is corrupt or modified")

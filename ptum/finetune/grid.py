@@ -103,6 +103,21 @@ def load_ctr(prepared: Path, tokenized: Path, max_len: int, ratios: list[float])
     return CtrTask(data, {r: imps[ratio_column(r)].to_numpy() for r in ratios})
 
 
+def _code_digest() -> str:
+    """Hash of the code a cell's result depends on, so a code change never reuses old cells."""
+    import ptum.finetune.metrics
+    import ptum.finetune.train
+    import ptum.heads
+    import ptum.models
+    import ptum.pretrain.data
+    import ptum.pretrain.tasks
+
+    files = [Path(m.__file__) for m in (ptum.finetune.train, ptum.finetune.metrics, ptum.heads,
+                                        ptum.pretrain.data, ptum.pretrain.tasks)]
+    files += sorted(Path(ptum.models.__file__).parent.glob("*.py"))
+    return file_digest(files)
+
+
 # ---------------------------------------------------------------- baselines
 
 
@@ -210,12 +225,13 @@ def run_grid(*, task: str, labels: list[str] | None, models: list[str], modes: l
         hashes[m] = meta["model_sha256"]
     data_hash = file_digest([prepared / f for f in ("labels.parquet", "impressions.parquet",
                                                     "sequences.parquet")])
+    code_hash = _code_digest()
     cells = [Cell(task, lab, m, mode, r, seed + k) for lab in labels for m in models
              for mode in modes for r in ratios for k in range(repeats)]
 
     def key(c: Cell) -> str:
-        blob = json.dumps([asdict(c), asdict(opts), demo_select, hashes[c.model], data_hash],
-                          sort_keys=True)
+        blob = json.dumps([asdict(c), asdict(opts), demo_select, hashes[c.model], data_hash,
+                           code_hash], sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
     cache_dir.mkdir(parents=True, exist_ok=True)

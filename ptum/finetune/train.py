@@ -74,6 +74,27 @@ def item_vectors(model: UserModel, tokens: Tensor, ids: np.ndarray, batch: int =
     return torch.cat(out)
 
 
+class _BestOnValid:
+    """Early stopping: keeps the weights of the best validation score, counts bad epochs."""
+
+    def __init__(self, patience: int, *modules: torch.nn.Module):
+        self.patience, self.modules = patience, modules
+        self.best, self.bad = -np.inf, 0
+        self.state = _state(*modules)
+
+    def update(self, score: float) -> bool:
+        """Record an epoch's validation score; True when training should stop."""
+        if score > self.best:
+            self.best, self.bad, self.state = score, 0, _state(*self.modules)
+            return False
+        self.bad += 1
+        return self.bad >= self.patience
+
+    def restore(self) -> None:
+        for m, st in zip(self.modules, self.state):
+            m.load_state_dict(st)
+
+
 def _init_model(pretrained: UserModel, mode: str, seed: int) -> UserModel:
     torch.manual_seed(seed)
     if mode == "scratch":
@@ -124,7 +145,7 @@ def run_demo(*, pretrained: UserModel, corpus: Corpus, y: np.ndarray, split: np.
         return {"acc": accuracy(y[rows], pred), "macro_f1": macro_f1(y[rows], pred, n_classes)}
 
     rng = np.random.default_rng(seed)
-    best, best_state, bad_epochs, epochs = -np.inf, _state(model, head), 0, 0
+    stopper, epochs = _BestOnValid(opts.patience, model, head), 0
     for epoch in range(opts.max_epochs):
         model.train(not frozen), head.train()
         order = rng.permutation(train_rows)
@@ -135,15 +156,9 @@ def run_demo(*, pretrained: UserModel, corpus: Corpus, y: np.ndarray, split: np.
             loss.backward()
             opt.step()
         epochs = epoch + 1
-        val = score(valid_rows)[select]
-        if val > best:
-            best, best_state, bad_epochs = val, _state(model, head), 0
-        else:
-            bad_epochs += 1
-            if bad_epochs >= opts.patience:
-                break
-    model.load_state_dict(best_state[0])
-    head.load_state_dict(best_state[1])
+        if stopper.update(score(valid_rows)[select]):
+            break
+    stopper.restore()
     valid, test = score(valid_rows), score(test_rows)  # the test split's only use
     out = {"valid": valid, "test": test, "epochs": epochs, "n_train": len(train_rows),
            "n_valid": len(valid_rows), "n_test": len(test_rows)}
@@ -216,7 +231,7 @@ def run_ctr(*, pretrained: UserModel, data: CtrData, train_idx: np.ndarray, mode
     users, starts = np.unique(data.row[sorted_idx], return_index=True)
     groups = np.split(sorted_idx, starts[1:]) if len(users) else []
     rng = np.random.default_rng(seed)
-    best, best_state, bad_epochs, epochs = -np.inf, _state(model, head), 0, 0
+    stopper, epochs = _BestOnValid(opts.patience, model, head), 0
     for epoch in range(opts.max_epochs):
         model.train(not frozen), head.train()
         order = rng.permutation(len(groups))
@@ -228,15 +243,9 @@ def run_ctr(*, pretrained: UserModel, data: CtrData, train_idx: np.ndarray, mode
             loss.backward()
             opt.step()
         epochs = epoch + 1
-        val = score(valid_idx, False)["auc"]
-        if val > best:
-            best, best_state, bad_epochs = val, _state(model, head), 0
-        else:
-            bad_epochs += 1
-            if bad_epochs >= opts.patience:
-                break
-    model.load_state_dict(best_state[0])
-    head.load_state_dict(best_state[1])
+        if stopper.update(score(valid_idx, False)["auc"]):
+            break
+    stopper.restore()
     valid, test = score(valid_idx, False), score(test_idx, True)  # the test split's only use
     out = {"valid": valid, "test": test, "epochs": epochs, "n_train": len(train_idx),
            "n_valid": len(valid_idx), "n_test": len(test_idx)}
