@@ -42,7 +42,7 @@ quick: $(STAMP)
 # The MovieLens-100K result set (reads ../shared/data/movielens-100k; nothing of it is committed
 # but the metrics and reports): its own params.yaml, dvc.yaml and dvc.lock.
 movielens: $(STAMP)
-	$(BIN)/dvc repro experiments/movielens-100k/dvc.yaml
+	cd experiments/movielens-100k && $(CURDIR)/$(BIN)/dvc repro
 
 # Prefect: a local server bound to 127.0.0.1 (state under .prefect/), the deployment ptum/full
 # served by a long-running process, and a run of it. Use three terminals, in this order.

@@ -420,7 +420,8 @@ def dvc_repro(stage: str, root: str) -> None:
 def save_experiment(root: str) -> str | None:
     """`dvc exp save` the workspace if every stage is up to date; return the experiment name."""
     logger = get_run_logger()
-    stale = json.loads(dvc("status", "--json", root=Path(root)) or "{}")
+    # The root pipeline only: experiments/*/dvc.yaml are other pipelines, run on their own.
+    stale = json.loads(dvc("status", "--json", "dvc.yaml", root=Path(root)) or "{}")
     if stale:
         logger.warning(
             "not saving a DVC experiment: %s out of date; run all stages to version this run",
@@ -435,12 +436,16 @@ def save_experiment(root: str) -> str | None:
 
 
 @task(name="publish", cache_policy=NO_CACHE)
-def publish(root: str, experiment: str | None) -> None:
-    """Markdown artifact `ptum-results` and table artifact `ptum-metrics`."""
+def publish(root: str, experiment: str | None, report_ran: bool = True) -> None:
+    """Markdown artifact `ptum-results` and table artifact `ptum-metrics`.
+
+    reports/results.md is published only when this run ran the `report` stage: a file left from
+    an earlier run would describe other numbers than this run's metrics.
+    """
     rows = flatten_metrics(json.loads(dvc("metrics", "show", "--json", root=Path(root)) or "{}"))
     results = Path(root) / RESULTS_MD
     where = f" (DVC experiment {experiment})" if experiment else ""
-    if results.is_file():
+    if report_ran and results.is_file():
         markdown, source = results.read_text(encoding="utf-8"), str(RESULTS_MD)
     else:
         markdown, source = metrics_markdown(rows, experiment), "dvc metrics show"
@@ -498,7 +503,7 @@ def ptum_flow(
         )
         stage_task(stage, root)
     experiment = save_experiment(root)
-    publish(root, experiment)
+    publish(root, experiment, report_ran="report" in selected)
     return experiment
 
 

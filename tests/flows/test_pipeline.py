@@ -271,7 +271,7 @@ def test_quick_run_completes_versions_and_publishes(served):
     params = yaml.safe_load((served.copy / "params.yaml").read_text(encoding="utf-8"))
     assert params["data"]["size"] == "tiny"
     assert params["pretrain"]["architectures"] == ["hsa", "bert4rec"]
-    assert json.loads(_dvc(served, "status", "--json") or "{}") == {}
+    assert json.loads(_dvc(served, "status", "--json", "dvc.yaml") or "{}") == {}
     experiment = f"ptum-{name}-{run['id'][:8]}"
     assert experiment in _dvc(served, "exp", "list", "--name-only")
     refs = subprocess.run(
