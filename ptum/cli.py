@@ -52,7 +52,8 @@ def _tokenize(p: Params, args: argparse.Namespace) -> dict:
 def _pretrain(p: Params, args: argparse.Namespace) -> dict:
     arch = args.arch or p.pretrain.architectures[0]
     out = args.out or Path("models/pretrain") / arch
-    report = Path("reports/pretrain") / arch
+    # With --out (a side experiment), its history/metrics go beside it, not over the stage's.
+    report = args.out / "reports" if args.out else Path("reports/pretrain") / arch
     procs = args.nproc or p.pretrain.processes
     if procs > 1 and "WORLD_SIZE" not in os.environ:
         # Re-launch this very command under torchrun: one process per data-parallel rank.

@@ -143,6 +143,8 @@ class FinetuneConfig:
     demo_select: Literal["acc", "macro_f1"] = "acc"
     # Parallel worker processes for independent cells (each uses one thread).
     workers: int = 2
+    # finetune mode only: the pre-trained user model trains at lr * encoder_lr_scale.
+    encoder_lr_scale: float = 1.0
 
 
 @dataclass(frozen=True)

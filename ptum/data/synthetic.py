@@ -211,7 +211,8 @@ def generate(spec: SyntheticSpec, seed: int, latent: dict | None = None
     if latent is not None:
         latent.update(interest=interest, item_topic=item_topic, ad_topic=ad_topic,
                       impression_user=imp_user, impression_ad=imp_ad,
-                      click_prob=1 / (1 + np.exp(-logit)), gender=gender, age=age)
+                      click_prob=1 / (1 + np.exp(-logit)), gender=gender, age=age,
+                      titles=titles, ad_titles=ad_titles)
     impressions = pl.DataFrame({
         "user_id": user_ids[imp_user],
         "timestamp": imp_ts,

@@ -21,7 +21,7 @@ from ptum.finetune.train import MODES, CellOptions
 def cell_options(cfg: FinetuneConfig) -> CellOptions:
     return CellOptions(lr=cfg.lr, batch_size=cfg.batch_size, max_epochs=cfg.max_epochs,
                        patience=cfg.patience, head_hidden=cfg.head_hidden,
-                       weight_decay=cfg.weight_decay)
+                       weight_decay=cfg.weight_decay, encoder_lr_scale=cfg.encoder_lr_scale)
 
 
 def run_stage(cfg: FinetuneConfig, task: str, *, prepared: Path, tokenized: Path,

@@ -41,6 +41,9 @@ class CellOptions:
     weight_decay: float = 0.0
     # CTR batches hold whole users: all their training impressions share one history encoding.
     ctr_users_per_batch: int = 16
+    # finetune mode: the pre-trained encoder learns at lr * this (the head at lr), so a few
+    # thousand labels refine the pre-trained weights instead of overwriting them. 1.0 = one lr.
+    encoder_lr_scale: float = 1.0
 
 
 def user_vectors(model: UserModel, corpus: Corpus, rows: np.ndarray, device: torch.device
@@ -102,6 +105,16 @@ def _init_model(pretrained: UserModel, mode: str, seed: int) -> UserModel:
     return copy.deepcopy(pretrained)
 
 
+def _optimizer(model: UserModel, head: torch.nn.Module, mode: str, opts: CellOptions
+               ) -> torch.optim.Optimizer:
+    """AdamW over the head, plus the user model unless frozen (scaled lr when fine-tuning)."""
+    groups: list[dict] = [{"params": list(head.parameters()), "lr": opts.lr}]
+    if mode != "frozen":
+        scale = opts.encoder_lr_scale if mode == "finetune" else 1.0
+        groups.append({"params": list(model.parameters()), "lr": opts.lr * scale})
+    return torch.optim.AdamW(groups, lr=opts.lr, weight_decay=opts.weight_decay)
+
+
 def _state(*modules: torch.nn.Module) -> list[dict[str, Tensor]]:
     return [{k: v.detach().clone() for k, v in m.state_dict().items()} for m in modules]
 
@@ -126,8 +139,7 @@ def run_demo(*, pretrained: UserModel, corpus: Corpus, y: np.ndarray, split: np.
     test_rows = np.flatnonzero((split == "test") & (y >= 0))
     frozen = mode == "frozen"
     cached = all_user_vectors(model, corpus, device) if frozen else None
-    params = list(head.parameters()) + ([] if frozen else list(model.parameters()))
-    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    opt = _optimizer(model, head, mode, opts)
     y_t = torch.from_numpy(y).to(device)
 
     def vectors(rows: np.ndarray) -> Tensor:
@@ -195,8 +207,7 @@ def run_ctr(*, pretrained: UserModel, data: CtrData, train_idx: np.ndarray, mode
         u_train = all_user_vectors(model, data.hist_train, device)
         u_test = all_user_vectors(model, data.hist_test, device)
         items = item_vectors(model, tokens, np.arange(tokens.shape[0]))
-    params = list(head.parameters()) + ([] if frozen else list(model.parameters()))
-    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    opt = _optimizer(model, head, mode, opts)
     y = torch.from_numpy(data.clicked.astype(np.float32)).to(device)
 
     def logits(idx: np.ndarray, test: bool) -> Tensor:

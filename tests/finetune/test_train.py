@@ -53,6 +53,33 @@ def test_frozen_keeps_encoder_finetune_and_scratch_change_it(pretrained, demo):
         assert 0.0 <= res["test"]["acc"] <= 1.0 and res["n_test"] > 0
 
 
+def test_encoder_lr_scale_sets_the_encoder_learning_rate(pretrained):
+    head = torch.nn.Linear(8, 2)
+    opts = ft.CellOptions(lr=1e-3, encoder_lr_scale=0.1)
+    groups = ft._optimizer(pretrained, head, "finetune", opts).param_groups
+    assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-4])
+    assert sum(p.numel() for p in groups[1]["params"]) == sum(
+        p.numel() for p in pretrained.parameters())
+    # scratch learns everything at the full rate; frozen trains the head only.
+    assert [g["lr"] for g in ft._optimizer(pretrained, head, "scratch", opts).param_groups] \
+        == pytest.approx([1e-3, 1e-3])
+    assert len(ft._optimizer(pretrained, head, "frozen", opts).param_groups) == 1
+
+
+def test_finetune_with_a_smaller_encoder_lr_moves_the_encoder_less(pretrained, demo):
+    def shift(scale: float) -> float:
+        out = ft.run_demo(pretrained=pretrained, corpus=demo.corpus, y=demo.labels["gender"][0],
+                          split=demo.split, train_rows=np.flatnonzero(
+                              demo.subsets[1.0] & (demo.labels["gender"][0] >= 0)),
+                          n_classes=2, mode="finetune", seed=1, return_models=True,
+                          opts=ft.CellOptions(lr=3e-3, batch_size=16, max_epochs=1, patience=5,
+                                              head_hidden=8, encoder_lr_scale=scale))
+        return sum(float((a - b).abs().sum()) for a, b in zip(
+            out["model"].state_dict().values(), pretrained.state_dict().values()))
+
+    assert 0 < shift(0.1) < shift(1.0)
+
+
 def test_test_split_is_scored_once_after_training(pretrained, demo, monkeypatch):
     y, _ = demo.labels["gender"]
     test_rows = set(np.flatnonzero((demo.split == "test") & (y >= 0)).tolist())
