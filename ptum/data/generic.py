@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from ptum.data.errors import DataError
@@ -65,6 +66,7 @@ def scan(path: Path, table: str) -> tuple[pl.LazyFrame, list[str]]:
     the caller; this function flags what one row alone can tell.
     """
     required = REQUIRED[table]
+    typed: set[str] = set()
     if path.suffix == ".parquet":
         lf = pl.scan_parquet(path)
         columns = list(lf.collect_schema().names())
@@ -72,8 +74,12 @@ def scan(path: Path, table: str) -> tuple[pl.LazyFrame, list[str]]:
         missing = [c for c in required if c not in columns]
         if missing:
             raise DataError(path, None, f"missing column(s) {missing}; file has {columns}", "row")
+        schema = lf.collect_schema()
+        # Integer timestamp/clicked columns skip the string round trip below (same values).
+        typed = {c for c in REQUIRED[table] if c in ("timestamp", "clicked")
+                 and schema[c].is_integer()}
         lf = lf.with_row_index("line", offset=unit_offset).with_columns(
-            pl.col(c).cast(pl.String) for c in columns
+            pl.col(c).cast(pl.String) for c in columns if c not in typed and schema[c] != pl.String
         ).with_columns(pl.lit(None, dtype=pl.String).alias("__reason"))
     else:
         columns = _tsv_header(path)
@@ -110,37 +116,35 @@ def scan(path: Path, table: str) -> tuple[pl.LazyFrame, list[str]]:
         keep = ["user_id", *label_cols]
     lf = lf.select("line", *keep, "__reason")
 
+    # Strip every string field once; the checks and the output values below read the result.
+    lf = lf.with_columns(pl.col(c).str.strip_chars() for c in keep if c not in typed)
+    ts = (pl.col("timestamp").cast(pl.Int64, strict=False) if "timestamp" in keep else None)
     reason = pl.col("__reason")
     checks: list[tuple[pl.Expr, str]] = [
-        (pl.col("user_id").is_null() | (pl.col("user_id").str.strip_chars() == ""), "missing_user"),
+        (pl.col("user_id").is_null() | (pl.col("user_id") == ""), "missing_user"),
     ]
-    if "timestamp" in keep:
-        ts = pl.col("timestamp").str.strip_chars().cast(pl.Int64, strict=False)
+    if ts is not None:
         checks.append((ts.is_null() | (ts < 0), "bad_timestamp"))
     if "text" in keep:
-        checks.append((pl.col("text").is_null() | (pl.col("text").str.strip_chars() == ""),
-                       "empty_text"))
+        checks.append((pl.col("text").is_null() | (pl.col("text") == ""), "empty_text"))
     if "clicked" in keep:
-        checks.append((~pl.col("clicked").str.strip_chars().is_in(["0", "1"])
-                       | pl.col("clicked").is_null(), "bad_clicked"))
+        valid = [0, 1] if "clicked" in typed else ["0", "1"]
+        checks.append((~pl.col("clicked").is_in(valid) | pl.col("clicked").is_null(), "bad_clicked"))
     for cond, name in checks:
         reason = pl.when(reason.is_null() & cond).then(pl.lit(name)).otherwise(reason)
     lf = lf.with_columns(reason=reason).drop("__reason")
 
-    casts = [pl.col("user_id").str.strip_chars()]
-    if "timestamp" in keep:
-        casts.append(pl.col("timestamp").str.strip_chars().cast(pl.Int64, strict=False))
+    casts = []
+    if ts is not None:
+        casts.append(ts)
     if "clicked" in keep:
-        casts.append(pl.col("clicked").str.strip_chars().cast(pl.Int8, strict=False))
-    if "text" in keep:
-        casts.append(pl.col("text").str.strip_chars())
+        casts.append(pl.col("clicked").cast(pl.Int8, strict=False))
     for c in label_cols:
-        casts.append(pl.when(pl.col(c).str.strip_chars() == "").then(None)
-                     .otherwise(pl.col(c).str.strip_chars()).alias(c))
+        casts.append(pl.when(pl.col(c) == "").then(None).otherwise(pl.col(c)).alias(c))
     if "item_id" in keep:
         # The source's own id: kept only to tell apart same-second events with one text.
-        casts.append(pl.col("item_id").str.strip_chars().alias("source_item_id"))
-    out = lf.with_columns(casts)
+        casts.append(pl.col("item_id").alias("source_item_id"))
+    out = lf.with_columns(casts) if casts else lf
     return (out.drop("item_id") if "item_id" in keep else out), label_cols
 
 
@@ -152,6 +156,28 @@ def flag_duplicates(lf: pl.LazyFrame, keys: list[str], reason: str) -> pl.LazyFr
         reason=pl.when(pl.col("reason").is_null() & ~first).then(pl.lit(reason))
         .otherwise(pl.col("reason"))
     )
+
+
+def mark_duplicates(df: pl.DataFrame, keys: list[str], reason: str) -> pl.DataFrame:
+    """Eager twin of `flag_duplicates` (same rows flagged), row order kept.
+
+    Sorts the good rows by (keys, line) and compares neighbours instead of hashing composite
+    keys: much faster on long strings, fastest when the caller passes integer codes as keys.
+    """
+    good = df.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("__row"), *keys, "line",
+                     "reason").filter(pl.col("reason").is_null())
+    # String keys sort faster as ranks of their distinct values (null stays null).
+    good = good.with_columns(
+        pl.col(k).cast(pl.Enum(good[k].unique().drop_nulls().sort())).to_physical()
+        for k in keys if good.schema[k] == pl.String
+    )
+    same = pl.all_horizontal(pl.col(k).eq_missing(pl.col(k).shift(1)) for k in keys) & (
+        pl.int_range(pl.len()) > 0)
+    dup_rows = good.sort(*keys, "line").filter(same)["__row"].to_numpy()
+    dup = np.zeros(df.height, dtype=bool)
+    dup[dup_rows] = True
+    return df.with_columns(reason=pl.when(pl.Series(dup)).then(pl.lit(reason))
+                           .otherwise(pl.col("reason")))
 
 
 def raise_first(bad: pl.DataFrame, path: Path, total: dict[str, int]) -> None:

@@ -162,3 +162,30 @@ def test_ptum_tsv_layout(tmp_path):
     f.write_bytes(b"u1\tx\ta\t1\nu2\tx\t\xff\t2\n")
     with pytest.raises(DataError, match=r"behavior.tsv:2: bytes that are not valid UTF-8"):
         read_ptum_tsv(f)
+
+
+def test_mark_duplicates_matches_flag_duplicates():
+    """The eager, sort-based duplicate check flags exactly the rows the lazy one flags."""
+    import numpy as np
+
+    from ptum.data import generic
+
+    rng = np.random.default_rng(0)
+    n = 2_000
+
+    def pick(values: list) -> list:
+        return [values[i] for i in rng.integers(0, len(values), n)]
+
+    df = pl.DataFrame({
+        "line": np.arange(2, n + 2, dtype=np.uint32),
+        "user_id": pick(["a", "b", "c", None]),
+        "timestamp": rng.integers(0, 5, n),
+        "text": pick(["x", "y", "z", " "]),
+        "source_item_id": pick(["1", "2", None]),
+        "reason": pick([None, None, None, "bad_timestamp"]),
+    }).sample(fraction=1.0, shuffle=True, seed=1)  # out of line order on purpose
+    keys = ["user_id", "timestamp", "text", "source_item_id"]
+    lazy = generic.flag_duplicates(df.lazy(), keys, "duplicate_event").collect()
+    eager = generic.mark_duplicates(df, keys, "duplicate_event").sort("line")
+    assert eager.equals(lazy)
+    assert (eager["reason"] == "duplicate_event").sum() > 0
