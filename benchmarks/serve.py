@@ -10,9 +10,17 @@ Every user is full length (all behaviors and tokens real), the serving worst cas
 batch 1 (p50 / p99 over --iters calls after warm-up); throughput is users/s at batch 256. Both
 engines get the same intra-op thread count, 1 by default: one request per core is the usual CPU
 serving layout, and on a shared machine multi-threaded OpenMP (torch) collapses under other
-load, which would flatter onnxruntime. Engines are timed round-robin so background load hits
-them alike. The ONNX model is written by `ptum.export.export`, the same path `ptum export`
-takes; int8 is onnxruntime dynamic quantization (quantize_dynamic, weights QInt8).
+load, which would flatter onnxruntime. Batch-1 calls are timed round-robin so background load
+hits the engines alike (batch-256 calls one engine after another, for memory); warm-up is 10
+calls at batch 1 and 1 at batch 256 per engine; torch runs under torch.inference_mode. The ONNX model is written by
+`ptum.export.export`, the same path `ptum export` takes: by default the folded serving graph
+(`ptum.export.serving_model`: embedding x qkv and attention-out x pooling multiplied out). Rows:
+    torch eager              the model as trained, the baseline of the "x torch" column
+    torch eager folded       torch running the same folded module that is exported: shows how
+                             much of onnxruntime's lead is the folding rather than the engine
+    onnxruntime unfolded     export(fold=False): the graph of the model as trained
+    onnxruntime              the default export (folded)
+    onnxruntime int8         the default export, dynamic quantization (quantize_dynamic, QInt8)
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 from ptum import checkpoint  # noqa: E402
 from ptum.config import load_params, to_dict  # noqa: E402
-from ptum.export import example_inputs, export, file_sha256  # noqa: E402
+from ptum.export import example_inputs, export, file_sha256, serving_model  # noqa: E402
 from ptum.models.user_model import ModelConfig, UserModel  # noqa: E402
 
 
@@ -101,16 +109,19 @@ def bench_model(
             "model_config": config.to_dict(),
         },
     )
-    t0 = time.perf_counter()
-    export(
-        work / name / "ckpt",
-        work / name / "onnx",
-        spm_model=spm,
-        data_version="benchmark",
-        params={"benchmark": "random weights"},
-    )
-    export_s = time.perf_counter() - t0
-    fp32 = work / name / "onnx" / "user_model.onnx"
+    export_s = {}
+    for fold in (True, False):
+        t0 = time.perf_counter()
+        export(
+            work / name / "ckpt",
+            work / name / f"onnx_{fold}",
+            spm_model=spm,
+            data_version="benchmark",
+            params={"benchmark": "random weights"},
+            fold=fold,
+        )
+        export_s[fold] = time.perf_counter() - t0
+    fp32 = work / name / "onnx_True" / "user_model.onnx"
     L, T = config.max_behaviors, config.max_tokens
     one = example_inputs(config, [L], behaviors=L, tokens=T, seed=1)
     one["token_mask"][:] = True  # full-length texts too
@@ -118,19 +129,33 @@ def bench_model(
     many = {k: v.expand(batch, *v.shape[1:]).contiguous() for k, v in one.items()}
     rows = []
 
-    def torch_fn(x):
+    folded = serving_model(model)
+
+    def torch_fn(x, m=model):
         def run():
             with torch.inference_mode():
-                return model(**x)
+                return m(**x)
 
         return run
+
+    # A batch-256 call leaves GBs in onnxruntime's arena (the (B*L, heads, T, T) attention
+    # scores); five engines' arenas together would not fit a 24 GB machine. So throughput is
+    # timed one engine after another, and a run with this option hands the arena back after.
+    shrink = ort.RunOptions()
+    shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
     def ort_fn(s, x):
         feed = {k: v.numpy() for k, v in x.items()}
         return lambda: s.run(["user"], feed)[0]
 
-    engines = {"torch eager": (torch_fn(one), torch_fn(many))}
-    sessions = {"onnxruntime": session(fp32, threads)}
+    engines = {
+        "torch eager": (torch_fn(one), torch_fn(many)),
+        "torch eager folded": (torch_fn(one, folded), torch_fn(many, folded)),
+    }
+    sessions = {
+        "onnxruntime unfolded": session(work / name / "onnx_False" / "user_model.onnx", threads),
+        "onnxruntime": session(fp32, threads),
+    }
     if int8:
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -146,7 +171,11 @@ def bench_model(
     with torch.inference_mode():
         ref = model(**varied).numpy()
     lat = interleaved({k: f1 for k, (f1, _) in engines.items()}, iters, warmup=10)
-    thr = interleaved({k: fb for k, (_, fb) in engines.items()}, 3, warmup=1)
+    thr = {}
+    for k, (_, fb) in engines.items():
+        thr |= interleaved({k: fb}, 3, warmup=1)
+        if k in sessions:
+            sessions[k].run(["user"], {n: v.numpy() for n, v in one.items()}, shrink)
     for engine in engines:
         ms = lat[engine] * 1e3
         row = {
@@ -157,7 +186,8 @@ def bench_model(
             "users_per_s": batch / np.median(thr[engine]),
         }
         if engine in sessions:
-            out = sessions[engine].run(["user"], {k: v.numpy() for k, v in varied.items()})[0]
+            feed = {k: v.numpy() for k, v in varied.items()}
+            out = sessions[engine].run(["user"], feed, shrink)[0]
             cos = (out * ref).sum(1) / (np.linalg.norm(out, axis=1) * np.linalg.norm(ref, axis=1))
             row["cosine_min"] = float(cos.min())
             row["max_abs_diff"] = float(np.abs(out - ref).max())
@@ -166,7 +196,8 @@ def bench_model(
     for r in rows:
         r["speedup_b1"] = base / r["p50_ms"]
     print(
-        f"  {name}: exported in {export_s:.1f}s; {L} behaviors x {T} tokens, dim {config.dim}, "
+        f"  {name}: exported in {export_s[True]:.1f}s (unfolded {export_s[False]:.1f}s); "
+        f"{L} behaviors x {T} tokens, dim {config.dim}, "
         f"word_dim {config.word_dim}, heads {config.heads}x{config.head_dim}",
         flush=True,
     )
@@ -200,7 +231,7 @@ def main() -> None:
                 int8=args.int8,
             )
     head = (
-        f"{'model':<12} {'engine':<17} {'p50 ms':>8} {'p99 ms':>8} {'x torch':>8} "
+        f"{'model':<12} {'engine':<20} {'p50 ms':>8} {'p99 ms':>8} {'x torch':>8} "
         f"{'users/s':>9} {'cos min':>8} {'max |diff|':>10}"
     )
     print(
@@ -213,7 +244,7 @@ def main() -> None:
         cos = f"{r['cosine_min']:.5f}" if "cosine_min" in r else "-"
         diff = f"{r['max_abs_diff']:.2e}" if "max_abs_diff" in r else "-"
         print(
-            f"{r['model']:<12} {r['engine']:<17} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
+            f"{r['model']:<12} {r['engine']:<20} {r['p50_ms']:>8.2f} {r['p99_ms']:>8.2f} "
             f"{r['speedup_b1']:>7.2f}x {r['users_per_s']:>9.1f} {cos:>8} {diff:>10}"
         )
 

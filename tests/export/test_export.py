@@ -17,14 +17,16 @@ import torch
 from ptum.checkpoint import CheckpointMismatch
 from ptum.export import (
     USER_INPUTS,
+    FoldedSelfAttnEncoder,
     example_inputs,
     export,
     export_head,
     file_sha256,
+    serving_model,
     static_lengths,
 )
 from ptum.heads import CtrHead, load_demo_heads
-from ptum.models.user_model import ARCHITECTURES
+from ptum.models.user_model import ARCHITECTURES, ModelConfig, UserModel
 from ptum.tokenize import train
 from tests.export.conftest import AGE_CLASSES, TINY
 
@@ -178,3 +180,40 @@ def test_trained_ctr_head_exports(tmp_path) -> None:
     with torch.no_grad():
         np.testing.assert_allclose(got[0], head(user, cand).numpy(), rtol=RTOL, atol=ATOL)
     assert diff < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["hsa", "bert4rec", "hura"])
+def test_serving_model_matches_trained_model(arch: str) -> None:
+    """The folded serving module computes the trained model's function (trained-like weights:
+    every parameter perturbed, so no bias is zero) on full, short, empty and one-token rows,
+    and leaves the trained model as it was."""
+    config = ModelConfig.for_architecture(
+        arch, vocab_size=50, max_tokens=9, max_behaviors=6, **TINY
+    )
+    torch.manual_seed(0)
+    model = UserModel(config=config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    served = serving_model(model)
+    folded = isinstance(served.behavior_encoder, FoldedSelfAttnEncoder)
+    assert folded == (config.behavior_encoder == "selfattn")
+    assert not served.training
+    for seed, (lengths, L, T) in enumerate([([6, 0, 1, 3], 6, 9), ([2, 0, 5], 5, 4)]):
+        x = example_inputs(config, lengths, behaviors=L, tokens=T, seed=seed)
+        x["token_mask"][0, 0] = False  # a real behavior whose text is all padding
+        x["tokens"][0, 0] = 0
+        with torch.no_grad():
+            want, got = model(**x), served(**x)
+            items = {k: x[k].flatten(0, 1) for k in ("tokens", "token_mask")}
+            want_items = model.behavior_encoder(**items)
+            got_items = served.behavior_encoder(**items)
+        torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(got_items, want_items, rtol=RTOL, atol=ATOL)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_export_reports_folding(exported) -> None:
+    assert exported("hsa").report["folded"] is True
