@@ -148,18 +148,9 @@ def scan(path: Path, table: str) -> tuple[pl.LazyFrame, list[str]]:
     return (out.drop("item_id") if "item_id" in keep else out), label_cols
 
 
-def flag_duplicates(lf: pl.LazyFrame, keys: list[str], reason: str) -> pl.LazyFrame:
-    """Mark every good row but the first (by line) of each group of `keys` with `reason`."""
-    first = pl.struct(*keys, pl.col("reason").is_null()).is_first_distinct()
-    # is_first_distinct follows row order: make it the line order explicitly.
-    return lf.sort("line").with_columns(
-        reason=pl.when(pl.col("reason").is_null() & ~first).then(pl.lit(reason))
-        .otherwise(pl.col("reason"))
-    )
-
-
 def mark_duplicates(df: pl.DataFrame, keys: list[str], reason: str) -> pl.DataFrame:
-    """Eager twin of `flag_duplicates` (same rows flagged), row order kept.
+    """Mark every good row but the first (by line) of each group of `keys` with `reason`; row
+    order kept.
 
     Sorts the good rows by (keys, line) and compares neighbours instead of hashing composite
     keys: much faster on long strings, fastest when the caller passes integer codes as keys.
