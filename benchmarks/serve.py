@@ -1,6 +1,6 @@
 """Benchmark: user-embedding latency and throughput, onnxruntime vs PyTorch eager, on CPU.
 
-    python benchmarks/serve.py [--threads 1] [--iters 200] [--batch 256] [--no-int8]
+    python benchmarks/serve.py [--threads 1] [--iters 200] [--batch 256] [--no-int8] [--opset N]
 
 Two HSA models, both with RANDOM weights (timing does not depend on training; the int8 cosine
 column compares int8 with fp32 outputs of the same random model):
@@ -14,13 +14,16 @@ load, which would flatter onnxruntime. Batch-1 calls are timed round-robin so ba
 hits the engines alike (batch-256 calls one engine after another, for memory); warm-up is 10
 calls at batch 1 and 1 at batch 256 per engine; torch runs under torch.inference_mode. The ONNX model is written by
 `ptum.export.export`, the same path `ptum export` takes: by default the folded serving graph
-(`ptum.export.serving_model`: embedding x qkv and attention-out x pooling multiplied out). Rows:
+(`ptum.export.serving_model`: embedding x qkv and attention-out x pooling multiplied out) at
+params.yaml's opset, where (>= 23) each self-attention is one ONNX Attention node; --opset 18
+gives the graphs without it. Rows:
     torch eager              the model as trained, the baseline of the "x torch" column
     torch eager folded       torch running the same folded module that is exported: shows how
                              much of onnxruntime's lead is the folding rather than the engine
     onnxruntime unfolded     export(fold=False): the graph of the model as trained
     onnxruntime              the default export (folded)
-    onnxruntime int8         the default export, dynamic quantization (quantize_dynamic, QInt8)
+    onnxruntime int8         the default export, dynamic quantization (quantize_dynamic, QInt8,
+                             MatMul and Gather weights)
 """
 
 from __future__ import annotations
@@ -94,7 +97,15 @@ def session(path: Path, threads: int) -> ort.InferenceSession:
 
 
 def bench_model(
-    name: str, config: ModelConfig, work: Path, *, threads: int, iters: int, batch: int, int8: bool
+    name: str,
+    config: ModelConfig,
+    work: Path,
+    *,
+    threads: int,
+    iters: int,
+    batch: int,
+    int8: bool,
+    opset: int,
 ) -> list[dict]:
     torch.manual_seed(0)
     model = UserModel(config=config).eval()
@@ -119,6 +130,7 @@ def bench_model(
             data_version="benchmark",
             params={"benchmark": "random weights"},
             fold=fold,
+            opset=opset,
         )
         export_s[fold] = time.perf_counter() - t0
     fp32 = work / name / "onnx_True" / "user_model.onnx"
@@ -161,7 +173,14 @@ def bench_model(
 
         q = fp32.with_name("user_model.int8.onnx")
         logging.getLogger().setLevel(logging.ERROR)  # "consider pre-processing" advice
-        quantize_dynamic(str(fp32), str(q), weight_type=QuantType.QInt8)
+        # Not "Attention": the quantizer takes the ONNX Attention op for the contrib op of the
+        # same name and writes an invalid QAttention node.
+        quantize_dynamic(
+            str(fp32),
+            str(q),
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Gather"],
+        )
         sessions["onnxruntime int8"] = session(q, threads)
     for k, s in sessions.items():
         engines[k] = (ort_fn(s, one), ort_fn(s, many))
@@ -210,11 +229,18 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=200, help="batch-1 calls timed per engine")
     ap.add_argument("--batch", type=int, default=256, help="throughput batch size")
     ap.add_argument("--no-int8", dest="int8", action="store_false")
+    ap.add_argument(
+        "--opset",
+        type=int,
+        default=None,
+        help="ONNX opset of the exports (default params.yaml export.opset; < 23: no Attention op)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    opset = args.opset or load_params(ROOT / "params.yaml").export.opset
     print(
         f"CPU: {os.cpu_count()} logical cores (load average {os.getloadavg()[0]:.1f}), "
-        f"{args.threads} intra-op thread(s) per engine; "
+        f"{args.threads} intra-op thread(s) per engine; opset {opset}; "
         f"torch {torch.__version__}, onnxruntime {ort.__version__}"
     )
     print("NOTE: random weights (timing only; accuracy columns compare engines on one model)")
@@ -229,6 +255,7 @@ def main() -> None:
                 iters=args.iters,
                 batch=args.batch,
                 int8=args.int8,
+                opset=opset,
             )
     head = (
         f"{'model':<12} {'engine':<20} {'p50 ms':>8} {'p99 ms':>8} {'x torch':>8} "

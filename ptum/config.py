@@ -202,7 +202,7 @@ class TuneConfig:
 class ExportConfig:
     """Stage `export@ARCH`: ONNX files of a pre-trained model (+ serving heads)."""
 
-    opset: int = 18
+    opset: int = 23
     # Trace sizes of the dynamic dims; each >= 2 (a size-1 example dim is fixed in the graph).
     example_batch: int = 3
     example_behaviors: int = 5

@@ -23,7 +23,9 @@ specializations even where the graph's input dims look symbolic.
 
 What is exported is `serving_model(model)`: the same function, with the self-attention behavior
 encoder's consecutive linear maps multiplied out (`FoldedSelfAttnEncoder`, ~5x fewer FLOPs per
-paper-sized user); the parity check compares it with the model as trained.
+paper-sized user) and, at opset >= 23 (the default), every self-attention as one ONNX
+`Attention` node on (N, T, heads * head_dim) rows (`attention_3d`); the parity check compares it
+with the model as trained. Opset 18-22 exports the same function without the Attention op.
 """
 
 from __future__ import annotations
@@ -43,15 +45,20 @@ import onnx
 import onnxruntime as ort
 import torch
 import torch.nn.functional as F
+from onnxscript import opset23
 from torch import Tensor, nn
 
 from ptum import __version__, checkpoint
 from ptum.hashing import sha256_file
 from ptum.heads import CtrHead, DemoHead, load_demo_heads
 from ptum.models.behavior import SelfAttnBehaviorEncoder
-from ptum.models.layers import NUM_GAP_BUCKETS
+from ptum.models.layers import NUM_GAP_BUCKETS, MultiHeadSelfAttention
 from ptum.models.user_model import ModelConfig, UserModel
 from ptum.tokenize import PAD_ID
+
+# From this opset on the folded encoder's attention is one ONNX `Attention` node on (N, T, H*hd)
+# inputs: no head transposes, mask add and softmax fused (~25% of a CPU-default user at batch 1).
+ATTENTION_OPSET = 23
 
 USER_INPUTS = ("tokens", "token_mask", "mask", "positions", "gap_buckets")
 GAP_BUCKET_RULE = (
@@ -160,6 +167,7 @@ def _to_onnx(
             output_names=output_names,
             opset_version=opset,
             external_data=False,
+            custom_translation_table=ONNX_TRANSLATIONS,
             verbose=False,
         )
     model = onnx.load(str(path))
@@ -242,6 +250,37 @@ def _parity(path: Path, fn: Any, inputs: dict[str, Tensor]) -> float:
     return float(np.abs(got - want).max()) if got.size else 0.0
 
 
+@torch.library.custom_op("ptum::attention_3d", mutates_args=())
+def attention_3d(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, heads: int, scale: float) -> Tensor:
+    """Scaled dot-product attention (softmax(scale * q k^T) v per head) on head-interleaved rows.
+
+    q, k, v: (N, T, H * hd) float; mask: (N, 1, T, T) bool, True where a query may attend to a
+    key, every row with at least one True. Returns (N, T, H * hd). Exported as one ONNX
+    `Attention` node (opset >= 23, `q_num_heads`), which takes this layout directly.
+    """
+    N, T, C = q.shape
+
+    def split(x: Tensor) -> Tensor:
+        return x.view(N, T, heads, C // heads).transpose(1, 2)  # (N, H, T, hd)
+
+    y = F.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask, scale=scale)
+    return y.transpose(1, 2).reshape(N, T, C)
+
+
+@attention_3d.register_fake
+def _attention_3d_fake(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor, heads: int, scale: float
+) -> Tensor:
+    return torch.empty_like(q)
+
+
+def _attention_3d_onnx(q, k, v, mask, heads: int, scale: float):  # onnxscript values -> value
+    return opset23.Attention(q, k, v, mask, q_num_heads=heads, kv_num_heads=heads, scale=scale)[0]
+
+
+ONNX_TRANSLATIONS = {torch.ops.ptum.attention_3d.default: _attention_3d_onnx}
+
+
 class FoldedSelfAttnEncoder(nn.Module):
     """Serving twin of an eval-mode `SelfAttnBehaviorEncoder`: the same function, ~5x fewer FLOPs.
 
@@ -260,13 +299,17 @@ class FoldedSelfAttnEncoder(nn.Module):
     qkv tables cost vocab x 3 * heads * head_dim floats instead of vocab x word_dim. Masking is
     that of `MultiHeadSelfAttention` and `AdditiveAttention` (a key-less row attends to its
     first token, an empty row pools to zero), with the key mask added as a finite bias.
+
+    With `fused_attention` the attention runs as `attention_3d` (one ONNX `Attention` node when
+    exported at opset >= ATTENTION_OPSET) instead of matmul / mask add / softmax / matmul.
     """
 
-    def __init__(self, enc: SelfAttnBehaviorEncoder) -> None:
+    def __init__(self, enc: SelfAttnBehaviorEncoder, *, fused_attention: bool = False) -> None:
         super().__init__()
         attn, pool = enc.attn, enc.pool
         H, hd = attn.heads, attn.head_dim
         self.heads, self.head_dim = H, hd
+        self.fused_attention = fused_attention
         f64 = {"dtype": torch.float64}
         with torch.no_grad():
             w_qkv, b_qkv = attn.qkv.weight.to(**f64), attn.qkv.bias.to(**f64)  # (3Hhd, word_dim)
@@ -294,13 +337,18 @@ class FoldedSelfAttnEncoder(nn.Module):
         N, T = tokens.shape
         H, hd = self.heads, self.head_dim
         qkv = F.embedding(tokens, self.words_qkv) + self.pos_qkv[:T]  # (N, T, 3Hhd)
-        q, k, v = qkv.view(N, T, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, T, hd) each
         empty = ~token_mask.any(dim=-1, keepdim=True)  # (N, 1)
         first = torch.arange(T, device=tokens.device) == 0  # (T,)
         keys = token_mask | (empty & first)  # (N, T)
-        bias = torch.zeros_like(keys, dtype=q.dtype).masked_fill(~keys, torch.finfo(q.dtype).min)
-        att = torch.softmax(q @ k.transpose(-1, -2) + bias[:, None, None, :], dim=-1)
-        y = (att @ v).transpose(1, 2).reshape(N, T, H * hd)  # (N, T, Hhd)
+        if self.fused_attention:
+            q, k, v = qkv.split(H * hd, dim=-1)  # (N, T, Hhd) each
+            y = attention_3d(q, k, v, keys[:, None, None, :].expand(N, 1, T, T), H, 1.0)
+        else:
+            q, k, v = qkv.view(N, T, 3, H, hd).permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, T, hd)
+            bias = torch.zeros_like(keys, dtype=q.dtype)
+            bias = bias.masked_fill(~keys, torch.finfo(q.dtype).min)
+            att = torch.softmax(q @ k.transpose(-1, -2) + bias[:, None, None, :], dim=-1)
+            y = (att @ v).transpose(1, 2).reshape(N, T, H * hd)  # (N, T, Hhd)
         scores = (torch.tanh(y @ self.score_w + self.score_b) @ self.query).squeeze(-1)  # (N, T)
         scores = scores.masked_fill(~token_mask, torch.finfo(scores.dtype).min)
         w = torch.softmax(scores, dim=-1) * token_mask  # (N, T)
@@ -309,12 +357,52 @@ class FoldedSelfAttnEncoder(nn.Module):
         return z @ self.out_w + w.sum(dim=-1, keepdim=True) * self.out_b + self.proj_b
 
 
-def serving_model(model: UserModel) -> UserModel:
-    """An eval-mode copy of `model` whose behavior encoder is folded where that is possible
-    (`FoldedSelfAttnEncoder`); the same function up to float32 rounding. `model` is untouched."""
+class FusedSelfAttention(nn.Module):
+    """Serving twin of an eval-mode `MultiHeadSelfAttention`, its attention as `attention_3d`.
+
+    The same function and weights; exported at opset >= ATTENTION_OPSET it is one ONNX
+    `Attention` node with an unbroadcast (B, 1, L, L) mask (onnxruntime rejects the (B, 1, 1, L)
+    mask that `F.scaled_dot_product_attention` exports to).
+    """
+
+    def __init__(self, attn: MultiHeadSelfAttention) -> None:
+        super().__init__()
+        self.heads, self.head_dim = attn.heads, attn.head_dim
+        self.qkv, self.out = attn.qkv, attn.out
+
+    def forward(self, x: Tensor, mask: Tensor) -> Tensor:
+        """(B, L, dim) float, (B, L) bool -> (B, L, out_dim), as `MultiHeadSelfAttention`."""
+        B, L, _ = x.shape
+        q, k, v = self.qkv(x).split(self.heads * self.head_dim, dim=-1)  # (B, L, Hhd) each
+        empty = ~mask.any(dim=-1, keepdim=True)  # (B, 1)
+        first = torch.arange(L, device=x.device) == 0  # (L,)
+        keys = mask | (empty & first)  # (B, L)
+        y = attention_3d(
+            q, k, v, keys[:, None, None, :].expand(B, 1, L, L), self.heads, self.head_dim**-0.5
+        )  # (B, L, Hhd)
+        return self.out(y) * mask.unsqueeze(-1)
+
+
+def serving_model(
+    model: UserModel, *, fold: bool = True, fused_attention: bool = False
+) -> UserModel:
+    """An eval-mode copy of `model` for export; the same function up to float32 rounding.
+
+    fold: the self-attention behavior encoder becomes a `FoldedSelfAttnEncoder`.
+    fused_attention: every self-attention runs as `attention_3d` (`FusedSelfAttention`, and the
+        folded encoder's own flag): needed for, and only exportable at, opset >= ATTENTION_OPSET.
+    `model` is untouched.
+    """
     served = copy.deepcopy(model).eval()
-    if isinstance(served.behavior_encoder, SelfAttnBehaviorEncoder):
-        served.behavior_encoder = FoldedSelfAttnEncoder(served.behavior_encoder)
+    if fold and isinstance(served.behavior_encoder, SelfAttnBehaviorEncoder):
+        served.behavior_encoder = FoldedSelfAttnEncoder(
+            served.behavior_encoder, fused_attention=fused_attention
+        )
+    if fused_attention:
+        for parent in list(served.modules()):
+            for name, child in parent.named_children():
+                if isinstance(child, MultiHeadSelfAttention):
+                    setattr(parent, name, FusedSelfAttention(child))
     return served
 
 
@@ -323,7 +411,7 @@ def export_head(
     out_path: Path,
     *,
     dim: int,
-    opset: int = 18,
+    opset: int = ATTENTION_OPSET,
     meta: Mapping[str, str] | None = None,
     example_batch: int = 3,
 ) -> float:
@@ -369,7 +457,7 @@ def export(
     checkpoint_dir: Path,
     out_dir: Path,
     *,
-    opset: int = 18,
+    opset: int = ATTENTION_OPSET,
     spm_model: Path,
     data_version: str,
     params: dict,
@@ -456,7 +544,7 @@ def export(
         "parity": {},
     }
 
-    served = serving_model(model) if fold else model
+    served = serving_model(model, fold=fold, fused_attention=opset >= ATTENTION_OPSET)
     path = tmp / "user_model.onnx"
     shapes = {
         k: {0: batch, 1: L, 2: T} if k.startswith("token") else {0: batch, 1: L}

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from ptum import checkpoint
+from ptum.config import ExportConfig
 from ptum.export import export
 from ptum.heads import DemoHead, save_demo_head
 from ptum.models.user_model import ModelConfig, UserModel
@@ -64,7 +65,7 @@ def exported(tiny_pipeline: Path, tmp_path_factory):
             rep = export(
                 root / "ckpt",
                 root / "onnx",
-                opset=18,
+                opset=ExportConfig().opset,  # the default: fused attention nodes
                 spm_model=tok / "spm.model",
                 data_version="tiny-test",
                 params={"pretrain": {"model": TINY}},

@@ -1,6 +1,4 @@
-"""`ptum export` then `ptum embed` from the command line.
-
-"""
+"""`ptum export` then `ptum embed` from the command line."""
 
 from __future__ import annotations
 

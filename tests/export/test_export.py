@@ -15,7 +15,9 @@ import pytest
 import torch
 
 from ptum.checkpoint import CheckpointMismatch
+from ptum.config import ExportConfig
 from ptum.export import (
+    ATTENTION_OPSET,
     USER_INPUTS,
     FoldedSelfAttnEncoder,
     example_inputs,
@@ -26,6 +28,7 @@ from ptum.export import (
     static_lengths,
 )
 from ptum.heads import CtrHead, load_demo_heads
+from ptum.models.layers import MultiHeadSelfAttention
 from ptum.models.user_model import ARCHITECTURES, ModelConfig, UserModel
 from ptum.tokenize import train
 from tests.export.conftest import AGE_CLASSES, TINY
@@ -97,7 +100,7 @@ def test_graph_dims_and_metadata(arch: str, exported, tiny_pipeline) -> None:
     for path in ex.onnx.glob("*.onnx"):
         model = onnx.load(str(path))
         onnx.checker.check_model(model, full_check=True)
-        assert {o.domain: o.version for o in model.opset_import}[""] == 18
+        assert {o.domain: o.version for o in model.opset_import}[""] == ATTENTION_OPSET
         meta = {p.key: p.value for p in model.metadata_props}
         assert meta["spm_sha256"] == file_sha256(spm)
         assert meta["max_behaviors"] == str(config.max_behaviors)
@@ -182,8 +185,9 @@ def test_trained_ctr_head_exports(tmp_path) -> None:
     assert diff < 1e-5
 
 
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("arch", ["hsa", "bert4rec", "hura"])
-def test_serving_model_matches_trained_model(arch: str) -> None:
+def test_serving_model_matches_trained_model(arch: str, fused: bool) -> None:
     """The folded serving module computes the trained model's function (trained-like weights:
     every parameter perturbed, so no bias is zero) on full, short, empty and one-token rows,
     and leaves the trained model as it was."""
@@ -197,8 +201,10 @@ def test_serving_model_matches_trained_model(arch: str) -> None:
             p.add_(torch.randn_like(p) * 0.1)
     model.eval()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    served = serving_model(model)
+    served = serving_model(model, fused_attention=fused)
     folded = isinstance(served.behavior_encoder, FoldedSelfAttnEncoder)
+    if fused:  # every self-attention swapped for its attention_3d twin
+        assert not any(isinstance(m, MultiHeadSelfAttention) for m in served.modules())
     assert folded == (config.behavior_encoder == "selfattn")
     assert not served.training
     for seed, (lengths, L, T) in enumerate([([6, 0, 1, 3], 6, 9), ([2, 0, 5], 5, 4)]):
@@ -217,3 +223,50 @@ def test_serving_model_matches_trained_model(arch: str) -> None:
 
 def test_export_reports_folding(exported) -> None:
     assert exported("hsa").report["folded"] is True
+
+
+def test_default_opset_fuses_attention(exported) -> None:
+    """At the default opset every self-attention of HSA (the folded title encoder's and the
+    user encoder's) is one ONNX Attention node, with no head transposes around it."""
+    assert ExportConfig().opset >= ATTENTION_OPSET
+    graph = onnx.load(str(exported("hsa").onnx / "user_model.onnx")).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("Attention") == 2 and "Softmax" in ops  # Softmax: the additive pooling
+    attn = [n for n in graph.node if n.op_type == "Attention"]
+    assert all({a.name: a.i for a in n.attribute}["q_num_heads"] == TINY["heads"] for n in attn)
+    items = onnx.load(str(exported("hsa").onnx / "behavior_encoder.onnx")).graph
+    assert [n.op_type for n in items.node].count("Attention") == 1
+
+
+def test_export_below_attention_opset_matches_pytorch(exported, tmp_path, tiny_pipeline) -> None:
+    """Opset 18 (no Attention op) exports the unfused graph, and it computes the same users."""
+    ex = exported("hsa")
+    rep = export(
+        ex.checkpoint,
+        tmp_path / "onnx18",
+        opset=18,
+        spm_model=tiny_pipeline / "tokenized" / "spm.model",
+        data_version="tiny-test",
+        params={},
+    )
+    graph = onnx.load(str(tmp_path / "onnx18" / "user_model.onnx")).graph
+    assert "Attention" not in {n.op_type for n in graph.node}
+    assert {
+        o.domain: o.version
+        for o in onnx.load(str(tmp_path / "onnx18" / "user_model.onnx")).opset_import
+    }[""] == 18
+    assert max(rep["parity"].values()) < 1e-4
+    config = ex.model.config
+    x = example_inputs(
+        config,
+        [config.max_behaviors, 0, 3],
+        behaviors=config.max_behaviors,
+        tokens=config.max_tokens,
+        seed=5,
+    )
+    with torch.no_grad():
+        want = ex.model(**x).numpy()
+    got = _session(tmp_path / "onnx18" / "user_model.onnx").run(
+        None, {k: x[k].numpy() for k in USER_INPUTS}
+    )[0]
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
