@@ -20,7 +20,8 @@ gives the graphs without it. Rows:
     torch eager              the model as trained, the baseline of the "x torch" column
     torch eager folded       torch running the same folded module that is exported: shows how
                              much of onnxruntime's lead is the folding rather than the engine
-    onnxruntime unfolded     export(fold=False): the graph of the model as trained
+    onnxruntime unfolded     export(fold=False): no folding (at opset >= 23 the attention is
+                             still one Attention node)
     onnxruntime              the default export (folded)
     onnxruntime int8         the default export, dynamic quantization (quantize_dynamic, QInt8,
                              MatMul and Gather weights)

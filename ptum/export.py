@@ -25,7 +25,7 @@ What is exported is `serving_model(model)`: the same function, with the self-att
 encoder's consecutive linear maps multiplied out (`FoldedSelfAttnEncoder`, ~5x fewer FLOPs per
 paper-sized user) and, at opset >= 23 (the default), every self-attention as one ONNX
 `Attention` node on (N, T, heads * head_dim) rows (`attention_3d`); the parity check compares it
-with the model as trained. Opset 18-22 exports the same function without the Attention op.
+with the model as trained. Below opset 23 the same function is exported without Attention.
 """
 
 from __future__ import annotations
@@ -483,7 +483,8 @@ def export(
             `checkpoint_dir` (`ptum.heads.save_demo_head`).
         ctr_head: a fine-tuned CtrHead; default the paper's bare sigmoid(user . candidate).
         fold: export `serving_model(model)` (linear maps multiplied out, `FoldedSelfAttnEncoder`)
-            rather than the model as trained; parity is checked against the latter either way.
+            rather than the model as trained (fused attention still applies at opset >= 23);
+            parity is checked against the model as trained either way.
 
     Returns:
         The export report: files and their SHA-256, input dims, parity diffs (out_dir/export.json

@@ -232,10 +232,12 @@ def test_default_opset_fuses_attention(exported) -> None:
     graph = onnx.load(str(exported("hsa").onnx / "user_model.onnx")).graph
     ops = [n.op_type for n in graph.node]
     assert ops.count("Attention") == 2 and "Softmax" in ops  # Softmax: the additive pooling
+    assert "Transpose" not in ops
     attn = [n for n in graph.node if n.op_type == "Attention"]
     assert all({a.name: a.i for a in n.attribute}["q_num_heads"] == TINY["heads"] for n in attn)
     items = onnx.load(str(exported("hsa").onnx / "behavior_encoder.onnx")).graph
-    assert [n.op_type for n in items.node].count("Attention") == 1
+    item_ops = [n.op_type for n in items.node]
+    assert item_ops.count("Attention") == 1 and "Transpose" not in item_ops
 
 
 def test_export_below_attention_opset_matches_pytorch(exported, tmp_path, tiny_pipeline) -> None:
