@@ -57,7 +57,8 @@ from ptum.models.user_model import ModelConfig, UserModel
 from ptum.tokenize import PAD_ID
 
 # From this opset on the folded encoder's attention is one ONNX `Attention` node on (N, T, H*hd)
-# inputs: no head transposes, mask add and softmax fused (~25% of a CPU-default user at batch 1).
+# inputs: no head transposes, mask add and softmax fused (~16% off a CPU-default user's batch-1
+# latency in onnxruntime, benchmarks/serve.py).
 ATTENTION_OPSET = 23
 
 USER_INPUTS = ("tokens", "token_mask", "mask", "positions", "gap_buckets")

@@ -1,7 +1,8 @@
 """Stage `report`: reports/results.md laid out like the paper's Tables 2-3, with provenance.
 
 Everything in the file is read from the pipeline's own outputs (finetune, sensitivity, pretrain
-metrics, the data report); nothing is typed in by hand.
+metrics, the data report) or recomputed from them (the paired tests on the non-primary metric,
+from the per-seed runs); nothing is typed in by hand.
 """
 
 from __future__ import annotations
