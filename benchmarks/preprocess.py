@@ -1,12 +1,14 @@
 """Benchmark: prepare + tokenize throughput (behaviors/s) and peak memory on synthetic logs.
 
     python benchmarks/preprocess.py [--sizes 1000000 10000000] [--repeat 3] [--cache DIR]
+                                    [--chunk-rows N]
 
 Each size is generated first (not timed; kept under --cache DIR to be reused by later runs),
 then `prepare` and `tokenize` run in a fresh child process that reads its own peak RSS from the
 OS, so numbers of one size do not leak into the next. With --repeat N each size runs N times and
 the fastest run (prepare + tokenize) is printed, with the run count: on a shared machine the
-best of several runs is the least disturbed one.
+best of several runs is the least disturbed one. --chunk-rows sets prepare.chunk_rows (default:
+the stage's default), the size above which a log streams through in chunks of whole users.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from pathlib import Path
 from ptum.data.prepare import PrepareOptions, prepare
 from ptum.tokenize import tokenize
 root = Path(sys.argv[1])
+opts = PrepareOptions(**json.loads(sys.argv[2]))
 t0 = time.perf_counter()
-rep = prepare(root / "raw", root / "prepared", PrepareOptions())
+rep = prepare(root / "raw", root / "prepared", opts)
 t1 = time.perf_counter()
 tokenize(root / "prepared" / "items.parquet", root / "tok", vocab_size=8000, model_type="unigram",
          byte_fallback=True, max_tokens=30, character_coverage=0.9995, seed=1)
@@ -49,10 +52,10 @@ def generate(n_behaviors: int, raw_dir: Path) -> None:
     ingest(source="synthetic", path="", out_dir=raw_dir, size="bench", seed=1)
 
 
-def run(root: Path) -> dict:
+def run(root: Path, options: dict) -> dict:
     """prepare + tokenize on root/raw in a child process; its timings and peak RSS."""
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", CHILD, str(root)], check=True,
+    out = subprocess.run([sys.executable, "-c", CHILD, str(root), json.dumps(options)], check=True,
                          capture_output=True, text=True)
     wall = time.perf_counter() - t0
     res = json.loads(out.stdout.strip().splitlines()[-1])
@@ -63,13 +66,13 @@ def run(root: Path) -> dict:
     return res
 
 
-def best_of(n_behaviors: int, repeat: int, cache: Path | None) -> dict:
+def best_of(n_behaviors: int, repeat: int, cache: Path | None, options: dict) -> dict:
     """The fastest of `repeat` runs on one generated log."""
     with tempfile.TemporaryDirectory() as tmp:
         root = (cache / str(n_behaviors)) if cache else Path(tmp)
         if not (root / "raw" / "manifest.json").exists():
             generate(n_behaviors, root / "raw")
-        runs = [run(root) for _ in range(repeat)]
+        runs = [run(root, options) for _ in range(repeat)]
     best = min(runs, key=lambda r: r["prepare_s"] + r["tokenize_s"])
     best["peak_rss_mib"] = max(r["peak_rss_mib"] for r in runs)  # memory: the worst run
     return best
@@ -81,15 +84,22 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1, help="runs per size; the fastest is shown")
     ap.add_argument("--cache", type=Path, default=None,
                     help="keep generated logs here (DIR/<size>/raw) and reuse them")
+    ap.add_argument("--chunk-rows", type=int, default=None,
+                    help="prepare.chunk_rows (default: the stage's own default)")
     args = ap.parse_args()
     import os
 
+    from ptum.data.prepare import PrepareOptions
+
+    options = {} if args.chunk_rows is None else {"chunk_rows": args.chunk_rows}
+    chunk_rows = PrepareOptions(**options).chunk_rows
+
     print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}; best of "
-          f"{args.repeat} run(s); rates are behaviors/s")
+          f"{args.repeat} run(s); rates are behaviors/s; prepare.chunk_rows={chunk_rows:,}")
     print(f"{'behaviors':>12} {'users':>8} {'items':>7} {'prepare s':>10} {'tokenize s':>10} "
           f"{'prepare/s':>11} {'tokenize/s':>11} {'behaviors/s':>12} {'peak RSS MiB':>12}")
     for n in args.sizes:
-        r = best_of(n, args.repeat, args.cache)
+        r = best_of(n, args.repeat, args.cache, options)
         print(f"{r['behaviors']:>12,} {r['users']:>8,} {r['items']:>7,} {r['prepare_s']:>10.2f} "
               f"{r['tokenize_s']:>10.2f} {r['prepare_per_s']:>11,.0f} {r['tokenize_per_s']:>11,.0f} "
               f"{r['behaviors_per_s']:>12,.0f} {r['peak_rss_mib']:>12,.0f}", flush=True)

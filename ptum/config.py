@@ -67,6 +67,9 @@ class PrepareConfig:
     # Share of pre-training users held out to measure MBP/NBP accuracy.
     pretrain_valid_frac: float = 0.05
     seed: int = 13
+    # A behaviors table with more rows is processed in chunks of whole users of about this
+    # many rows (same outputs; peak memory set by the chunk, not the log).
+    chunk_rows: int = 4_000_000
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,10 +55,13 @@ class PrepareOptions:
     label_ratios: tuple[float, ...] = (0.2, 0.5, 1.0)
     pretrain_valid_frac: float = 0.05
     seed: int = 13
+    chunk_rows: int = 4_000_000
 
     def __post_init__(self) -> None:
         if self.max_behaviors < 2:
             raise ValueError("prepare.max_behaviors must be >= 2")
+        if self.chunk_rows < 1:
+            raise ValueError(f"prepare.chunk_rows must be >= 1, got {self.chunk_rows}")
         if abs(sum(self.demo_split) - 1.0) > 1e-6 or min(self.demo_split) < 0:
             raise ValueError(f"prepare.demo_split must be 3 shares summing to 1, got {self.demo_split}")
         if not all(0 < r <= 1 for r in self.label_ratios):
@@ -68,6 +72,8 @@ class PrepareOptions:
 
 
 SEQUENCE_ROW_GROUP = 16_384  # rows of sequences.parquet per row group
+# Order of the CTR impressions when they get their windows and their train/valid draw.
+WINDOW_ORDER = ("timestamp", "user_id", "item_id", "line")
 
 
 def ratio_column(r: float) -> str:
@@ -99,7 +105,7 @@ def _codes(s: pl.Series) -> tuple[np.ndarray, pl.Series]:
 def _validate(path: Path, table: str, opts: PrepareOptions, quarantine_dir: Path,
               known_users: pl.Enum | None = None, good_columns: list[str] | None = None
               ) -> tuple[pl.DataFrame, dict, list[str], dict[str, tuple[np.ndarray, pl.Series]]]:
-    """Validate one table. Raises or quarantines.
+    """Validate one whole table in memory. Raises or quarantines.
 
     Returns (good rows sorted by line, counts, label columns, codes): codes maps user_id and
     text to `_codes` of the good rows' values (text absent for labels). good_columns: the
@@ -107,6 +113,21 @@ def _validate(path: Path, table: str, opts: PrepareOptions, quarantine_dir: Path
     does not copy the strings.
     """
     lf, label_cols = generic.scan(path, table)
+    good, counts, bad, codes = _check(lf, path, table, known_users, good_columns)
+    _settle(path, table, opts, quarantine_dir, [(counts, bad)])
+    if good.height == 0 and table != "impressions":
+        raise DataError(path, None, "no valid rows", "row" if path.suffix == ".parquet" else "line")
+    return good, counts, label_cols, codes
+
+
+def _check(lf: pl.LazyFrame, path: Path, table: str, known_users: pl.Enum | None = None,
+           good_columns: list[str] | None = None
+           ) -> tuple[pl.DataFrame, dict, pl.DataFrame, dict[str, tuple[np.ndarray, pl.Series]]]:
+    """Flag the bad rows of `lf` (the output of `generic.scan`, or a chunk of it holding whole
+    users): row checks, duplicates, unknown users. Raises nothing.
+
+    Returns (good rows sorted by line, counts, bad rows sorted by line, codes); see _validate.
+    """
     columns = lf.collect_schema().names()
     # Long, repetitive strings held as Categorical: a few bytes a row instead of the text, and
     # hashed while streaming. Cast back to String wherever rows leave this function.
@@ -137,24 +158,38 @@ def _validate(path: Path, table: str, opts: PrepareOptions, quarantine_dir: Path
     blank = dropped.pop("blank_line", 0)
     counts = {"file": str(path), "rows_read": kept + sum(dropped.values()), "rows_kept": kept,
               "rows_dropped": dropped, "blank_lines_skipped": blank}
-    if dropped:
-        bad = df.filter(pl.col("reason").is_not_null() & (pl.col("reason") != "blank_line"))
-        bad = bad.select(columns).with_columns(as_string).sort("line")
-        if opts.on_bad_rows == "error":
-            generic.raise_first(bad, path, dropped)
-        quarantine_dir.mkdir(parents=True, exist_ok=True)
-        bad.write_parquet(quarantine_dir / f"{table}.parquet")
+    bad = df.filter(pl.col("reason").is_not_null() & (pl.col("reason") != "blank_line"))
+    bad = bad.select(columns).with_columns(as_string).sort("line")
     keep = [c for c in good_columns or columns if c != "reason"]
     good = df.select(*keep, *coded).filter(df["reason"].is_null()).sort("line").with_columns(
         c for c in as_string if c.meta.output_name() in keep)
     del df
-    if good.height == 0 and table != "impressions":
-        raise DataError(path, None, "no valid rows", "row" if path.suffix == ".parquet" else "line")
     # Re-code among the good rows only: codes 0..n-1 in sorted order of their values.
     codes = {"user_id": _recode(good["__user"].to_numpy(), users)}
     if table != "labels":
         codes["text"] = _recode(good["__text"].to_numpy(), texts)
-    return good.drop(list(coded)), counts, label_cols, codes
+    return good.drop(list(coded)), counts, bad, codes
+
+
+def _settle(path: Path, table: str, opts: PrepareOptions, quarantine_dir: Path,
+            parts: list[tuple[dict, pl.DataFrame]]) -> dict:
+    """Counts and bad rows of a table's chunks -> the table's counts; raises a DataError at the
+    first bad row of the whole file (on_bad_rows=error) or writes them to the quarantine."""
+    counts = {"file": str(path), "rows_read": 0, "rows_kept": 0, "rows_dropped": {},
+              "blank_lines_skipped": 0}
+    for c, _ in parts:
+        for k in ("rows_read", "rows_kept", "blank_lines_skipped"):
+            counts[k] += c[k]
+        for reason, n in c["rows_dropped"].items():
+            counts["rows_dropped"][reason] = counts["rows_dropped"].get(reason, 0) + n
+    counts["rows_dropped"] = dict(sorted(counts["rows_dropped"].items()))
+    if counts["rows_dropped"]:
+        bad = pl.concat([b for _, b in parts if b.height]).sort("line")
+        if opts.on_bad_rows == "error":
+            generic.raise_first(bad, path, counts["rows_dropped"])
+        quarantine_dir.mkdir(parents=True, exist_ok=True)
+        bad.write_parquet(quarantine_dir / f"{table}.parquet")
+    return counts
 
 
 def _recode(codes: np.ndarray, values: pl.Series) -> tuple[np.ndarray, pl.Series]:
@@ -176,16 +211,46 @@ def build_items(behavior_texts: pl.Series, impression_texts: pl.Series,
     whose physical code + 1 is the item_id. item_id is 1-based so that 0 can be the padding
     item; n_behaviors counts behaviors only.
     """
+    counts = np.bincount(behavior_text_codes, minlength=len(behavior_texts))
+    return item_table(behavior_texts, counts, impression_texts)
+
+
+def item_table(behavior_texts: pl.Series, counts: np.ndarray,
+               impression_texts: pl.Series) -> tuple[pl.DataFrame, pl.Enum]:
+    """build_items from the distinct behavior texts (any order) and their (B,) behavior counts."""
     texts = pl.concat([behavior_texts, impression_texts.unique()]).unique().sort()
     enum = pl.Enum(texts)
-    item_of_code = behavior_texts.cast(enum).to_physical().cast(pl.Int64).to_numpy()
-    n_behaviors = np.bincount(item_of_code[behavior_text_codes], minlength=len(texts))
+    n_behaviors = np.zeros(len(texts), dtype=np.int64)
+    n_behaviors[behavior_texts.cast(enum).to_physical().cast(pl.Int64).to_numpy()] = counts
     items = pl.DataFrame({
         "item_id": np.arange(1, len(texts) + 1, dtype=np.int32),
         "text": texts,
-        "n_behaviors": n_behaviors.astype(np.int64),
+        "n_behaviors": n_behaviors,
     })
     return items, enum
+
+
+def global_cutoffs(n: int, kth: Callable[[int], int], train_frac: float,
+                   test_frac: float) -> tuple[int | None, int | None]:
+    """(t_train, t_test) of `global` windows over n impressions; kth(k) is the k-th smallest
+    timestamp (0-based). The CTR-test window starts at the timestamp of rank n - ceil(n *
+    test_frac), the CTR-train window ceil(n * train_frac) ranks earlier."""
+    if n == 0:
+        return None, None
+    return (int(kth(max(n - math.ceil(n * (test_frac + train_frac)), 0))),
+            int(kth(max(n - math.ceil(n * test_frac), 0))))
+
+
+def global_windows(impressions: pl.DataFrame, t_train: int | None,
+                   t_test: int | None) -> pl.DataFrame:
+    """Add `window` from global cut-offs: ties go to the later window (null: no impressions)."""
+    if t_test is None:
+        return impressions.with_columns(window=pl.lit(None, dtype=pl.String))
+    return impressions.with_columns(
+        window=pl.when(pl.col("timestamp") >= t_test).then(pl.lit("test"))
+        .when(pl.col("timestamp") >= t_train).then(pl.lit("train"))
+        .otherwise(pl.lit("history"))
+    )
 
 
 def ctr_cutoffs(impressions: pl.DataFrame, mode: str, train_frac: float,
@@ -198,17 +263,11 @@ def ctr_cutoffs(impressions: pl.DataFrame, mode: str, train_frac: float,
     window); `per_user` ranks each user's own impressions. Cut-offs: t_train / t_test = first
     timestamp of the user's window (null when the user has no such window).
     """
-    ordered = impressions.sort("timestamp", "user_id", "item_id", "line")
-    n = ordered.height
+    ordered = impressions.sort(*WINDOW_ORDER)
     if mode == "global":
         ts = ordered["timestamp"].to_numpy()
-        t_test = int(ts[max(n - math.ceil(n * test_frac), 0)]) if n else None
-        t_train = int(ts[max(n - math.ceil(n * (test_frac + train_frac)), 0)]) if n else None
-        windowed = ordered.with_columns(
-            window=pl.when(pl.col("timestamp") >= t_test).then(pl.lit("test"))
-            .when(pl.col("timestamp") >= t_train).then(pl.lit("train"))
-            .otherwise(pl.lit("history"))
-        ) if n else ordered.with_columns(window=pl.lit(None, dtype=pl.String))
+        t_train, t_test = global_cutoffs(ordered.height, ts.__getitem__, train_frac, test_frac)
+        windowed = global_windows(ordered, t_train, t_test)
         cut = pl.DataFrame({"t_train": [t_train], "t_test": [t_test]},
                            schema={"t_train": pl.Int64, "t_test": pl.Int64})
         return windowed, cut
@@ -376,8 +435,26 @@ def _distribution(values: pl.Series) -> dict[str, float]:
 # ---------------------------------------------------------------- the stage
 
 
+@dataclass
+class _Core:
+    """What both ways of running the stage hand to `_finish` (items and sequences written)."""
+
+    items: pl.DataFrame
+    users: pl.Series             # (U,) sorted ids of the users with a valid behavior
+    n_behaviors: np.ndarray      # (U,) valid behaviors per user
+    before_test: pl.DataFrame    # user_id, n_total of each user's before_test view
+    windowed: pl.DataFrame       # CTR-train/test-window impressions in WINDOW_ORDER
+    n_history: int               # impressions before the CTR-train window (not CTR samples)
+    labels: pl.DataFrame
+    label_cols: list[str]
+
+
 def prepare(raw_dir: Path, out_dir: Path, opts: PrepareOptions) -> dict:
-    """Run the whole stage; returns the data report (also written to out_dir/report.json)."""
+    """Run the whole stage; returns the data report (also written to out_dir/report.json).
+
+    A behaviors table of at most `opts.chunk_rows` rows is processed in memory; a bigger one
+    streams through in chunks of whole users (`_chunked`), with the same outputs.
+    """
     paths = {t: generic.find_table(raw_dir, t) for t in ("behaviors", "labels", "impressions")}
     if paths["behaviors"] is None:
         raise DataError(raw_dir, None, "no behaviors table (behaviors.parquet or behaviors.tsv)")
@@ -385,9 +462,75 @@ def prepare(raw_dir: Path, out_dir: Path, opts: PrepareOptions) -> dict:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    qdir = tmp / "quarantine"
     report: dict = {}
+    n_chunks = max(1, math.ceil(_row_count(paths["behaviors"]) / opts.chunk_rows))
+    if n_chunks == 1:
+        core = _in_memory(paths, tmp, opts, report)
+    else:
+        core = _chunked(paths, tmp, opts, report, n_chunks)
+        shutil.rmtree(tmp / "chunks")
+    _finish(core, tmp, opts, report)
+    # Replace the previous output only once everything is written: no half-written outputs.
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return report
 
+
+def _row_count(path: Path) -> int:
+    """Rows of a Parquet file (from its metadata) or lines of a TSV file."""
+    if path.suffix == ".parquet":
+        return pl.scan_parquet(path).select(pl.len()).collect().item()
+    n = 0
+    with path.open("rb") as f:
+        while block := f.read(1 << 24):
+            n += block.count(b"\n")
+    return n
+
+
+def _no_table() -> dict:
+    return {"file": None, "rows_read": 0, "rows_kept": 0, "rows_dropped": {}}
+
+
+def _labels(path: Path | None, opts: PrepareOptions, qdir: Path, user_enum: pl.Enum,
+            report: dict) -> tuple[pl.DataFrame, list[str]]:
+    """The valid labels (user_id, <label columns>) and the label columns."""
+    if path is None:
+        report["labels"] = _no_table()
+        return pl.DataFrame(schema={"user_id": pl.String}), []
+    labels, report["labels"], label_cols, _ = _validate(path, "labels", opts, qdir,
+                                                        known_users=user_enum)
+    return labels.drop("line"), label_cols
+
+
+def _user_cut(users: pl.Series, cut: pl.DataFrame, mode: str) -> pl.DataFrame:
+    """Cut-offs (t_train, t_test) in the order of `users`, one row each."""
+    if mode == "global":
+        # One cut-off for everyone: users without impressions are cut at the same instant, so
+        # nothing at or after the global test window reaches pre-training.
+        cut = pl.select(user_id=users).join(cut, how="cross")
+    return pl.select(user_id=users).join(cut.with_columns(pl.col("user_id").cast(pl.String)),
+                                         on="user_id", how="left", maintain_order="left")
+
+
+def _ctr_columns(imps: pl.DataFrame, user_enum: pl.Enum, item_enum: pl.Enum) -> pl.DataFrame:
+    """Impressions as (line, user_id Enum, timestamp, item_id, clicked). user_id as the Enum of
+    sorted user ids: sorts by it compare integers, in the same order as the strings."""
+    return imps.select(
+        "line", pl.col("user_id").cast(user_enum), "timestamp",
+        item_id=(pl.col("text").cast(item_enum).to_physical() + 1).cast(pl.Int32),
+        clicked="clicked",
+    )
+
+
+_NO_IMPRESSIONS = {"line": pl.UInt32, "user_id": pl.String, "timestamp": pl.Int64,
+                   "text": pl.String, "clicked": pl.Int8}
+
+
+def _in_memory(paths: dict[str, Path | None], tmp: Path, opts: PrepareOptions,
+               report: dict) -> _Core:
+    """Validate every table whole, then build the items and sequences."""
+    qdir = tmp / "quarantine"
     # Behaviors are needed as codes only (user, item): their strings are not copied.
     behaviors, report["behaviors"], _, codes = _validate(paths["behaviors"], "behaviors", opts,
                                                           qdir, good_columns=["line", "timestamp"])
@@ -397,16 +540,8 @@ def prepare(raw_dir: Path, out_dir: Path, opts: PrepareOptions) -> dict:
         imps, report["impressions"], _, _ = _validate(paths["impressions"], "impressions", opts,
                                                       qdir, known_users=user_enum)
     else:
-        imps = pl.DataFrame(schema={"line": pl.UInt32, "user_id": pl.String,
-                                    "timestamp": pl.Int64, "text": pl.String, "clicked": pl.Int8})
-        report["impressions"] = {"file": None, "rows_read": 0, "rows_kept": 0, "rows_dropped": {}}
-    if paths["labels"] is not None:
-        labels_df, report["labels"], label_cols, _ = _validate(paths["labels"], "labels", opts,
-                                                               qdir, known_users=user_enum)
-    else:
-        labels_df, label_cols = pl.DataFrame(schema={"line": pl.UInt32, "user_id": pl.String}), []
-        report["labels"] = {"file": None, "rows_read": 0, "rows_kept": 0, "rows_dropped": {}}
-    labels_df = labels_df.drop("line")
+        imps, report["impressions"] = pl.DataFrame(schema=_NO_IMPRESSIONS), _no_table()
+    labels, label_cols = _labels(paths["labels"], opts, qdir, user_enum, report)
 
     text_codes, texts = codes["text"]
     items, item_enum = build_items(texts, imps["text"], text_codes)
@@ -415,52 +550,206 @@ def prepare(raw_dir: Path, out_dir: Path, opts: PrepareOptions) -> dict:
     beh = behaviors.select("line", "timestamp").with_columns(
         user=pl.Series(user_codes, dtype=pl.UInt32), item_id=pl.Series(item_of_code[text_codes]))
     del behaviors, text_codes
-    # user_id as the Enum of sorted user ids: sorts by it compare integers, in the same order.
-    imps = imps.with_columns(item_id=(pl.col("text").cast(item_enum).to_physical() + 1)
-                             .cast(pl.Int32), user_id=pl.col("user_id").cast(user_enum))
-
-    windowed, cut = ctr_cutoffs(
-        imps.select("line", "user_id", "timestamp", "item_id", "clicked"),
-        opts.ctr_windows, opts.ctr_train_frac, opts.ctr_test_frac,
-    )
-    if opts.ctr_windows == "global":
-        # One cut-off for everyone: users without impressions are cut at the same instant, so
-        # nothing at or after the global test window reaches pre-training.
-        cut = pl.select(user_id=users).join(cut, how="cross")
-    cut = pl.select(user_id=users).join(cut.with_columns(pl.col("user_id").cast(pl.String)),
-                                        on="user_id", how="left", maintain_order="left")
-    labeled = users.is_in(labels_df["user_id"].implode()).to_numpy()
-    seqs = sequences(beh, users, cut, labeled, opts.max_behaviors)
+    windowed, cut = ctr_cutoffs(_ctr_columns(imps, user_enum, item_enum), opts.ctr_windows,
+                                opts.ctr_train_frac, opts.ctr_test_frac)
+    labeled = users.is_in(labels["user_id"].implode()).to_numpy()
+    seqs = sequences(beh, users, _user_cut(users, cut, opts.ctr_windows), labeled,
+                     opts.max_behaviors)
     # Row groups of SEQUENCE_ROW_GROUP rows: compressed in parallel and with bounded buffers on
     # big logs. A file with fewer rows is one row group either way, byte-identical to the
     # default writer's (DVC hashes bytes; the committed result sets stay valid).
     seqs.write_parquet(tmp / "sequences.parquet", row_group_size=SEQUENCE_ROW_GROUP)
+    return _Core(
+        items=items, users=users, n_behaviors=np.bincount(user_codes, minlength=len(users)),
+        before_test=seqs.filter(pl.col("view") == "before_test").select("user_id", "n_total"),
+        windowed=windowed.filter(pl.col("window") != "history"),
+        n_history=int((windowed["window"] == "history").sum()), labels=labels,
+        label_cols=label_cols,
+    )
 
-    windowed_df = windowed.filter(pl.col("window") != "history")
-    imps_out = split_impressions(windowed_df, opts.ctr_valid_frac, opts.label_ratios, opts.seed)
+
+def _chunked(paths: dict[str, Path | None], tmp: Path, opts: PrepareOptions, report: dict,
+             n_chunks: int) -> _Core:
+    """`_in_memory`'s outputs, holding about 1/n_chunks of the behaviors at a time.
+
+    The behaviors and impressions are first split on disk (one streaming pass each) into
+    n_chunks ranges of whole users, in sorted user order and of about equal behavior counts.
+    Everything but the global CTR cut-offs, the item table and the train/valid draw of CTR
+    samples is per user, so each chunk is validated (pass 1) and turned into sequences (pass 2)
+    on its own; chunks' sequences are concatenated in user order. What stays in memory across
+    chunks: the user ids, the distinct texts, the bad rows (one per chunk unless quarantined)
+    and the CTR-window impressions (the CTR samples written to impressions.parquet).
+    """
+    work, qdir = tmp / "chunks", tmp / "quarantine"
+    ranges = _user_ranges(paths["behaviors"], n_chunks)
+    beh_files = _partition(paths["behaviors"], "behaviors", ranges, work / "behaviors", n_chunks)
+    imp_files = (_partition(paths["impressions"], "impressions", ranges, work / "impressions",
+                            n_chunks) if paths["impressions"] is not None else [[]] * n_chunks)
+
+    def keep_bad(bad: pl.DataFrame) -> pl.DataFrame:
+        return bad if opts.on_bad_rows == "quarantine" else bad.head(1)
+
+    # Pass 1: validate each chunk; keep its valid behaviors as integer codes on disk.
+    users_of, n_behaviors, texts_of, text_counts, parts = [], [], [], [], []
+    for c, files in enumerate(beh_files):
+        if not files:  # a range emptied by one big user before it
+            users_of.append(pl.Series("user_id", [], pl.String))
+            n_behaviors.append(np.zeros(0, dtype=np.int64))
+            texts_of.append(pl.Series("text", [], pl.String))
+            text_counts.append(np.zeros(0, dtype=np.int64))
+            continue
+        good, counts, bad, codes = _check(pl.scan_parquet(files), paths["behaviors"],
+                                          "behaviors", good_columns=["line", "timestamp"])
+        (user_codes, users_c), (text_codes, texts_c) = codes["user_id"], codes["text"]
+        good.with_columns(user=pl.Series(user_codes, dtype=pl.UInt32),
+                          text=pl.Series(text_codes, dtype=pl.UInt32)).write_parquet(
+            work / f"behaviors_{c}.parquet", compression="lz4")
+        users_of.append(users_c)
+        n_behaviors.append(np.bincount(user_codes, minlength=len(users_c)))
+        texts_of.append(texts_c)
+        text_counts.append(np.bincount(text_codes, minlength=len(texts_c)))
+        parts.append((counts, keep_bad(bad)))
+        del good, codes, user_codes, text_codes
+    report["behaviors"] = _settle(paths["behaviors"], "behaviors", opts, qdir, parts)
+    if report["behaviors"]["rows_kept"] == 0:
+        raise DataError(paths["behaviors"], None, "no valid rows",
+                        "row" if paths["behaviors"].suffix == ".parquet" else "line")
+    users = pl.concat(users_of)  # chunks are consecutive ranges of sorted ids: still sorted
+    user_enum = pl.Enum(users)
+
+    imp_texts, stamps, parts = [pl.Series("text", [], pl.String)], [], []
+    for c, files in enumerate(imp_files):
+        if not files:
+            continue
+        good, counts, bad, codes = _check(pl.scan_parquet(files), paths["impressions"],
+                                          "impressions", known_users=pl.Enum(users_of[c]))
+        good.write_parquet(work / f"impressions_{c}.parquet", compression="lz4")
+        np.save(work / f"timestamps_{c}.npy", np.sort(good["timestamp"].to_numpy()))
+        stamps.append(work / f"timestamps_{c}.npy")
+        imp_texts.append(codes["text"][1])
+        parts.append((counts, keep_bad(bad)))
+        del good, codes
+    report["impressions"] = (_settle(paths["impressions"], "impressions", opts, qdir, parts)
+                             if paths["impressions"] is not None else _no_table())
+    labels, label_cols = _labels(paths["labels"], opts, qdir, user_enum, report)
+
+    texts = pl.DataFrame({"text": pl.concat(texts_of), "n": np.concatenate(text_counts)})
+    texts = texts.group_by("text").agg(pl.col("n").sum())  # a text may occur in many chunks
+    items, item_enum = item_table(texts["text"], texts["n"].to_numpy(), pl.concat(imp_texts))
+    items.write_parquet(tmp / "items.parquet")
+    del texts, imp_texts
+    if opts.ctr_windows == "global":
+        sorted_ts = [np.load(f, mmap_mode="r") for f in stamps]
+        t_train, t_test = global_cutoffs(
+            sum(len(a) for a in sorted_ts), lambda k: _kth_smallest(sorted_ts, k),
+            opts.ctr_train_frac, opts.ctr_test_frac)
+        global_cut = pl.DataFrame({"t_train": [t_train], "t_test": [t_test]},
+                                  schema={"t_train": pl.Int64, "t_test": pl.Int64})
+
+    # Pass 2: sequences and CTR windows, chunk by chunk.
+    labeled = users.is_in(labels["user_id"].implode()).to_numpy()
+    windowed, before_test, n_history, first = [], [], 0, 0
+    for c, users_c in enumerate(users_of):
+        if len(users_c) == 0:
+            continue
+        beh = pl.read_parquet(work / f"behaviors_{c}.parquet")
+        item_of_code = texts_of[c].cast(item_enum).to_physical().cast(pl.Int32).to_numpy() + 1
+        beh = beh.with_columns(item_id=pl.Series(item_of_code[beh["text"].to_numpy()]))
+        imp_file = work / f"impressions_{c}.parquet"
+        imps = (pl.read_parquet(imp_file) if imp_file.exists()
+                else pl.DataFrame(schema=_NO_IMPRESSIONS))
+        imps = _ctr_columns(imps, user_enum, item_enum)
+        if opts.ctr_windows == "global":
+            win, cut = global_windows(imps, t_train, t_test), global_cut
+        else:
+            win, cut = ctr_cutoffs(imps, opts.ctr_windows, opts.ctr_train_frac,
+                                   opts.ctr_test_frac)
+        seqs = sequences(beh.drop("text"), users_c, _user_cut(users_c, cut, opts.ctr_windows),
+                         labeled[first:first + len(users_c)], opts.max_behaviors)
+        for view in VIEWS:
+            seqs.filter(pl.col("view") == view).write_parquet(
+                work / f"sequences_{view}_{c:06d}.parquet", compression="lz4")
+        before_test.append(seqs.filter(pl.col("view") == "before_test").select("user_id",
+                                                                               "n_total"))
+        windowed.append(win.filter(pl.col("window") != "history"))
+        n_history += int((win["window"] == "history").sum())
+        first += len(users_c)
+        del beh, imps, seqs
+    files = [work / f"sequences_{view}_{c:06d}.parquet" for view in sorted(VIEWS)
+             for c in range(n_chunks) if len(users_of[c])]
+    pl.scan_parquet(files).sink_parquet(tmp / "sequences.parquet",
+                                        row_group_size=SEQUENCE_ROW_GROUP)
+    return _Core(
+        items=items, users=users, n_behaviors=np.concatenate(n_behaviors),
+        before_test=pl.concat(before_test),
+        windowed=pl.concat(windowed).sort(*WINDOW_ORDER), n_history=n_history,
+        labels=labels, label_cols=label_cols,
+    )
+
+
+def _user_ranges(path: Path, n_chunks: int) -> pl.DataFrame:
+    """user_id -> __chunk: n_chunks consecutive ranges of the sorted user ids, each with about
+    the same number of rows (a user is never split)."""
+    lf, _ = generic.scan(path, "behaviors")
+    per_user = (lf.group_by("user_id").len().collect(engine="streaming")
+                .drop_nulls("user_id").sort("user_id"))
+    rows = per_user["len"].to_numpy().astype(np.int64)
+    before = np.cumsum(rows) - rows
+    chunk = np.minimum(before * n_chunks // max(int(rows.sum()), 1), n_chunks - 1)
+    return per_user.select("user_id", __chunk=pl.Series(chunk.astype(np.uint32)))
+
+
+def _partition(path: Path, table: str, ranges: pl.DataFrame, out: Path,
+               n_chunks: int) -> list[list[Path]]:
+    """Stream `table` (as generic.scan reads it: line numbers and row checks included) into one
+    Parquet folder per chunk; rows of users not in `ranges` go to chunk 0. Returns the files
+    of each chunk."""
+    lf, _ = generic.scan(path, table)
+    (lf.join(ranges.lazy(), on="user_id", how="left", maintain_order="left")
+     .with_columns(pl.col("__chunk").fill_null(0))
+     .sink_parquet(pl.PartitionBy(out, key="__chunk", include_key=False), mkdir=True,
+                   compression="lz4", statistics=False))
+    return [sorted((out / f"__chunk={c}").glob("*.parquet")) for c in range(n_chunks)]
+
+
+def _kth_smallest(sorted_parts: list[np.ndarray], k: int) -> int:
+    """The k-th smallest value (0-based) of several sorted integer arrays, without merging
+    them: a binary search on the value (the arrays may be memory-mapped)."""
+    parts = [a for a in sorted_parts if len(a)]
+    lo, hi = min(int(a[0]) for a in parts), max(int(a[-1]) for a in parts)
+    while lo < hi:  # invariant: the answer lies in [lo, hi]
+        mid = (lo + hi) // 2
+        if sum(int(np.searchsorted(a, mid, side="right")) for a in parts) > k:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
+
+
+def _finish(core: _Core, tmp: Path, opts: PrepareOptions, report: dict) -> None:
+    """Splits, users.parquet, impressions.parquet, labels.parquet and the data report."""
+    imps_out = split_impressions(core.windowed, opts.ctr_valid_frac, opts.label_ratios, opts.seed)
     imps_out = imps_out.sort("user_id", "timestamp", "line").drop("line").with_columns(
         pl.col("user_id").cast(pl.String))
     imps_out.write_parquet(tmp / "impressions.parquet")
 
-    labels_out = split_labels(labels_df, opts.demo_split, opts.label_ratios, opts.seed)
+    labels_out = split_labels(core.labels, opts.demo_split, opts.label_ratios, opts.seed)
     labels_out.sort("user_id").write_parquet(tmp / "labels.parquet")
 
-    before_test = seqs.filter(pl.col("view") == "before_test").select("user_id", "n_total")
-    del seqs
+    before_test = core.before_test
     eligible = before_test.filter(pl.col("n_total") >= 2)["user_id"].to_list()
     rank = _shuffled_rank(eligible, opts.seed + 1)
     n_valid = int(round(opts.pretrain_valid_frac * len(eligible)))
     pre_split = pl.DataFrame({"user_id": eligible,
                               "pretrain_split": np.where(rank < n_valid, "valid", "train")},
                              schema={"user_id": pl.String, "pretrain_split": pl.String})
-    n_per_user = pl.DataFrame({
-        "user_id": users,
-        "n_behaviors": np.bincount(user_codes, minlength=len(users)).astype(np.uint32),
-    })
+    n_per_user = pl.DataFrame({"user_id": core.users,
+                               "n_behaviors": core.n_behaviors.astype(np.uint32)})
     users_out = n_per_user.join(pre_split, on="user_id", how="left", maintain_order="left")
     users_out.write_parquet(tmp / "users.parquet")
 
     # ---- report
+    items, label_cols = core.items, core.label_cols
     window_counts = dict(imps_out.group_by("window").len().iter_rows())
     report["behaviors"].update(
         users=users_out.height, items=items.height,
@@ -469,7 +758,7 @@ def prepare(raw_dir: Path, out_dir: Path, opts: PrepareOptions) -> dict:
         truncated_users=int((before_test["n_total"] > opts.max_behaviors).sum()),
     )
     report["impressions"].update(
-        windows={"history_not_used": int((windowed["window"] == "history").sum()),
+        windows={"history_not_used": core.n_history,
                  **{k: int(v) for k, v in sorted(window_counts.items())}},
         click_rate={w: round(float(imps_out.filter(pl.col("window") == w)["clicked"].mean() or 0), 4)
                     for w in ("train", "valid", "test")},
@@ -490,8 +779,3 @@ def prepare(raw_dir: Path, out_dir: Path, opts: PrepareOptions) -> dict:
         r["reconciles"] = r["rows_read"] == r["rows_kept"] + sum(r["rows_dropped"].values())
         assert r["reconciles"], f"data report does not reconcile for {t}: {r}"
     (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    # Replace the previous output only once everything is written: no half-written outputs.
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
-    return report

@@ -191,3 +191,87 @@ def test_sequences_any_row_order_and_any_time_span():
         return seqs.filter(pl.col("view") == "full", pl.col("user_id") == "u3")["n_total"].item()
 
     assert full_total(wide) == full_total(ref) + 1
+
+
+# ---------------------------------------------------------------- chunked (out-of-core) prepare
+
+OUTPUTS = ("items", "sequences", "users", "labels", "impressions")
+
+
+def _same_outputs(a, b) -> None:
+    import json
+
+    for name in OUTPUTS:
+        fa, fb = pl.read_parquet(a / f"{name}.parquet"), pl.read_parquet(b / f"{name}.parquet")
+        assert fa.equals(fb), name
+    assert json.loads((a / "report.json").read_text()) == json.loads((b / "report.json").read_text())
+
+
+@pytest.mark.parametrize("windows", ["global", "per_user"])
+def test_chunked_prepare_equals_in_memory(tiny_pipeline, tmp_path, monkeypatch, windows):
+    """A log bigger than prepare.chunk_rows goes through in chunks of whole users and gives
+    the very same tables and report as the in-memory path."""
+    import ptum.data.prepare as prep
+
+    n = pl.scan_parquet(tiny_pipeline / "raw" / "behaviors.parquet").select(pl.len()).collect().item()
+    base = dict(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2, ctr_windows=windows)
+    prepare(tiny_pipeline / "raw", tmp_path / "whole", PrepareOptions(**base))
+    seen = []
+    real = prep._chunked
+    monkeypatch.setattr(prep, "_chunked", lambda *a: seen.append(a[-1]) or real(*a))
+    prepare(tiny_pipeline / "raw", tmp_path / "chunked", PrepareOptions(**base, chunk_rows=n // 5))
+    assert seen == [6 if n % 5 else 5]
+    _same_outputs(tmp_path / "whole", tmp_path / "chunked")
+    assert not (tmp_path / "chunked" / "chunks").exists()  # scratch files are removed
+
+
+def _bad_log(raw):
+    """Users a..f; the first bad behavior line belongs to the last user, a later one to the
+    first; bad impressions too (unknown user, duplicate)."""
+    from tests.conftest import write_tsv
+
+    raw.mkdir(parents=True)
+    rows = [[u, 100 + 10 * i + j, f"{u} title {j}"] for i, u in enumerate("fedcba") for j in range(4)]
+    rows.insert(1, ["f", "not-a-time", "f broken"])             # line 3
+    rows.insert(9, ["a", 5, ""])                                # line 11: empty text
+    rows.append(["a", 199, "a title 0"])                         # a real repeat (other time)
+    rows.append(["b", 140, "b title 0"])                         # duplicate event (b's first)
+    write_tsv(raw / "behaviors.tsv", ["user_id", "timestamp", "text"], rows)
+    imps = [[u, 1000 + i, f"{u} ad", i % 2] for i, u in enumerate("abcdefzab")]
+    imps.append(["a", 1000, "a ad", 0])                          # duplicate of the first
+    write_tsv(raw / "impressions.tsv", ["user_id", "timestamp", "text", "clicked"], imps)
+    write_tsv(raw / "labels.tsv", ["user_id", "gender"], [[u, "MF"[i % 2]] for i, u in enumerate("abcdef")])
+
+
+def test_chunked_bad_rows_first_line_and_quarantine(tmp_path):
+    from ptum.data.errors import DataError
+
+    raw = tmp_path / "raw"
+    _bad_log(raw)
+    opts = dict(max_behaviors=5, ctr_train_frac=0.3, ctr_test_frac=0.3)
+    for chunk_rows in (10**6, 5):  # in memory; chunks of about one user
+        with pytest.raises(DataError) as err:
+            prepare(raw, tmp_path / f"err{chunk_rows}", PrepareOptions(**opts, chunk_rows=chunk_rows))
+        # The first bad line of the file, though its user is in the last chunk.
+        assert ":3:" in str(err.value) and "bad_timestamp" in str(err.value)
+        assert "duplicate_event: 1" in str(err.value) and "empty_text: 1" in str(err.value)
+    prepare(raw, tmp_path / "whole", PrepareOptions(**opts, on_bad_rows="quarantine"))
+    prepare(raw, tmp_path / "chunked", PrepareOptions(**opts, on_bad_rows="quarantine", chunk_rows=5))
+    _same_outputs(tmp_path / "whole", tmp_path / "chunked")
+    for table in ("behaviors", "impressions"):
+        a = pl.read_parquet(tmp_path / "whole" / "quarantine" / f"{table}.parquet")
+        b = pl.read_parquet(tmp_path / "chunked" / "quarantine" / f"{table}.parquet")
+        assert a.equals(b) and a.height >= 2, table
+    report = __import__("json").loads((tmp_path / "chunked" / "report.json").read_text())
+    assert report["behaviors"]["rows_dropped"] == {"bad_timestamp": 1, "duplicate_event": 1,
+                                                   "empty_text": 1}
+    assert report["impressions"]["rows_dropped"] == {"duplicate_event": 1, "unknown_user": 1}
+
+
+def test_kth_smallest_of_sorted_parts():
+    from ptum.data.prepare import _kth_smallest
+
+    rng = np.random.default_rng(0)
+    parts = [np.sort(rng.integers(-50, 50, size)) for size in (0, 1, 7, 30, 100)]
+    merged = np.sort(np.concatenate(parts))
+    assert [_kth_smallest(parts, k) for k in range(len(merged))] == merged.tolist()
