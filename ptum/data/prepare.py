@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ptum.data import generic
 from ptum.data.errors import DataError
@@ -286,13 +287,14 @@ def ctr_cutoffs(impressions: pl.DataFrame, mode: str, train_frac: float,
 
 
 def sequences(behaviors: pl.DataFrame, users: pl.Series, cut: pl.DataFrame, labeled: np.ndarray,
-              max_behaviors: int) -> pl.DataFrame:
+              max_behaviors: int, only: tuple[str, ...] = VIEWS) -> pl.DataFrame:
     """Per-user time-ordered views (see module docstring), truncated to the last max_behaviors.
 
     behaviors: user (0..U-1, position in `users`), timestamp, line (orders same-second events),
     item_id. users: (U,) sorted user ids. cut: (U,) rows in user order, t_train and t_test
     (null = no such window for that user). labeled: (U,) bool.
-    Returns user_id, view, item_ids, timestamps, gaps, n_total, sorted by (view, user_id).
+    Returns user_id, view, item_ids, timestamps, gaps, n_total, sorted by (view, user_id), for
+    the views in `only` (default all).
 
     One sort (skipped when the rows already are in that order), then NumPy on the grouped
     rows: every view keeps a time prefix of each user's rows (all of them for `full`), so its
@@ -332,6 +334,8 @@ def sequences(behaviors: pl.DataFrame, users: pl.Series, cut: pl.DataFrame, labe
     }
     frames = []
     for name, n_total in sorted(views.items()):  # view order of the output
+        if name not in only:
+            continue
         # Rows are time-ordered within a user, so the rows in the view are its first n_total.
         present = n_total > 0
         kept = np.minimum(n_total, max_behaviors)[present]
@@ -601,9 +605,11 @@ def _chunked(paths: dict[str, Path | None], tmp: Path, opts: PrepareOptions, rep
         good, counts, bad, codes = _check(pl.scan_parquet(files), paths["behaviors"],
                                           "behaviors", good_columns=["line", "timestamp"])
         (user_codes, users_c), (text_codes, texts_c) = codes["user_id"], codes["text"]
+        # Sorted as `sequences` needs them, once here rather than once per view there.
         good.with_columns(user=pl.Series(user_codes, dtype=pl.UInt32),
-                          text=pl.Series(text_codes, dtype=pl.UInt32)).write_parquet(
-            work / f"behaviors_{c}.parquet", compression="lz4")
+                          text=pl.Series(text_codes, dtype=pl.UInt32)).sort(
+            "user", "timestamp", "line").write_parquet(work / f"behaviors_{c}.parquet",
+                                                       compression="lz4")
         users_of.append(users_c)
         n_behaviors.append(np.bincount(user_codes, minlength=len(users_c)))
         texts_of.append(texts_c)
@@ -646,15 +652,10 @@ def _chunked(paths: dict[str, Path | None], tmp: Path, opts: PrepareOptions, rep
         global_cut = pl.DataFrame({"t_train": [t_train], "t_test": [t_test]},
                                   schema={"t_train": pl.Int64, "t_test": pl.Int64})
 
-    # Pass 2: sequences and CTR windows, chunk by chunk.
-    labeled = users.is_in(labels["user_id"].implode()).to_numpy()
-    windowed, before_test, n_history, first = [], [], 0, 0
+    # Pass 2: CTR windows and cut-offs chunk by chunk, then the sequences view by view (the
+    # output is sorted by view, then user), each chunk's rows appended to the file as they come.
+    cuts, windowed, n_history = [], [], 0
     for c, users_c in enumerate(users_of):
-        if len(users_c) == 0:
-            continue
-        beh = pl.read_parquet(work / f"behaviors_{c}.parquet")
-        item_of_code = texts_of[c].cast(item_enum).to_physical().cast(pl.Int32).to_numpy() + 1
-        beh = beh.with_columns(item_id=pl.Series(item_of_code[beh["text"].to_numpy()]))
         imp_file = work / f"impressions_{c}.parquet"
         imps = (pl.read_parquet(imp_file) if imp_file.exists()
                 else pl.DataFrame(schema=_NO_IMPRESSIONS))
@@ -664,21 +665,33 @@ def _chunked(paths: dict[str, Path | None], tmp: Path, opts: PrepareOptions, rep
         else:
             win, cut = ctr_cutoffs(imps, opts.ctr_windows, opts.ctr_train_frac,
                                    opts.ctr_test_frac)
-        seqs = sequences(beh.drop("text"), users_c, _user_cut(users_c, cut, opts.ctr_windows),
-                         labeled[first:first + len(users_c)], opts.max_behaviors)
-        for view in VIEWS:
-            seqs.filter(pl.col("view") == view).write_parquet(
-                work / f"sequences_{view}_{c:06d}.parquet", compression="lz4")
-        before_test.append(seqs.filter(pl.col("view") == "before_test").select("user_id",
-                                                                               "n_total"))
+        cuts.append(_user_cut(users_c, cut, opts.ctr_windows))
         windowed.append(win.filter(pl.col("window") != "history"))
         n_history += int((win["window"] == "history").sum())
-        first += len(users_c)
-        del beh, imps, seqs
-    files = [work / f"sequences_{view}_{c:06d}.parquet" for view in sorted(VIEWS)
-             for c in range(n_chunks) if len(users_of[c])]
-    pl.scan_parquet(files).sink_parquet(tmp / "sequences.parquet",
-                                        row_group_size=SEQUENCE_ROW_GROUP)
+        del imps, win
+    labeled = users.is_in(labels["user_id"].implode()).to_numpy()
+    first = np.cumsum([0] + [len(u) for u in users_of])
+    before_test, writer = [], None
+    for view in sorted(VIEWS):
+        for c, users_c in enumerate(users_of):
+            if len(users_c) == 0:
+                continue
+            beh = pl.read_parquet(work / f"behaviors_{c}.parquet")
+            item_of_code = (texts_of[c].cast(item_enum).to_physical().cast(pl.Int32).to_numpy()
+                            + 1)
+            beh = beh.select("line", "timestamp", "user",
+                             item_id=pl.Series(item_of_code[beh["text"].to_numpy()]))
+            seqs = sequences(beh, users_c, cuts[c], labeled[first[c]:first[c + 1]],
+                             opts.max_behaviors, only=(view,))
+            if view == "before_test":
+                before_test.append(seqs.select("user_id", "n_total"))
+            table = seqs.to_arrow()
+            if writer is None:
+                writer = pq.ParquetWriter(tmp / "sequences.parquet", table.schema,
+                                          compression="zstd")
+            writer.write_table(table, row_group_size=SEQUENCE_ROW_GROUP)
+            del beh, seqs, table
+    writer.close()
     return _Core(
         items=items, users=users, n_behaviors=np.concatenate(n_behaviors),
         before_test=pl.concat(before_test),
