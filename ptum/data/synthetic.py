@@ -206,6 +206,7 @@ def generate(spec: SyntheticSpec, seed: int, latent: dict | None = None
     last = ts[starts[imp_user] + lengths[imp_user] - 1]
     imp_ts = (first + rng.random(len(imp_user)) * (last - first + 3600)).astype(np.int64)
     imp_ad = rng.integers(spec.n_ads, size=len(imp_user))
+    imp_ts = _distinct_events(imp_user, imp_ad, imp_ts)
     logit = -2.5 + 12.0 * interest[imp_user, ad_topic[imp_ad]] + ad_quality[imp_ad]
     clicked = (rng.random(len(imp_user)) < 1 / (1 + np.exp(-logit))).astype(np.int8)
     if latent is not None:
@@ -220,6 +221,20 @@ def generate(spec: SyntheticSpec, seed: int, latent: dict | None = None
         "clicked": clicked,
     })
     return behaviors, labels, impressions
+
+
+def _distinct_events(user: np.ndarray, ad: np.ndarray, ts: np.ndarray) -> np.ndarray:
+    """Timestamps where an impression repeating an earlier one's (user, ad, second) moves one
+    second later, until none repeats: such a pair would be a duplicate event to `prepare`
+    (a few in 6M impressions at 30M behaviors). Unchanged when there is none."""
+    ts = ts.copy()
+    while True:
+        order = np.lexsort((np.arange(len(ts)), ts, ad, user))
+        u, a, t = user[order], ad[order], ts[order]
+        same = (u[1:] == u[:-1]) & (a[1:] == a[:-1]) & (t[1:] == t[:-1])
+        if not same.any():
+            return ts
+        ts[order[1:][same]] += 1
 
 
 def spec_for(size: str, **overrides: float | int) -> SyntheticSpec:

@@ -75,3 +75,20 @@ def test_clicks_depend_on_topic_match():
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown synthetic size 'huge'"):
         spec_for("huge")
+
+
+def test_impressions_never_repeat_an_event():
+    """Two impressions of one ad to one user in the same second would be a duplicate event to
+    prepare (seen at 30M behaviors): the later ones move forward a second at a time."""
+    from ptum.data.synthetic import _distinct_events
+
+    user = np.array([0, 0, 0, 1, 0, 0])
+    ad = np.array([5, 5, 5, 5, 5, 6])
+    ts = np.array([10, 10, 11, 10, 10, 10])
+    out = _distinct_events(user, ad, ts)
+    assert out.tolist() == [10, 11, 12, 10, 13, 10]
+    assert _distinct_events(user[3:], ad[3:], ts[3:]).tolist() == ts[3:].tolist()
+    rng = np.random.default_rng(0)
+    user, ad, ts = (rng.integers(0, k, 5_000) for k in (20, 5, 30))
+    out = _distinct_events(user, ad, ts)
+    assert len(set(zip(user, ad, out))) == len(out) and (out >= ts).all()
