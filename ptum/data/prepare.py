@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -585,6 +586,11 @@ def _chunked(paths: dict[str, Path | None], tmp: Path, opts: PrepareOptions, rep
     and the CTR-window impressions (the CTR samples written to impressions.parquet).
     """
     work, qdir = tmp / "chunks", tmp / "quarantine"
+
+    def say(step: str) -> None:
+        print(f"prepare: {n_chunks} chunks of whole users: {step}", file=sys.stderr, flush=True)
+
+    say("splitting behaviors and impressions by user range")
     ranges = _user_ranges(paths["behaviors"], n_chunks)
     beh_files = _partition(paths["behaviors"], "behaviors", ranges, work / "behaviors", n_chunks)
     imp_files = (_partition(paths["impressions"], "impressions", ranges, work / "impressions",
@@ -594,6 +600,7 @@ def _chunked(paths: dict[str, Path | None], tmp: Path, opts: PrepareOptions, rep
         return bad if opts.on_bad_rows == "quarantine" else bad.head(1)
 
     # Pass 1: validate each chunk; keep its valid behaviors as integer codes on disk.
+    say("validating")
     users_of, n_behaviors, texts_of, text_counts, parts = [], [], [], [], []
     for c, files in enumerate(beh_files):
         if not files:  # a range emptied by one big user before it
@@ -654,6 +661,7 @@ def _chunked(paths: dict[str, Path | None], tmp: Path, opts: PrepareOptions, rep
 
     # Pass 2: CTR windows and cut-offs chunk by chunk, then the sequences view by view (the
     # output is sorted by view, then user), each chunk's rows appended to the file as they come.
+    say("sequences")
     cuts, windowed, n_history = [], [], 0
     for c, users_c in enumerate(users_of):
         imp_file = work / f"impressions_{c}.parquet"
