@@ -28,14 +28,14 @@ import json
 import math
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.parquet as pq
+from polars.io.plugins import register_io_source
 
 from ptum.data import generic
 from ptum.data.errors import DataError
@@ -74,6 +74,9 @@ class PrepareOptions:
 
 
 SEQUENCE_ROW_GROUP = 16_384  # rows of sequences.parquet per row group
+SEQUENCE_SCHEMA = {"user_id": pl.String, "view": pl.String, "item_ids": pl.List(pl.Int32),
+                   "timestamps": pl.List(pl.Int64), "gaps": pl.List(pl.Int64),
+                   "n_total": pl.UInt32}
 # Order of the CTR impressions when they get their windows and their train/valid draw.
 WINDOW_ORDER = ("timestamp", "user_id", "item_id", "line")
 
@@ -679,27 +682,27 @@ def _chunked(paths: dict[str, Path | None], tmp: Path, opts: PrepareOptions, rep
         del imps, win
     labeled = users.is_in(labels["user_id"].implode()).to_numpy()
     first = np.cumsum([0] + [len(u) for u in users_of])
-    before_test, writer = [], None
-    for view in sorted(VIEWS):
-        for c, users_c in enumerate(users_of):
-            if len(users_c) == 0:
-                continue
-            beh = pl.read_parquet(work / f"behaviors_{c}.parquet")
-            item_of_code = (texts_of[c].cast(item_enum).to_physical().cast(pl.Int32).to_numpy()
-                            + 1)
-            beh = beh.select("line", "timestamp", "user",
-                             item_id=pl.Series(item_of_code[beh["text"].to_numpy()]))
-            seqs = sequences(beh, users_c, cuts[c], labeled[first[c]:first[c + 1]],
-                             opts.max_behaviors, only=(view,))
-            if view == "before_test":
-                before_test.append(seqs.select("user_id", "n_total"))
-            table = seqs.to_arrow()
-            if writer is None:
-                writer = pq.ParquetWriter(tmp / "sequences.parquet", table.schema,
-                                          compression="zstd")
-            writer.write_table(table, row_group_size=SEQUENCE_ROW_GROUP)
-            del beh, seqs, table
-    writer.close()
+    before_test: list[pl.DataFrame] = []
+
+    def chunk_sequences(*_) -> Iterator[pl.DataFrame]:
+        for view in sorted(VIEWS):
+            for c, users_c in enumerate(users_of):
+                if len(users_c) == 0:
+                    continue
+                beh = pl.read_parquet(work / f"behaviors_{c}.parquet")
+                item_of_code = (texts_of[c].cast(item_enum).to_physical().cast(pl.Int32)
+                                .to_numpy() + 1)
+                beh = beh.select("line", "timestamp", "user",
+                                 item_id=pl.Series(item_of_code[beh["text"].to_numpy()]))
+                seqs = sequences(beh, users_c, cuts[c], labeled[first[c]:first[c + 1]],
+                                 opts.max_behaviors, only=(view,))
+                if view == "before_test":
+                    before_test.append(seqs.select("user_id", "n_total"))
+                yield seqs
+
+    # Polars writes what the generator yields, in order, compressing on its own threads.
+    register_io_source(chunk_sequences, schema=SEQUENCE_SCHEMA).sink_parquet(
+        tmp / "sequences.parquet", row_group_size=SEQUENCE_ROW_GROUP)
     return _Core(
         items=items, users=users, n_behaviors=np.concatenate(n_behaviors),
         before_test=pl.concat(before_test),
