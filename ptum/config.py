@@ -34,7 +34,7 @@ class DataConfig:
     # the project root. Empty for synthetic; for movielens, empty means "download from GroupLens".
     path: str = ""
     # Synthetic size preset (see ptum.data.synthetic.PRESETS).
-    size: str = "default"
+    size: str = "small"
     seed: int = 7
     # MovieLens: an impression is a click when rating >= click_threshold.
     click_threshold: int = 4
