@@ -291,22 +291,29 @@ def ctr_cutoffs(impressions: pl.DataFrame, mode: str, train_frac: float,
 
 
 def sequences(behaviors: pl.DataFrame, users: pl.Series, cut: pl.DataFrame, labeled: np.ndarray,
-              max_behaviors: int, only: tuple[str, ...] = VIEWS) -> pl.DataFrame:
+              max_behaviors: int) -> pl.DataFrame:
     """Per-user time-ordered views (see module docstring), truncated to the last max_behaviors.
 
     behaviors: user (0..U-1, position in `users`), timestamp, line (orders same-second events),
     item_id. users: (U,) sorted user ids. cut: (U,) rows in user order, t_train and t_test
     (null = no such window for that user). labeled: (U,) bool.
-    Returns user_id, view, item_ids, timestamps, gaps, n_total, sorted by (view, user_id), for
-    the views in `only` (default all).
+    Returns user_id, view, item_ids, timestamps, gaps, n_total, sorted by (view, user_id).
+    """
+    ts, item, n_rows = _timelines(behaviors, len(users))
+    totals = _view_totals(ts, n_rows, cut, labeled)
+    return pl.concat([_view_rows(view, users, totals[view], ts, item, n_rows, max_behaviors)
+                      for view in sorted(VIEWS)])
 
-    One sort (skipped when the rows already are in that order), then NumPy on the grouped
-    rows: every view keeps a time prefix of each user's rows (all of them for `full`), so its
-    lists are cut straight from the sorted arrays, where a group_by per view would sort each
-    group again.
+
+def _timelines(behaviors: pl.DataFrame, n_users: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(timestamps (N,), item ids (N,), rows per user (U,)) of `behaviors` (user, timestamp,
+    line, item_id) sorted by (user, timestamp, line): each user's rows in time order.
+
+    One sort, skipped when the rows already are in that order; the views are then cut straight
+    from these arrays, where a group_by per view would sort each group again.
     """
     df = behaviors.select("user", "timestamp", "line", "item_id")
-    owner = df["user"].to_numpy().astype(np.int64)  # (N,) user of each row
+    owner = df["user"].to_numpy()
     ts = df["timestamp"].to_numpy()
     line = df["line"].to_numpy()
     same = owner[1:] == owner[:-1]
@@ -315,47 +322,54 @@ def sequences(behaviors: pl.DataFrame, users: pl.Series, cut: pl.DataFrame, labe
         line[1:] > line[:-1])[same_ts].all()
     if not in_order:
         df = df.sort("user", "timestamp", "line")
-        owner = df["user"].to_numpy().astype(np.int64)
+        owner = df["user"].to_numpy()
         ts = df["timestamp"].to_numpy()
-    item = df["item_id"].to_numpy()
-    del df, line, same, same_ts
-    n_rows = np.bincount(owner, minlength=len(users))
+    n_rows = np.bincount(owner, minlength=n_users)
     if not n_rows.all():
         raise ValueError("sequences: every user in `users` needs at least one behavior")
-    starts = np.cumsum(n_rows) - n_rows  # (U,) first row of each user
-    gap = np.empty(len(ts), dtype=np.int64)
-    np.subtract(ts[1:], ts[:-1], out=gap[1:])
-    gap[starts] = 0  # a user's first behavior has no previous one
-    np.maximum(gap, 0, out=gap)
+    return ts, df["item_id"].to_numpy(), n_rows
 
+
+def _view_totals(ts: np.ndarray, n_rows: np.ndarray, cut: pl.DataFrame,
+                 labeled: np.ndarray) -> dict[str, np.ndarray]:
+    """Each view's (U,) behaviors per user before truncation (n_total), from the users' time
+    ordered timestamps (see _timelines), cut-offs and labeled flags (see sequences)."""
+    starts = np.cumsum(n_rows) - n_rows
     has_train, has_test = (cut[c].is_not_null().to_numpy() for c in ("t_train", "t_test"))
     t_train, t_test = (cut[c].fill_null(0).to_numpy() for c in ("t_train", "t_test"))
+    owner = np.repeat(np.arange(len(n_rows), dtype=np.int64), n_rows)
     before = _count_before(owner, ts, starts)  # consumes owner
-    views = {
+    return {
         "before_test": np.where(has_test, before(t_test), n_rows),
         "before_train": np.where(has_train, before(t_train), 0),
         "full": np.where(labeled, n_rows, 0),
     }
-    frames = []
-    for name, n_total in sorted(views.items()):  # view order of the output
-        if name not in only:
-            continue
-        # Rows are time-ordered within a user, so the rows in the view are its first n_total.
-        present = n_total > 0
-        kept = np.minimum(n_total, max_behaviors)[present]
-        offsets = np.zeros(len(kept) + 1, dtype=np.int64)
-        np.cumsum(kept, out=offsets[1:])
-        first_kept = (starts + n_total)[present] - kept
-        rows = np.repeat(first_kept - offsets[:-1], kept) + np.arange(offsets[-1])
-        frames.append(pl.DataFrame({
-            "user_id": users.filter(pl.Series(present)),
-            "view": pl.Series([name] * len(kept), dtype=pl.String),
-            "item_ids": _lists(offsets, item[rows]),
-            "timestamps": _lists(offsets, ts[rows]),
-            "gaps": _lists(offsets, gap[rows]),
-            "n_total": n_total[present].astype(np.uint32),
-        }))
-    return pl.concat(frames)
+
+
+def _view_rows(view: str, users: pl.Series, n_total: np.ndarray, ts: np.ndarray,
+               item: np.ndarray, n_rows: np.ndarray, max_behaviors: int) -> pl.DataFrame:
+    """The rows of one view: each user's first n_total behaviors (rows are time-ordered within
+    a user, see _timelines), the last max_behaviors of them kept; users with none left out.
+    ts and item may be memory-mapped: only the kept rows are read."""
+    present = n_total > 0
+    kept = np.minimum(n_total, max_behaviors)[present]
+    offsets = np.zeros(len(kept) + 1, dtype=np.int64)
+    np.cumsum(kept, out=offsets[1:])
+    starts = (np.cumsum(n_rows) - n_rows)[present]
+    first_kept = starts + n_total[present] - kept
+    rows = np.repeat(first_kept - offsets[:-1], kept) + np.arange(offsets[-1])
+    kept_ts = ts[rows]
+    # Gap to the previous behavior, truncated away or not; 0 for a user's first behavior.
+    gap = kept_ts - ts[np.maximum(rows - 1, 0)]
+    gap[offsets[:-1][first_kept == starts]] = 0
+    return pl.DataFrame({
+        "user_id": users.filter(pl.Series(present)),
+        "view": pl.Series([view] * len(kept), dtype=pl.String),
+        "item_ids": _lists(offsets, item[rows]),
+        "timestamps": _lists(offsets, kept_ts),
+        "gaps": _lists(offsets, gap),
+        "n_total": n_total[present].astype(np.uint32),
+    })
 
 
 def _count_before(owner: np.ndarray, ts: np.ndarray, starts: np.ndarray):
@@ -628,11 +642,13 @@ def _chunked(paths: dict[str, Path | None], tmp: Path, opts: PrepareOptions, rep
         good, counts, bad, codes = _check(pl.scan_parquet(files), paths["behaviors"],
                                           "behaviors", good_columns=["line", "timestamp"])
         (user_codes, users_c), (text_codes, texts_c) = codes["user_id"], codes["text"]
-        # Sorted as `sequences` needs them, once here rather than once per view there.
-        good.with_columns(user=pl.Series(user_codes, dtype=pl.UInt32),
-                          text=pl.Series(text_codes, dtype=pl.UInt32)).sort(
-            "user", "timestamp", "line").write_parquet(work / f"behaviors_{c}.parquet",
-                                                       compression="lz4")
+        # Time-ordered per user (see _timelines), once here rather than once per view later.
+        timeline = good.with_columns(user=pl.Series(user_codes, dtype=pl.UInt32),
+                                     text=pl.Series(text_codes, dtype=pl.UInt32)).sort(
+            "user", "timestamp", "line")
+        np.save(work / f"ts_{c}.npy", timeline["timestamp"].to_numpy())
+        np.save(work / f"text_{c}.npy", timeline["text"].to_numpy())
+        del timeline
         users_of.append(users_c)
         n_behaviors.append(np.bincount(user_codes, minlength=len(users_c)))
         texts_of.append(texts_c)
@@ -675,10 +691,13 @@ def _chunked(paths: dict[str, Path | None], tmp: Path, opts: PrepareOptions, rep
         global_cut = pl.DataFrame({"t_train": [t_train], "t_test": [t_test]},
                                   schema={"t_train": pl.Int64, "t_test": pl.Int64})
 
-    # Pass 2: CTR windows and cut-offs chunk by chunk, then the sequences view by view (the
-    # output is sorted by view, then user), each chunk's rows appended to the file as they come.
+    # Pass 2: CTR windows, cut-offs and view sizes chunk by chunk, then the sequences view by
+    # view (the output is sorted by view, then user), each chunk's rows appended to the file as
+    # they come, cut from its memory-mapped timelines.
     say("sequences")
-    cuts, windowed, n_history = [], [], 0
+    labeled = users.is_in(labels["user_id"].implode()).to_numpy()
+    first = np.cumsum([0] + [len(u) for u in users_of])
+    totals, windowed, n_history = [], [], 0
     for c, users_c in enumerate(users_of):
         imp_file = work / f"impressions_{c}.parquet"
         imps = (pl.read_parquet(imp_file) if imp_file.exists()
@@ -689,36 +708,37 @@ def _chunked(paths: dict[str, Path | None], tmp: Path, opts: PrepareOptions, rep
         else:
             win, cut = ctr_cutoffs(imps, opts.ctr_windows, opts.ctr_train_frac,
                                    opts.ctr_test_frac)
-        cuts.append(_user_cut(users_c, cut, opts.ctr_windows))
         windowed.append(win.filter(pl.col("window") != "history"))
         n_history += int((win["window"] == "history").sum())
         del imps, win
-    labeled = users.is_in(labels["user_id"].implode()).to_numpy()
-    first = np.cumsum([0] + [len(u) for u in users_of])
-    before_test: list[pl.DataFrame] = []
+        if len(users_c) == 0:
+            totals.append({})
+            continue
+        totals.append(_view_totals(np.load(work / f"ts_{c}.npy"), n_behaviors[c],
+                                   _user_cut(users_c, cut, opts.ctr_windows),
+                                   labeled[first[c]:first[c + 1]]))
+        item_of_code = texts_of[c].cast(item_enum).to_physical().cast(pl.Int32).to_numpy() + 1
+        np.save(work / f"item_{c}.npy", item_of_code[np.load(work / f"text_{c}.npy")])
 
     def chunk_sequences(*_) -> Iterator[pl.DataFrame]:
         for view in sorted(VIEWS):
             for c, users_c in enumerate(users_of):
                 if len(users_c) == 0:
                     continue
-                beh = pl.read_parquet(work / f"behaviors_{c}.parquet")
-                item_of_code = (texts_of[c].cast(item_enum).to_physical().cast(pl.Int32)
-                                .to_numpy() + 1)
-                beh = beh.select("line", "timestamp", "user",
-                                 item_id=pl.Series(item_of_code[beh["text"].to_numpy()]))
-                seqs = sequences(beh, users_c, cuts[c], labeled[first[c]:first[c + 1]],
-                                 opts.max_behaviors, only=(view,))
-                if view == "before_test":
-                    before_test.append(seqs.select("user_id", "n_total"))
-                yield seqs
+                yield _view_rows(view, users_c, totals[c][view],
+                                 np.load(work / f"ts_{c}.npy", mmap_mode="r"),
+                                 np.load(work / f"item_{c}.npy", mmap_mode="r"),
+                                 n_behaviors[c], opts.max_behaviors)
 
     # Polars writes what the generator yields, in order, compressing on its own threads.
     register_io_source(chunk_sequences, schema=SEQUENCE_SCHEMA).sink_parquet(
         tmp / "sequences.parquet", row_group_size=SEQUENCE_ROW_GROUP)
     return _Core(
         items=items, users=users, n_behaviors=np.concatenate(n_behaviors),
-        before_test=pl.concat(before_test),
+        before_test=pl.DataFrame({
+            "user_id": users,
+            "n_total": np.concatenate([t["before_test"] for t in totals if t]).astype(np.uint32),
+        }).filter(pl.col("n_total") > 0),
         windowed=pl.concat(windowed).sort(*WINDOW_ORDER), n_history=n_history,
         labels=labels, label_cols=label_cols,
     )
