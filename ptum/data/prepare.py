@@ -133,11 +133,14 @@ def _check(lf: pl.LazyFrame, path: Path, table: str, known_users: pl.Enum | None
 
     Returns (good rows sorted by line, counts, bad rows sorted by line, codes); see _validate.
     """
-    columns = lf.collect_schema().names()
-    # Long, repetitive strings held as Categorical: a few bytes a row instead of the text, and
-    # hashed while streaming. Cast back to String wherever rows leave this function.
+    schema = lf.collect_schema()
+    columns = schema.names()
+    # Long, repetitive strings held as Categorical (unless they come so from `_partition`): a
+    # few bytes a row instead of the text, and hashed while streaming. Cast back to String
+    # wherever rows leave this function.
     categorical = [c for c in ("user_id", "text") if c in columns]
-    df = lf.with_columns(pl.col(*categorical).cast(pl.Categorical)).collect(engine="streaming")
+    df = lf.with_columns(pl.col(c).cast(pl.Categorical) for c in categorical
+                         if schema[c] == pl.String).collect(engine="streaming")
     as_string = [pl.col(c).cast(pl.String) for c in categorical]
     user, users = _codes(df["user_id"])
     coded = {"__user": user}
@@ -622,9 +625,15 @@ def _chunked(paths: dict[str, Path | None], tmp: Path, opts: PrepareOptions, rep
 
     say("splitting behaviors and impressions by user range")
     ranges = _user_ranges(paths["behaviors"], n_chunks)
-    beh_files = _partition(paths["behaviors"], "behaviors", ranges, work / "behaviors", n_chunks)
-    imp_files = (_partition(paths["impressions"], "impressions", ranges, work / "impressions",
-                            n_chunks) if paths["impressions"] is not None else [[]] * n_chunks)
+    # The chunk files' user_id and text codes: a mapping of this run's own, kept alive by
+    # `codes_in_use` until every chunk is validated.
+    categorical = pl.Categorical(pl.Categories.random())
+    codes_in_use = pl.Series(dtype=categorical)
+    beh_chunks = _partition(paths["behaviors"], "behaviors", ranges, work / "behaviors",
+                            n_chunks, categorical)
+    imp_chunks = (_partition(paths["impressions"], "impressions", ranges, work / "impressions",
+                             n_chunks, categorical)
+                  if paths["impressions"] is not None else [None] * n_chunks)
 
     def keep_bad(bad: pl.DataFrame) -> pl.DataFrame:
         return bad if opts.on_bad_rows == "quarantine" else bad.head(1)
@@ -632,14 +641,14 @@ def _chunked(paths: dict[str, Path | None], tmp: Path, opts: PrepareOptions, rep
     # Pass 1: validate each chunk; keep its valid behaviors as integer codes on disk.
     say("validating")
     users_of, n_behaviors, texts_of, text_counts, parts = [], [], [], [], []
-    for c, files in enumerate(beh_files):
-        if not files:  # a range emptied by one big user before it
+    for c, chunk in enumerate(beh_chunks):
+        if chunk is None:  # a range emptied by one big user before it
             users_of.append(pl.Series("user_id", [], pl.String))
             n_behaviors.append(np.zeros(0, dtype=np.int64))
             texts_of.append(pl.Series("text", [], pl.String))
             text_counts.append(np.zeros(0, dtype=np.int64))
             continue
-        good, counts, bad, codes = _check(pl.scan_parquet(files), paths["behaviors"],
+        good, counts, bad, codes = _check(chunk, paths["behaviors"],
                                           "behaviors", good_columns=["line", "timestamp"])
         (user_codes, users_c), (text_codes, texts_c) = codes["user_id"], codes["text"]
         # Time-ordered per user (see _timelines), once here rather than once per view later.
@@ -663,10 +672,10 @@ def _chunked(paths: dict[str, Path | None], tmp: Path, opts: PrepareOptions, rep
     user_enum = pl.Enum(users)
 
     imp_texts, stamps, parts = [pl.Series("text", [], pl.String)], [], []
-    for c, files in enumerate(imp_files):
-        if not files:
+    for c, chunk in enumerate(imp_chunks):
+        if chunk is None:
             continue
-        good, counts, bad, codes = _check(pl.scan_parquet(files), paths["impressions"],
+        good, counts, bad, codes = _check(chunk, paths["impressions"],
                                           "impressions", known_users=pl.Enum(users_of[c]))
         good.write_parquet(work / f"impressions_{c}.parquet", compression="lz4")
         np.save(work / f"timestamps_{c}.npy", np.sort(good["timestamp"].to_numpy()))
@@ -674,6 +683,7 @@ def _chunked(paths: dict[str, Path | None], tmp: Path, opts: PrepareOptions, rep
         imp_texts.append(codes["text"][1])
         parts.append((counts, keep_bad(bad)))
         del good, codes
+    del codes_in_use
     report["impressions"] = (_settle(paths["impressions"], "impressions", opts, qdir, parts)
                              if paths["impressions"] is not None else _no_table())
     labels, label_cols = _labels(paths["labels"], opts, qdir, user_enum, report)
@@ -756,17 +766,32 @@ def _user_ranges(path: Path, n_chunks: int) -> pl.DataFrame:
     return per_user.select("user_id", __chunk=pl.Series(chunk.astype(np.uint32)))
 
 
-def _partition(path: Path, table: str, ranges: pl.DataFrame, out: Path,
-               n_chunks: int) -> list[list[Path]]:
+def _partition(path: Path, table: str, ranges: pl.DataFrame, out: Path, n_chunks: int,
+               categorical: pl.Categorical) -> list[pl.LazyFrame | None]:
     """Stream `table` (as generic.scan reads it: line numbers and row checks included) into one
-    Parquet folder per chunk; rows of users not in `ranges` go to chunk 0. Returns the files
-    of each chunk."""
+    Parquet folder per chunk; rows of users not in `ranges` go to chunk 0. Returns each chunk's
+    rows (None: no rows), with user_id and text of dtype `categorical`.
+
+    user_id and text are hashed once, here, and stored as their Categorical codes: the chunk
+    files hold integers rather than strings, and `_check` gets Categorical columns without
+    hashing the strings again. The codes are those of `categorical`'s mapping: the caller
+    keeps a Series of that dtype alive until the chunks are read (Polars frees a mapping that
+    no Series uses).
+    """
     lf, _ = generic.scan(path, table)
-    (lf.join(ranges.lazy(), on="user_id", how="left", maintain_order="left")
-     .with_columns(pl.col("__chunk").fill_null(0))
+    keys = [c for c in ("user_id", "text") if c in lf.collect_schema().names()]
+    (lf.with_columns(pl.col(*keys).cast(categorical))
+     .join(ranges.lazy().with_columns(pl.col("user_id").cast(categorical)), on="user_id",
+           how="left", maintain_order="left")
+     .with_columns(pl.col("__chunk").fill_null(0), pl.col(*keys).to_physical())
      .sink_parquet(pl.PartitionBy(out, key="__chunk", include_key=False), mkdir=True,
                    compression="lz4", statistics=False))
-    return [sorted((out / f"__chunk={c}").glob("*.parquet")) for c in range(n_chunks)]
+    chunks: list[pl.LazyFrame | None] = []
+    for c in range(n_chunks):
+        files = sorted((out / f"__chunk={c}").glob("*.parquet"))
+        chunks.append(pl.scan_parquet(files).with_columns(pl.col(*keys).cat.to(categorical))
+                      if files else None)
+    return chunks
 
 
 def _kth_smallest(sorted_parts: list[np.ndarray], k: int) -> int:
