@@ -135,8 +135,8 @@ def _check(lf: pl.LazyFrame, path: Path, table: str, known_users: pl.Enum | None
     """
     schema = lf.collect_schema()
     columns = schema.names()
-    # Long, repetitive strings held as Categorical (unless they come so from `_partition`): a
-    # few bytes a row instead of the text, and hashed while streaming. Cast back to String
+    # Long, repetitive strings held as Categorical (chunks from `_partition` come so already):
+    # a few bytes a row instead of the text, and hashed while streaming. Cast back to String
     # wherever rows leave this function.
     categorical = [c for c in ("user_id", "text") if c in columns]
     df = lf.with_columns(pl.col(c).cast(pl.Categorical) for c in categorical
@@ -610,13 +610,14 @@ def _chunked(paths: dict[str, Path | None], tmp: Path, opts: PrepareOptions, rep
              n_chunks: int) -> _Core:
     """`_in_memory`'s outputs, holding about 1/n_chunks of the behaviors at a time.
 
-    The behaviors and impressions are first split on disk (one streaming pass each) into
-    n_chunks ranges of whole users, in sorted user order and of about equal behavior counts.
-    Everything but the global CTR cut-offs, the item table and the train/valid draw of CTR
-    samples is per user, so each chunk is validated (pass 1) and turned into sequences (pass 2)
-    on its own; chunks' sequences are concatenated in user order. What stays in memory across
-    chunks: the user ids, the distinct texts, the bad rows (one per chunk unless quarantined)
-    and the CTR-window impressions (the CTR samples written to impressions.parquet).
+    The behaviors and impressions are first split on disk (one streaming pass each, user ids
+    and texts stored as codes) into n_chunks ranges of whole users, in sorted user order and
+    of about equal behavior counts. Everything but the global CTR cut-offs, the item table and
+    the train/valid draw of CTR samples is per user, so each chunk is validated and ordered
+    into timelines (pass 1), then cut into sequences (pass 2) on its own; chunks' sequences
+    are concatenated in user order. What stays in memory across chunks: the user ids, the
+    distinct texts, per-user counts, the bad rows (one per chunk unless quarantined) and the
+    CTR-window impressions (the CTR samples written to impressions.parquet).
     """
     work, qdir = tmp / "chunks", tmp / "quarantine"
 
