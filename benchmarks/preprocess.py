@@ -7,14 +7,17 @@ Each size is generated first (not timed; kept under --cache DIR to be reused by 
 then `prepare` and `tokenize` run in a fresh child process that reads its own peak RSS from the
 OS, so numbers of one size do not leak into the next. With --repeat N each size runs N times and
 the fastest run (prepare + tokenize) is printed, with the run count: on a shared machine the
-best of several runs is the least disturbed one. --chunk-rows sets prepare.chunk_rows (default:
-the stage's default), the size above which a log streams through in chunks of whole users.
+best of several runs is the least disturbed one; its CPU time (all threads) and the load average
+when it started are printed too, to tell a slow run from a busy machine. --chunk-rows sets
+prepare.chunk_rows (default: the stage's default), the size above which a log streams through
+in chunks of whole users.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -28,13 +31,13 @@ from ptum.data.prepare import PrepareOptions, prepare
 from ptum.tokenize import tokenize
 root = Path(sys.argv[1])
 opts = PrepareOptions(**json.loads(sys.argv[2]))
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 rep = prepare(root / "raw", root / "prepared", opts)
 t1 = time.perf_counter()
 tokenize(root / "prepared" / "items.parquet", root / "tok", vocab_size=8000, model_type="unigram",
          byte_fallback=True, max_tokens=30, character_coverage=0.9995, seed=1)
-t2 = time.perf_counter()
-print(json.dumps({"prepare_s": t1 - t0, "tokenize_s": t2 - t1,
+t2, c2 = time.perf_counter(), time.process_time()
+print(json.dumps({"prepare_s": t1 - t0, "tokenize_s": t2 - t1, "cpu_s": c2 - c0,
                   "behaviors": rep["behaviors"]["rows_kept"], "items": rep["behaviors"]["items"],
                   "users": rep["behaviors"]["users"],
                   "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
@@ -54,13 +57,14 @@ def generate(n_behaviors: int, raw_dir: Path) -> None:
 
 def run(root: Path, options: dict) -> dict:
     """prepare + tokenize on root/raw in a child process; its timings and peak RSS."""
+    load = os.getloadavg()[0]  # other jobs on the machine: timings are only comparable at low load
     t0 = time.perf_counter()
     out = subprocess.run([sys.executable, "-c", CHILD, str(root), json.dumps(options)], check=True,
                          capture_output=True, text=True)
     wall = time.perf_counter() - t0
     res = json.loads(out.stdout.strip().splitlines()[-1])
     n = res["behaviors"]
-    res.update(wall_s=wall, behaviors_per_s=n / (res["prepare_s"] + res["tokenize_s"]),
+    res.update(wall_s=wall, load=load, behaviors_per_s=n / (res["prepare_s"] + res["tokenize_s"]),
                prepare_per_s=n / res["prepare_s"], tokenize_per_s=n / res["tokenize_s"],
                peak_rss_mib=res["peak_kib"] / 1024)
     return res
@@ -87,8 +91,6 @@ def main() -> None:
     ap.add_argument("--chunk-rows", type=int, default=None,
                     help="prepare.chunk_rows (default: the stage's own default)")
     args = ap.parse_args()
-    import os
-
     from ptum.data.prepare import PrepareOptions
 
     options = {} if args.chunk_rows is None else {"chunk_rows": args.chunk_rows}
@@ -96,13 +98,17 @@ def main() -> None:
 
     print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}; best of "
           f"{args.repeat} run(s); rates are behaviors/s; prepare.chunk_rows={chunk_rows:,}")
+    print("cpu s: CPU time of prepare + tokenize, all threads; load: 1-minute load average when "
+          "the run started")
     print(f"{'behaviors':>12} {'users':>8} {'items':>7} {'prepare s':>10} {'tokenize s':>10} "
-          f"{'prepare/s':>11} {'tokenize/s':>11} {'behaviors/s':>12} {'peak RSS MiB':>12}")
+          f"{'prepare/s':>11} {'tokenize/s':>11} {'behaviors/s':>12} {'peak RSS MiB':>12} "
+          f"{'cpu s':>6} {'load':>5}")
     for n in args.sizes:
         r = best_of(n, args.repeat, args.cache, options)
         print(f"{r['behaviors']:>12,} {r['users']:>8,} {r['items']:>7,} {r['prepare_s']:>10.2f} "
               f"{r['tokenize_s']:>10.2f} {r['prepare_per_s']:>11,.0f} {r['tokenize_per_s']:>11,.0f} "
-              f"{r['behaviors_per_s']:>12,.0f} {r['peak_rss_mib']:>12,.0f}", flush=True)
+              f"{r['behaviors_per_s']:>12,.0f} {r['peak_rss_mib']:>12,.0f} {r['cpu_s']:>6.2f} "
+              f"{r['load']:>5.2f}", flush=True)
 
 
 if __name__ == "__main__":

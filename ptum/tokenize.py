@@ -14,6 +14,7 @@ Training is deterministic: one thread, fixed seed, input in item_id order -> sam
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -79,16 +80,17 @@ def encode(
     Returns (tokens, lengths, n_truncated). Titles longer than max_tokens keep their first tokens.
     """
     ids = sp.encode(texts, out_type=int)
+    n_ids = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int32, count=int(n_ids.sum()))
+    kept = np.minimum(n_ids, max_tokens)
+    # Position of each kept token: its row, its column, and its index in `flat`.
+    row = np.repeat(np.arange(1, len(ids) + 1), kept)
+    col = np.arange(len(row)) - np.repeat(np.cumsum(kept) - kept, kept)
     tokens = np.zeros((len(texts) + 1, max_tokens), dtype=np.int32)
+    tokens[row, col] = flat[np.repeat(np.cumsum(n_ids) - n_ids, kept) + col]
     lengths = np.zeros(len(texts) + 1, dtype=np.int32)
-    truncated = 0
-    for i, row in enumerate(ids, start=1):
-        if len(row) > max_tokens:
-            truncated += 1
-            row = row[:max_tokens]
-        tokens[i, : len(row)] = row
-        lengths[i] = len(row)
-    return tokens, lengths, truncated
+    lengths[1:] = kept
+    return tokens, lengths, int((n_ids > max_tokens).sum())
 
 
 def tokenize(
@@ -122,8 +124,9 @@ def tokenize(
     )
     (tmp / "spm.model").write_bytes(model)
     sp = spm.SentencePieceProcessor(model_proto=model)
+    pieces = list(range(sp.get_piece_size()))  # one call per column, not per piece
     (tmp / "spm.vocab").write_text(
-        "".join(f"{sp.id_to_piece(i)}\t{sp.get_score(i)}\n" for i in range(sp.get_piece_size())),
+        "".join(f"{p}\t{s}\n" for p, s in zip(sp.id_to_piece(pieces), sp.get_score(pieces))),
         encoding="utf-8",
     )
     tokens, lengths, truncated = encode(sp, texts, max_tokens)

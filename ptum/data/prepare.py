@@ -133,11 +133,14 @@ def _check(lf: pl.LazyFrame, path: Path, table: str, known_users: pl.Enum | None
 
     Returns (good rows sorted by line, counts, bad rows sorted by line, codes); see _validate.
     """
-    columns = lf.collect_schema().names()
-    # Long, repetitive strings held as Categorical: a few bytes a row instead of the text, and
-    # hashed while streaming. Cast back to String wherever rows leave this function.
+    schema = lf.collect_schema()
+    columns = schema.names()
+    # Long, repetitive strings held as Categorical (chunks from `_partition` come so already):
+    # a few bytes a row instead of the text, and hashed while streaming. Cast back to String
+    # wherever rows leave this function.
     categorical = [c for c in ("user_id", "text") if c in columns]
-    df = lf.with_columns(pl.col(*categorical).cast(pl.Categorical)).collect(engine="streaming")
+    df = lf.with_columns(pl.col(c).cast(pl.Categorical) for c in categorical
+                         if schema[c] == pl.String).collect(engine="streaming")
     as_string = [pl.col(c).cast(pl.String) for c in categorical]
     user, users = _codes(df["user_id"])
     coded = {"__user": user}
@@ -291,22 +294,29 @@ def ctr_cutoffs(impressions: pl.DataFrame, mode: str, train_frac: float,
 
 
 def sequences(behaviors: pl.DataFrame, users: pl.Series, cut: pl.DataFrame, labeled: np.ndarray,
-              max_behaviors: int, only: tuple[str, ...] = VIEWS) -> pl.DataFrame:
+              max_behaviors: int) -> pl.DataFrame:
     """Per-user time-ordered views (see module docstring), truncated to the last max_behaviors.
 
     behaviors: user (0..U-1, position in `users`), timestamp, line (orders same-second events),
     item_id. users: (U,) sorted user ids. cut: (U,) rows in user order, t_train and t_test
     (null = no such window for that user). labeled: (U,) bool.
-    Returns user_id, view, item_ids, timestamps, gaps, n_total, sorted by (view, user_id), for
-    the views in `only` (default all).
+    Returns user_id, view, item_ids, timestamps, gaps, n_total, sorted by (view, user_id).
+    """
+    ts, item, n_rows = _timelines(behaviors, len(users))
+    totals = _view_totals(ts, n_rows, cut, labeled)
+    return pl.concat([_view_rows(view, users, totals[view], ts, item, n_rows, max_behaviors)
+                      for view in sorted(VIEWS)])
 
-    One sort (skipped when the rows already are in that order), then NumPy on the grouped
-    rows: every view keeps a time prefix of each user's rows (all of them for `full`), so its
-    lists are cut straight from the sorted arrays, where a group_by per view would sort each
-    group again.
+
+def _timelines(behaviors: pl.DataFrame, n_users: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(timestamps (N,), item ids (N,), rows per user (U,)) of `behaviors` (user, timestamp,
+    line, item_id) sorted by (user, timestamp, line): each user's rows in time order.
+
+    One sort, skipped when the rows already are in that order; the views are then cut straight
+    from these arrays, where a group_by per view would sort each group again.
     """
     df = behaviors.select("user", "timestamp", "line", "item_id")
-    owner = df["user"].to_numpy().astype(np.int64)  # (N,) user of each row
+    owner = df["user"].to_numpy()
     ts = df["timestamp"].to_numpy()
     line = df["line"].to_numpy()
     same = owner[1:] == owner[:-1]
@@ -315,47 +325,54 @@ def sequences(behaviors: pl.DataFrame, users: pl.Series, cut: pl.DataFrame, labe
         line[1:] > line[:-1])[same_ts].all()
     if not in_order:
         df = df.sort("user", "timestamp", "line")
-        owner = df["user"].to_numpy().astype(np.int64)
+        owner = df["user"].to_numpy()
         ts = df["timestamp"].to_numpy()
-    item = df["item_id"].to_numpy()
-    del df, line, same, same_ts
-    n_rows = np.bincount(owner, minlength=len(users))
+    n_rows = np.bincount(owner, minlength=n_users)
     if not n_rows.all():
         raise ValueError("sequences: every user in `users` needs at least one behavior")
-    starts = np.cumsum(n_rows) - n_rows  # (U,) first row of each user
-    gap = np.empty(len(ts), dtype=np.int64)
-    np.subtract(ts[1:], ts[:-1], out=gap[1:])
-    gap[starts] = 0  # a user's first behavior has no previous one
-    np.maximum(gap, 0, out=gap)
+    return ts, df["item_id"].to_numpy(), n_rows
 
+
+def _view_totals(ts: np.ndarray, n_rows: np.ndarray, cut: pl.DataFrame,
+                 labeled: np.ndarray) -> dict[str, np.ndarray]:
+    """Each view's (U,) behaviors per user before truncation (n_total), from the users' time
+    ordered timestamps (see _timelines), cut-offs and labeled flags (see sequences)."""
+    starts = np.cumsum(n_rows) - n_rows
     has_train, has_test = (cut[c].is_not_null().to_numpy() for c in ("t_train", "t_test"))
     t_train, t_test = (cut[c].fill_null(0).to_numpy() for c in ("t_train", "t_test"))
+    owner = np.repeat(np.arange(len(n_rows), dtype=np.int64), n_rows)
     before = _count_before(owner, ts, starts)  # consumes owner
-    views = {
+    return {
         "before_test": np.where(has_test, before(t_test), n_rows),
         "before_train": np.where(has_train, before(t_train), 0),
         "full": np.where(labeled, n_rows, 0),
     }
-    frames = []
-    for name, n_total in sorted(views.items()):  # view order of the output
-        if name not in only:
-            continue
-        # Rows are time-ordered within a user, so the rows in the view are its first n_total.
-        present = n_total > 0
-        kept = np.minimum(n_total, max_behaviors)[present]
-        offsets = np.zeros(len(kept) + 1, dtype=np.int64)
-        np.cumsum(kept, out=offsets[1:])
-        first_kept = (starts + n_total)[present] - kept
-        rows = np.repeat(first_kept - offsets[:-1], kept) + np.arange(offsets[-1])
-        frames.append(pl.DataFrame({
-            "user_id": users.filter(pl.Series(present)),
-            "view": pl.Series([name] * len(kept), dtype=pl.String),
-            "item_ids": _lists(offsets, item[rows]),
-            "timestamps": _lists(offsets, ts[rows]),
-            "gaps": _lists(offsets, gap[rows]),
-            "n_total": n_total[present].astype(np.uint32),
-        }))
-    return pl.concat(frames)
+
+
+def _view_rows(view: str, users: pl.Series, n_total: np.ndarray, ts: np.ndarray,
+               item: np.ndarray, n_rows: np.ndarray, max_behaviors: int) -> pl.DataFrame:
+    """The rows of one view: each user's first n_total behaviors (rows are time-ordered within
+    a user, see _timelines), the last max_behaviors of them kept; users with none left out.
+    ts and item may be memory-mapped: only the kept rows are read."""
+    present = n_total > 0
+    kept = np.minimum(n_total, max_behaviors)[present]
+    offsets = np.zeros(len(kept) + 1, dtype=np.int64)
+    np.cumsum(kept, out=offsets[1:])
+    starts = (np.cumsum(n_rows) - n_rows)[present]
+    first_kept = starts + n_total[present] - kept
+    rows = np.repeat(first_kept - offsets[:-1], kept) + np.arange(offsets[-1])
+    kept_ts = ts[rows]
+    # Gap to the previous behavior, truncated away or not; 0 for a user's first behavior.
+    gap = kept_ts - ts[np.maximum(rows - 1, 0)]
+    gap[offsets[:-1][first_kept == starts]] = 0
+    return pl.DataFrame({
+        "user_id": users.filter(pl.Series(present)),
+        "view": pl.Series([view] * len(kept), dtype=pl.String),
+        "item_ids": _lists(offsets, item[rows]),
+        "timestamps": _lists(offsets, kept_ts),
+        "gaps": _lists(offsets, gap),
+        "n_total": n_total[present].astype(np.uint32),
+    })
 
 
 def _count_before(owner: np.ndarray, ts: np.ndarray, starts: np.ndarray):
@@ -385,7 +402,20 @@ def _count_before(owner: np.ndarray, ts: np.ndarray, starts: np.ndarray):
 
 def _lists(offsets: np.ndarray, values: np.ndarray) -> pl.Series:
     """A list Series whose row i is values[offsets[i]:offsets[i + 1]]."""
-    return pl.from_arrow(pa.LargeListArray.from_arrays(pa.array(offsets), pa.array(values)))
+    return pl.Series(_ArrowCArray(pa.LargeListArray.from_arrays(pa.array(offsets),
+                                                                pa.array(values))))
+
+
+class _ArrowCArray:
+    """A pyarrow array seen only through the Arrow PyCapsule interface. Polars takes it over
+    without copying, as from a pyarrow array, but without importing pyarrow.compute first
+    (about 0.1 s, paid by every fresh process)."""
+
+    def __init__(self, array: pa.Array) -> None:
+        self.array = array
+
+    def __arrow_c_array__(self, requested_schema: object | None = None) -> tuple[object, object]:
+        return self.array.__arrow_c_array__(requested_schema)
 
 
 def _shuffled_rank(keys: list[str], seed: int) -> np.ndarray:
@@ -580,13 +610,14 @@ def _chunked(paths: dict[str, Path | None], tmp: Path, opts: PrepareOptions, rep
              n_chunks: int) -> _Core:
     """`_in_memory`'s outputs, holding about 1/n_chunks of the behaviors at a time.
 
-    The behaviors and impressions are first split on disk (one streaming pass each) into
-    n_chunks ranges of whole users, in sorted user order and of about equal behavior counts.
-    Everything but the global CTR cut-offs, the item table and the train/valid draw of CTR
-    samples is per user, so each chunk is validated (pass 1) and turned into sequences (pass 2)
-    on its own; chunks' sequences are concatenated in user order. What stays in memory across
-    chunks: the user ids, the distinct texts, the bad rows (one per chunk unless quarantined)
-    and the CTR-window impressions (the CTR samples written to impressions.parquet).
+    The behaviors and impressions are first split on disk (one streaming pass each, user ids
+    and texts stored as codes) into n_chunks ranges of whole users, in sorted user order and
+    of about equal behavior counts. Everything but the global CTR cut-offs, the item table and
+    the train/valid draw of CTR samples is per user, so each chunk is validated and ordered
+    into timelines (pass 1), then cut into sequences (pass 2) on its own; chunks' sequences
+    are concatenated in user order. What stays in memory across chunks: the user ids, the
+    distinct texts, per-user counts, the bad rows (one per chunk unless quarantined) and the
+    CTR-window impressions (the CTR samples written to impressions.parquet).
     """
     work, qdir = tmp / "chunks", tmp / "quarantine"
 
@@ -595,9 +626,15 @@ def _chunked(paths: dict[str, Path | None], tmp: Path, opts: PrepareOptions, rep
 
     say("splitting behaviors and impressions by user range")
     ranges = _user_ranges(paths["behaviors"], n_chunks)
-    beh_files = _partition(paths["behaviors"], "behaviors", ranges, work / "behaviors", n_chunks)
-    imp_files = (_partition(paths["impressions"], "impressions", ranges, work / "impressions",
-                            n_chunks) if paths["impressions"] is not None else [[]] * n_chunks)
+    # The chunk files' user_id and text codes: a mapping of this run's own, kept alive by
+    # `codes_in_use` until every chunk is validated.
+    categorical = pl.Categorical(pl.Categories.random())
+    codes_in_use = pl.Series(dtype=categorical)
+    beh_chunks = _partition(paths["behaviors"], "behaviors", ranges, work / "behaviors",
+                            n_chunks, categorical)
+    imp_chunks = (_partition(paths["impressions"], "impressions", ranges, work / "impressions",
+                             n_chunks, categorical)
+                  if paths["impressions"] is not None else [None] * n_chunks)
 
     def keep_bad(bad: pl.DataFrame) -> pl.DataFrame:
         return bad if opts.on_bad_rows == "quarantine" else bad.head(1)
@@ -605,21 +642,23 @@ def _chunked(paths: dict[str, Path | None], tmp: Path, opts: PrepareOptions, rep
     # Pass 1: validate each chunk; keep its valid behaviors as integer codes on disk.
     say("validating")
     users_of, n_behaviors, texts_of, text_counts, parts = [], [], [], [], []
-    for c, files in enumerate(beh_files):
-        if not files:  # a range emptied by one big user before it
+    for c, chunk in enumerate(beh_chunks):
+        if chunk is None:  # a range emptied by one big user before it
             users_of.append(pl.Series("user_id", [], pl.String))
             n_behaviors.append(np.zeros(0, dtype=np.int64))
             texts_of.append(pl.Series("text", [], pl.String))
             text_counts.append(np.zeros(0, dtype=np.int64))
             continue
-        good, counts, bad, codes = _check(pl.scan_parquet(files), paths["behaviors"],
+        good, counts, bad, codes = _check(chunk, paths["behaviors"],
                                           "behaviors", good_columns=["line", "timestamp"])
         (user_codes, users_c), (text_codes, texts_c) = codes["user_id"], codes["text"]
-        # Sorted as `sequences` needs them, once here rather than once per view there.
-        good.with_columns(user=pl.Series(user_codes, dtype=pl.UInt32),
-                          text=pl.Series(text_codes, dtype=pl.UInt32)).sort(
-            "user", "timestamp", "line").write_parquet(work / f"behaviors_{c}.parquet",
-                                                       compression="lz4")
+        # Time-ordered per user (see _timelines), once here rather than once per view later.
+        timeline = good.with_columns(user=pl.Series(user_codes, dtype=pl.UInt32),
+                                     text=pl.Series(text_codes, dtype=pl.UInt32)).sort(
+            "user", "timestamp", "line")
+        np.save(work / f"ts_{c}.npy", timeline["timestamp"].to_numpy())
+        np.save(work / f"text_{c}.npy", timeline["text"].to_numpy())
+        del timeline
         users_of.append(users_c)
         n_behaviors.append(np.bincount(user_codes, minlength=len(users_c)))
         texts_of.append(texts_c)
@@ -634,10 +673,10 @@ def _chunked(paths: dict[str, Path | None], tmp: Path, opts: PrepareOptions, rep
     user_enum = pl.Enum(users)
 
     imp_texts, stamps, parts = [pl.Series("text", [], pl.String)], [], []
-    for c, files in enumerate(imp_files):
-        if not files:
+    for c, chunk in enumerate(imp_chunks):
+        if chunk is None:
             continue
-        good, counts, bad, codes = _check(pl.scan_parquet(files), paths["impressions"],
+        good, counts, bad, codes = _check(chunk, paths["impressions"],
                                           "impressions", known_users=pl.Enum(users_of[c]))
         good.write_parquet(work / f"impressions_{c}.parquet", compression="lz4")
         np.save(work / f"timestamps_{c}.npy", np.sort(good["timestamp"].to_numpy()))
@@ -645,6 +684,7 @@ def _chunked(paths: dict[str, Path | None], tmp: Path, opts: PrepareOptions, rep
         imp_texts.append(codes["text"][1])
         parts.append((counts, keep_bad(bad)))
         del good, codes
+    del codes_in_use
     report["impressions"] = (_settle(paths["impressions"], "impressions", opts, qdir, parts)
                              if paths["impressions"] is not None else _no_table())
     labels, label_cols = _labels(paths["labels"], opts, qdir, user_enum, report)
@@ -662,10 +702,13 @@ def _chunked(paths: dict[str, Path | None], tmp: Path, opts: PrepareOptions, rep
         global_cut = pl.DataFrame({"t_train": [t_train], "t_test": [t_test]},
                                   schema={"t_train": pl.Int64, "t_test": pl.Int64})
 
-    # Pass 2: CTR windows and cut-offs chunk by chunk, then the sequences view by view (the
-    # output is sorted by view, then user), each chunk's rows appended to the file as they come.
+    # Pass 2: CTR windows, cut-offs and view sizes chunk by chunk, then the sequences view by
+    # view (the output is sorted by view, then user), each chunk's rows appended to the file as
+    # they come, cut from its memory-mapped timelines.
     say("sequences")
-    cuts, windowed, n_history = [], [], 0
+    labeled = users.is_in(labels["user_id"].implode()).to_numpy()
+    first = np.cumsum([0] + [len(u) for u in users_of])
+    totals, windowed, n_history = [], [], 0
     for c, users_c in enumerate(users_of):
         imp_file = work / f"impressions_{c}.parquet"
         imps = (pl.read_parquet(imp_file) if imp_file.exists()
@@ -676,36 +719,37 @@ def _chunked(paths: dict[str, Path | None], tmp: Path, opts: PrepareOptions, rep
         else:
             win, cut = ctr_cutoffs(imps, opts.ctr_windows, opts.ctr_train_frac,
                                    opts.ctr_test_frac)
-        cuts.append(_user_cut(users_c, cut, opts.ctr_windows))
         windowed.append(win.filter(pl.col("window") != "history"))
         n_history += int((win["window"] == "history").sum())
         del imps, win
-    labeled = users.is_in(labels["user_id"].implode()).to_numpy()
-    first = np.cumsum([0] + [len(u) for u in users_of])
-    before_test: list[pl.DataFrame] = []
+        if len(users_c) == 0:
+            totals.append({})
+            continue
+        totals.append(_view_totals(np.load(work / f"ts_{c}.npy"), n_behaviors[c],
+                                   _user_cut(users_c, cut, opts.ctr_windows),
+                                   labeled[first[c]:first[c + 1]]))
+        item_of_code = texts_of[c].cast(item_enum).to_physical().cast(pl.Int32).to_numpy() + 1
+        np.save(work / f"item_{c}.npy", item_of_code[np.load(work / f"text_{c}.npy")])
 
     def chunk_sequences(*_) -> Iterator[pl.DataFrame]:
         for view in sorted(VIEWS):
             for c, users_c in enumerate(users_of):
                 if len(users_c) == 0:
                     continue
-                beh = pl.read_parquet(work / f"behaviors_{c}.parquet")
-                item_of_code = (texts_of[c].cast(item_enum).to_physical().cast(pl.Int32)
-                                .to_numpy() + 1)
-                beh = beh.select("line", "timestamp", "user",
-                                 item_id=pl.Series(item_of_code[beh["text"].to_numpy()]))
-                seqs = sequences(beh, users_c, cuts[c], labeled[first[c]:first[c + 1]],
-                                 opts.max_behaviors, only=(view,))
-                if view == "before_test":
-                    before_test.append(seqs.select("user_id", "n_total"))
-                yield seqs
+                yield _view_rows(view, users_c, totals[c][view],
+                                 np.load(work / f"ts_{c}.npy", mmap_mode="r"),
+                                 np.load(work / f"item_{c}.npy", mmap_mode="r"),
+                                 n_behaviors[c], opts.max_behaviors)
 
     # Polars writes what the generator yields, in order, compressing on its own threads.
     register_io_source(chunk_sequences, schema=SEQUENCE_SCHEMA).sink_parquet(
         tmp / "sequences.parquet", row_group_size=SEQUENCE_ROW_GROUP)
     return _Core(
         items=items, users=users, n_behaviors=np.concatenate(n_behaviors),
-        before_test=pl.concat(before_test),
+        before_test=pl.DataFrame({
+            "user_id": users,
+            "n_total": np.concatenate([t["before_test"] for t in totals if t]).astype(np.uint32),
+        }).filter(pl.col("n_total") > 0),
         windowed=pl.concat(windowed).sort(*WINDOW_ORDER), n_history=n_history,
         labels=labels, label_cols=label_cols,
     )
@@ -723,17 +767,32 @@ def _user_ranges(path: Path, n_chunks: int) -> pl.DataFrame:
     return per_user.select("user_id", __chunk=pl.Series(chunk.astype(np.uint32)))
 
 
-def _partition(path: Path, table: str, ranges: pl.DataFrame, out: Path,
-               n_chunks: int) -> list[list[Path]]:
+def _partition(path: Path, table: str, ranges: pl.DataFrame, out: Path, n_chunks: int,
+               categorical: pl.Categorical) -> list[pl.LazyFrame | None]:
     """Stream `table` (as generic.scan reads it: line numbers and row checks included) into one
-    Parquet folder per chunk; rows of users not in `ranges` go to chunk 0. Returns the files
-    of each chunk."""
+    Parquet folder per chunk; rows of users not in `ranges` go to chunk 0. Returns each chunk's
+    rows (None: no rows), with user_id and text of dtype `categorical`.
+
+    user_id and text are hashed once, here, and stored as their Categorical codes: the chunk
+    files hold integers rather than strings, and `_check` gets Categorical columns without
+    hashing the strings again. The codes are those of `categorical`'s mapping: the caller
+    keeps a Series of that dtype alive until the chunks are read (Polars frees a mapping that
+    no Series uses).
+    """
     lf, _ = generic.scan(path, table)
-    (lf.join(ranges.lazy(), on="user_id", how="left", maintain_order="left")
-     .with_columns(pl.col("__chunk").fill_null(0))
+    keys = [c for c in ("user_id", "text") if c in lf.collect_schema().names()]
+    (lf.with_columns(pl.col(*keys).cast(categorical))
+     .join(ranges.lazy().with_columns(pl.col("user_id").cast(categorical)), on="user_id",
+           how="left", maintain_order="left")
+     .with_columns(pl.col("__chunk").fill_null(0), pl.col(*keys).to_physical())
      .sink_parquet(pl.PartitionBy(out, key="__chunk", include_key=False), mkdir=True,
                    compression="lz4", statistics=False))
-    return [sorted((out / f"__chunk={c}").glob("*.parquet")) for c in range(n_chunks)]
+    chunks: list[pl.LazyFrame | None] = []
+    for c in range(n_chunks):
+        files = sorted((out / f"__chunk={c}").glob("*.parquet"))
+        chunks.append(pl.scan_parquet(files).with_columns(pl.col(*keys).cat.to(categorical))
+                      if files else None)
+    return chunks
 
 
 def _kth_smallest(sorted_parts: list[np.ndarray], k: int) -> int:
