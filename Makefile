@@ -3,6 +3,8 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Stages run `ptum ...` (dvc.yaml cmd lines): the venv's bin must be on PATH without activating it.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: run test test-fast lint format bench clean quick movielens synthetic-default prefect-server prefect-serve prefect-run optuna-dashboard bench-serve
 
