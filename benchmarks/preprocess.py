@@ -29,6 +29,15 @@ import json, resource, sys, time
 from pathlib import Path
 from ptum.data.prepare import PrepareOptions, prepare
 from ptum.tokenize import tokenize
+def peak_kib():
+    # VmHWM: this process image's own peak. ru_maxrss is not: Linux carries the parent's peak
+    # over fork/vfork + exec, so a child started after the parent generated a big log would
+    # report the parent's memory.
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith("VmHWM:"))
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 root = Path(sys.argv[1])
 opts = PrepareOptions(**json.loads(sys.argv[2]))
 t0, c0 = time.perf_counter(), time.process_time()
@@ -40,7 +49,7 @@ t2, c2 = time.perf_counter(), time.process_time()
 print(json.dumps({"prepare_s": t1 - t0, "tokenize_s": t2 - t1, "cpu_s": c2 - c0,
                   "behaviors": rep["behaviors"]["rows_kept"], "items": rep["behaviors"]["items"],
                   "users": rep["behaviors"]["users"],
-                  "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+                  "peak_kib": peak_kib()}))
 """
 
 
