@@ -56,7 +56,7 @@ def read_ptum_tsv(path: Path) -> pl.DataFrame:
                         schema={"user_id": pl.String, "timestamp": pl.Int64, "text": pl.String})
 
 
-def ingest(*, source: str, path: str, out_dir: Path, size: str = "default", seed: int = 7,
+def ingest(*, source: str, path: str, out_dir: Path, size: str = "small", seed: int = 7,
            click_threshold: int = 4, age_edges: tuple[int, ...] = (25, 35, 45),
            movielens_variant: str = "ml-100k", root: Path = Path(".")) -> dict:
     """Write the generic tables of `source` into out_dir (replaced atomically); return manifest."""

@@ -64,7 +64,8 @@ PRESETS: dict[str, SyntheticSpec] = {
     "tiny": SyntheticSpec(n_users=300, mean_behaviors=20, n_items_per_topic=15, n_topics=6,
                           words_per_topic=20, n_general_words=40, n_ads=30,
                           labeled_frac=0.5, audience_frac=0.5, mean_impressions=12),
-    # The embedded default (params.yaml): the whole `dvc repro` in about 15 minutes on 2 cores.
+    # The embedded default (params.yaml, DataConfig): the whole `dvc repro` took 36 min on 2 idle
+    # cores (README "Results"; issue 2 asked for about 15).
     "small": SyntheticSpec(n_users=3_500, mean_behaviors=25, n_items_per_topic=60,
                            labeled_frac=0.25),
     # The earlier default, 6,000 users: its result set is experiments/synthetic-default.
