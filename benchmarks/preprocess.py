@@ -68,14 +68,23 @@ def run(root: Path, options: dict) -> dict:
     """prepare + tokenize on root/raw in a child process; its timings and peak RSS."""
     load = os.getloadavg()[0]  # other jobs on the machine: timings are only comparable at low load
     t0 = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", CHILD, str(root), json.dumps(options)], check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, str(root), json.dumps(options)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - t0
     res = json.loads(out.stdout.strip().splitlines()[-1])
     n = res["behaviors"]
-    res.update(wall_s=wall, load=load, behaviors_per_s=n / (res["prepare_s"] + res["tokenize_s"]),
-               prepare_per_s=n / res["prepare_s"], tokenize_per_s=n / res["tokenize_s"],
-               peak_rss_mib=res["peak_kib"] / 1024)
+    res.update(
+        wall_s=wall,
+        load=load,
+        behaviors_per_s=n / (res["prepare_s"] + res["tokenize_s"]),
+        prepare_per_s=n / res["prepare_s"],
+        tokenize_per_s=n / res["tokenize_s"],
+        peak_rss_mib=res["peak_kib"] / 1024,
+    )
     return res
 
 
@@ -95,29 +104,46 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000_000, 10_000_000])
     ap.add_argument("--repeat", type=int, default=1, help="runs per size; the fastest is shown")
-    ap.add_argument("--cache", type=Path, default=None,
-                    help="keep generated logs here (DIR/<size>/raw) and reuse them")
-    ap.add_argument("--chunk-rows", type=int, default=None,
-                    help="prepare.chunk_rows (default: the stage's own default)")
+    ap.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="keep generated logs here (DIR/<size>/raw) and reuse them",
+    )
+    ap.add_argument(
+        "--chunk-rows",
+        type=int,
+        default=None,
+        help="prepare.chunk_rows (default: the stage's own default)",
+    )
     args = ap.parse_args()
     from ptum.data.prepare import PrepareOptions
 
     options = {} if args.chunk_rows is None else {"chunk_rows": args.chunk_rows}
     chunk_rows = PrepareOptions(**options).chunk_rows
 
-    print(f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}; best of "
-          f"{args.repeat} run(s); rates are behaviors/s; prepare.chunk_rows={chunk_rows:,}")
-    print("cpu s: CPU time of prepare + tokenize, all threads; load: 1-minute load average when "
-          "the run started")
-    print(f"{'behaviors':>12} {'users':>8} {'items':>7} {'prepare s':>10} {'tokenize s':>10} "
-          f"{'prepare/s':>11} {'tokenize/s':>11} {'behaviors/s':>12} {'peak RSS MiB':>12} "
-          f"{'cpu s':>6} {'load':>5}")
+    print(
+        f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}; best of "
+        f"{args.repeat} run(s); rates are behaviors/s; prepare.chunk_rows={chunk_rows:,}"
+    )
+    print(
+        "cpu s: CPU time of prepare + tokenize, all threads; load: 1-minute load average when "
+        "the run started"
+    )
+    print(
+        f"{'behaviors':>12} {'users':>8} {'items':>7} {'prepare s':>10} {'tokenize s':>10} "
+        f"{'prepare/s':>11} {'tokenize/s':>11} {'behaviors/s':>12} {'peak RSS MiB':>12} "
+        f"{'cpu s':>6} {'load':>5}"
+    )
     for n in args.sizes:
         r = best_of(n, args.repeat, args.cache, options)
-        print(f"{r['behaviors']:>12,} {r['users']:>8,} {r['items']:>7,} {r['prepare_s']:>10.2f} "
-              f"{r['tokenize_s']:>10.2f} {r['prepare_per_s']:>11,.0f} {r['tokenize_per_s']:>11,.0f} "
-              f"{r['behaviors_per_s']:>12,.0f} {r['peak_rss_mib']:>12,.0f} {r['cpu_s']:>6.2f} "
-              f"{r['load']:>5.2f}", flush=True)
+        print(
+            f"{r['behaviors']:>12,} {r['users']:>8,} {r['items']:>7,} {r['prepare_s']:>10.2f} "
+            f"{r['tokenize_s']:>10.2f} {r['prepare_per_s']:>11,.0f} {r['tokenize_per_s']:>11,.0f} "
+            f"{r['behaviors_per_s']:>12,.0f} {r['peak_rss_mib']:>12,.0f} {r['cpu_s']:>6.2f} "
+            f"{r['load']:>5.2f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -86,17 +86,28 @@ def build(args: dict):
         tokens = rng.integers(2, V, size=(n_items + 1, T))
         tokens[np.arange(T)[None, :] >= tok_len[:, None]] = 0
         tokens[0] = 0
-        corpus = Corpus([str(i) for i in range(n_users)], items.astype(np.int64),
-                        rng.integers(0, 10**6, size=(n_users, L)), lengths,
-                        torch.from_numpy(tokens.astype(np.int64)), items.ravel())
+        corpus = Corpus(
+            [str(i) for i in range(n_users)],
+            items.astype(np.int64),
+            rng.integers(0, 10**6, size=(n_users, L)),
+            lengths,
+            torch.from_numpy(tokens.astype(np.int64)),
+            items.ravel(),
+        )
         vocab = V
     else:
         root = Path(args["data"])
         corpus = load_corpus(root / "prepared", root / "tokenized", "train", 100)
         vocab = json.loads((root / "tokenized" / "report.json").read_text())["vocab_size"]
     m = args["model"]
-    config = ModelConfig(behavior_encoder="selfattn", user_encoder="hsa", vocab_size=vocab,
-                         max_tokens=corpus.tokens.shape[1], max_behaviors=100, **m)
+    config = ModelConfig(
+        behavior_encoder="selfattn",
+        user_encoder="hsa",
+        vocab_size=vocab,
+        max_tokens=corpus.tokens.shape[1],
+        max_behaviors=100,
+        **m,
+    )
     return UserModel(config=config), corpus
 
 
@@ -107,27 +118,50 @@ def prepare_movielens(src: Path, dest: Path) -> None:
 
     ingest(source="movielens", path=str(src), out_dir=dest / "raw")
     prepare(dest / "raw", dest / "prepared", PrepareOptions())
-    tokenize(dest / "prepared" / "items.parquet", dest / "tokenized", vocab_size=8000,
-             model_type="unigram", byte_fallback=True, max_tokens=30,
-             character_coverage=0.9995, seed=1)
+    tokenize(
+        dest / "prepared" / "items.parquet",
+        dest / "tokenized",
+        vocab_size=8000,
+        model_type="unigram",
+        byte_fallback=True,
+        max_tokens=30,
+        character_coverage=0.9995,
+        seed=1,
+    )
 
 
 def run_child(args: dict) -> dict:
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, PYTHONPATH=str(root))
-    out = subprocess.run([sys.executable, "-c", CHILD, json.dumps(args)], env=env, check=True,
-                         capture_output=True, text=True, cwd=root)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(args)],
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-PAPER = {"word_dim": 300, "dim": 256, "heads": 16, "head_dim": 16, "attn_hidden": 200,
-         "dropout": 0.2, "layers": 2}
+PAPER = {
+    "word_dim": 300,
+    "dim": 256,
+    "heads": 16,
+    "head_dim": 16,
+    "attn_hidden": 200,
+    "dropout": 0.2,
+    "layers": 2,
+}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--movielens", type=Path,
-                    default=Path(__file__).resolve().parents[2] / "shared/data/movielens-100k")
+    ap.add_argument(
+        "--movielens",
+        type=Path,
+        default=Path(__file__).resolve().parents[2] / "shared/data/movielens-100k",
+    )
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--gpu", action="store_true", help="run on CUDA and report TFLOP/s")
@@ -142,23 +176,41 @@ def main() -> None:
         else:
             print(f"(skipping MovieLens: {args.movielens} not found)")
         cases.append(("synthetic 100 beh x 30 tok", "synthetic"))
-        print(f"device: {device}; threads: {args.threads}; model: HSA, paper sizes {PAPER}; "
-              f"batch {args.batch} users; {args.steps} timed steps after 1 warm-up")
-        print(f"{'data':28} {'encoding':>9} {'users/s':>9} {'s/step':>8} {'peak MiB':>9}"
-              + (f" {'TFLOP/s':>8}" if args.gpu else ""))
+        print(
+            f"device: {device}; threads: {args.threads}; model: HSA, paper sizes {PAPER}; "
+            f"batch {args.batch} users; {args.steps} timed steps after 1 warm-up"
+        )
+        print(
+            f"{'data':28} {'encoding':>9} {'users/s':>9} {'s/step':>8} {'peak MiB':>9}"
+            + (f" {'TFLOP/s':>8}" if args.gpu else "")
+        )
         for name, data in cases:
             res = {}
             for unique in (True, False):
-                res[unique] = run_child({"data": data, "unique": unique, "model": PAPER,
-                                         "batch": args.batch, "steps": args.steps, "warmup": 1,
-                                         "device": device, "threads": args.threads,
-                                         "count_flops": args.gpu})
+                res[unique] = run_child(
+                    {
+                        "data": data,
+                        "unique": unique,
+                        "model": PAPER,
+                        "batch": args.batch,
+                        "steps": args.steps,
+                        "warmup": 1,
+                        "device": device,
+                        "threads": args.threads,
+                        "count_flops": args.gpu,
+                    }
+                )
                 r = res[unique]
-                print(f"{name:28} {'unique' if unique else 'naive':>9} {r['users_per_s']:>9.1f} "
-                      f"{r['step_s']:>8.2f} {r['peak_mib']:>9.0f}"
-                      + (f" {r['tflops']:>8.2f}" if args.gpu else ""), flush=True)
-            print(f"{name:28} speed-up unique/naive: "
-                  f"{res[True]['users_per_s'] / res[False]['users_per_s']:.1f}x")
+                print(
+                    f"{name:28} {'unique' if unique else 'naive':>9} {r['users_per_s']:>9.1f} "
+                    f"{r['step_s']:>8.2f} {r['peak_mib']:>9.0f}"
+                    + (f" {r['tflops']:>8.2f}" if args.gpu else ""),
+                    flush=True,
+                )
+            print(
+                f"{name:28} speed-up unique/naive: "
+                f"{res[True]['users_per_s'] / res[False]['users_per_s']:.1f}x"
+            )
 
 
 if __name__ == "__main__":

@@ -77,11 +77,15 @@ def main() -> None:
         for j, i in enumerate(idx):
             h = topic[hist.items[d.row[i], : hist.lengths[d.row[i]]]]
             share[j] = ((h == topic[d.item[i]]).sum() + 0.5) / (len(h) + 0.5 * spec.n_topics)
-        print(f"{w:>7} {len(idx):>6} {roc_auc(d.clicked[idx], base[idx]):>18.3f} "
-              f"{roc_auc(d.clicked[idx], share):>18.3f}")
+        print(
+            f"{w:>7} {len(idx):>6} {roc_auc(d.clicked[idx], base[idx]):>18.3f} "
+            f"{roc_auc(d.clicked[idx], share):>18.3f}"
+        )
     click = latent["click_prob"]
-    print(f"true-probability AUC over all generated impressions: "
-          f"{roc_auc((np.random.default_rng(0).random(len(click)) < click).astype(int), click):.3f}")
+    print(
+        f"true-probability AUC over all generated impressions: "
+        f"{roc_auc((np.random.default_rng(0).random(len(click)) < click).astype(int), click):.3f}"
+    )
 
     test = np.flatnonzero(d.window == "test")
     behaviors = np.flatnonzero(~is_ad & (topic >= 0))
@@ -98,8 +102,10 @@ def main() -> None:
             nearest = (unit[ads] @ unit[behaviors].T).argmax(1).numpy()
             ad_acc = (topic[behaviors][nearest] == topic[ads]).mean()
             zero = (users[d.row[test]] * vecs[d.item[test]]).sum(-1).numpy()
-        print(f"{arch}: item topic purity {purity:.3f}, ad topic accuracy {ad_acc:.3f}, "
-              f"zero-shot test AUC {roc_auc(d.clicked[test], zero):.3f}")
+        print(
+            f"{arch}: item topic purity {purity:.3f}, ad topic accuracy {ad_acc:.3f}, "
+            f"zero-shot test AUC {roc_auc(d.clicked[test], zero):.3f}"
+        )
 
 
 if __name__ == "__main__":

@@ -58,8 +58,9 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
     return tensors, scalars
 
 
-def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], scalars: dict
-                   ) -> None:
+def load_optimizer(
+    opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], scalars: dict
+) -> None:
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         pid, name = key.split(".", 1)
@@ -69,8 +70,12 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
     opt.load_state_dict({"state": state, "param_groups": scalars["param_groups"]})
 
 
-def save(directory: Path, model: torch.nn.Module, meta: dict[str, Any],
-         optimizer: torch.optim.Optimizer | None = None) -> None:
+def save(
+    directory: Path,
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+) -> None:
     """Save model (+ optimizer) weights and meta.json atomically into `directory`."""
     directory.mkdir(parents=True, exist_ok=True)
     meta = dict(meta)
@@ -79,8 +84,9 @@ def save(directory: Path, model: torch.nn.Module, meta: dict[str, Any],
         tensors, scalars = optimizer_tensors(optimizer)
         meta["optimizer_sha256"] = _save_tensors(directory / "optimizer.safetensors", tensors)
         meta["optimizer_scalars"] = scalars
-    _atomic_write_bytes(directory / "meta.json",
-                        (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode())
+    _atomic_write_bytes(
+        directory / "meta.json", (json.dumps(meta, indent=1, sort_keys=True) + "\n").encode()
+    )
 
 
 @dataclass
@@ -97,9 +103,14 @@ def read_meta(directory: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def load(directory: Path, *, tokenizer_sha256: str | None = None,
-         expect_config: ModelConfig | None = None, with_optimizer: bool = False,
-         map_location: str | torch.device = "cpu") -> Loaded:
+def load(
+    directory: Path,
+    *,
+    tokenizer_sha256: str | None = None,
+    expect_config: ModelConfig | None = None,
+    with_optimizer: bool = False,
+    map_location: str | torch.device = "cpu",
+) -> Loaded:
     """Rebuild the model from the checkpoint's own config and load its weights.
 
     Refuses (CheckpointMismatch) a checkpoint trained with another tokenizer, or whose config
@@ -111,12 +122,18 @@ def load(directory: Path, *, tokenizer_sha256: str | None = None,
         raise CheckpointMismatch(
             f"{directory}: trained with tokenizer {meta.get('tokenizer_sha256', '?')[:12]}..., "
             f"but the current SentencePiece model is {tokenizer_sha256[:12]}...: token ids would "
-            "mean different words. Re-run pre-training on the current tokenizer.")
+            "mean different words. Re-run pre-training on the current tokenizer."
+        )
     if expect_config is not None and expect_config != config:
-        diff = {k: (v, getattr(expect_config, k)) for k, v in config.to_dict().items()
-                if getattr(expect_config, k) != v}
-        raise CheckpointMismatch(f"{directory}: encoder config differs from the requested one "
-                                 f"(checkpoint, requested): {diff}")
+        diff = {
+            k: (v, getattr(expect_config, k))
+            for k, v in config.to_dict().items()
+            if getattr(expect_config, k) != v
+        }
+        raise CheckpointMismatch(
+            f"{directory}: encoder config differs from the requested one "
+            f"(checkpoint, requested): {diff}"
+        )
     weights = directory / "model.safetensors"
     if hashlib.sha256(weights.read_bytes()).hexdigest() != meta.get("model_sha256"):
         raise CheckpointMismatch(f"{weights}: does not match the hash in meta.json (torn save?)")

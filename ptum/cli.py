@@ -26,16 +26,25 @@ def _ingest(p: Params, args: argparse.Namespace) -> dict:
     from ptum.data.ingest import ingest
 
     d = p.data
-    return ingest(source=d.source, path=d.path, out_dir=args.out or RAW, size=d.size, seed=d.seed,
-                  click_threshold=d.click_threshold, age_edges=d.age_edges,
-                  movielens_variant=d.movielens_variant)
+    return ingest(
+        source=d.source,
+        path=d.path,
+        out_dir=args.out or RAW,
+        size=d.size,
+        seed=d.seed,
+        click_threshold=d.click_threshold,
+        age_edges=d.age_edges,
+        movielens_variant=d.movielens_variant,
+    )
 
 
 def _prepare(p: Params, args: argparse.Namespace) -> dict:
     from ptum.data.prepare import PrepareOptions, prepare
 
-    opts = PrepareOptions(**to_dict(p.prepare) | {"demo_split": p.prepare.demo_split,
-                                                  "label_ratios": p.prepare.label_ratios})
+    opts = PrepareOptions(
+        **to_dict(p.prepare)
+        | {"demo_split": p.prepare.demo_split, "label_ratios": p.prepare.label_ratios}
+    )
     return prepare(args.input or RAW, args.out or PREPARED, opts)
 
 
@@ -43,10 +52,16 @@ def _tokenize(p: Params, args: argparse.Namespace) -> dict:
     from ptum.tokenize import tokenize
 
     t = p.tokenize
-    return tokenize((args.input or PREPARED) / "items.parquet", args.out or TOKENIZED,
-                    vocab_size=t.vocab_size, model_type=t.model_type,
-                    byte_fallback=t.byte_fallback, max_tokens=t.max_tokens,
-                    character_coverage=t.character_coverage, seed=t.seed)
+    return tokenize(
+        (args.input or PREPARED) / "items.parquet",
+        args.out or TOKENIZED,
+        vocab_size=t.vocab_size,
+        model_type=t.model_type,
+        byte_fallback=t.byte_fallback,
+        max_tokens=t.max_tokens,
+        character_coverage=t.character_coverage,
+        seed=t.seed,
+    )
 
 
 def _pretrain(p: Params, args: argparse.Namespace) -> dict:
@@ -59,44 +74,83 @@ def _pretrain(p: Params, args: argparse.Namespace) -> dict:
         # Re-launch this very command under torchrun: one process per data-parallel rank.
         # (--nproc is dropped: torchrun's parser would mistake it for its own option; inside
         # torchrun WORLD_SIZE is set, which stops the recursion.)
-        argv = [a for i, a in enumerate(sys.argv[1:])
-                if not a.startswith("--nproc") and not (i and sys.argv[i] == "--nproc")]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={procs}", "-m", "ptum", *argv]
+        argv = [
+            a
+            for i, a in enumerate(sys.argv[1:])
+            if not a.startswith("--nproc") and not (i and sys.argv[i] == "--nproc")
+        ]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={procs}",
+            "-m",
+            "ptum",
+            *argv,
+        ]
         subprocess.run(cmd, check=True)
         return json.loads((report / "metrics.json").read_text())
     from ptum.pretrain.stage import run_stage
 
-    return run_stage(p.pretrain, arch, prepared=args.input or PREPARED, tokenized=TOKENIZED,
-                     max_behaviors=p.prepare.max_behaviors, out_dir=out, report_dir=report,
-                     tuned_path=Path("reports/tune/best_params.json"))
+    return run_stage(
+        p.pretrain,
+        arch,
+        prepared=args.input or PREPARED,
+        tokenized=TOKENIZED,
+        max_behaviors=p.prepare.max_behaviors,
+        out_dir=out,
+        report_dir=report,
+        tuned_path=Path("reports/tune/best_params.json"),
+    )
 
 
 def _finetune(p: Params, args: argparse.Namespace) -> dict:
     from ptum.finetune.stage import run_stage
 
     task = args.task or "demo"
-    return run_stage(p.finetune, task, prepared=args.input or PREPARED, tokenized=TOKENIZED,
-                     max_behaviors=p.prepare.max_behaviors, ckpt_root=Path("models/pretrain"),
-                     cache_dir=Path("models/finetune_cache") / task,
-                     out=args.out or Path("reports/finetune") / f"{task}.json")
+    return run_stage(
+        p.finetune,
+        task,
+        prepared=args.input or PREPARED,
+        tokenized=TOKENIZED,
+        max_behaviors=p.prepare.max_behaviors,
+        ckpt_root=Path("models/pretrain"),
+        cache_dir=Path("models/finetune_cache") / task,
+        out=args.out or Path("reports/finetune") / f"{task}.json",
+    )
 
 
 def _sensitivity(p: Params, args: argparse.Namespace) -> dict:
     from ptum.finetune import sensitivity as sens
 
     s = p.sensitivity
-    opts = sens.SensitivityOptions(tasks=s.tasks, demo_model=s.demo_model,
-                                   ctr_model=s.ctr_model, lams=s.lams, ks=s.ks, ratio=s.ratio,
-                                   repeats=s.repeats)
+    opts = sens.SensitivityOptions(
+        tasks=s.tasks,
+        demo_model=s.demo_model,
+        ctr_model=s.ctr_model,
+        lams=s.lams,
+        ks=s.ks,
+        ratio=s.ratio,
+        repeats=s.repeats,
+    )
     reports = Path("reports")
-    results = sens.run(p.pretrain, p.finetune, opts, prepared=PREPARED, tokenized=TOKENIZED,
-                       max_behaviors=p.prepare.max_behaviors,
-                       models_root=Path("models/sensitivity"), main_ckpts=Path("models/pretrain"),
-                       cache_dir=Path("models/finetune_cache/sensitivity"), reports=reports)
+    results = sens.run(
+        p.pretrain,
+        p.finetune,
+        opts,
+        prepared=PREPARED,
+        tokenized=TOKENIZED,
+        max_behaviors=p.prepare.max_behaviors,
+        models_root=Path("models/sensitivity"),
+        main_ckpts=Path("models/pretrain"),
+        cache_dir=Path("models/finetune_cache/sensitivity"),
+        reports=reports,
+    )
     sens.write_outputs(results, reports)
-    return {t: {k: round(e["mean"], 4) for k, e in r["experiments"].items()}
-            for t, r in results.items()}
+    return {
+        t: {k: round(e["mean"], 4) for k, e in r["experiments"].items()} for t, r in results.items()
+    }
 
 
 def _report(p: Params, args: argparse.Namespace) -> dict:
@@ -107,8 +161,11 @@ def _report(p: Params, args: argparse.Namespace) -> dict:
         finetune={t: reports / "finetune" / f"{t}.json" for t in ("demo", "ctr")},
         sensitivity=reports / "sensitivity.json",
         pretrain={a: reports / "pretrain" / a / "metrics.json" for a in p.pretrain.architectures},
-        data_report=PREPARED / "report.json", raw_manifest=RAW / "manifest.json",
-        params=to_dict(p), out=args.out or reports / "results.md")
+        data_report=PREPARED / "report.json",
+        raw_manifest=RAW / "manifest.json",
+        params=to_dict(p),
+        out=args.out or reports / "results.md",
+    )
     return {"lines": text.count("\n")}
 
 
@@ -121,23 +178,40 @@ def _tune(p: Params, args: argparse.Namespace) -> dict:
 
     t = p.tune
     setup = TrialSetup(
-        prepared=args.input or PREPARED, tokenized=TOKENIZED,
-        max_behaviors=p.prepare.max_behaviors, arch=t.arch,
-        behavior_encoder=p.pretrain.behavior_encoder, model_sizes=to_dict(p.pretrain.model),
+        prepared=args.input or PREPARED,
+        tokenized=TOKENIZED,
+        max_behaviors=p.prepare.max_behaviors,
+        arch=t.arch,
+        behavior_encoder=p.pretrain.behavior_encoder,
+        model_sizes=to_dict(p.pretrain.model),
         base=replace(train_options(p.pretrain), epochs=t.epochs, seed=t.seed),
         space=SearchSpace(k=t.k, lam=t.lam, p=t.p, lr=t.lr),
         finetune=replace(cell_options(p.finetune), max_epochs=t.finetune_epochs),
-        demo_select=p.finetune.demo_select, multi_objective=t.multi_objective,
-        device=p.pretrain.device, work_dir=Path("data/tune/trials"))
-    spec = StudySpec(storage=t.storage,
-                     study_name=t.study_name or default_study_name(setup, t.seed),
-                     n_trials=t.n_trials, seed=t.seed, pruner=t.pruner,
-                     prune_startup_trials=t.prune_startup_trials,
-                     heartbeat_interval=t.heartbeat_interval, grace_period=t.grace_period,
-                     retry_killed=t.retry_killed, worker=args.worker)
+        demo_select=p.finetune.demo_select,
+        multi_objective=t.multi_objective,
+        device=p.pretrain.device,
+        work_dir=Path("data/tune/trials"),
+    )
+    spec = StudySpec(
+        storage=t.storage,
+        study_name=t.study_name or default_study_name(setup, t.seed),
+        n_trials=t.n_trials,
+        seed=t.seed,
+        pruner=t.pruner,
+        prune_startup_trials=t.prune_startup_trials,
+        heartbeat_interval=t.heartbeat_interval,
+        grace_period=t.grace_period,
+        retry_killed=t.retry_killed,
+        worker=args.worker,
+    )
     out = args.out or Path("reports/tune")
-    summary = tune(setup=setup, spec=spec, best_params_path=out / "best_params.json",
-                   reports_dir=out / "figures", n_workers=args.workers or t.workers)
+    summary = tune(
+        setup=setup,
+        spec=spec,
+        best_params_path=out / "best_params.json",
+        reports_dir=out / "figures",
+        n_workers=args.workers or t.workers,
+    )
     return {k: v for k, v in summary.items() if k != "pareto_front"}
 
 
@@ -157,17 +231,32 @@ def _export(p: Params, args: argparse.Namespace) -> dict:
         from ptum.finetune.serving import train_serving_heads
 
         demo_heads, ctr_head = train_serving_heads(
-            ckpt, prepared=PREPARED, tokenized=TOKENIZED, max_behaviors=p.prepare.max_behaviors,
-            cfg=p.finetune, seed=e.head_seed)
+            ckpt,
+            prepared=PREPARED,
+            tokenized=TOKENIZED,
+            max_behaviors=p.prepare.max_behaviors,
+            cfg=p.finetune,
+            seed=e.head_seed,
+        )
     # The params the checkpoint was trained with (its meta), not today's params.yaml.
-    params = {"pretrain": meta.get("pretrain_params"), "max_behaviors": meta.get("max_behaviors"),
-              "export": to_dict(e)}
-    return export(ckpt, args.out or ONNX / arch, opset=e.opset,
-                  spm_model=TOKENIZED / "spm.model",
-                  data_version=e.data_version or meta.get("data_sha256", "unknown"),
-                  params=params, example_batch=e.example_batch,
-                  example_behaviors=e.example_behaviors, example_tokens=e.example_tokens,
-                  demo_heads=demo_heads, ctr_head=ctr_head)
+    params = {
+        "pretrain": meta.get("pretrain_params"),
+        "max_behaviors": meta.get("max_behaviors"),
+        "export": to_dict(e),
+    }
+    return export(
+        ckpt,
+        args.out or ONNX / arch,
+        opset=e.opset,
+        spm_model=TOKENIZED / "spm.model",
+        data_version=e.data_version or meta.get("data_sha256", "unknown"),
+        params=params,
+        example_batch=e.example_batch,
+        example_behaviors=e.example_behaviors,
+        example_tokens=e.example_tokens,
+        demo_heads=demo_heads,
+        ctr_head=ctr_head,
+    )
 
 
 def _embed(p: Params, args: argparse.Namespace) -> dict:
@@ -181,9 +270,13 @@ def _embed(p: Params, args: argparse.Namespace) -> dict:
         if found is None:
             raise FileNotFoundError(f"{src}: no behaviors.parquet / behaviors.tsv")
         src = found
-    return embed(src, args.model or ONNX / arch,
-                 args.out or Path("data/embeddings") / f"{arch}.parquet",
-                 batch_size=p.embed.batch_size, demo=p.embed.demo)
+    return embed(
+        src,
+        args.model or ONNX / arch,
+        args.out or Path("data/embeddings") / f"{arch}.parquet",
+        batch_size=p.embed.batch_size,
+        demo=p.embed.demo,
+    )
 
 
 STAGES = {
@@ -195,8 +288,11 @@ STAGES = {
     "sensitivity": (_sensitivity, "ablation and λ/K sweeps (reports/sensitivity.json, figures)"),
     "tune": (_tune, "Optuna search over K, λ, P and lr (data/tune/optuna.db, reports/tune)"),
     "export": (_export, "export a pre-trained model and serving heads to ONNX (models/onnx/ARCH)"),
-    "embed": (_embed, "user vectors from a behavior log with onnxruntime, no torch "
-              "(data/embeddings/ARCH.parquet)"),
+    "embed": (
+        _embed,
+        "user vectors from a behavior log with onnxruntime, no torch "
+        "(data/embeddings/ARCH.parquet)",
+    ),
     "report": (_report, "write reports/results.md from the pipeline's outputs"),
 }
 
@@ -206,31 +302,68 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, (_, help_text) in STAGES.items():
         s = sub.add_parser(name, help=help_text, description=help_text)
-        s.add_argument("--params", type=Path, default=Path("params.yaml"),
-                       help="params file (default: params.yaml)")
-        s.add_argument("--set", dest="overrides", action="append", default=[],
-                       metavar="SECTION.KEY=VALUE", help="override a parameter (repeatable)")
+        s.add_argument(
+            "--params",
+            type=Path,
+            default=Path("params.yaml"),
+            help="params file (default: params.yaml)",
+        )
+        s.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="SECTION.KEY=VALUE",
+            help="override a parameter (repeatable)",
+        )
         s.add_argument("--input", type=Path, default=None, help="input directory override")
         s.add_argument("--out", type=Path, default=None, help="output directory override")
         if name == "finetune":
-            s.add_argument("--task", choices=["demo", "ctr"], default=None,
-                           help="downstream task (default: demo)")
+            s.add_argument(
+                "--task",
+                choices=["demo", "ctr"],
+                default=None,
+                help="downstream task (default: demo)",
+            )
         if name in ("export", "embed"):
-            s.add_argument("--arch", default=None, help="architecture (default: the first of "
-                           "pretrain.architectures)")
+            s.add_argument(
+                "--arch",
+                default=None,
+                help="architecture (default: the first of pretrain.architectures)",
+            )
         if name == "embed":
-            s.add_argument("--model", type=Path, default=None,
-                           help="exported model directory (default: models/onnx/ARCH)")
+            s.add_argument(
+                "--model",
+                type=Path,
+                default=None,
+                help="exported model directory (default: models/onnx/ARCH)",
+            )
         if name == "tune":
-            s.add_argument("--workers", type=int, default=0, help="local worker processes "
-                           "(default: tune.workers)")
-            s.add_argument("--worker", type=int, default=0, help="this machine's index among "
-                           "machines running one study by hand (offsets the sampler seed)")
+            s.add_argument(
+                "--workers",
+                type=int,
+                default=0,
+                help="local worker processes (default: tune.workers)",
+            )
+            s.add_argument(
+                "--worker",
+                type=int,
+                default=0,
+                help="this machine's index among "
+                "machines running one study by hand (offsets the sampler seed)",
+            )
         if name == "pretrain":
-            s.add_argument("--arch", default=None, help="architecture (default: the first of "
-                           "pretrain.architectures)")
-            s.add_argument("--nproc", type=int, default=0, help="data-parallel processes "
-                           "(default: pretrain.processes)")
+            s.add_argument(
+                "--arch",
+                default=None,
+                help="architecture (default: the first of pretrain.architectures)",
+            )
+            s.add_argument(
+                "--nproc",
+                type=int,
+                default=0,
+                help="data-parallel processes (default: pretrain.processes)",
+            )
     return parser
 
 

@@ -348,7 +348,9 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     for text in overrides or []:
         parts, value = parse_override(text)
         if parts[0] not in SECTIONS:
-            raise ConfigError(f"override {text!r}: unknown section {parts[0]!r}; known: {sorted(SECTIONS)}")
+            raise ConfigError(
+                f"override {text!r}: unknown section {parts[0]!r}; known: {sorted(SECTIONS)}"
+            )
         node = raw.setdefault(parts[0], {}) or {}
         raw[parts[0]] = node
         for p in parts[1:-1]:
@@ -358,8 +360,7 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
     if unknown:
         raise ConfigError(f"{path.name}: unknown section(s) {unknown}; known: {sorted(SECTIONS)}")
     sections = {
-        name: build(cls, raw.get(name), f"{path.name}:{name}")
-        for name, cls in SECTIONS.items()
+        name: build(cls, raw.get(name), f"{path.name}:{name}") for name, cls in SECTIONS.items()
     }
     return Params(**sections)
 

@@ -57,8 +57,9 @@ def read_behaviors(path: Path) -> pl.DataFrame:
     keys = ["user_id", "timestamp", "text"]
     if "source_item_id" in lf.collect_schema().names():
         keys.append("source_item_id")
-    df = generic.mark_duplicates(lf.sort("line").collect(engine="streaming"), keys,
-                                 "duplicate_event")
+    df = generic.mark_duplicates(
+        lf.sort("line").collect(engine="streaming"), keys, "duplicate_event"
+    )
     bad = df.filter(pl.col("reason").is_not_null() & (pl.col("reason") != "blank_line"))
     if bad.height:
         counts = {str(k): int(v) for k, v in bad.group_by("reason").len().iter_rows()}

@@ -92,8 +92,10 @@ def save_demo_head(directory: Path, label: str, head: DemoHead, classes: list[st
     if len(classes) != head.classes:
         raise ValueError(f"{len(classes)} class names for a head with {head.classes} classes")
     directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()},
-              str(directory / f"demo_{label}.safetensors"))
+    save_file(
+        {k: v.detach().contiguous().cpu() for k, v in head.state_dict().items()},
+        str(directory / f"demo_{label}.safetensors"),
+    )
     spec = {"dim": head.dim, "hidden": head.hidden, "classes": [str(c) for c in classes]}
     (directory / f"demo_{label}.json").write_text(json.dumps(spec, indent=1) + "\n")
 

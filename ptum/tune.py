@@ -146,8 +146,13 @@ def _load(s: TrialSetup) -> _Data:
     valid = load_corpus(s.prepared, s.tokenized, "valid", s.max_behaviors)
     vocab_size = int(json.loads((s.tokenized / "report.json").read_text())["vocab_size"])
     config = ModelConfig.for_architecture(
-        s.arch, vocab_size=vocab_size, max_tokens=int(train.tokens.shape[1]),
-        max_behaviors=s.max_behaviors, num_items=train.num_items + 1, **dict(s.model_sizes))
+        s.arch,
+        vocab_size=vocab_size,
+        max_tokens=int(train.tokens.shape[1]),
+        max_behaviors=s.max_behaviors,
+        num_items=train.num_items + 1,
+        **dict(s.model_sizes),
+    )
     if s.behavior_encoder:
         config = replace(config, behavior_encoder=s.behavior_encoder)
     if config.behavior_encoder == "id":
@@ -158,28 +163,45 @@ def _load(s: TrialSetup) -> _Data:
     meta = {
         "architecture": s.arch,
         "tokenizer_sha256": tokenizer_digest(s.tokenized),
-        "data_sha256": file_digest([s.prepared / "sequences.parquet",
-                                    s.prepared / "users.parquet", s.tokenized / "tokens.npy"]),
+        "data_sha256": file_digest(
+            [
+                s.prepared / "sequences.parquet",
+                s.prepared / "users.parquet",
+                s.tokenized / "tokens.npy",
+            ]
+        ),
         "max_behaviors": s.max_behaviors,
     }
     demo = load_demo(s.prepared, s.tokenized, s.max_behaviors, [s.ratio])
     labels = list(s.demo_labels) or list(demo.labels)
     unknown = sorted(set(labels) - set(demo.labels))
     if unknown or not labels:
-        raise ValueError(f"tune: demographic labels {unknown or labels} not in the data "
-                         f"(has {sorted(demo.labels)})")
+        raise ValueError(
+            f"tune: demographic labels {unknown or labels} not in the data "
+            f"(has {sorted(demo.labels)})"
+        )
     # Hide the test labels: a tuning cell then never scores (let alone selects on) the test
     # split. run_demo scores the empty test set as NaN, which is never read.
-    demo.labels = {lab: (np.where(demo.split == "test", -1, y), classes)
-                   for lab, (y, classes) in demo.labels.items()}
+    demo.labels = {
+        lab: (np.where(demo.split == "test", -1, y), classes)
+        for lab, (y, classes) in demo.labels.items()
+    }
     ctr = None
     if s.multi_objective:
         ctr = load_ctr(s.prepared, s.tokenized, s.max_behaviors, [s.ratio])
     return _Data(train, valid, config, meta, demo, labels, ctr)
 
 
-def _demo_value(model: UserModel, d: _Data, s: TrialSetup, *, mode: str, opts: CellOptions,
-                seed: int, device: torch.device) -> tuple[float, dict[str, float]]:
+def _demo_value(
+    model: UserModel,
+    d: _Data,
+    s: TrialSetup,
+    *,
+    mode: str,
+    opts: CellOptions,
+    seed: int,
+    device: torch.device,
+) -> tuple[float, dict[str, float]]:
     """Mean over labels of the validation metric of one demographic cell per label."""
     per_label = {}
     for lab in d.labels:
@@ -188,9 +210,19 @@ def _demo_value(model: UserModel, d: _Data, s: TrialSetup, *, mode: str, opts: C
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Mean of empty slice", RuntimeWarning)
             warnings.filterwarnings("ignore", "invalid value encountered", RuntimeWarning)
-            res = run_demo(pretrained=model, corpus=d.demo.corpus, y=y, split=d.demo.split,
-                           train_rows=rows, n_classes=len(classes), mode=mode, seed=seed,
-                           opts=opts, select=s.demo_select, device=device)
+            res = run_demo(
+                pretrained=model,
+                corpus=d.demo.corpus,
+                y=y,
+                split=d.demo.split,
+                train_rows=rows,
+                n_classes=len(classes),
+                mode=mode,
+                seed=seed,
+                opts=opts,
+                select=s.demo_select,
+                device=device,
+            )
         per_label[lab] = float(res["valid"][s.demo_select])
     return float(np.mean(list(per_label.values()))), per_label
 
@@ -211,8 +243,9 @@ def _objective(d: _Data, s: TrialSetup) -> Callable[[optuna.Trial], float | tupl
                     trial.set_user_attr(f"pretrain_{key}_e{epoch}", float(metrics[key]))
             if s.multi_objective:
                 return  # Trial.report / should_prune are single-objective only
-            value, _ = _demo_value(model, d, s, mode="frozen", opts=prune_opts, seed=seed,
-                                   device=device)
+            value, _ = _demo_value(
+                model, d, s, mode="frozen", opts=prune_opts, seed=seed, device=device
+            )
             trial.report(value, epoch)
             if trial.should_prune():
                 raise optuna.TrialPruned(f"pruned after pre-training epoch {epoch}: {value:.4f}")
@@ -221,22 +254,39 @@ def _objective(d: _Data, s: TrialSetup) -> Callable[[optuna.Trial], float | tupl
             s.work_dir.mkdir(parents=True, exist_ok=True)
         out_dir = Path(tempfile.mkdtemp(prefix=f"trial{trial.number}-", dir=s.work_dir))
         try:
-            pretrain(train=d.train, valid=d.valid, config=d.config, opts=opts, out_dir=out_dir,
-                     meta={**d.meta, "tune_trial": trial.number}, device=device, resume=False,
-                     log=lambda m: _log(f"trial {trial.number}: {m}"), on_epoch=on_epoch)
+            pretrain(
+                train=d.train,
+                valid=d.valid,
+                config=d.config,
+                opts=opts,
+                out_dir=out_dir,
+                meta={**d.meta, "tune_trial": trial.number},
+                device=device,
+                resume=False,
+                log=lambda m: _log(f"trial {trial.number}: {m}"),
+                on_epoch=on_epoch,
+            )
             model = checkpoint.load(out_dir).model
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
-        demo, per_label = _demo_value(model, d, s, mode="finetune", opts=s.finetune, seed=seed,
-                                      device=device)
+        demo, per_label = _demo_value(
+            model, d, s, mode="finetune", opts=s.finetune, seed=seed, device=device
+        )
         for lab, v in per_label.items():
             trial.set_user_attr(f"valid_{lab}_{s.demo_select}", v)
         if not s.multi_objective:
             return demo
         assert d.ctr is not None
         train_idx = np.flatnonzero(d.ctr.subsets[s.ratio])
-        res = run_ctr(pretrained=model, data=d.ctr.data, train_idx=train_idx, mode="finetune",
-                      seed=seed, opts=s.finetune, device=device)
+        res = run_ctr(
+            pretrained=model,
+            data=d.ctr.data,
+            train_idx=train_idx,
+            mode="finetune",
+            seed=seed,
+            opts=s.finetune,
+            device=device,
+        )
         return demo, float(res["valid"]["auc"])  # res["test"] is never read
 
     return objective
@@ -245,8 +295,9 @@ def _objective(d: _Data, s: TrialSetup) -> Callable[[optuna.Trial], float | tupl
 # ---------------------------------------------------------------- study
 
 
-def make_storage(url: str, *, heartbeat_interval: int = 60, grace_period: int = 180,
-                 retry_killed: int = 1) -> optuna.storages.RDBStorage:
+def make_storage(
+    url: str, *, heartbeat_interval: int = 60, grace_period: int = 180, retry_killed: int = 1
+) -> optuna.storages.RDBStorage:
     """RDB storage with trial heartbeats and a 60 s SQLite busy timeout.
 
     A RUNNING trial without a heartbeat for `grace_period` seconds is marked FAIL (its process
@@ -258,11 +309,18 @@ def make_storage(url: str, *, heartbeat_interval: int = 60, grace_period: int = 
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)  # the heartbeat API is experimental
-        callback = (optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retry_killed)
-                    if retry_killed > 0 else _report_stale)
+        callback = (
+            optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=retry_killed)
+            if retry_killed > 0
+            else _report_stale
+        )
         return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-            grace_period=grace_period, heartbeat_stale_trial_callback=callback)
+            url,
+            engine_kwargs=engine_kwargs,
+            heartbeat_interval=heartbeat_interval,
+            grace_period=grace_period,
+            heartbeat_stale_trial_callback=callback,
+        )
 
 
 def _report_stale(study: optuna.Study, trial: FrozenTrial) -> None:
@@ -274,8 +332,9 @@ def make_pruner(name: str, *, epochs: int, startup_trials: int = 5) -> optuna.pr
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=0)
     if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 1),
-                                              reduction_factor=3)
+        return optuna.pruners.HyperbandPruner(
+            min_resource=1, max_resource=max(epochs, 1), reduction_factor=3
+        )
     if name == "none":
         return optuna.pruners.NopPruner()
     raise ValueError(f"tune: unknown pruner {name!r}; choose from {list(PRUNERS)}")
@@ -303,10 +362,19 @@ def default_study_name(setup: TrialSetup, seed: int) -> str:
     """`ptum-ARCH-HASH`, HASH over what a trial measures (data, model, options, search space,
     seed): changing any of them starts a new study in the same storage instead of mixing
     incomparable trials, while raising n_trials (or restarting) resumes the same one."""
-    data = file_digest([setup.prepared / "sequences.parquet", setup.prepared / "users.parquet",
-                        setup.prepared / "labels.parquet", setup.tokenized / "tokens.npy"])
-    what = {k: v for k, v in asdict(setup).items()
-            if k not in ("prepared", "tokenized", "device", "work_dir")}
+    data = file_digest(
+        [
+            setup.prepared / "sequences.parquet",
+            setup.prepared / "users.parquet",
+            setup.prepared / "labels.parquet",
+            setup.tokenized / "tokens.npy",
+        ]
+    )
+    what = {
+        k: v
+        for k, v in asdict(setup).items()
+        if k not in ("prepared", "tokenized", "device", "work_dir")
+    }
     blob = json.dumps([what, seed, data], sort_keys=True, default=str)
     return f"ptum-{setup.arch}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
@@ -316,33 +384,47 @@ def _directions(s: TrialSetup) -> list[str]:
 
 
 def _storage(spec: StudySpec) -> optuna.storages.RDBStorage:
-    return make_storage(spec.storage, heartbeat_interval=spec.heartbeat_interval,
-                        grace_period=spec.grace_period, retry_killed=spec.retry_killed)
+    return make_storage(
+        spec.storage,
+        heartbeat_interval=spec.heartbeat_interval,
+        grace_period=spec.grace_period,
+        retry_killed=spec.retry_killed,
+    )
 
 
-def _open(spec: StudySpec, setup: TrialSetup, storage: optuna.storages.RDBStorage, *,
-          worker: int = 0) -> optuna.Study:
-    study = optuna.create_study(storage=storage, study_name=spec.study_name,
-                                directions=_directions(setup), load_if_exists=True)
+def _open(
+    spec: StudySpec, setup: TrialSetup, storage: optuna.storages.RDBStorage, *, worker: int = 0
+) -> optuna.Study:
+    study = optuna.create_study(
+        storage=storage,
+        study_name=spec.study_name,
+        directions=_directions(setup),
+        load_if_exists=True,
+    )
     if [d.name.lower() for d in study.directions] != _directions(setup):
-        raise ValueError(f"tune: study {spec.study_name!r} exists with other objectives; "
-                         "choose another study name")
+        raise ValueError(
+            f"tune: study {spec.study_name!r} exists with other objectives; "
+            "choose another study name"
+        )
     if setup.multi_objective or spec.pruner == "none":
         pruner: optuna.pruners.BasePruner = optuna.pruners.NopPruner()
     elif isinstance(spec.pruner, str):
-        pruner = make_pruner(spec.pruner, epochs=setup.base.epochs,
-                             startup_trials=spec.prune_startup_trials)
+        pruner = make_pruner(
+            spec.pruner, epochs=setup.base.epochs, startup_trials=spec.prune_startup_trials
+        )
     else:
         pruner = spec.pruner
     # Offset the sampler seed by the trials already stored: a resumed study must not replay
     # the random start-up draws of its first run; distinct workers must not draw alike.
     sampler = optuna.samplers.TPESampler(seed=spec.seed + len(study.trials) + 7919 * worker)
-    return optuna.load_study(study_name=spec.study_name, storage=storage, sampler=sampler,
-                             pruner=pruner)
+    return optuna.load_study(
+        study_name=spec.study_name, storage=storage, sampler=sampler, pruner=pruner
+    )
 
 
-def run_worker(spec: StudySpec, setup: TrialSetup, n_trials: int, worker: int = 0,
-               threads: int = 0) -> None:
+def run_worker(
+    spec: StudySpec, setup: TrialSetup, n_trials: int, worker: int = 0, threads: int = 0
+) -> None:
     """Run up to `n_trials` trials in this process; stops early once the study has
     `spec.n_trials` finished (complete or pruned) trials, whoever ran them."""
     if threads:
@@ -350,12 +432,21 @@ def run_worker(spec: StudySpec, setup: TrialSetup, n_trials: int, worker: int = 
     optuna.logging.set_verbosity(optuna.logging.INFO)
     data = _load(setup)
     study = _open(spec, setup, _storage(spec), worker=worker)
-    study.optimize(_objective(data, setup), n_trials=n_trials,
-                   callbacks=[optuna.study.MaxTrialsCallback(spec.n_trials, states=DONE)])
+    study.optimize(
+        _objective(data, setup),
+        n_trials=n_trials,
+        callbacks=[optuna.study.MaxTrialsCallback(spec.n_trials, states=DONE)],
+    )
 
 
-def tune(*, setup: TrialSetup, spec: StudySpec, best_params_path: Path, reports_dir: Path,
-         n_workers: int = 1) -> dict[str, Any]:
+def tune(
+    *,
+    setup: TrialSetup,
+    spec: StudySpec,
+    best_params_path: Path,
+    reports_dir: Path,
+    n_workers: int = 1,
+) -> dict[str, Any]:
     """Run (or resume) the study until it holds `spec.n_trials` complete or pruned trials.
 
     `n_workers` > 1 runs that many processes against the same storage, each with its share of
@@ -377,9 +468,15 @@ def tune(*, setup: TrialSetup, spec: StudySpec, best_params_path: Path, reports_
         threads = max(1, (os.cpu_count() or 1) // n_workers)
         # spawn, not fork: a forked child of a process that already ran torch can deadlock.
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=run_worker,
-                             args=(spec, setup, n, spec.worker * n_workers + i, threads),
-                             name=f"tune-worker-{i}") for i, n in enumerate(shares) if n]
+        procs = [
+            ctx.Process(
+                target=run_worker,
+                args=(spec, setup, n, spec.worker * n_workers + i, threads),
+                name=f"tune-worker-{i}",
+            )
+            for i, n in enumerate(shares)
+            if n
+        ]
         for p in procs:
             p.start()
         for p in procs:
@@ -388,8 +485,12 @@ def tune(*, setup: TrialSetup, spec: StudySpec, best_params_path: Path, reports_
         if failed:
             raise RuntimeError(f"tune: worker(s) {failed} failed; rerun to resume the study")
     study = optuna.load_study(study_name=spec.study_name, storage=storage)
-    summary = write_outputs(study, best_params_path=best_params_path, reports_dir=reports_dir,
-                            objective_names=_objective_names(setup))
+    summary = write_outputs(
+        study,
+        best_params_path=best_params_path,
+        reports_dir=reports_dir,
+        objective_names=_objective_names(setup),
+    )
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     return summary
 
@@ -411,22 +512,40 @@ def _best(study: optuna.Study) -> tuple[FrozenTrial, list[FrozenTrial]]:
 
 def _entry(t: FrozenTrial, names: list[str]) -> dict[str, Any]:
     values = dict(zip(names, t.values))
-    return {"trial": t.number, **{k: t.params[k] for k in ("k", "lam", "p", "lr")},
-            "value": float(np.mean(t.values)), "values": values}
+    return {
+        "trial": t.number,
+        **{k: t.params[k] for k in ("k", "lam", "p", "lr")},
+        "value": float(np.mean(t.values)),
+        "values": values,
+    }
 
 
-def write_outputs(study: optuna.Study, *, best_params_path: Path, reports_dir: Path,
-                  objective_names: list[str]) -> dict[str, Any]:
+def write_outputs(
+    study: optuna.Study, *, best_params_path: Path, reports_dir: Path, objective_names: list[str]
+) -> dict[str, Any]:
     """best_params.json and the history / importance (/ Pareto) PNGs of a finished study."""
-    counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
-              for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL,
-                        TrialState.RUNNING, TrialState.WAITING)}
+    counts = {
+        s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
+        for s in (
+            TrialState.COMPLETE,
+            TrialState.PRUNED,
+            TrialState.FAIL,
+            TrialState.RUNNING,
+            TrialState.WAITING,
+        )
+    }
     if counts["complete"] == 0:
-        raise ValueError(f"tune: study {study.study_name!r} has no completed trial yet "
-                         f"({counts}); rerun to add trials")
+        raise ValueError(
+            f"tune: study {study.study_name!r} has no completed trial yet "
+            f"({counts}); rerun to add trials"
+        )
     best, front = _best(study)
-    out = {**_entry(best, objective_names), "study": study.study_name, "trials": counts,
-           "objectives": objective_names}
+    out = {
+        **_entry(best, objective_names),
+        "study": study.study_name,
+        "trials": counts,
+        "objectives": objective_names,
+    }
     if len(objective_names) > 1:
         out["pareto_front"] = [_entry(t, objective_names) for t in front]
     best_params_path.parent.mkdir(parents=True, exist_ok=True)
@@ -453,8 +572,7 @@ def write_plots(study: optuna.Study, reports_dir: Path, objective_names: list[st
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
             # Its reminder that a `target` is minimised: `negated` below takes care of that.
-            warnings.filterwarnings("ignore", "PedAnovaImportanceEvaluator computes",
-                                    UserWarning)
+            warnings.filterwarnings("ignore", "PedAnovaImportanceEvaluator computes", UserWarning)
             ax = draw()
         fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
         fig.tight_layout()
@@ -472,18 +590,24 @@ def write_plots(study: optuna.Study, reports_dir: Path, objective_names: list[st
             return -t.values[i]
 
         tgt = target if multi else None
-        save(f"optimization_history{suffix}",
-             lambda tgt=tgt, obj=obj: ovm.plot_optimization_history(study, target=tgt,
-                                                                    target_name=obj))
+        save(
+            f"optimization_history{suffix}",
+            lambda tgt=tgt, obj=obj: ovm.plot_optimization_history(
+                study, target=tgt, target_name=obj
+            ),
+        )
         # With a `target`, PED-ANOVA (Optuna's default evaluator) explains *low* target values,
         # whatever the study's direction; our objectives are maximised, so it gets -value.
         imp_tgt, imp_name = (negated, f"-{obj}") if multi else (None, obj)
         note = _importances_note(study, complete, imp_tgt)
         if note is None:
             (reports_dir / f"param_importances{suffix}.txt").unlink(missing_ok=True)
-            save(f"param_importances{suffix}",
-                 lambda t=imp_tgt, n=imp_name: ovm.plot_param_importances(study, target=t,
-                                                                          target_name=n))
+            save(
+                f"param_importances{suffix}",
+                lambda t=imp_tgt, n=imp_name: ovm.plot_param_importances(
+                    study, target=t, target_name=n
+                ),
+            )
         else:
             (reports_dir / f"param_importances{suffix}.txt").write_text(note + "\n")
             (reports_dir / f"param_importances{suffix}.png").unlink(missing_ok=True)
@@ -495,8 +619,9 @@ def write_plots(study: optuna.Study, reports_dir: Path, objective_names: list[st
     return written
 
 
-def _importances_note(study: optuna.Study, complete: list[FrozenTrial],
-                      target: Callable[[FrozenTrial], float] | None) -> str | None:
+def _importances_note(
+    study: optuna.Study, complete: list[FrozenTrial], target: Callable[[FrozenTrial], float] | None
+) -> str | None:
     """Why parameter importances cannot be estimated yet, or None when they can.
 
     PED-ANOVA compares the parameter density of the top 10% of completed trials with that of

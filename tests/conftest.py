@@ -24,9 +24,19 @@ def tiny_pipeline(tmp_path_factory) -> Path:
     """ingest -> prepare -> tokenize on the tiny synthetic preset; returns the data root."""
     root = tmp_path_factory.mktemp("tiny")
     ingest(source="synthetic", path="", out_dir=root / "raw", size="tiny", seed=7)
-    prepare(root / "raw", root / "prepared", PrepareOptions(max_behaviors=20, ctr_train_frac=0.3,
-                                                            ctr_test_frac=0.2))
-    tokenize(root / "prepared" / "items.parquet", root / "tokenized", vocab_size=300,
-             model_type="unigram", byte_fallback=True, max_tokens=16,
-             character_coverage=1.0, seed=1)
+    prepare(
+        root / "raw",
+        root / "prepared",
+        PrepareOptions(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2),
+    )
+    tokenize(
+        root / "prepared" / "items.parquet",
+        root / "tokenized",
+        vocab_size=300,
+        model_type="unigram",
+        byte_fallback=True,
+        max_tokens=16,
+        character_coverage=1.0,
+        seed=1,
+    )
     return root

@@ -47,9 +47,15 @@ def test_bad_overrides(override, message, tmp_path):
 
 
 def test_overrides_apply_and_coerce(tmp_path):
-    p = load_params(tmp_path / "missing.yaml",
-                    ["prepare.max_behaviors=50", "prepare.ctr_test_frac=1e-1",
-                     "data.age_edges=[20, 40]", "data.path=../x"])
+    p = load_params(
+        tmp_path / "missing.yaml",
+        [
+            "prepare.max_behaviors=50",
+            "prepare.ctr_test_frac=1e-1",
+            "data.age_edges=[20, 40]",
+            "data.path=../x",
+        ],
+    )
     assert p.prepare.max_behaviors == 50
     assert p.prepare.ctr_test_frac == 0.1
     assert p.data.age_edges == (20, 40)

@@ -21,7 +21,8 @@ def _make_dvc():
 @pytest.mark.parametrize("exp", EXPERIMENTS, ids=lambda p: p.name)
 def test_experiment_dvc_yaml_is_generated_from_root(exp):
     assert (exp / "dvc.yaml").read_text() == _make_dvc().render(exp.name), (
-        f"run: python experiments/make_dvc.py {exp.name}")
+        f"run: python experiments/make_dvc.py {exp.name}"
+    )
 
 
 @pytest.mark.parametrize("exp", EXPERIMENTS, ids=lambda p: p.name)

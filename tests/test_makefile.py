@@ -17,5 +17,10 @@ def test_make_recipes_find_the_venv_ptum_without_activation():
     env = {"PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")}
     out = subprocess.run(
         ["make", "--no-print-directory", "--eval", "which-ptum:\n\t@command -v ptum", "which-ptum"],
-        cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert Path(out.stdout.strip()) == ROOT / ".venv" / "bin" / "ptum"

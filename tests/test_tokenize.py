@@ -10,8 +10,17 @@ from ptum.tokenize import PAD_ID, tokenize
 
 
 def _run(items, out, **kw):
-    args = dict(vocab_size=300, model_type="unigram", byte_fallback=True, max_tokens=16,
-                character_coverage=1.0, seed=1) | kw
+    args = (
+        dict(
+            vocab_size=300,
+            model_type="unigram",
+            byte_fallback=True,
+            max_tokens=16,
+            character_coverage=1.0,
+            seed=1,
+        )
+        | kw
+    )
     return tokenize(items, out, **args)
 
 
@@ -19,9 +28,13 @@ def test_deterministic_model_bytes(tiny_pipeline, tmp_path):
     items = tiny_pipeline / "prepared" / "items.parquet"
     a = _run(items, tmp_path / "a")
     b = _run(items, tmp_path / "b")
-    assert (tmp_path / "a" / "spm.model").read_bytes() == (tmp_path / "b" / "spm.model").read_bytes()
+    assert (tmp_path / "a" / "spm.model").read_bytes() == (
+        tmp_path / "b" / "spm.model"
+    ).read_bytes()
     assert a["spm_sha256"] == b["spm_sha256"]
-    assert np.array_equal(np.load(tmp_path / "a" / "tokens.npy"), np.load(tmp_path / "b" / "tokens.npy"))
+    assert np.array_equal(
+        np.load(tmp_path / "a" / "tokens.npy"), np.load(tmp_path / "b" / "tokens.npy")
+    )
 
 
 def test_token_matrix_layout(tiny_pipeline):
@@ -36,16 +49,19 @@ def test_token_matrix_layout(tiny_pipeline):
         ids = sp.encode(text)[:16]
         assert tokens[item_id, : len(ids)].tolist() == ids
         assert lengths[item_id] == len(ids)
-        assert (tokens[item_id, len(ids):] == PAD_ID).all()
+        assert (tokens[item_id, len(ids) :] == PAD_ID).all()
         # Real tokens are never the pad id, so the mask is exactly tokens != 0.
         assert (tokens[item_id, : len(ids)] != PAD_ID).all()
 
 
 def test_truncation_and_byte_fallback(tmp_path):
     items = tmp_path / "items.parquet"
-    texts = ["alpha beta gamma delta " * 10, "short", "naïve café ☕"] + [f"word{i}" for i in range(50)]
+    texts = ["alpha beta gamma delta " * 10, "short", "naïve café ☕"] + [
+        f"word{i}" for i in range(50)
+    ]
     pl.DataFrame({"item_id": list(range(1, len(texts) + 1)), "text": texts}).with_columns(
-        pl.col("item_id").cast(pl.Int32)).write_parquet(items)
+        pl.col("item_id").cast(pl.Int32)
+    ).write_parquet(items)
     rep = _run(items, tmp_path / "tok", max_tokens=8, vocab_size=400)
     lengths = np.load(tmp_path / "tok" / "lengths.npy")
     assert lengths[1] == 8 and rep["truncated_share"] > 0

@@ -20,7 +20,11 @@ class DataError(ValueError):
         self.path = str(path)
         self.line = line
         self.problem = problem
-        where = self.path if line is None else f"{self.path}:{line}" if unit == "line" else (
-            f"{self.path} row {line}"
+        where = (
+            self.path
+            if line is None
+            else f"{self.path}:{line}"
+            if unit == "line"
+            else (f"{self.path} row {line}")
         )
         super().__init__(f"{where}: {problem}")

@@ -30,8 +30,16 @@ REQUIRED = {
 }
 OPTIONAL = {"behaviors": ("item_id",), "labels": (), "impressions": ("item_id",)}
 REASONS = (
-    "blank_line", "malformed_line", "bad_utf8", "missing_user", "bad_timestamp", "empty_text",
-    "bad_clicked", "duplicate_event", "duplicate_user", "unknown_user",
+    "blank_line",
+    "malformed_line",
+    "bad_utf8",
+    "missing_user",
+    "bad_timestamp",
+    "empty_text",
+    "bad_clicked",
+    "duplicate_event",
+    "duplicate_user",
+    "unknown_user",
 )
 _REPLACEMENT = "\ufffd"  # what a lossy UTF-8 decode puts in place of bad bytes
 
@@ -76,11 +84,18 @@ def scan(path: Path, table: str) -> tuple[pl.LazyFrame, list[str]]:
             raise DataError(path, None, f"missing column(s) {missing}; file has {columns}", "row")
         schema = lf.collect_schema()
         # Integer timestamp/clicked columns skip the string round trip below (same values).
-        typed = {c for c in REQUIRED[table] if c in ("timestamp", "clicked")
-                 and schema[c].is_integer()}
-        lf = lf.with_row_index("line", offset=unit_offset).with_columns(
-            pl.col(c).cast(pl.String) for c in columns if c not in typed and schema[c] != pl.String
-        ).with_columns(pl.lit(None, dtype=pl.String).alias("__reason"))
+        typed = {
+            c for c in REQUIRED[table] if c in ("timestamp", "clicked") and schema[c].is_integer()
+        }
+        lf = (
+            lf.with_row_index("line", offset=unit_offset)
+            .with_columns(
+                pl.col(c).cast(pl.String)
+                for c in columns
+                if c not in typed and schema[c] != pl.String
+            )
+            .with_columns(pl.lit(None, dtype=pl.String).alias("__reason"))
+        )
     else:
         columns = _tsv_header(path)
         missing = [c for c in required if c not in columns]
@@ -91,34 +106,50 @@ def scan(path: Path, table: str) -> tuple[pl.LazyFrame, list[str]]:
         # One string column per physical line keeps line numbers exact (blank lines included)
         # and lets the split below find lines with the wrong number of fields.
         raw = pl.scan_csv(
-            path, has_header=False, separator="\x1f", quote_char=None,
-            schema={"__raw": pl.String}, encoding="utf8-lossy", skip_rows=1,
+            path,
+            has_header=False,
+            separator="\x1f",
+            quote_char=None,
+            schema={"__raw": pl.String},
+            encoding="utf8-lossy",
+            skip_rows=1,
         ).with_row_index("line", offset=2)
         fields = pl.col("__raw").str.split("\t")
-        lf = raw.with_columns(__fields=fields).with_columns(
-            pl.col("__fields").list.get(i, null_on_oob=True).alias(c) for i, c in enumerate(columns)
-        ).with_columns(
-            __reason=pl.when(pl.col("__raw").is_null() | (pl.col("__raw").str.strip_chars() == ""))
-            .then(pl.lit("blank_line"))
-            .when(pl.col("__fields").list.len() != len(columns))
-            .then(pl.lit("malformed_line"))
-            .when(pl.col("__raw").str.contains(_REPLACEMENT, literal=True))
-            .then(pl.lit("bad_utf8"))
-        ).drop("__raw", "__fields")
+        lf = (
+            raw.with_columns(__fields=fields)
+            .with_columns(
+                pl.col("__fields").list.get(i, null_on_oob=True).alias(c)
+                for i, c in enumerate(columns)
+            )
+            .with_columns(
+                __reason=pl.when(
+                    pl.col("__raw").is_null() | (pl.col("__raw").str.strip_chars() == "")
+                )
+                .then(pl.lit("blank_line"))
+                .when(pl.col("__fields").list.len() != len(columns))
+                .then(pl.lit("malformed_line"))
+                .when(pl.col("__raw").str.contains(_REPLACEMENT, literal=True))
+                .then(pl.lit("bad_utf8"))
+            )
+            .drop("__raw", "__fields")
+        )
 
     keep = [c for c in columns if c in required or c in OPTIONAL[table]]
     label_cols: list[str] = []
     if table == "labels":
         label_cols = [c for c in columns if c != "user_id"]
         if not label_cols:
-            raise DataError(path, None if path.suffix == ".parquet" else 1,
-                            "labels table has no label column besides user_id")
+            raise DataError(
+                path,
+                None if path.suffix == ".parquet" else 1,
+                "labels table has no label column besides user_id",
+            )
         keep = ["user_id", *label_cols]
     lf = lf.select("line", *keep, "__reason")
 
     # Strip every string field once; the checks and the output values below read the result.
     lf = lf.with_columns(pl.col(c).str.strip_chars() for c in keep if c not in typed)
-    ts = (pl.col("timestamp").cast(pl.Int64, strict=False) if "timestamp" in keep else None)
+    ts = pl.col("timestamp").cast(pl.Int64, strict=False) if "timestamp" in keep else None
     reason = pl.col("__reason")
     checks: list[tuple[pl.Expr, str]] = [
         (pl.col("user_id").is_null() | (pl.col("user_id") == ""), "missing_user"),
@@ -129,7 +160,9 @@ def scan(path: Path, table: str) -> tuple[pl.LazyFrame, list[str]]:
         checks.append((pl.col("text").is_null() | (pl.col("text") == ""), "empty_text"))
     if "clicked" in keep:
         valid = [0, 1] if "clicked" in typed else ["0", "1"]
-        checks.append((~pl.col("clicked").is_in(valid) | pl.col("clicked").is_null(), "bad_clicked"))
+        checks.append(
+            (~pl.col("clicked").is_in(valid) | pl.col("clicked").is_null(), "bad_clicked")
+        )
     for cond, name in checks:
         reason = pl.when(reason.is_null() & cond).then(pl.lit(name)).otherwise(reason)
     lf = lf.with_columns(reason=reason).drop("__reason")
@@ -155,20 +188,24 @@ def mark_duplicates(df: pl.DataFrame, keys: list[str], reason: str) -> pl.DataFr
     Sorts the good rows by (keys, line) and compares neighbours instead of hashing composite
     keys: much faster on long strings, fastest when the caller passes integer codes as keys.
     """
-    good = df.select(pl.int_range(pl.len(), dtype=pl.UInt32).alias("__row"), *keys, "line",
-                     "reason").filter(pl.col("reason").is_null())
+    good = df.select(
+        pl.int_range(pl.len(), dtype=pl.UInt32).alias("__row"), *keys, "line", "reason"
+    ).filter(pl.col("reason").is_null())
     # String keys sort faster as ranks of their distinct values (null stays null).
     good = good.with_columns(
         pl.col(k).cast(pl.Enum(good[k].unique().drop_nulls().sort())).to_physical()
-        for k in keys if good.schema[k] == pl.String
+        for k in keys
+        if good.schema[k] == pl.String
     )
     same = pl.all_horizontal(pl.col(k).eq_missing(pl.col(k).shift(1)) for k in keys) & (
-        pl.int_range(pl.len()) > 0)
+        pl.int_range(pl.len()) > 0
+    )
     dup_rows = good.sort(*keys, "line").filter(same)["__row"].to_numpy()
     dup = np.zeros(df.height, dtype=bool)
     dup[dup_rows] = True
-    return df.with_columns(reason=pl.when(pl.Series(dup)).then(pl.lit(reason))
-                           .otherwise(pl.col("reason")))
+    return df.with_columns(
+        reason=pl.when(pl.Series(dup)).then(pl.lit(reason)).otherwise(pl.col("reason"))
+    )
 
 
 def raise_first(bad: pl.DataFrame, path: Path, total: dict[str, int]) -> None:
@@ -189,9 +226,14 @@ def raise_first(bad: pl.DataFrame, path: Path, total: dict[str, int]) -> None:
         "unknown_user": f"user {row.get('user_id')!r} has no behaviors",
     }[row["reason"]]
     excerpt = _excerpt(path, int(row["line"])) if unit == "line" else repr(row)
-    raise DataError(path, int(row["line"]), f"{detail} [{row['reason']}]: {excerpt} (bad rows in "
-                    f"this file: {counts}; set prepare.on_bad_rows=quarantine to drop and count "
-                    "them)", unit)
+    raise DataError(
+        path,
+        int(row["line"]),
+        f"{detail} [{row['reason']}]: {excerpt} (bad rows in "
+        f"this file: {counts}; set prepare.on_bad_rows=quarantine to drop and count "
+        "them)",
+        unit,
+    )
 
 
 def _excerpt(path: Path, line: int, width: int = 120) -> str:

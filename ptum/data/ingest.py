@@ -34,31 +34,50 @@ def read_ptum_tsv(path: Path) -> pl.DataFrame:
             try:
                 line = raw.decode("utf-8").rstrip("\r\n")
             except UnicodeDecodeError as e:
-                raise DataError(path, n, f"bytes that are not valid UTF-8 at offset {e.start}") from None
+                raise DataError(
+                    path, n, f"bytes that are not valid UTF-8 at offset {e.start}"
+                ) from None
             if not line.strip():
                 continue
             cols = line.split("\t")
             if len(cols) < 4:
-                raise DataError(path, n, f"expected at least 4 tab-separated columns, found {len(cols)}")
+                raise DataError(
+                    path, n, f"expected at least 4 tab-separated columns, found {len(cols)}"
+                )
             t = cols[2].split(PTUM_SEP)
             s = cols[3].split(PTUM_SEP)
             if len(t) != len(s):
-                raise DataError(path, n, f"{len(t)} texts but {len(s)} timestamps in columns 2 and 3")
+                raise DataError(
+                    path, n, f"{len(t)} texts but {len(s)} timestamps in columns 2 and 3"
+                )
             for k, v in enumerate(s):
                 try:
                     stamps.append(int(v))
                 except ValueError:
-                    raise DataError(path, n, f"timestamp #{k + 1} {v!r} is not an integer") from None
+                    raise DataError(
+                        path, n, f"timestamp #{k + 1} {v!r} is not an integer"
+                    ) from None
             users.extend([cols[0]] * len(t))
             texts.extend(t)
             lines.extend([n] * len(t))
-    return pl.DataFrame({"user_id": users, "timestamp": stamps, "text": texts},
-                        schema={"user_id": pl.String, "timestamp": pl.Int64, "text": pl.String})
+    return pl.DataFrame(
+        {"user_id": users, "timestamp": stamps, "text": texts},
+        schema={"user_id": pl.String, "timestamp": pl.Int64, "text": pl.String},
+    )
 
 
-def ingest(*, source: str, path: str, out_dir: Path, size: str = "small", seed: int = 7,
-           click_threshold: int = 4, age_edges: tuple[int, ...] = (25, 35, 45),
-           movielens_variant: str = "ml-100k", root: Path = Path(".")) -> dict:
+def ingest(
+    *,
+    source: str,
+    path: str,
+    out_dir: Path,
+    size: str = "small",
+    seed: int = 7,
+    click_threshold: int = 4,
+    age_edges: tuple[int, ...] = (25, 35, 45),
+    movielens_variant: str = "ml-100k",
+    root: Path = Path("."),
+) -> dict:
     """Write the generic tables of `source` into out_dir (replaced atomically); return manifest."""
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
@@ -84,12 +103,18 @@ def ingest(*, source: str, path: str, out_dir: Path, size: str = "small", seed: 
         frames = {"behaviors": beh, "labels": labels, "impressions": imps}
     elif source == "ptum_tsv":
         if src is None or not src.is_file():
-            raise DataError(src or "data.path", None, "ptum_tsv needs data.path = a behavior.tsv file")
+            raise DataError(
+                src or "data.path", None, "ptum_tsv needs data.path = a behavior.tsv file"
+            )
         frames = {"behaviors": read_ptum_tsv(src)}
     elif source == "generic":
         if src is None or not src.is_dir():
-            raise DataError(src or "data.path", None, "generic needs data.path = a directory with "
-                            "behaviors(.tsv|.parquet), optional labels and impressions")
+            raise DataError(
+                src or "data.path",
+                None,
+                "generic needs data.path = a directory with "
+                "behaviors(.tsv|.parquet), optional labels and impressions",
+            )
         frames = {}
         for table in ("behaviors", "labels", "impressions"):
             found = generic.find_table(src, table)

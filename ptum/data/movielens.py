@@ -31,9 +31,25 @@ from ptum.data.errors import DataError
 from ptum.hashing import sha256_file
 
 GENRES_100K = (
-    "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary",
-    "Drama", "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi",
-    "Thriller", "War", "Western",
+    "unknown",
+    "Action",
+    "Adventure",
+    "Animation",
+    "Children's",
+    "Comedy",
+    "Crime",
+    "Documentary",
+    "Drama",
+    "Fantasy",
+    "Film-Noir",
+    "Horror",
+    "Musical",
+    "Mystery",
+    "Romance",
+    "Sci-Fi",
+    "Thriller",
+    "War",
+    "Western",
 )
 # ML-1M users.dat codes its ages as the lower edge of a bucket: 1 = "under 18", 18 = 18-24, ...
 URLS = {
@@ -54,8 +70,9 @@ def detect_variant(path: Path) -> str:
         return "ml-100k"
     if (path / "ratings.dat").exists():
         return "ml-1m"
-    raise DataError(path, None, "not a MovieLens directory: neither u.data (100K) nor "
-                    "ratings.dat (1M) is there")
+    raise DataError(
+        path, None, "not a MovieLens directory: neither u.data (100K) nor ratings.dat (1M) is there"
+    )
 
 
 def age_bucket(age: int, edges: tuple[int, ...]) -> str:
@@ -92,8 +109,11 @@ def read_100k(path: Path, click_threshold: int, age_edges: tuple[int, ...]):
     for n, line in _lines(path / "u.item"):
         f = line.split("|")
         if len(f) != 5 + len(GENRES_100K):
-            raise DataError(path / "u.item", n, f"expected {5 + len(GENRES_100K)} '|'-separated "
-                            f"fields, found {len(f)}")
+            raise DataError(
+                path / "u.item",
+                n,
+                f"expected {5 + len(GENRES_100K)} '|'-separated fields, found {len(f)}",
+            )
         genres = [g for g, flag in zip(GENRES_100K, f[5:]) if flag == "1"]
         texts[_int(path / "u.item", n, "movie id", f[0])] = f"{f[1]} | {', '.join(genres)}"
     users, items, ts, ratings = [], [], [], []
@@ -101,11 +121,16 @@ def read_100k(path: Path, click_threshold: int, age_edges: tuple[int, ...]):
         f = line.split("\t")
         if len(f) != 4:
             raise DataError(path / "u.data", n, f"expected 4 tab-separated fields, found {len(f)}")
-        u, i, r, t = (_int(path / "u.data", n, name, v)
-                      for name, v in zip(("user id", "movie id", "rating", "timestamp"), f))
+        u, i, r, t = (
+            _int(path / "u.data", n, name, v)
+            for name, v in zip(("user id", "movie id", "rating", "timestamp"), f)
+        )
         if i not in texts:
             raise DataError(path / "u.data", n, f"movie id {i} is not in u.item")
-        users.append(str(u)); items.append(i); ratings.append(r); ts.append(t)
+        users.append(str(u))
+        items.append(i)
+        ratings.append(r)
+        ts.append(t)
     label_rows = []
     for n, line in _lines(path / "u.user"):
         f = line.split("|")
@@ -122,7 +147,9 @@ def read_1m(path: Path, click_threshold: int, age_edges: tuple[int, ...]):
     for n, line in _lines(path / "movies.dat"):
         f = line.split("::")
         if len(f) != 3:
-            raise DataError(path / "movies.dat", n, f"expected 3 '::'-separated fields, found {len(f)}")
+            raise DataError(
+                path / "movies.dat", n, f"expected 3 '::'-separated fields, found {len(f)}"
+            )
         texts[_int(path / "movies.dat", n, "movie id", f[0])] = (
             f"{f[1]} | {', '.join(f[2].split('|'))}"
         )
@@ -130,32 +157,48 @@ def read_1m(path: Path, click_threshold: int, age_edges: tuple[int, ...]):
     for n, line in _lines(path / "ratings.dat"):
         f = line.split("::")
         if len(f) != 4:
-            raise DataError(path / "ratings.dat", n, f"expected 4 '::'-separated fields, found {len(f)}")
-        u, i, r, t = (_int(path / "ratings.dat", n, name, v)
-                      for name, v in zip(("user id", "movie id", "rating", "timestamp"), f))
+            raise DataError(
+                path / "ratings.dat", n, f"expected 4 '::'-separated fields, found {len(f)}"
+            )
+        u, i, r, t = (
+            _int(path / "ratings.dat", n, name, v)
+            for name, v in zip(("user id", "movie id", "rating", "timestamp"), f)
+        )
         if i not in texts:
             raise DataError(path / "ratings.dat", n, f"movie id {i} is not in movies.dat")
-        users.append(str(u)); items.append(i); ratings.append(r); ts.append(t)
+        users.append(str(u))
+        items.append(i)
+        ratings.append(r)
+        ts.append(t)
     label_rows = []
     for n, line in _lines(path / "users.dat"):
         f = line.split("::")
         if len(f) != 5:
-            raise DataError(path / "users.dat", n, f"expected 5 '::'-separated fields, found {len(f)}")
+            raise DataError(
+                path / "users.dat", n, f"expected 5 '::'-separated fields, found {len(f)}"
+            )
         # ML-1M ages are already coarse codes (1, 18, 25, 35, 45, 50, 56): bucket the code.
-        label_rows.append((f[0], f[1], age_bucket(_int(path / "users.dat", n, "age", f[2]), age_edges)))
+        label_rows.append(
+            (f[0], f[1], age_bucket(_int(path / "users.dat", n, "age", f[2]), age_edges))
+        )
     return _frames(users, items, ts, ratings, texts, label_rows, click_threshold)
 
 
 def _frames(users, items, ts, ratings, texts, label_rows, click_threshold):
     ratings_df = pl.DataFrame(
         {"user_id": users, "timestamp": ts, "item_id": items, "rating": ratings},
-        schema={"user_id": pl.String, "timestamp": pl.Int64, "item_id": pl.Int64, "rating": pl.Int64},
-    ).with_columns(
-        text=pl.col("item_id").replace_strict(texts, return_dtype=pl.String)
-    )
+        schema={
+            "user_id": pl.String,
+            "timestamp": pl.Int64,
+            "item_id": pl.Int64,
+            "rating": pl.Int64,
+        },
+    ).with_columns(text=pl.col("item_id").replace_strict(texts, return_dtype=pl.String))
     behaviors = ratings_df.select("user_id", "timestamp", "text", pl.col("item_id").cast(pl.String))
     impressions = ratings_df.select(
-        "user_id", "timestamp", "text",
+        "user_id",
+        "timestamp",
+        "text",
         clicked=(pl.col("rating") >= click_threshold).cast(pl.Int8),
         item_id=pl.col("item_id").cast(pl.String),
     )
@@ -177,8 +220,12 @@ def verify_100k(path: Path) -> None:
     for name, expected in SHA256_100K.items():
         got = sha256_file(path / name)
         if got != expected:
-            raise DataError(path / name, None, f"SHA-256 {got} does not match the GroupLens "
-                            f"release ({expected}): the file is corrupt or modified")
+            raise DataError(
+                path / name,
+                None,
+                f"SHA-256 {got} does not match the GroupLens "
+                f"release ({expected}): the file is corrupt or modified",
+            )
 
 
 def download(variant: str, dest: Path, url: str | None = None) -> Path:

@@ -61,21 +61,54 @@ class SyntheticSpec:
 
 
 PRESETS: dict[str, SyntheticSpec] = {
-    "tiny": SyntheticSpec(n_users=300, mean_behaviors=20, n_items_per_topic=15, n_topics=6,
-                          words_per_topic=20, n_general_words=40, n_ads=30,
-                          labeled_frac=0.5, audience_frac=0.5, mean_impressions=12),
+    "tiny": SyntheticSpec(
+        n_users=300,
+        mean_behaviors=20,
+        n_items_per_topic=15,
+        n_topics=6,
+        words_per_topic=20,
+        n_general_words=40,
+        n_ads=30,
+        labeled_frac=0.5,
+        audience_frac=0.5,
+        mean_impressions=12,
+    ),
     # The embedded default (params.yaml, DataConfig): the whole `dvc repro` took 36 min on 2 idle
     # cores (README "Results"; issue 2 asked for about 15).
-    "small": SyntheticSpec(n_users=3_500, mean_behaviors=25, n_items_per_topic=60,
-                           labeled_frac=0.25),
+    "small": SyntheticSpec(
+        n_users=3_500, mean_behaviors=25, n_items_per_topic=60, labeled_frac=0.25
+    ),
     # The earlier default, 6,000 users: its result set is experiments/synthetic-default.
-    "default": SyntheticSpec(n_users=6_000, mean_behaviors=30, n_items_per_topic=150,
-                             labeled_frac=0.25),
+    "default": SyntheticSpec(
+        n_users=6_000, mean_behaviors=30, n_items_per_topic=150, labeled_frac=0.25
+    ),
     "large": SyntheticSpec(n_users=50_000, mean_behaviors=60, n_items_per_topic=400),
 }
 
-_ONSETS = ("b", "c", "d", "f", "g", "k", "l", "m", "n", "p", "r", "s", "t", "v", "z",
-           "br", "st", "tr", "pl", "gr", "sh", "ch")
+_ONSETS = (
+    "b",
+    "c",
+    "d",
+    "f",
+    "g",
+    "k",
+    "l",
+    "m",
+    "n",
+    "p",
+    "r",
+    "s",
+    "t",
+    "v",
+    "z",
+    "br",
+    "st",
+    "tr",
+    "pl",
+    "gr",
+    "sh",
+    "ch",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "ai", "ou", "ea")
 
 
@@ -84,8 +117,10 @@ def _words(rng: np.random.Generator, n: int, taken: set[str]) -> list[str]:
     out: list[str] = []
     while len(out) < n:
         k = int(rng.integers(2, 4))
-        w = "".join(_ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))]
-                    for _ in range(k))
+        w = "".join(
+            _ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))]
+            for _ in range(k)
+        )
         if w not in taken:
             taken.add(w)
             out.append(w)
@@ -97,8 +132,13 @@ def _zipf_cdf(n: int, s: float = 1.1) -> np.ndarray:
     return np.cumsum(w / w.sum())
 
 
-def _title(rng: np.random.Generator, topic_words: list[str], general: list[str],
-           n_words: int, topic_share: float) -> str:
+def _title(
+    rng: np.random.Generator,
+    topic_words: list[str],
+    general: list[str],
+    n_words: int,
+    topic_share: float,
+) -> str:
     cdf = _zipf_cdf(len(topic_words), 0.9)
     words = []
     for _ in range(n_words):
@@ -110,8 +150,9 @@ def _title(rng: np.random.Generator, topic_words: list[str], general: list[str],
     return " ".join(words)
 
 
-def generate(spec: SyntheticSpec, seed: int, latent: dict | None = None
-             ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+def generate(
+    spec: SyntheticSpec, seed: int, latent: dict | None = None
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
     """Generate (behaviors, labels, impressions) in the generic format.
 
     Returns:
@@ -184,22 +225,28 @@ def generate(spec: SyntheticSpec, seed: int, latent: dict | None = None
     user_ids = np.array([f"u{u:07d}" for u in range(U)])
     title_series = pl.Series("text", titles, dtype=pl.String)
     behaviors = pl.DataFrame(
-        {"user_id": user_ids[owner], "timestamp": ts.astype(np.int64),
-         "text": title_series.gather(item)}
+        {
+            "user_id": user_ids[owner],
+            "timestamp": ts.astype(np.int64),
+            "text": title_series.gather(item),
+        }
     )
 
     labeled = rng.random(U) < spec.labeled_frac
-    labels = pl.DataFrame({
-        "user_id": user_ids[labeled],
-        "gender": np.array(GENDERS)[gender[labeled]],
-        "age": np.array(AGE_BUCKETS)[age[labeled]],
-    })
+    labels = pl.DataFrame(
+        {
+            "user_id": user_ids[labeled],
+            "gender": np.array(GENDERS)[gender[labeled]],
+            "age": np.array(AGE_BUCKETS)[age[labeled]],
+        }
+    )
 
     # Ads and impressions.
     ad_topic = rng.integers(T, size=spec.n_ads)
     ad_titles = [
         " ".join([ad_words[int(rng.integers(len(ad_words)))] for _ in range(2)]).capitalize()
-        + " " + _title(rng, topic_words[t], general, int(rng.integers(4, 9)), 0.85).lower()
+        + " "
+        + _title(rng, topic_words[t], general, int(rng.integers(4, 9)), 0.85).lower()
         for t in ad_topic
     ]
     ad_quality = rng.normal(0.0, 0.3, spec.n_ads)
@@ -214,16 +261,26 @@ def generate(spec: SyntheticSpec, seed: int, latent: dict | None = None
     logit = -2.5 + 12.0 * interest[imp_user, ad_topic[imp_ad]] + ad_quality[imp_ad]
     clicked = (rng.random(len(imp_user)) < 1 / (1 + np.exp(-logit))).astype(np.int8)
     if latent is not None:
-        latent.update(interest=interest, item_topic=item_topic, ad_topic=ad_topic,
-                      impression_user=imp_user, impression_ad=imp_ad,
-                      click_prob=1 / (1 + np.exp(-logit)), gender=gender, age=age,
-                      titles=titles, ad_titles=ad_titles)
-    impressions = pl.DataFrame({
-        "user_id": user_ids[imp_user],
-        "timestamp": imp_ts,
-        "text": pl.Series(ad_titles, dtype=pl.String).gather(imp_ad),
-        "clicked": clicked,
-    })
+        latent.update(
+            interest=interest,
+            item_topic=item_topic,
+            ad_topic=ad_topic,
+            impression_user=imp_user,
+            impression_ad=imp_ad,
+            click_prob=1 / (1 + np.exp(-logit)),
+            gender=gender,
+            age=age,
+            titles=titles,
+            ad_titles=ad_titles,
+        )
+    impressions = pl.DataFrame(
+        {
+            "user_id": user_ids[imp_user],
+            "timestamp": imp_ts,
+            "text": pl.Series(ad_titles, dtype=pl.String).gather(imp_ad),
+            "clicked": clicked,
+        }
+    )
     return behaviors, labels, impressions
 
 

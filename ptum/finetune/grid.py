@@ -67,14 +67,14 @@ def load_demo(prepared: Path, tokenized: Path, max_len: int, ratios: list[float]
     labels = pl.read_parquet(prepared / "labels.parquet").sort("user_id")
     report = json.loads((prepared / "report.json").read_text())
     cols = report["labels"].get("label_columns", [])
-    corpus = load_corpus(prepared, tokenized, "", max_len, view="full",
-                         users=labels["user_id"].to_list())
+    corpus = load_corpus(
+        prepared, tokenized, "", max_len, view="full", users=labels["user_id"].to_list()
+    )
     out = {}
     for c in cols:
         classes = sorted(labels[c].drop_nulls().unique().to_list())
         index = {v: i for i, v in enumerate(classes)}
-        out[c] = (np.array([index.get(v, -1) if v is not None else -1 for v in labels[c]]),
-                  classes)
+        out[c] = (np.array([index.get(v, -1) if v is not None else -1 for v in labels[c]]), classes)
     subsets = {r: labels[ratio_column(r)].to_numpy() for r in ratios}
     return DemoTask(corpus, out, labels["split"].to_numpy(), subsets)
 
@@ -90,16 +90,23 @@ def load_ctr(prepared: Path, tokenized: Path, max_len: int, ratios: list[float])
     is_test = imps["window"] == "test"
     train_users = imps.filter(~is_test)["user_id"].unique().sort().to_list()
     test_users = imps.filter(is_test)["user_id"].unique().sort().to_list()
-    hist_train = load_corpus(prepared, tokenized, "", max_len, view="before_train",
-                             users=train_users)
-    hist_test = load_corpus(prepared, tokenized, "", max_len, view="before_test",
-                            users=test_users)
+    hist_train = load_corpus(
+        prepared, tokenized, "", max_len, view="before_train", users=train_users
+    )
+    hist_test = load_corpus(prepared, tokenized, "", max_len, view="before_test", users=test_users)
     tr = {u: i for i, u in enumerate(train_users)}
     te = {u: i for i, u in enumerate(test_users)}
-    row = np.array([te[u] if t else tr[u] for u, t in zip(imps["user_id"], is_test)],
-                   dtype=np.int64)
-    data = CtrData(hist_train, hist_test, row, imps["item_id"].to_numpy().astype(np.int64),
-                   imps["clicked"].to_numpy().astype(np.int64), imps["window"].to_numpy())
+    row = np.array(
+        [te[u] if t else tr[u] for u, t in zip(imps["user_id"], is_test)], dtype=np.int64
+    )
+    data = CtrData(
+        hist_train,
+        hist_test,
+        row,
+        imps["item_id"].to_numpy().astype(np.int64),
+        imps["clicked"].to_numpy().astype(np.int64),
+        imps["window"].to_numpy(),
+    )
     return CtrTask(data, {r: imps[ratio_column(r)].to_numpy() for r in ratios})
 
 
@@ -112,8 +119,16 @@ def _code_digest() -> str:
     import ptum.pretrain.data
     import ptum.pretrain.tasks
 
-    files = [Path(m.__file__) for m in (ptum.finetune.train, ptum.finetune.metrics, ptum.heads,
-                                        ptum.pretrain.data, ptum.pretrain.tasks)]
+    files = [
+        Path(m.__file__)
+        for m in (
+            ptum.finetune.train,
+            ptum.finetune.metrics,
+            ptum.heads,
+            ptum.pretrain.data,
+            ptum.pretrain.tasks,
+        )
+    ]
     files += sorted(Path(ptum.models.__file__).parent.glob("*.py"))
     return file_digest(files)
 
@@ -129,9 +144,15 @@ def demo_baselines(task: DemoTask, ratios: list[float]) -> list[dict]:
             train = task.subsets[r] & (y >= 0)
             majority = np.bincount(y[train], minlength=len(classes)).argmax()
             pred = np.full(test.sum(), majority)
-            out.append({"label": label, "baseline": "majority", "ratio": r,
-                        "acc": accuracy(y[test], pred),
-                        "macro_f1": macro_f1(y[test], pred, len(classes))})
+            out.append(
+                {
+                    "label": label,
+                    "baseline": "majority",
+                    "ratio": r,
+                    "acc": accuracy(y[test], pred),
+                    "macro_f1": macro_f1(y[test], pred, len(classes)),
+                }
+            )
     return out
 
 
@@ -147,8 +168,15 @@ def ctr_baselines(task: CtrTask, ratios: list[float]) -> list[dict]:
         prior, a = d.clicked[train].mean(), 10.0
         rate = (clicks + a * prior) / (shown + a)
         s = rate[d.item[test]]
-        out.append({"label": "click", "baseline": "item click rate", "ratio": r,
-                    "auc": roc_auc(d.clicked[test], s), "ap": average_precision(d.clicked[test], s)})
+        out.append(
+            {
+                "label": "click",
+                "baseline": "item click rate",
+                "ratio": r,
+                "auc": roc_auc(d.clicked[test], s),
+                "ap": average_precision(d.clicked[test], s),
+            }
+        )
     # Token overlap needs no training labels: share of the candidate's tokens that occur in the
     # user's history titles (a topic/genre-match proxy).
     s = np.zeros(len(test))
@@ -160,8 +188,15 @@ def ctr_baselines(task: CtrTask, ratios: list[float]) -> list[dict]:
         cand = cand[cand != 0]
         s[j] = np.isin(cand, seen).mean() if len(cand) else 0.0
     for r in ratios:
-        out.append({"label": "click", "baseline": "token overlap", "ratio": r,
-                    "auc": roc_auc(d.clicked[test], s), "ap": average_precision(d.clicked[test], s)})
+        out.append(
+            {
+                "label": "click",
+                "baseline": "token overlap",
+                "ratio": r,
+                "auc": roc_auc(d.clicked[test], s),
+                "ap": average_precision(d.clicked[test], s),
+            }
+        )
     return out
 
 
@@ -170,8 +205,15 @@ def ctr_baselines(task: CtrTask, ratios: list[float]) -> list[dict]:
 _STATE: dict = {}
 
 
-def _init_worker(task: str, prepared: str, tokenized: str, max_len: int, ratios: list[float],
-                 ckpt_dirs: dict[str, str], threads: int) -> None:
+def _init_worker(
+    task: str,
+    prepared: str,
+    tokenized: str,
+    max_len: int,
+    ratios: list[float],
+    ckpt_dirs: dict[str, str],
+    threads: int,
+) -> None:
     torch.set_num_threads(threads)
     loader = load_demo if task == "demo" else load_ctr
     _STATE["task"] = loader(Path(prepared), Path(tokenized), max_len, ratios)
@@ -185,13 +227,28 @@ def _run_cell(cell: Cell, opts: CellOptions, demo_select: str) -> dict:
     if cell.task == "demo":
         y, classes = task.labels[cell.label]
         train_rows = np.flatnonzero(task.subsets[cell.ratio] & (y >= 0))
-        res = run_demo(pretrained=model, corpus=task.corpus, y=y, split=task.split,
-                       train_rows=train_rows, n_classes=len(classes), mode=cell.mode,
-                       seed=cell.seed, opts=opts, select=demo_select)
+        res = run_demo(
+            pretrained=model,
+            corpus=task.corpus,
+            y=y,
+            split=task.split,
+            train_rows=train_rows,
+            n_classes=len(classes),
+            mode=cell.mode,
+            seed=cell.seed,
+            opts=opts,
+            select=demo_select,
+        )
     else:
         train_idx = np.flatnonzero(task.subsets[cell.ratio])
-        res = run_ctr(pretrained=model, data=task.data, train_idx=train_idx, mode=cell.mode,
-                      seed=cell.seed, opts=opts)
+        res = run_ctr(
+            pretrained=model,
+            data=task.data,
+            train_idx=train_idx,
+            mode=cell.mode,
+            seed=cell.seed,
+            opts=opts,
+        )
     return {**asdict(cell), **res, "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -200,14 +257,33 @@ def _progress(done: int, total: int, t0: float, cached: int) -> None:
     rate = (done - cached) / elapsed if elapsed > 0 and done > cached else 0.0
     eta = (total - done) / rate if rate else float("nan")
     bar = "#" * int(30 * done / max(total, 1))
-    print(f"\r[{bar:<30}] {done}/{total} cells ({cached} cached), "
-          f"{elapsed:.0f}s elapsed, ETA {eta:.0f}s", end="", file=sys.stderr, flush=True)
+    print(
+        f"\r[{bar:<30}] {done}/{total} cells ({cached} cached), "
+        f"{elapsed:.0f}s elapsed, ETA {eta:.0f}s",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
 
 
-def run_grid(*, task: str, labels: list[str] | None, models: list[str], modes: list[str],
-             ratios: list[float], repeats: int, seed: int, opts: CellOptions, demo_select: str,
-             prepared: Path, tokenized: Path, max_len: int, ckpt_root: Path, cache_dir: Path,
-             workers: int) -> list[dict]:
+def run_grid(
+    *,
+    task: str,
+    labels: list[str] | None,
+    models: list[str],
+    modes: list[str],
+    ratios: list[float],
+    repeats: int,
+    seed: int,
+    opts: CellOptions,
+    demo_select: str,
+    prepared: Path,
+    tokenized: Path,
+    max_len: int,
+    ckpt_root: Path,
+    cache_dir: Path,
+    workers: int,
+) -> list[dict]:
     """Run (or fetch from cache) every cell of one task; returns the cell results."""
     if labels is None:
         report = json.loads((prepared / "report.json").read_text())
@@ -219,19 +295,29 @@ def run_grid(*, task: str, labels: list[str] | None, models: list[str], modes: l
         meta = checkpoint.read_meta(d)
         if meta.get("tokenizer_sha256") != tok_hash:
             raise checkpoint.CheckpointMismatch(
-                f"{d}: pre-trained with another tokenizer than {tokenized}; re-run pretrain")
+                f"{d}: pre-trained with another tokenizer than {tokenized}; re-run pretrain"
+            )
         if meta.get("architecture") != m:
             raise checkpoint.CheckpointMismatch(f"{d}: holds {meta.get('architecture')}, not {m}")
         hashes[m] = meta["model_sha256"]
-    data_hash = file_digest([prepared / f for f in ("labels.parquet", "impressions.parquet",
-                                                    "sequences.parquet")])
+    data_hash = file_digest(
+        [prepared / f for f in ("labels.parquet", "impressions.parquet", "sequences.parquet")]
+    )
     code_hash = _code_digest()
-    cells = [Cell(task, lab, m, mode, r, seed + k) for lab in labels for m in models
-             for mode in modes for r in ratios for k in range(repeats)]
+    cells = [
+        Cell(task, lab, m, mode, r, seed + k)
+        for lab in labels
+        for m in models
+        for mode in modes
+        for r in ratios
+        for k in range(repeats)
+    ]
 
     def key(c: Cell) -> str:
-        blob = json.dumps([asdict(c), asdict(opts), demo_select, hashes[c.model], data_hash,
-                           code_hash], sort_keys=True)
+        blob = json.dumps(
+            [asdict(c), asdict(opts), demo_select, hashes[c.model], data_hash, code_hash],
+            sort_keys=True,
+        )
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -245,8 +331,15 @@ def run_grid(*, task: str, labels: list[str] | None, models: list[str], modes: l
             todo.append(c)
     t0, cached = time.perf_counter(), len(results)
     _progress(len(results), len(cells), t0, cached)
-    init = (task, str(prepared), str(tokenized), max_len, ratios,
-            {m: str(d) for m, d in ckpts.items()}, 1 if workers > 1 else (os.cpu_count() or 1))
+    init = (
+        task,
+        str(prepared),
+        str(tokenized),
+        max_len,
+        ratios,
+        {m: str(d) for m, d in ckpts.items()},
+        1 if workers > 1 else (os.cpu_count() or 1),
+    )
 
     def store(c: Cell, res: dict) -> None:
         tmp = cache_dir / f"{key(c)}.json.tmp"
@@ -259,8 +352,9 @@ def run_grid(*, task: str, labels: list[str] | None, models: list[str], modes: l
         # spawn, not fork: a fork after torch has run (e.g. pre-training in this process) can
         # deadlock the child on OpenMP's thread pool.
         ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker,
-                                 initargs=init, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(
+            max_workers=workers, initializer=_init_worker, initargs=init, mp_context=ctx
+        ) as pool:
             futures = {pool.submit(_run_cell, c, opts, demo_select): c for c in todo}
             for f in as_completed(futures):
                 store(futures[f], f.result())
@@ -278,8 +372,15 @@ def run_grid(*, task: str, labels: list[str] | None, models: list[str], modes: l
 def summarize(cells: list[dict], metrics: list[str], primary: str) -> dict:
     """Mean ± std per (label, model, mode, ratio) and paired tests vs scratch per (label, model,
     ratio), pairing runs by seed."""
-    df = pl.DataFrame([{**{k: c[k] for k in ("label", "model", "mode", "ratio", "seed")},
-                        **{m: c["test"][m] for m in metrics}} for c in cells])
+    df = pl.DataFrame(
+        [
+            {
+                **{k: c[k] for k in ("label", "model", "mode", "ratio", "seed")},
+                **{m: c["test"][m] for m in metrics},
+            }
+            for c in cells
+        ]
+    )
     rows = []
     for key, g in df.group_by(["label", "model", "mode", "ratio"], maintain_order=True):
         row = dict(zip(["label", "model", "mode", "ratio"], key))
@@ -300,8 +401,18 @@ def summarize(cells: list[dict], metrics: list[str], primary: str) -> dict:
             # A paired t-test is undefined when every difference is equal (zero variance).
             t_p = float(stats.ttest_rel(a, b).pvalue) if d.std() > 0 else float("nan")
             w_p = float(stats.wilcoxon(a, b).pvalue) if np.any(d != 0) else 1.0
-            tests.append({"label": key[0], "model": key[1], "ratio": key[2],
-                          "comparison": f"{mode} - scratch", "metric": primary,
-                          "mean_diff": float(d.mean()), "wins": int((d > 0).sum()),
-                          "n": len(d), "p_ttest": t_p, "p_wilcoxon": w_p})
+            tests.append(
+                {
+                    "label": key[0],
+                    "model": key[1],
+                    "ratio": key[2],
+                    "comparison": f"{mode} - scratch",
+                    "metric": primary,
+                    "mean_diff": float(d.mean()),
+                    "wins": int((d > 0).sum()),
+                    "n": len(d),
+                    "p_ttest": t_p,
+                    "p_wilcoxon": w_p,
+                }
+            )
     return {"cells": rows, "tests": tests}

@@ -43,18 +43,30 @@ def variant_key(mbp: bool, nbp: bool, lam: float, k: int) -> str:
 def plan(pre: PretrainConfig, opts: SensitivityOptions) -> dict[str, dict[str, str]]:
     """Experiment name -> {group, x, variant}; variants are the distinct pre-trainings."""
     out = {
-        "mbp_only": {"group": "ablation", "x": "MBP", "variant": variant_key(True, False, 0, pre.k)},
-        "nbp_only": {"group": "ablation", "x": "NBP",
-                     "variant": variant_key(False, True, pre.lam, pre.k)},
-        "both": {"group": "ablation", "x": "MBP+NBP",
-                 "variant": variant_key(True, True, pre.lam, pre.k)},
+        "mbp_only": {
+            "group": "ablation",
+            "x": "MBP",
+            "variant": variant_key(True, False, 0, pre.k),
+        },
+        "nbp_only": {
+            "group": "ablation",
+            "x": "NBP",
+            "variant": variant_key(False, True, pre.lam, pre.k),
+        },
+        "both": {
+            "group": "ablation",
+            "x": "MBP+NBP",
+            "variant": variant_key(True, True, pre.lam, pre.k),
+        },
     }
     for lam in opts.lams:
-        out[f"lam={lam:g}"] = {"group": "lambda", "x": f"{lam:g}",
-                               "variant": variant_key(True, True, lam, pre.k)}
+        out[f"lam={lam:g}"] = {
+            "group": "lambda",
+            "x": f"{lam:g}",
+            "variant": variant_key(True, True, lam, pre.k),
+        }
     for k in opts.ks:
-        out[f"K={k}"] = {"group": "k", "x": str(k),
-                         "variant": variant_key(True, True, pre.lam, k)}
+        out[f"K={k}"] = {"group": "k", "x": str(k), "variant": variant_key(True, True, pre.lam, k)}
     return out
 
 
@@ -67,9 +79,19 @@ def _variant_config(pre: PretrainConfig, key: str) -> PretrainConfig:
     return replace(pre, lam=float(lam), k=int(k))
 
 
-def run(pre: PretrainConfig, ft: FinetuneConfig, opts: SensitivityOptions, *, prepared: Path,
-        tokenized: Path, max_behaviors: int, models_root: Path, main_ckpts: Path,
-        cache_dir: Path, reports: Path) -> dict:
+def run(
+    pre: PretrainConfig,
+    ft: FinetuneConfig,
+    opts: SensitivityOptions,
+    *,
+    prepared: Path,
+    tokenized: Path,
+    max_behaviors: int,
+    models_root: Path,
+    main_ckpts: Path,
+    cache_dir: Path,
+    reports: Path,
+) -> dict:
     """Run every variant of every task; writes reports/sensitivity.json and figures."""
     experiments = plan(pre, opts)
     results: dict[str, dict] = {}
@@ -86,25 +108,62 @@ def run(pre: PretrainConfig, ft: FinetuneConfig, opts: SensitivityOptions, *, pr
                     ckpt_root = main_ckpts  # the main pre-training already is this variant
                 else:
                     ckpt_root = models_root / key
-                    pretrain_stage(variant, model, prepared=prepared, tokenized=tokenized,
-                                   max_behaviors=max_behaviors, out_dir=ckpt_root / model,
-                                   report_dir=reports / "sensitivity" / "pretrain" / key / model)
+                    pretrain_stage(
+                        variant,
+                        model,
+                        prepared=prepared,
+                        tokenized=tokenized,
+                        max_behaviors=max_behaviors,
+                        out_dir=ckpt_root / model,
+                        report_dir=reports / "sensitivity" / "pretrain" / key / model,
+                    )
                 done[key] = run_grid(
-                    task=task, labels=None, models=[model], modes=["finetune"],
-                    ratios=[opts.ratio], repeats=opts.repeats, seed=ft.seed,
-                    opts=cell_options(ft), demo_select=ft.demo_select, prepared=prepared,
-                    tokenized=tokenized, max_len=max_behaviors, ckpt_root=ckpt_root,
-                    cache_dir=cache_dir, workers=ft.workers)
+                    task=task,
+                    labels=None,
+                    models=[model],
+                    modes=["finetune"],
+                    ratios=[opts.ratio],
+                    repeats=opts.repeats,
+                    seed=ft.seed,
+                    opts=cell_options(ft),
+                    demo_select=ft.demo_select,
+                    prepared=prepared,
+                    tokenized=tokenized,
+                    max_len=max_behaviors,
+                    ckpt_root=ckpt_root,
+                    cache_dir=cache_dir,
+                    workers=ft.workers,
+                )
             per_exp[name] = {**exp, **_aggregate(done[key], metric)}
-        scratch = run_grid(task=task, labels=None, models=[model], modes=["scratch"],
-                           ratios=[opts.ratio], repeats=opts.repeats, seed=ft.seed,
-                           opts=cell_options(ft), demo_select=ft.demo_select,
-                           prepared=prepared, tokenized=tokenized, max_len=max_behaviors,
-                           ckpt_root=main_ckpts, cache_dir=cache_dir, workers=ft.workers)
-        per_exp["none"] = {"group": "ablation", "x": "none", "variant": "scratch",
-                           **_aggregate(scratch, metric)}
-        results[task] = {"model": model, "metric": metric, "ratio": opts.ratio,
-                         "experiments": per_exp}
+        scratch = run_grid(
+            task=task,
+            labels=None,
+            models=[model],
+            modes=["scratch"],
+            ratios=[opts.ratio],
+            repeats=opts.repeats,
+            seed=ft.seed,
+            opts=cell_options(ft),
+            demo_select=ft.demo_select,
+            prepared=prepared,
+            tokenized=tokenized,
+            max_len=max_behaviors,
+            ckpt_root=main_ckpts,
+            cache_dir=cache_dir,
+            workers=ft.workers,
+        )
+        per_exp["none"] = {
+            "group": "ablation",
+            "x": "none",
+            "variant": "scratch",
+            **_aggregate(scratch, metric),
+        }
+        results[task] = {
+            "model": model,
+            "metric": metric,
+            "ratio": opts.ratio,
+            "experiments": per_exp,
+        }
     return results
 
 
@@ -114,8 +173,12 @@ def _aggregate(cells: list[dict], metric: str) -> dict:
     for c in cells:
         by_label.setdefault(c["label"], []).append(c["test"][metric])
     out = {f"{lab}_mean": float(np.mean(v)) for lab, v in by_label.items()}
-    out.update({f"{lab}_std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
-                for lab, v in by_label.items()})
+    out.update(
+        {
+            f"{lab}_std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0
+            for lab, v in by_label.items()
+        }
+    )
     out["mean"] = float(np.mean([np.mean(v) for v in by_label.values()]))
     out["n"] = len(cells)
     return out
@@ -141,9 +204,12 @@ def write_outputs(results: dict, reports: Path) -> None:
             if group == "ablation":
                 order = ["none", "MBP", "NBP", "MBP+NBP"]
                 exps = sorted(exps, key=lambda e: order.index(e["x"]))
-            labels = sorted({k[:-5] for e in exps for k in e if k.endswith("_mean") and k != "mean"})
-            rows = [{"x": e["x"], **{lab: round(e[f"{lab}_mean"], 5) for lab in labels}}
-                    for e in exps]
+            labels = sorted(
+                {k[:-5] for e in exps for k in e if k.endswith("_mean") and k != "mean"}
+            )
+            rows = [
+                {"x": e["x"], **{lab: round(e[f"{lab}_mean"], 5) for lab in labels}} for e in exps
+            ]
             (plots / f"{task}_{group}.json").write_text(json.dumps(rows, indent=1) + "\n")
             fig, ax = plt.subplots(figsize=(5, 3.2))
             xs = np.arange(len(exps))

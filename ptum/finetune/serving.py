@@ -19,9 +19,15 @@ from ptum.finetune.train import run_ctr, run_demo
 from ptum.heads import CtrHead, DemoHead
 
 
-def train_serving_heads(ckpt: Path, *, prepared: Path, tokenized: Path, max_behaviors: int,
-                        cfg: FinetuneConfig, seed: int
-                        ) -> tuple[dict[str, tuple[DemoHead, list[str]]], CtrHead | None]:
+def train_serving_heads(
+    ckpt: Path,
+    *,
+    prepared: Path,
+    tokenized: Path,
+    max_behaviors: int,
+    cfg: FinetuneConfig,
+    seed: int,
+) -> tuple[dict[str, tuple[DemoHead, list[str]]], CtrHead | None]:
     """Demo heads (one per label column) and the CTR head on frozen vectors of `ckpt`."""
     model = checkpoint.load(ckpt).model
     opts = cell_options(cfg)
@@ -31,15 +37,32 @@ def train_serving_heads(ckpt: Path, *, prepared: Path, tokenized: Path, max_beha
         rows = np.flatnonzero(task.subsets[1.0] & (y >= 0))
         if len(rows) == 0 or len(classes) < 2:
             continue
-        res = run_demo(pretrained=model, corpus=task.corpus, y=y, split=task.split,
-                       train_rows=rows, n_classes=len(classes), mode="frozen", seed=seed,
-                       opts=opts, select=cfg.demo_select, return_models=True)
+        res = run_demo(
+            pretrained=model,
+            corpus=task.corpus,
+            y=y,
+            split=task.split,
+            train_rows=rows,
+            n_classes=len(classes),
+            mode="frozen",
+            seed=seed,
+            opts=opts,
+            select=cfg.demo_select,
+            return_models=True,
+        )
         demo[label] = (res["head"].eval(), [str(c) for c in classes])
     ctr = None
     imps = load_ctr(prepared, tokenized, max_behaviors, [1.0])
     train_idx = np.flatnonzero(imps.subsets[1.0])
     if len(train_idx):
-        res = run_ctr(pretrained=model, data=imps.data, train_idx=train_idx, mode="frozen",
-                      seed=seed, opts=opts, return_models=True)
+        res = run_ctr(
+            pretrained=model,
+            data=imps.data,
+            train_idx=train_idx,
+            mode="frozen",
+            seed=seed,
+            opts=opts,
+            return_models=True,
+        )
         ctr = res["head"].eval()
     return demo, ctr

@@ -46,8 +46,9 @@ class CellOptions:
     encoder_lr_scale: float = 1.0
 
 
-def user_vectors(model: UserModel, corpus: Corpus, rows: np.ndarray, device: torch.device
-                 ) -> Tensor:
+def user_vectors(
+    model: UserModel, corpus: Corpus, rows: np.ndarray, device: torch.device
+) -> Tensor:
     """(len(rows), D) user vectors of corpus rows (grad flows if the model is training)."""
     items = torch.from_numpy(corpus.items[rows]).to(device)
     lengths = corpus.lengths[rows]
@@ -59,12 +60,21 @@ def user_vectors(model: UserModel, corpus: Corpus, rows: np.ndarray, device: tor
 
 
 @torch.no_grad()
-def all_user_vectors(model: UserModel, corpus: Corpus, device: torch.device,
-                     batch: int = 256) -> Tensor:
+def all_user_vectors(
+    model: UserModel, corpus: Corpus, device: torch.device, batch: int = 256
+) -> Tensor:
     model.eval()
     rows = np.arange(len(corpus.user_ids))
-    return torch.cat([user_vectors(model, corpus, rows[i : i + batch], device)
-                      for i in range(0, len(rows), batch)]) if len(rows) else torch.zeros(0)
+    return (
+        torch.cat(
+            [
+                user_vectors(model, corpus, rows[i : i + batch], device)
+                for i in range(0, len(rows), batch)
+            ]
+        )
+        if len(rows)
+        else torch.zeros(0)
+    )
 
 
 @torch.no_grad()
@@ -105,8 +115,9 @@ def _init_model(pretrained: UserModel, mode: str, seed: int) -> UserModel:
     return copy.deepcopy(pretrained)
 
 
-def _optimizer(model: UserModel, head: torch.nn.Module, mode: str, opts: CellOptions
-               ) -> torch.optim.Optimizer:
+def _optimizer(
+    model: UserModel, head: torch.nn.Module, mode: str, opts: CellOptions
+) -> torch.optim.Optimizer:
     """AdamW over the head, plus the user model unless frozen (scaled lr when fine-tuning)."""
     groups: list[dict] = [{"params": list(head.parameters()), "lr": opts.lr}]
     if mode != "frozen":
@@ -122,10 +133,21 @@ def _state(*modules: torch.nn.Module) -> list[dict[str, Tensor]]:
 # ---------------------------------------------------------------- demographic tasks
 
 
-def run_demo(*, pretrained: UserModel, corpus: Corpus, y: np.ndarray, split: np.ndarray,
-             train_rows: np.ndarray, n_classes: int, mode: str, seed: int, opts: CellOptions,
-             select: str = "acc", device: torch.device | None = None,
-             return_models: bool = False) -> dict:
+def run_demo(
+    *,
+    pretrained: UserModel,
+    corpus: Corpus,
+    y: np.ndarray,
+    split: np.ndarray,
+    train_rows: np.ndarray,
+    n_classes: int,
+    mode: str,
+    seed: int,
+    opts: CellOptions,
+    select: str = "acc",
+    device: torch.device | None = None,
+    return_models: bool = False,
+) -> dict:
     """Train one demographic cell; returns validation-selected test metrics.
 
     corpus rows align with y / split; y = class index, -1 = label missing (row unused).
@@ -148,8 +170,10 @@ def run_demo(*, pretrained: UserModel, corpus: Corpus, y: np.ndarray, split: np.
     @torch.no_grad()
     def predict(rows: np.ndarray) -> np.ndarray:
         model.eval(), head.eval()
-        out = [head.logits(vectors(rows[i : i + 256])).argmax(-1).cpu()
-               for i in range(0, len(rows), 256)]
+        out = [
+            head.logits(vectors(rows[i : i + 256])).argmax(-1).cpu()
+            for i in range(0, len(rows), 256)
+        ]
         return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
 
     def score(rows: np.ndarray) -> dict[str, float]:
@@ -172,8 +196,14 @@ def run_demo(*, pretrained: UserModel, corpus: Corpus, y: np.ndarray, split: np.
             break
     stopper.restore()
     valid, test = score(valid_rows), score(test_rows)  # the test split's only use
-    out = {"valid": valid, "test": test, "epochs": epochs, "n_train": len(train_rows),
-           "n_valid": len(valid_rows), "n_test": len(test_rows)}
+    out = {
+        "valid": valid,
+        "test": test,
+        "epochs": epochs,
+        "n_train": len(train_rows),
+        "n_valid": len(valid_rows),
+        "n_test": len(test_rows),
+    }
     return out | ({"model": model, "head": head} if return_models else {})
 
 
@@ -193,9 +223,17 @@ class CtrData:
     window: np.ndarray
 
 
-def run_ctr(*, pretrained: UserModel, data: CtrData, train_idx: np.ndarray, mode: str,
-            seed: int, opts: CellOptions, device: torch.device | None = None,
-            return_models: bool = False) -> dict:
+def run_ctr(
+    *,
+    pretrained: UserModel,
+    data: CtrData,
+    train_idx: np.ndarray,
+    mode: str,
+    seed: int,
+    opts: CellOptions,
+    device: torch.device | None = None,
+    return_models: bool = False,
+) -> dict:
     """Train one CTR cell (train_idx: impressions of the training subset)."""
     device = device or torch.device("cpu")
     model = _init_model(pretrained, mode, seed).to(device)
@@ -228,8 +266,9 @@ def run_ctr(*, pretrained: UserModel, data: CtrData, train_idx: np.ndarray, mode
         model.eval(), head.eval()
         # Group by user so each history is encoded once per chunk.
         idx = idx[np.argsort(data.row[idx], kind="stable")]
-        s = torch.cat([logits(idx[i : i + 2048], test).float().cpu()
-                       for i in range(0, len(idx), 2048)]).numpy()
+        s = torch.cat(
+            [logits(idx[i : i + 2048], test).float().cpu() for i in range(0, len(idx), 2048)]
+        ).numpy()
         yt = data.clicked[idx]
         return {"auc": roc_auc(yt, s), "ap": average_precision(yt, s)}
 
@@ -247,9 +286,12 @@ def run_ctr(*, pretrained: UserModel, data: CtrData, train_idx: np.ndarray, mode
         model.train(not frozen), head.train()
         order = rng.permutation(len(groups))
         for start in range(0, len(order), opts.ctr_users_per_batch):
-            batch = np.concatenate([groups[g] for g in order[start : start + opts.ctr_users_per_batch]])
-            loss = F.binary_cross_entropy_with_logits(logits(batch, False),
-                                                      y[torch.from_numpy(batch)])
+            batch = np.concatenate(
+                [groups[g] for g in order[start : start + opts.ctr_users_per_batch]]
+            )
+            loss = F.binary_cross_entropy_with_logits(
+                logits(batch, False), y[torch.from_numpy(batch)]
+            )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -258,6 +300,12 @@ def run_ctr(*, pretrained: UserModel, data: CtrData, train_idx: np.ndarray, mode
             break
     stopper.restore()
     valid, test = score(valid_idx, False), score(test_idx, True)  # the test split's only use
-    out = {"valid": valid, "test": test, "epochs": epochs, "n_train": len(train_idx),
-           "n_valid": len(valid_idx), "n_test": len(test_idx)}
+    out = {
+        "valid": valid,
+        "test": test,
+        "epochs": epochs,
+        "n_train": len(train_idx),
+        "n_valid": len(valid_idx),
+        "n_test": len(test_idx),
+    }
     return out | ({"model": model, "head": head} if return_models else {})

@@ -63,8 +63,14 @@ def pad_sequences(lists: list[list[int]], max_len: int) -> tuple[np.ndarray, np.
     return out, lengths
 
 
-def load_corpus(prepared: Path, tokenized: Path, split: str, max_len: int,
-                view: str = "before_test", users: list[str] | None = None) -> Corpus:
+def load_corpus(
+    prepared: Path,
+    tokenized: Path,
+    split: str,
+    max_len: int,
+    view: str = "before_test",
+    users: list[str] | None = None,
+) -> Corpus:
     """Load one pre-training split ("train" / "valid") of the `before_test` view, or a given
     list of users of any view (for downstream tasks)."""
     seqs = pl.read_parquet(prepared / "sequences.parquet").filter(pl.col("view") == view)
@@ -119,15 +125,22 @@ def recency_positions(lengths: np.ndarray, max_len: int) -> np.ndarray:
     return np.where(pos >= 0, pos, 0)
 
 
-def sample_negatives(rng: np.random.Generator, shape: tuple[int, ...], history: np.ndarray,
-                     pool: np.ndarray, num_items: int, mode: str,
-                     max_rounds: int = 20) -> tuple[np.ndarray, np.ndarray]:
+def sample_negatives(
+    rng: np.random.Generator,
+    shape: tuple[int, ...],
+    history: np.ndarray,
+    pool: np.ndarray,
+    num_items: int,
+    mode: str,
+    max_rounds: int = 20,
+) -> tuple[np.ndarray, np.ndarray]:
     """Draw negatives of shape (B, ...) that never appear in the user's own history.
 
     history: (B, L) item ids (0 = pad, never drawn). mode "popularity": a random behavior of the
     corpus (so popular items are drawn more often, as in the paper); "uniform": any item.
     Returns (negatives, valid); a draw that still collides after max_rounds is marked invalid.
     """
+
     def draw(n: int) -> np.ndarray:
         if mode == "popularity":
             return pool[rng.integers(0, len(pool), size=n)]
@@ -145,8 +158,9 @@ def sample_negatives(rng: np.random.Generator, shape: tuple[int, ...], history: 
     return flat.reshape(shape), ~bad.reshape(shape)
 
 
-def make_batch(corpus: Corpus, rows: np.ndarray, rng: np.random.Generator, *, k: int, p: int,
-               negatives: str) -> Batch:
+def make_batch(
+    corpus: Corpus, rows: np.ndarray, rng: np.random.Generator, *, k: int, p: int, negatives: str
+) -> Batch:
     """Build MBP and NBP samples for the users at `rows` (all with length >= 2)."""
     items = corpus.items[rows]
     gaps = corpus.gaps[rows]
@@ -168,16 +182,21 @@ def make_batch(corpus: Corpus, rows: np.ndarray, rng: np.random.Generator, *, k:
     target_ok = target_idx < lengths[:, None]
     targets = np.take_along_axis(items, np.minimum(target_idx, max_len - 1), axis=1)
     targets = np.where(target_ok, targets, 0)
-    nbp_neg, nbp_ok = sample_negatives(rng, (b, k, p), items, corpus.pool, corpus.num_items,
-                                       negatives)
+    nbp_neg, nbp_ok = sample_negatives(
+        rng, (b, k, p), items, corpus.pool, corpus.num_items, negatives
+    )
     ones = np.ones((b, 1), dtype=bool)
     t_ = torch.from_numpy
     return Batch(
-        items=t_(items), mask=t_(mask), positions=t_(positions),
-        gap_buckets=time_gap_bucket(t_(gaps)), mbp_mask=t_(mbp_mask),
+        items=t_(items),
+        mask=t_(mask),
+        positions=t_(positions),
+        gap_buckets=time_gap_bucket(t_(gaps)),
+        mbp_mask=t_(mbp_mask),
         mbp_cands=t_(np.concatenate([mbp_pos[:, None], mbp_neg], axis=1)),
         mbp_valid=t_(np.concatenate([ones, mbp_ok], axis=1)),
-        past_items=t_(past_items), past_mask=t_(past_mask),
+        past_items=t_(past_items),
+        past_mask=t_(past_mask),
         past_positions=t_(recency_positions(t, max_len)),
         nbp_cands=t_(np.concatenate([targets[:, :, None], nbp_neg], axis=2)),
         nbp_valid=t_(np.concatenate([np.ones((b, k, 1), dtype=bool), nbp_ok], axis=2)),

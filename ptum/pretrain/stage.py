@@ -21,19 +21,40 @@ def train_options(cfg: PretrainConfig, tuned: dict | None = None) -> TrainOption
     return TrainOptions(**fields)
 
 
-def model_config(cfg: PretrainConfig, arch: str, *, vocab_size: int, max_tokens: int,
-                 max_behaviors: int, num_items: int) -> ModelConfig:
+def model_config(
+    cfg: PretrainConfig,
+    arch: str,
+    *,
+    vocab_size: int,
+    max_tokens: int,
+    max_behaviors: int,
+    num_items: int,
+) -> ModelConfig:
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}")
     behavior, user = ARCHITECTURES[arch]
-    return ModelConfig(behavior_encoder=cfg.behavior_encoder or behavior, user_encoder=user,
-                       vocab_size=vocab_size, max_tokens=max_tokens, max_behaviors=max_behaviors,
-                       num_items=num_items, **to_dict(cfg.model))
+    return ModelConfig(
+        behavior_encoder=cfg.behavior_encoder or behavior,
+        user_encoder=user,
+        vocab_size=vocab_size,
+        max_tokens=max_tokens,
+        max_behaviors=max_behaviors,
+        num_items=num_items,
+        **to_dict(cfg.model),
+    )
 
 
-def run_stage(cfg: PretrainConfig, arch: str, *, prepared: Path, tokenized: Path,
-              max_behaviors: int, out_dir: Path, report_dir: Path,
-              tuned_path: Path | None = None) -> dict:
+def run_stage(
+    cfg: PretrainConfig,
+    arch: str,
+    *,
+    prepared: Path,
+    tokenized: Path,
+    max_behaviors: int,
+    out_dir: Path,
+    report_dir: Path,
+    tuned_path: Path | None = None,
+) -> dict:
     """Pre-train one architecture. Under torchrun (WORLD_SIZE > 1) joins the process group."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(cfg.device)
@@ -45,16 +66,23 @@ def run_stage(cfg: PretrainConfig, arch: str, *, prepared: Path, tokenized: Path
     tuned = None
     if cfg.use_tuned:
         if tuned_path is None or not tuned_path.exists():
-            raise FileNotFoundError(f"pretrain.use_tuned is true but {tuned_path} does not exist; "
-                                    "run the tune stage first")
+            raise FileNotFoundError(
+                f"pretrain.use_tuned is true but {tuned_path} does not exist; "
+                "run the tune stage first"
+            )
         tuned = json.loads(tuned_path.read_text())
     opts = train_options(cfg, tuned)
     train = load_corpus(prepared, tokenized, "train", max_behaviors)
     valid = load_corpus(prepared, tokenized, "valid", max_behaviors)
     tok_report = json.loads((tokenized / "report.json").read_text())
-    config = model_config(cfg, arch, vocab_size=int(tok_report["vocab_size"]),
-                          max_tokens=int(train.tokens.shape[1]), max_behaviors=max_behaviors,
-                          num_items=train.num_items + 1)
+    config = model_config(
+        cfg,
+        arch,
+        vocab_size=int(tok_report["vocab_size"]),
+        max_tokens=int(train.tokens.shape[1]),
+        max_behaviors=max_behaviors,
+        num_items=train.num_items + 1,
+    )
     if config.behavior_encoder == "id":
         # The id encoder reads the item id itself as its single "token".
         import torch
@@ -65,13 +93,21 @@ def run_stage(cfg: PretrainConfig, arch: str, *, prepared: Path, tokenized: Path
     meta = {
         "architecture": arch,
         "tokenizer_sha256": tokenizer_digest(tokenized),
-        "data_sha256": file_digest([prepared / "sequences.parquet", prepared / "users.parquet",
-                                    tokenized / "tokens.npy"]),
+        "data_sha256": file_digest(
+            [prepared / "sequences.parquet", prepared / "users.parquet", tokenized / "tokens.npy"]
+        ),
         "max_behaviors": max_behaviors,
         "pretrain_params": to_dict(cfg),
     }
-    final = pretrain(train=train, valid=valid, config=config, opts=opts, out_dir=out_dir,
-                     meta=meta, device=device)
+    final = pretrain(
+        train=train,
+        valid=valid,
+        config=config,
+        opts=opts,
+        out_dir=out_dir,
+        meta=meta,
+        device=device,
+    )
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         from ptum.checkpoint import read_meta
@@ -79,8 +115,12 @@ def run_stage(cfg: PretrainConfig, arch: str, *, prepared: Path, tokenized: Path
         history = read_meta(out_dir)["history"]
         report_dir.mkdir(parents=True, exist_ok=True)
         chance = 1.0 / (opts.p + 1)
-        metrics = {"architecture": arch, "chance_acc": chance, "epochs": len(history),
-                   **{k: v for k, v in (history[-1] if history else {}).items() if k != "epoch"}}
+        metrics = {
+            "architecture": arch,
+            "chance_acc": chance,
+            "epochs": len(history),
+            **{k: v for k, v in (history[-1] if history else {}).items() if k != "epoch"},
+        }
         (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
         (report_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
     if dist.is_initialized():

@@ -16,8 +16,9 @@ from ptum.models.user_model import UserModel
 from ptum.pretrain.data import Batch
 
 
-def encode_ids(model: UserModel, tokens: Tensor, ids: list[Tensor], unique: bool = True
-               ) -> list[Tensor]:
+def encode_ids(
+    model: UserModel, tokens: Tensor, ids: list[Tensor], unique: bool = True
+) -> list[Tensor]:
     """Behavior vectors for several id tensors at once.
 
     Args:
@@ -50,8 +51,7 @@ def _trim(tok: Tensor) -> Tensor:
     return tok[:, : max(longest, 1)]
 
 
-def masked_ce(logits: Tensor, valid: Tensor, weight: Tensor | None = None
-              ) -> tuple[Tensor, Tensor]:
+def masked_ce(logits: Tensor, valid: Tensor, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Cross-entropy with the positive at index 0 over valid candidates; returns (loss, acc).
 
     logits/valid: (..., C). weight: optional (...) bool of samples that count.
@@ -68,8 +68,16 @@ def masked_ce(logits: Tensor, valid: Tensor, weight: Tensor | None = None
     return (loss * w).sum() / denom, (correct * w).sum() / denom
 
 
-def ptum_step(model: UserModel, tokens: Tensor, batch: Batch, *, use_mbp: bool, use_nbp: bool,
-              lam: float, unique: bool = True) -> dict[str, Tensor]:
+def ptum_step(
+    model: UserModel,
+    tokens: Tensor,
+    batch: Batch,
+    *,
+    use_mbp: bool,
+    use_nbp: bool,
+    lam: float,
+    unique: bool = True,
+) -> dict[str, Tensor]:
     """One forward pass of the self-supervised tasks; returns named scalars.
 
     loss = L_MBP + lam * L_NBP (Eq. 3); a switched-off task contributes nothing and is not
@@ -80,18 +88,19 @@ def ptum_step(model: UserModel, tokens: Tensor, batch: Batch, *, use_mbp: bool, 
     out: dict[str, Tensor] = {}
     total = seq_vecs.new_zeros(())
     if use_mbp:
-        user = model.encode_users(seq_vecs, batch.mask, batch.positions, batch.gap_buckets,
-                                  batch.mbp_mask)  # (B, D)
+        user = model.encode_users(
+            seq_vecs, batch.mask, batch.positions, batch.gap_buckets, batch.mbp_mask
+        )  # (B, D)
         logits = torch.einsum("bd,bcd->bc", user, mbp_vecs)  # (B, 1 + P)
         out["mbp_loss"], out["mbp_acc"] = masked_ce(logits, batch.mbp_valid)
         total = total + out["mbp_loss"]
     if use_nbp:
-        user = model.encode_users(past_vecs, batch.past_mask, batch.past_positions,
-                                  batch.gap_buckets)  # (B, D)
+        user = model.encode_users(
+            past_vecs, batch.past_mask, batch.past_positions, batch.gap_buckets
+        )  # (B, D)
         logits = torch.einsum("bd,bkcd->bkc", user, nbp_vecs)  # (B, K, 1 + P)
         # Eq. 2: average over the K next behaviors (those that exist for short users).
-        out["nbp_loss"], out["nbp_acc"] = masked_ce(logits, batch.nbp_valid,
-                                                    batch.nbp_target_valid)
+        out["nbp_loss"], out["nbp_acc"] = masked_ce(logits, batch.nbp_valid, batch.nbp_target_valid)
         total = total + lam * out["nbp_loss"]
     out["loss"] = total
     return out

@@ -79,8 +79,14 @@ class Interrupted(RuntimeError):
 
 
 @torch.no_grad()
-def evaluate(model: UserModel, tokens: torch.Tensor, corpus: Corpus, opts: TrainOptions,
-             device: torch.device, batch_size: int = 256) -> dict[str, float]:
+def evaluate(
+    model: UserModel,
+    tokens: torch.Tensor,
+    corpus: Corpus,
+    opts: TrainOptions,
+    device: torch.device,
+    batch_size: int = 256,
+) -> dict[str, float]:
     """MBP/NBP loss and accuracy on a held-out corpus with fixed samples (seeded by opts.seed)."""
     model.eval()
     rows = np.flatnonzero(corpus.lengths >= 2)
@@ -88,8 +94,14 @@ def evaluate(model: UserModel, tokens: torch.Tensor, corpus: Corpus, opts: Train
     n = 0
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        batch = make_batch(corpus, chunk, step_rng(opts.seed, 2**20, start), k=opts.k, p=opts.p,
-                           negatives=opts.negatives).to(device)
+        batch = make_batch(
+            corpus,
+            chunk,
+            step_rng(opts.seed, 2**20, start),
+            k=opts.k,
+            p=opts.p,
+            negatives=opts.negatives,
+        ).to(device)
         with _autocast(device):
             out = ptum_step(model, tokens, batch, use_mbp=True, use_nbp=True, lam=opts.lam)
         for key, v in out.items():
@@ -111,10 +123,19 @@ def _dist_info() -> tuple[int, int]:
     return 0, 1
 
 
-def pretrain(*, train: Corpus, valid: Corpus, config: ModelConfig, opts: TrainOptions,
-             out_dir: Path, meta: dict[str, Any], device: torch.device | None = None,
-             resume: bool = True, log=print,
-             on_epoch: Callable[[int, UserModel, dict], None] | None = None) -> dict[str, Any]:
+def pretrain(
+    *,
+    train: Corpus,
+    valid: Corpus,
+    config: ModelConfig,
+    opts: TrainOptions,
+    out_dir: Path,
+    meta: dict[str, Any],
+    device: torch.device | None = None,
+    resume: bool = True,
+    log=print,
+    on_epoch: Callable[[int, UserModel, dict], None] | None = None,
+) -> dict[str, Any]:
     """Pre-train a user model; checkpoints every epoch in out_dir (and on SIGTERM/SIGINT).
 
     Returns the final metrics. `meta` (tokenizer/data hashes, params) is stored in checkpoints.
@@ -134,17 +155,21 @@ def pretrain(*, train: Corpus, valid: Corpus, config: ModelConfig, opts: TrainOp
         raise ValueError("no pre-training user has 2 or more behaviors")
     epoch, step_in_epoch, history = 0, 0, []
     if resume and (out_dir / "meta.json").exists():
-        loaded = checkpoint.load(out_dir, tokenizer_sha256=meta.get("tokenizer_sha256"),
-                                 expect_config=config, with_optimizer=True)
+        loaded = checkpoint.load(
+            out_dir,
+            tokenizer_sha256=meta.get("tokenizer_sha256"),
+            expect_config=config,
+            with_optimizer=True,
+        )
         saved = loaded.meta
         if saved.get("train_options") != asdict(opts) or saved.get("data_sha256") != meta.get(
-                "data_sha256"):
+            "data_sha256"
+        ):
             log(f"{out_dir}: checkpoint is from other options or data; starting over")
         else:
             model.load_state_dict(loaded.model.state_dict())
             if loaded.optimizer_tensors is not None:
-                checkpoint.load_optimizer(opt, loaded.optimizer_tensors,
-                                          saved["optimizer_scalars"])
+                checkpoint.load_optimizer(opt, loaded.optimizer_tensors, saved["optimizer_scalars"])
             epoch, step_in_epoch, history = saved["epoch"], saved["step_in_epoch"], saved["history"]
             log(f"resuming from epoch {epoch} step {step_in_epoch}")
     ddp = world > 1
@@ -152,18 +177,29 @@ def pretrain(*, train: Corpus, valid: Corpus, config: ModelConfig, opts: TrainOp
     if ddp:
         # A switched-off task leaves parameters (e.g. mask_vector) without gradients.
         objective = torch.nn.parallel.DistributedDataParallel(
-            objective, find_unused_parameters=not (opts.mbp and opts.nbp))
+            objective, find_unused_parameters=not (opts.mbp and opts.nbp)
+        )
     tokens = train.tokens.to(device)
     stop = _StopFlag()
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def save(ep: int, st: int) -> None:
         if rank == 0:
-            checkpoint.save(out_dir, model, {
-                **meta, "model_config": config.to_dict(), "train_options": asdict(opts),
-                "epoch": ep, "step_in_epoch": st, "global_step": ep * steps_per_epoch + st,
-                "history": history, "complete": ep >= opts.epochs,
-            }, opt)
+            checkpoint.save(
+                out_dir,
+                model,
+                {
+                    **meta,
+                    "model_config": config.to_dict(),
+                    "train_options": asdict(opts),
+                    "epoch": ep,
+                    "step_in_epoch": st,
+                    "global_step": ep * steps_per_epoch + st,
+                    "history": history,
+                    "complete": ep >= opts.epochs,
+                },
+                opt,
+            )
         if ddp:
             dist.barrier()
 
@@ -177,8 +213,14 @@ def pretrain(*, train: Corpus, valid: Corpus, config: ModelConfig, opts: TrainOp
                 if opts.max_steps and global_step >= opts.max_steps:
                     break
                 rows = order[step * opts.batch_size : (step + 1) * opts.batch_size]
-                batch = make_batch(train, rows, step_rng(opts.seed, epoch, step), k=opts.k,
-                                   p=opts.p, negatives=opts.negatives)
+                batch = make_batch(
+                    train,
+                    rows,
+                    step_rng(opts.seed, epoch, step),
+                    k=opts.k,
+                    p=opts.p,
+                    negatives=opts.negatives,
+                )
                 batch = batch.shard(rank, world).to(device)
                 torch.manual_seed(opts.seed * 1_000_003 + global_step * 101 + rank)
                 with _autocast(device):
@@ -196,13 +238,18 @@ def pretrain(*, train: Corpus, valid: Corpus, config: ModelConfig, opts: TrainOp
                     raise Interrupted(stop.signum)
             else:
                 # The epoch ran to its end: evaluate, log, checkpoint.
-                metrics = {"epoch": epoch + 1, **{f"train_{k}": v / max(seen, 1)
-                                                  for k, v in sums.items()}}
+                metrics = {
+                    "epoch": epoch + 1,
+                    **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
+                }
                 metrics["users_per_s"] = seen * opts.batch_size / (time.perf_counter() - t0)
                 metrics.update(evaluate(model, tokens, valid, opts, device))
                 history.append(metrics)
-                log(json.dumps({k: round(v, 4) if isinstance(v, float) else v
-                                for k, v in metrics.items()}))
+                log(
+                    json.dumps(
+                        {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+                    )
+                )
                 epoch, step_in_epoch = epoch + 1, 0
                 save(epoch, 0)
                 if on_epoch is not None:

@@ -13,9 +13,14 @@ from ptum.data.prepare import PrepareOptions, prepare
 from tests.conftest import write_tsv
 
 GOOD = [
-    ["a", 100, "red apple pie"], ["a", 200, "green tea"], ["a", 300, "red apple pie"],
-    ["b", 150, "green tea"], ["b", 250, "blue cheese"], ["b", 260, "jazz night"],
-    ["c", 120, "jazz night"], ["c", 130, "blue cheese"],
+    ["a", 100, "red apple pie"],
+    ["a", 200, "green tea"],
+    ["a", 300, "red apple pie"],
+    ["b", 150, "green tea"],
+    ["b", 250, "blue cheese"],
+    ["b", 260, "jazz night"],
+    ["c", 120, "jazz night"],
+    ["c", 130, "blue cheese"],
 ]
 
 
@@ -39,8 +44,11 @@ def _prepare(tmp_path, raw, **kw):
 
 
 def test_good_tsv_round_trip(tmp_path):
-    raw = _write(tmp_path, labels=[["a", "F"], ["b", "M"], ["c", "F"]],
-                 impressions=[["a", 400, "ad one", 1], ["b", 500, "ad two", 0]])
+    raw = _write(
+        tmp_path,
+        labels=[["a", "F"], ["b", "M"], ["c", "F"]],
+        impressions=[["a", 400, "ad one", 1], ["b", 500, "ad two", 0]],
+    )
     report = _prepare(tmp_path, raw)
     assert report["behaviors"]["rows_read"] == 8
     assert report["behaviors"]["users"] == 3
@@ -96,7 +104,9 @@ def test_missing_column_is_a_clear_error(tmp_path):
 
 def test_unknown_user_in_labels(tmp_path):
     raw = _write(tmp_path, labels=[["a", "F"], ["zz", "M"]])
-    with pytest.raises(DataError, match=r"labels.tsv:3: user 'zz' has no behaviors \[unknown_user\]"):
+    with pytest.raises(
+        DataError, match=r"labels.tsv:3: user 'zz' has no behaviors \[unknown_user\]"
+    ):
         _prepare(tmp_path, raw)
 
 
@@ -113,12 +123,16 @@ def test_bad_clicked(tmp_path):
 
 
 def test_quarantine_counts_and_reconciles(tmp_path):
-    extra = ("d\t10\n" "\n" "a\t100\tred apple pie\n" "e\tten\tx\n" "f\t11\t \n")
+    extra = "d\t10\n\na\t100\tred apple pie\ne\tten\tx\nf\t11\t \n"
     raw = _write(tmp_path, labels=[["a", "F"], ["zz", "M"], ["b", ""]], extra_lines=extra)
     report = _prepare(tmp_path, raw, on_bad_rows="quarantine")
     b = report["behaviors"]
-    assert b["rows_dropped"] == {"malformed_line": 1, "duplicate_event": 1, "bad_timestamp": 1,
-                                 "empty_text": 1}
+    assert b["rows_dropped"] == {
+        "malformed_line": 1,
+        "duplicate_event": 1,
+        "bad_timestamp": 1,
+        "empty_text": 1,
+    }
     assert b["rows_kept"] == len(GOOD)
     assert b["rows_read"] == b["rows_kept"] + sum(b["rows_dropped"].values())
     assert b["blank_lines_skipped"] == 1
@@ -134,8 +148,9 @@ def test_quarantine_counts_and_reconciles(tmp_path):
 def test_parquet_input_with_row_numbers(tmp_path):
     raw = tmp_path / "raw"
     raw.mkdir()
-    pl.DataFrame({"user_id": ["a", "a", "b"], "timestamp": [1, 2, None],
-                  "text": ["x", "y", "z"]}).write_parquet(raw / "behaviors.parquet")
+    pl.DataFrame(
+        {"user_id": ["a", "a", "b"], "timestamp": [1, 2, None], "text": ["x", "y", "z"]}
+    ).write_parquet(raw / "behaviors.parquet")
     with pytest.raises(DataError, match=r"behaviors.parquet row 3: timestamp"):
         _prepare(tmp_path, raw)
 
@@ -151,11 +166,15 @@ def test_generic_source_copies_files_unchanged(tmp_path):
 def test_ptum_tsv_layout(tmp_path):
     f = tmp_path / "behavior.tsv"
     sep = "#|NTABN|#"
-    f.write_text(f"u1\tx\tfirst title{sep}second title\t100{sep}200\n"
-                 f"u2\tx\tonly one\t50\n", encoding="utf-8")
+    f.write_text(
+        f"u1\tx\tfirst title{sep}second title\t100{sep}200\nu2\tx\tonly one\t50\n", encoding="utf-8"
+    )
     df = read_ptum_tsv(f)
-    assert df.rows() == [("u1", 100, "first title"), ("u1", 200, "second title"),
-                         ("u2", 50, "only one")]
+    assert df.rows() == [
+        ("u1", 100, "first title"),
+        ("u1", 200, "second title"),
+        ("u2", 50, "only one"),
+    ]
     f.write_text(f"u1\tx\ta{sep}b\t100\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"behavior.tsv:1: 2 texts but 1 timestamps"):
         read_ptum_tsv(f)
@@ -168,8 +187,10 @@ def _flag_duplicates_by_hashing(lf: pl.LazyFrame, keys: list[str], reason: str) 
     """Reference: every good row but the first (by line) of each key group gets `reason`."""
     first = pl.struct(*keys, pl.col("reason").is_null()).is_first_distinct()
     return lf.sort("line").with_columns(
-        reason=pl.when(pl.col("reason").is_null() & ~first).then(pl.lit(reason))
-        .otherwise(pl.col("reason")))
+        reason=pl.when(pl.col("reason").is_null() & ~first)
+        .then(pl.lit(reason))
+        .otherwise(pl.col("reason"))
+    )
 
 
 def test_mark_duplicates_matches_a_hash_based_reference():
@@ -184,14 +205,16 @@ def test_mark_duplicates_matches_a_hash_based_reference():
     def pick(values: list) -> list:
         return [values[i] for i in rng.integers(0, len(values), n)]
 
-    df = pl.DataFrame({
-        "line": np.arange(2, n + 2, dtype=np.uint32),
-        "user_id": pick(["a", "b", "c", None]),
-        "timestamp": rng.integers(0, 5, n),
-        "text": pick(["x", "y", "z", " "]),
-        "source_item_id": pick(["1", "2", None]),
-        "reason": pick([None, None, None, "bad_timestamp"]),
-    }).sample(fraction=1.0, shuffle=True, seed=1)  # out of line order on purpose
+    df = pl.DataFrame(
+        {
+            "line": np.arange(2, n + 2, dtype=np.uint32),
+            "user_id": pick(["a", "b", "c", None]),
+            "timestamp": rng.integers(0, 5, n),
+            "text": pick(["x", "y", "z", " "]),
+            "source_item_id": pick(["1", "2", None]),
+            "reason": pick([None, None, None, "bad_timestamp"]),
+        }
+    ).sample(fraction=1.0, shuffle=True, seed=1)  # out of line order on purpose
     keys = ["user_id", "timestamp", "text", "source_item_id"]
     lazy = _flag_duplicates_by_hashing(df.lazy(), keys, "duplicate_event").collect()
     eager = generic.mark_duplicates(df, keys, "duplicate_event").sort("line")

@@ -15,14 +15,18 @@ from ptum.data.prepare import PrepareOptions, prepare
 from ptum.tokenize import tokenize
 from tests.conftest import MOVIELENS_100K
 
-needs_ml100k = pytest.mark.skipif(not (MOVIELENS_100K / "u.data").exists(),
-                                  reason="../shared/data/movielens-100k not present")
+needs_ml100k = pytest.mark.skipif(
+    not (MOVIELENS_100K / "u.data").exists(), reason="../shared/data/movielens-100k not present"
+)
 
 
 def _distinct_texts_independently() -> tuple[int, int]:
     """Count movie ids and distinct 'title | genres' texts with plain Python (not ptum code)."""
-    genres = [line.split("|")[0] for line in
-              (MOVIELENS_100K / "u.genre").read_text(encoding="latin-1").splitlines() if line]
+    genres = [
+        line.split("|")[0]
+        for line in (MOVIELENS_100K / "u.genre").read_text(encoding="latin-1").splitlines()
+        if line
+    ]
     texts = {}
     for line in (MOVIELENS_100K / "u.item").read_text(encoding="latin-1").splitlines():
         f = line.split("|")
@@ -35,8 +39,9 @@ def _distinct_texts_independently() -> tuple[int, int]:
 def test_movielens_100k_end_to_end(tmp_path):
     info = ingest(source="movielens", path=str(MOVIELENS_100K), out_dir=tmp_path / "raw")
     assert info["variant"] == "ml-100k"
-    report = prepare(tmp_path / "raw", tmp_path / "prepared",
-                     PrepareOptions(ctr_windows="per_user"))
+    report = prepare(
+        tmp_path / "raw", tmp_path / "prepared", PrepareOptions(ctr_windows="per_user")
+    )
     n_ids, n_texts = _distinct_texts_independently()
     assert (n_ids, n_texts) == (1682, 1664)
     b = report["behaviors"]
@@ -48,15 +53,24 @@ def test_movielens_100k_end_to_end(tmp_path):
     assert dict(labels.group_by("gender").len().iter_rows()) == {"M": 670, "F": 273}
     imps = pl.read_parquet(tmp_path / "prepared" / "impressions.parquet")
     # clicked = rating >= 4, from the raw file.
-    raw_clicks = sum(int(line.split("\t")[2]) >= 4 for line in
-                     (MOVIELENS_100K / "u.data").read_text().splitlines())
+    raw_clicks = sum(
+        int(line.split("\t")[2]) >= 4
+        for line in (MOVIELENS_100K / "u.data").read_text().splitlines()
+    )
     raw_imps = pl.read_parquet(tmp_path / "raw" / "impressions.parquet")
     assert int(raw_imps["clicked"].sum()) == raw_clicks
     # Per-user windows: every user with >= 10 ratings has test impressions.
     assert imps.filter(pl.col("window") == "test")["user_id"].n_unique() == 943
-    rep = tokenize(tmp_path / "prepared" / "items.parquet", tmp_path / "tok", vocab_size=4000,
-                   model_type="unigram", byte_fallback=True, max_tokens=30,
-                   character_coverage=0.9995, seed=1)
+    rep = tokenize(
+        tmp_path / "prepared" / "items.parquet",
+        tmp_path / "tok",
+        vocab_size=4000,
+        model_type="unigram",
+        byte_fallback=True,
+        max_tokens=30,
+        character_coverage=0.9995,
+        seed=1,
+    )
     assert rep["items"] == n_texts
 
 
@@ -75,12 +89,17 @@ def test_age_buckets_and_text():
 def test_movielens_1m_format(tmp_path):
     d = tmp_path / "ml-1m"
     d.mkdir()
-    (d / "movies.dat").write_text("1::Toy Story (1995)::Animation|Children's|Comedy\n"
-                                  "2::Jumanji (1995)::Adventure\n", encoding="latin-1")
+    (d / "movies.dat").write_text(
+        "1::Toy Story (1995)::Animation|Children's|Comedy\n2::Jumanji (1995)::Adventure\n",
+        encoding="latin-1",
+    )
     (d / "ratings.dat").write_text("1::1::5::978300760\n1::2::3::978302109\n2::1::4::978300000\n")
     (d / "users.dat").write_text("1::F::1::10::48067\n2::M::56::16::70072\n")
     beh, labels, imps = movielens.read(d, 4, (18, 35))
-    assert beh.sort("timestamp")["text"].to_list()[0] == "Toy Story (1995) | Animation, Children's, Comedy"
+    assert (
+        beh.sort("timestamp")["text"].to_list()[0]
+        == "Toy Story (1995) | Animation, Children's, Comedy"
+    )
     assert imps["clicked"].to_list() == [1, 0, 1]
     assert labels.rows() == [("1", "F", "<18"), ("2", "M", ">=35")]
     (d / "ratings.dat").write_text("1::1::5\n")

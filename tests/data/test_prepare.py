@@ -12,8 +12,10 @@ from ptum.data.prepare import PrepareOptions, ctr_cutoffs, prepare, split_labels
 @pytest.fixture(scope="module")
 def prepared(tiny_pipeline):
     d = tiny_pipeline / "prepared"
-    return {n: pl.read_parquet(d / f"{n}.parquet")
-            for n in ("items", "sequences", "users", "labels", "impressions")}
+    return {
+        n: pl.read_parquet(d / f"{n}.parquet")
+        for n in ("items", "sequences", "users", "labels", "impressions")
+    }
 
 
 def test_sequences_time_ordered_truncated_with_true_gaps(tiny_pipeline, prepared):
@@ -53,8 +55,9 @@ def test_label_splits_disjoint_and_subsets_nested(prepared):
     assert sizes["train"] == round(0.8 * n) and sizes["valid"] == round(0.1 * n)
     assert labels["user_id"].n_unique() == n
     train = labels.filter(pl.col("split") == "train")
-    s20, s50, s100 = (set(train.filter(pl.col(c))["user_id"])
-                      for c in ("train_20", "train_50", "train_100"))
+    s20, s50, s100 = (
+        set(train.filter(pl.col(c))["user_id"]) for c in ("train_20", "train_50", "train_100")
+    )
     assert s20 < s50 < s100 and s100 == set(train["user_id"])
     assert len(s20) == round(0.2 * len(s100))
     # Subset flags never mark validation or test users.
@@ -70,8 +73,10 @@ def test_impression_windows_and_subsets(prepared):
     assert (tr["train_20"] & ~tr["train_50"]).sum() == 0
     assert not imps.filter(pl.col("window") != "train")["train_100"].any()
     # Global windows: every test impression is later than every train/valid impression.
-    assert imps.filter(pl.col("window") == "test")["timestamp"].min() >= \
-        imps.filter(pl.col("window") != "test")["timestamp"].max()
+    assert (
+        imps.filter(pl.col("window") == "test")["timestamp"].min()
+        >= imps.filter(pl.col("window") != "test")["timestamp"].max()
+    )
 
 
 def test_no_leakage_into_pretraining_corpus(tiny_pipeline, prepared):
@@ -82,17 +87,21 @@ def test_no_leakage_into_pretraining_corpus(tiny_pipeline, prepared):
     test_start = imps.filter(pl.col("window") == "test")["timestamp"].min()
     train_start = imps.filter(pl.col("window") != "test")["timestamp"].min()
     pre = seqs.filter(pl.col("view") == "before_test")
-    assert pre.height == prepared["users"]["pretrain_split"].is_not_null().sum() + \
-        (pre["n_total"] < 2).sum()
+    assert (
+        pre.height
+        == prepared["users"]["pretrain_split"].is_not_null().sum() + (pre["n_total"] < 2).sum()
+    )
     assert pre.explode("timestamps")["timestamps"].max() < test_start
     hist = seqs.filter(pl.col("view") == "before_train").explode("timestamps")
     assert hist["timestamps"].max() < train_start
     # No (user, item) pair of a test impression at or after its time is in the corpus.
     test_pairs = imps.filter(pl.col("window") == "test").select("user_id", "item_id", "timestamp")
     corpus = pre.explode("item_ids", "timestamps").rename(
-        {"item_ids": "item_id", "timestamps": "ts"})
+        {"item_ids": "item_id", "timestamps": "ts"}
+    )
     leaked = test_pairs.join(corpus, on=["user_id", "item_id"]).filter(
-        pl.col("ts") >= pl.col("timestamp"))
+        pl.col("ts") >= pl.col("timestamp")
+    )
     assert leaked.height == 0
     # Labels never travel into pre-training inputs.
     assert set(pre.columns) == {"user_id", "view", "item_ids", "timestamps", "gaps", "n_total"}
@@ -102,7 +111,8 @@ def test_pretrain_valid_split_seeded(prepared):
     users = prepared["users"]
     assert set(users["pretrain_split"].drop_nulls()) == {"train", "valid"}
     assert users.filter(pl.col("pretrain_split") == "valid").height == round(
-        0.05 * users["pretrain_split"].is_not_null().sum())
+        0.05 * users["pretrain_split"].is_not_null().sum()
+    )
 
 
 def test_prepare_is_deterministic(tiny_pipeline, tmp_path):
@@ -136,11 +146,15 @@ def test_sequences_row_groups(tiny_pipeline, tmp_path, monkeypatch):
 
 
 def test_per_user_windows():
-    imps = pl.DataFrame({
-        "line": list(range(1, 11)), "user_id": ["a"] * 5 + ["b"] * 5,
-        "timestamp": [1, 2, 3, 4, 5, 100, 200, 300, 400, 500],
-        "item_id": [1] * 10, "clicked": [0] * 10,
-    })
+    imps = pl.DataFrame(
+        {
+            "line": list(range(1, 11)),
+            "user_id": ["a"] * 5 + ["b"] * 5,
+            "timestamp": [1, 2, 3, 4, 5, 100, 200, 300, 400, 500],
+            "item_id": [1] * 10,
+            "clicked": [0] * 10,
+        }
+    )
     out, cut = ctr_cutoffs(imps, "per_user", train_frac=0.2, test_frac=0.2)
     w = dict(zip(zip(out["user_id"], out["timestamp"]), out["window"]))
     assert w[("a", 5)] == "test" and w[("a", 4)] == "train" and w[("a", 3)] == "history"
@@ -168,25 +182,33 @@ def test_sequences_any_row_order_and_any_time_span():
 
     rng = np.random.default_rng(3)
     n, users = 3_000, pl.Series("user_id", [f"u{i}" for i in range(40)])
-    beh = pl.DataFrame({
-        "user": np.r_[np.arange(40), rng.integers(0, 40, n - 40)].astype(np.uint32),
-        "timestamp": rng.integers(0, 500, n),
-        "line": np.arange(n, dtype=np.uint32),
-        "item_id": rng.integers(1, 50, n).astype(np.int32),
-    })
-    cut = pl.DataFrame({"user_id": users,
-                        "t_train": [None if i % 7 == 0 else 200 + i for i in range(40)],
-                        "t_test": [None if i % 5 == 0 else 300 + i for i in range(40)]},
-                       schema={"user_id": pl.String, "t_train": pl.Int64, "t_test": pl.Int64})
+    beh = pl.DataFrame(
+        {
+            "user": np.r_[np.arange(40), rng.integers(0, 40, n - 40)].astype(np.uint32),
+            "timestamp": rng.integers(0, 500, n),
+            "line": np.arange(n, dtype=np.uint32),
+            "item_id": rng.integers(1, 50, n).astype(np.int32),
+        }
+    )
+    cut = pl.DataFrame(
+        {
+            "user_id": users,
+            "t_train": [None if i % 7 == 0 else 200 + i for i in range(40)],
+            "t_test": [None if i % 5 == 0 else 300 + i for i in range(40)],
+        },
+        schema={"user_id": pl.String, "t_train": pl.Int64, "t_test": pl.Int64},
+    )
     labeled = np.arange(40) % 3 == 0
     ref = sequences(beh.sort("user", "timestamp", "line"), users, cut, labeled, 7)
     assert sequences(beh, users, cut, labeled, 7).equals(ref)
     # One behavior far in the future (user u3: labeled, both cut-offs set) makes the time span
     # too wide for the combined key; it may only show up in u3's full view.
-    far = pl.DataFrame({"user": [3], "timestamp": [2**62], "line": [n], "item_id": [1]},
-                       schema=beh.schema)
+    far = pl.DataFrame(
+        {"user": [3], "timestamp": [2**62], "line": [n], "item_id": [1]}, schema=beh.schema
+    )
     wide = sequences(pl.concat([beh, far]), users, cut, labeled, 7)
     assert wide.filter(pl.col("view") != "full").equals(ref.filter(pl.col("view") != "full"))
+
     def full_total(seqs: pl.DataFrame) -> int:
         return seqs.filter(pl.col("view") == "full", pl.col("user_id") == "u3")["n_total"].item()
 
@@ -204,7 +226,9 @@ def _same_outputs(a, b) -> None:
     for name in OUTPUTS:
         fa, fb = pl.read_parquet(a / f"{name}.parquet"), pl.read_parquet(b / f"{name}.parquet")
         assert fa.equals(fb), name
-    assert json.loads((a / "report.json").read_text()) == json.loads((b / "report.json").read_text())
+    assert json.loads((a / "report.json").read_text()) == json.loads(
+        (b / "report.json").read_text()
+    )
 
 
 @pytest.mark.parametrize("windows", ["global", "per_user"])
@@ -213,7 +237,12 @@ def test_chunked_prepare_equals_in_memory(tiny_pipeline, tmp_path, monkeypatch, 
     the very same tables and report as the in-memory path."""
     import ptum.data.prepare as prep
 
-    n = pl.scan_parquet(tiny_pipeline / "raw" / "behaviors.parquet").select(pl.len()).collect().item()
+    n = (
+        pl.scan_parquet(tiny_pipeline / "raw" / "behaviors.parquet")
+        .select(pl.len())
+        .collect()
+        .item()
+    )
     base = dict(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2, ctr_windows=windows)
     prepare(tiny_pipeline / "raw", tmp_path / "whole", PrepareOptions(**base))
     seen = []
@@ -231,16 +260,22 @@ def _bad_log(raw):
     from tests.conftest import write_tsv
 
     raw.mkdir(parents=True)
-    rows = [[u, 100 + 10 * i + j, f"{u} title {j}"] for i, u in enumerate("fedcba") for j in range(4)]
-    rows.insert(1, ["f", "not-a-time", "f broken"])             # line 3
-    rows.insert(9, ["a", 5, ""])                                # line 11: empty text
-    rows.append(["a", 199, "a title 0"])                         # a real repeat (other time)
-    rows.append(["b", 140, "b title 0"])                         # duplicate event (b's first)
+    rows = [
+        [u, 100 + 10 * i + j, f"{u} title {j}"] for i, u in enumerate("fedcba") for j in range(4)
+    ]
+    rows.insert(1, ["f", "not-a-time", "f broken"])  # line 3
+    rows.insert(9, ["a", 5, ""])  # line 11: empty text
+    rows.append(["a", 199, "a title 0"])  # a real repeat (other time)
+    rows.append(["b", 140, "b title 0"])  # duplicate event (b's first)
     write_tsv(raw / "behaviors.tsv", ["user_id", "timestamp", "text"], rows)
     imps = [[u, 1000 + i, f"{u} ad", i % 2] for i, u in enumerate("abcdefzab")]
-    imps.append(["a", 1000, "a ad", 0])                          # duplicate of the first
+    imps.append(["a", 1000, "a ad", 0])  # duplicate of the first
     write_tsv(raw / "impressions.tsv", ["user_id", "timestamp", "text", "clicked"], imps)
-    write_tsv(raw / "labels.tsv", ["user_id", "gender"], [[u, "MF"[i % 2]] for i, u in enumerate("abcdef")])
+    write_tsv(
+        raw / "labels.tsv",
+        ["user_id", "gender"],
+        [[u, "MF"[i % 2]] for i, u in enumerate("abcdef")],
+    )
 
 
 def test_chunked_bad_rows_first_line_and_quarantine(tmp_path):
@@ -251,20 +286,27 @@ def test_chunked_bad_rows_first_line_and_quarantine(tmp_path):
     opts = dict(max_behaviors=5, ctr_train_frac=0.3, ctr_test_frac=0.3)
     for chunk_rows in (10**6, 5):  # in memory; chunks of about one user
         with pytest.raises(DataError) as err:
-            prepare(raw, tmp_path / f"err{chunk_rows}", PrepareOptions(**opts, chunk_rows=chunk_rows))
+            prepare(
+                raw, tmp_path / f"err{chunk_rows}", PrepareOptions(**opts, chunk_rows=chunk_rows)
+            )
         # The first bad line of the file, though its user is in the last chunk.
         assert ":3:" in str(err.value) and "bad_timestamp" in str(err.value)
         assert "duplicate_event: 1" in str(err.value) and "empty_text: 1" in str(err.value)
     prepare(raw, tmp_path / "whole", PrepareOptions(**opts, on_bad_rows="quarantine"))
-    prepare(raw, tmp_path / "chunked", PrepareOptions(**opts, on_bad_rows="quarantine", chunk_rows=5))
+    prepare(
+        raw, tmp_path / "chunked", PrepareOptions(**opts, on_bad_rows="quarantine", chunk_rows=5)
+    )
     _same_outputs(tmp_path / "whole", tmp_path / "chunked")
     for table in ("behaviors", "impressions"):
         a = pl.read_parquet(tmp_path / "whole" / "quarantine" / f"{table}.parquet")
         b = pl.read_parquet(tmp_path / "chunked" / "quarantine" / f"{table}.parquet")
         assert a.equals(b) and a.height >= 2, table
     report = __import__("json").loads((tmp_path / "chunked" / "report.json").read_text())
-    assert report["behaviors"]["rows_dropped"] == {"bad_timestamp": 1, "duplicate_event": 1,
-                                                   "empty_text": 1}
+    assert report["behaviors"]["rows_dropped"] == {
+        "bad_timestamp": 1,
+        "duplicate_event": 1,
+        "empty_text": 1,
+    }
     assert report["impressions"]["rows_dropped"] == {"duplicate_event": 1, "unknown_user": 1}
 
 

@@ -33,8 +33,11 @@ def test_shapes_and_realism(small):
     assert counts[0] > 20 * counts.median()
     assert beh.height / beh["text"].n_unique() > 5
     # Session structure: many short gaps and some gaps longer than an hour.
-    gaps = beh.sort("user_id", "timestamp").with_columns(
-        g=pl.col("timestamp").diff().over("user_id")).drop_nulls()["g"]
+    gaps = (
+        beh.sort("user_id", "timestamp")
+        .with_columns(g=pl.col("timestamp").diff().over("user_id"))
+        .drop_nulls()["g"]
+    )
     assert (gaps < 600).mean() > 0.5 and (gaps > 3600).mean() > 0.1
     assert set(imps["clicked"].unique()) == {0, 1}
     assert 0.05 < imps["clicked"].mean() < 0.6
@@ -47,8 +50,12 @@ def test_labels_correlate_with_behaviors_but_not_trivially(small):
     from sklearn.linear_model import LogisticRegression
 
     beh, labels, _ = small
-    docs = (beh.group_by("user_id").agg(pl.col("text").str.join(" "))
-            .join(labels, on="user_id").sort("user_id"))
+    docs = (
+        beh.group_by("user_id")
+        .agg(pl.col("text").str.join(" "))
+        .join(labels, on="user_id")
+        .sort("user_id")
+    )
     X = TfidfVectorizer().fit_transform(docs["text"].to_list())
     half = docs.height // 2
     for col in ("gender", "age"):

@@ -16,9 +16,19 @@ OPTS = ft.CellOptions(lr=3e-3, batch_size=16, max_epochs=3, patience=5, head_hid
 @pytest.fixture(scope="module")
 def pretrained():
     torch.manual_seed(0)
-    return UserModel(config=ModelConfig(behavior_encoder="cnn", user_encoder="hura",
-                                        vocab_size=400, max_tokens=16, max_behaviors=20,
-                                        word_dim=8, dim=8, attn_hidden=8, dropout=0.0))
+    return UserModel(
+        config=ModelConfig(
+            behavior_encoder="cnn",
+            user_encoder="hura",
+            vocab_size=400,
+            max_tokens=16,
+            max_behaviors=20,
+            word_dim=8,
+            dim=8,
+            attn_hidden=8,
+            dropout=0.0,
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +40,19 @@ def demo(tiny_pipeline):
 def _demo(pretrained, demo, mode, **kw):
     y, classes = demo.labels["gender"]
     rows = np.flatnonzero(demo.subsets[1.0] & (y >= 0))
-    return ft.run_demo(pretrained=pretrained, corpus=demo.corpus, y=y, split=demo.split,
-                       train_rows=rows, n_classes=len(classes), mode=mode, seed=1, opts=OPTS,
-                       return_models=True, **kw)
+    return ft.run_demo(
+        pretrained=pretrained,
+        corpus=demo.corpus,
+        y=y,
+        split=demo.split,
+        train_rows=rows,
+        n_classes=len(classes),
+        mode=mode,
+        seed=1,
+        opts=OPTS,
+        return_models=True,
+        **kw,
+    )
 
 
 def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -59,23 +79,40 @@ def test_encoder_lr_scale_sets_the_encoder_learning_rate(pretrained):
     groups = ft._optimizer(pretrained, head, "finetune", opts).param_groups
     assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-4])
     assert sum(p.numel() for p in groups[1]["params"]) == sum(
-        p.numel() for p in pretrained.parameters())
+        p.numel() for p in pretrained.parameters()
+    )
     # scratch learns everything at the full rate; frozen trains the head only.
-    assert [g["lr"] for g in ft._optimizer(pretrained, head, "scratch", opts).param_groups] \
-        == pytest.approx([1e-3, 1e-3])
+    assert [
+        g["lr"] for g in ft._optimizer(pretrained, head, "scratch", opts).param_groups
+    ] == pytest.approx([1e-3, 1e-3])
     assert len(ft._optimizer(pretrained, head, "frozen", opts).param_groups) == 1
 
 
 def test_finetune_with_a_smaller_encoder_lr_moves_the_encoder_less(pretrained, demo):
     def shift(scale: float) -> float:
-        out = ft.run_demo(pretrained=pretrained, corpus=demo.corpus, y=demo.labels["gender"][0],
-                          split=demo.split, train_rows=np.flatnonzero(
-                              demo.subsets[1.0] & (demo.labels["gender"][0] >= 0)),
-                          n_classes=2, mode="finetune", seed=1, return_models=True,
-                          opts=ft.CellOptions(lr=3e-3, batch_size=16, max_epochs=1, patience=5,
-                                              head_hidden=8, encoder_lr_scale=scale))
-        return sum(float((a - b).abs().sum()) for a, b in zip(
-            out["model"].state_dict().values(), pretrained.state_dict().values()))
+        out = ft.run_demo(
+            pretrained=pretrained,
+            corpus=demo.corpus,
+            y=demo.labels["gender"][0],
+            split=demo.split,
+            train_rows=np.flatnonzero(demo.subsets[1.0] & (demo.labels["gender"][0] >= 0)),
+            n_classes=2,
+            mode="finetune",
+            seed=1,
+            return_models=True,
+            opts=ft.CellOptions(
+                lr=3e-3,
+                batch_size=16,
+                max_epochs=1,
+                patience=5,
+                head_hidden=8,
+                encoder_lr_scale=scale,
+            ),
+        )
+        return sum(
+            float((a - b).abs().sum())
+            for a, b in zip(out["model"].state_dict().values(), pretrained.state_dict().values())
+        )
 
     assert 0 < shift(0.1) < shift(1.0)
 
@@ -115,8 +152,15 @@ def test_ctr_cell_runs_every_mode(pretrained, tiny_pipeline):
     assert set(task.data.window) == {"train", "valid", "test"}
     train_idx = np.flatnonzero(task.subsets[1.0])
     for mode in ("scratch", "frozen", "finetune"):
-        res = ft.run_ctr(pretrained=pretrained, data=task.data, train_idx=train_idx, mode=mode,
-                         seed=0, opts=OPTS, return_models=True)
+        res = ft.run_ctr(
+            pretrained=pretrained,
+            data=task.data,
+            train_idx=train_idx,
+            mode=mode,
+            seed=0,
+            opts=OPTS,
+            return_models=True,
+        )
         assert 0.0 <= res["test"]["auc"] <= 1.0
         if mode == "frozen":
             assert _same(res["model"], pretrained)

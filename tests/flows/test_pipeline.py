@@ -184,8 +184,12 @@ def _deployment_run(served: Served, name: str, *params: str) -> subprocess.Compl
     for p in params:
         cmd += ["--param", p]
     return subprocess.run(
-        cmd, cwd=served.copy, env=served.env, capture_output=True, text=True,
-        timeout=WATCH_TIMEOUT + 60
+        cmd,
+        cwd=served.copy,
+        env=served.env,
+        capture_output=True,
+        text=True,
+        timeout=WATCH_TIMEOUT + 60,
     )
 
 
@@ -267,8 +271,12 @@ def test_quick_run_completes_versions_and_publishes(served):
     params = yaml.safe_load((served.copy / "params.yaml").read_text(encoding="utf-8"))
     assert params["data"]["size"] == "tiny"
     assert params["pretrain"]["architectures"] == ["hsa", "nativectr"]
-    for out in ("models/onnx/hsa/user_model.onnx", "reports/tune/best_params.json",
-                "reports/finetune/ctr.json", "reports/sensitivity.json"):
+    for out in (
+        "models/onnx/hsa/user_model.onnx",
+        "reports/tune/best_params.json",
+        "reports/finetune/ctr.json",
+        "reports/sensitivity.json",
+    ):
         assert (served.copy / out).exists(), out
     assert json.loads(_dvc(served, "status", "--json", "dvc.yaml") or "{}") == {}
     experiment = f"ptum-{name}-{run['id'][:8]}"

@@ -23,13 +23,26 @@ from ptum.pretrain.data import load_corpus, make_batch, step_rng
 from ptum.pretrain.tasks import ptum_step
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_MODEL = {"word_dim": 16, "dim": 16, "heads": 2, "head_dim": 8, "attn_hidden": 16,
-              "dropout": 0.0, "layers": 1}
+TINY_MODEL = {
+    "word_dim": 16,
+    "dim": 16,
+    "heads": 2,
+    "head_dim": 8,
+    "attn_hidden": 16,
+    "dropout": 0.0,
+    "layers": 1,
+}
 
 
 def _config(arch_user="hsa", behavior="selfattn", **kw) -> ModelConfig:
-    return ModelConfig(behavior_encoder=behavior, user_encoder=arch_user, vocab_size=400,
-                       max_tokens=16, max_behaviors=20, **(TINY_MODEL | kw))
+    return ModelConfig(
+        behavior_encoder=behavior,
+        user_encoder=arch_user,
+        vocab_size=400,
+        max_tokens=16,
+        max_behaviors=20,
+        **(TINY_MODEL | kw),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -77,18 +90,22 @@ def test_switching_a_task_off(corpus):
 
 def test_checkpoint_round_trip_and_refusals(tmp_path):
     model = UserModel(config=_config())
-    checkpoint.save(tmp_path, model, {"model_config": model.config.to_dict(),
-                                      "tokenizer_sha256": "a" * 64})
+    checkpoint.save(
+        tmp_path, model, {"model_config": model.config.to_dict(), "tokenizer_sha256": "a" * 64}
+    )
     loaded = checkpoint.load(tmp_path, tokenizer_sha256="a" * 64, expect_config=model.config)
     for k, v in model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[k], v)
     with pytest.raises(checkpoint.CheckpointMismatch, match="trained with tokenizer aaaa"):
         checkpoint.load(tmp_path, tokenizer_sha256="b" * 64)
-    with pytest.raises(checkpoint.CheckpointMismatch, match="encoder config differs.*'dim': \\(16, 32\\)"):
+    with pytest.raises(
+        checkpoint.CheckpointMismatch, match="encoder config differs.*'dim': \\(16, 32\\)"
+    ):
         checkpoint.load(tmp_path, expect_config=_config(dim=32))
     # A torn save (weights replaced without a matching meta.json) is refused.
     other = UserModel(config=_config())
     from safetensors.torch import save_file
+
     save_file(other.state_dict(), str(tmp_path / "model.safetensors"))
     with pytest.raises(checkpoint.CheckpointMismatch, match="does not match the hash"):
         checkpoint.load(tmp_path)
@@ -112,8 +129,15 @@ def _project(tmp_path: Path, tiny_pipeline: Path, **pretrain) -> Path:
 
 def _ptum(proj: Path, *args: str, **kw) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "ptum", *args], cwd=proj, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ptum", *args],
+        cwd=proj,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def _weights(proj: Path, arch: str = "hsa") -> dict[str, torch.Tensor]:

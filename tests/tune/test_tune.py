@@ -33,8 +33,15 @@ from ptum.tune import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_MODEL = {"word_dim": 16, "dim": 16, "heads": 2, "head_dim": 8, "attn_hidden": 16,
-              "dropout": 0.0, "layers": 1}
+TINY_MODEL = {
+    "word_dim": 16,
+    "dim": 16,
+    "heads": 2,
+    "head_dim": 8,
+    "attn_hidden": 16,
+    "dropout": 0.0,
+    "layers": 1,
+}
 SPACE = SearchSpace(k=(1, 5), lam=(0.0, 0.25, 0.5, 1.0, 2.0, 4.0), p=(1, 16), lr=(1e-4, 1e-2))
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -49,17 +56,25 @@ def one_thread():
 
 
 def _setup(root: Path, tmp: Path, **kw) -> TrialSetup:
-    return TrialSetup(prepared=root / "prepared", tokenized=root / "tokenized", max_behaviors=20,
-                      arch="hsa", model_sizes=TINY_MODEL, space=SPACE,
-                      base=TrainOptions(epochs=2, batch_size=32, seed=5),
-                      finetune=CellOptions(max_epochs=2, patience=1, batch_size=32,
-                                           head_hidden=16),
-                      prune_head_epochs=3, work_dir=tmp / "trials", **kw)
+    return TrialSetup(
+        prepared=root / "prepared",
+        tokenized=root / "tokenized",
+        max_behaviors=20,
+        arch="hsa",
+        model_sizes=TINY_MODEL,
+        space=SPACE,
+        base=TrainOptions(epochs=2, batch_size=32, seed=5),
+        finetune=CellOptions(max_epochs=2, patience=1, batch_size=32, head_hidden=16),
+        prune_head_epochs=3,
+        work_dir=tmp / "trials",
+        **kw,
+    )
 
 
 def _spec(tmp: Path, name: str = "s", db: str = "optuna.db", **kw) -> StudySpec:
-    return StudySpec(**{"storage": f"sqlite:///{tmp / db}", "study_name": name, "n_trials": 3,
-                        "seed": 11, **kw})
+    return StudySpec(
+        **{"storage": f"sqlite:///{tmp / db}", "study_name": name, "n_trials": 3, "seed": 11, **kw}
+    )
 
 
 def _trials(spec: StudySpec) -> list[optuna.trial.FrozenTrial]:
@@ -71,8 +86,12 @@ def finished(tiny_pipeline, tmp_path_factory):
     """One 3-trial study (median pruner), its outputs and summary."""
     tmp = tmp_path_factory.mktemp("tune")
     spec = _spec(tmp, name="ptum-hsa")
-    summary = tune(setup=_setup(tiny_pipeline, tmp), spec=spec,
-                   best_params_path=tmp / "best_params.json", reports_dir=tmp / "reports")
+    summary = tune(
+        setup=_setup(tiny_pipeline, tmp),
+        spec=spec,
+        best_params_path=tmp / "best_params.json",
+        reports_dir=tmp / "reports",
+    )
     return tmp, spec, summary
 
 
@@ -104,8 +123,12 @@ def test_a_pruned_trial_stops_after_the_epoch_it_was_pruned_at(tiny_pipeline, tm
     # Every value is below 1.5, so this pruner stops each trial at its first report.
     spec = _spec(tmp_path, n_trials=2, pruner=optuna.pruners.ThresholdPruner(lower=1.5))
     with pytest.raises(ValueError, match="no completed trial"):
-        tune(setup=_setup(tiny_pipeline, tmp_path, demo_labels=("gender",)), spec=spec,
-             best_params_path=tmp_path / "best.json", reports_dir=tmp_path / "reports")
+        tune(
+            setup=_setup(tiny_pipeline, tmp_path, demo_labels=("gender",)),
+            spec=spec,
+            best_params_path=tmp_path / "best.json",
+            reports_dir=tmp_path / "reports",
+        )
     trials = _trials(spec)
     assert [t.state for t in trials] == [TrialState.PRUNED] * 2
     assert all(list(t.intermediate_values) == [1] for t in trials)
@@ -114,8 +137,7 @@ def test_a_pruned_trial_stops_after_the_epoch_it_was_pruned_at(tiny_pipeline, tm
 
 def test_importance_plot_is_skipped_with_a_note_until_it_means_something(tmp_path):
     def study(values: list[float]) -> optuna.Study:
-        s = optuna.create_study(direction="maximize",
-                                sampler=optuna.samplers.RandomSampler(seed=0))
+        s = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=0))
         for v in values:
             s.optimize(lambda t, v=v: (SPACE.suggest(t), v)[1], n_trials=1)
         return s
@@ -148,18 +170,22 @@ def test_default_study_name_follows_what_a_trial_measures(tiny_pipeline, tmp_pat
     name = default_study_name(setup, 0)
     assert name.startswith("ptum-hsa-") and name == default_study_name(setup, 0)
     assert name == default_study_name(replace(setup, work_dir=tmp_path / "x", device="cpu"), 0)
-    for other in (replace(setup, space=replace(SPACE, p=(1, 8))),
-                  replace(setup, base=replace(setup.base, epochs=3))):
+    for other in (
+        replace(setup, space=replace(SPACE, p=(1, 8))),
+        replace(setup, base=replace(setup.base, epochs=3)),
+    ):
         assert default_study_name(other, 0) != name
     assert default_study_name(setup, 1) != name
 
 
 def test_multi_objective_reports_the_pareto_front(tiny_pipeline, tmp_path):
     spec = _spec(tmp_path, n_trials=2, seed=3)
-    summary = tune(setup=_setup(tiny_pipeline, tmp_path, multi_objective=True,
-                                demo_labels=("gender",)),
-                   spec=spec, best_params_path=tmp_path / "best.json",
-                   reports_dir=tmp_path / "reports")
+    summary = tune(
+        setup=_setup(tiny_pipeline, tmp_path, multi_objective=True, demo_labels=("gender",)),
+        spec=spec,
+        best_params_path=tmp_path / "best.json",
+        reports_dir=tmp_path / "reports",
+    )
     study = optuna.load_study(study_name=spec.study_name, storage=spec.storage)
     assert len(study.directions) == 2
     for t in study.trials:
@@ -178,8 +204,12 @@ def test_single_worker_study_is_reproducible(tiny_pipeline, tmp_path):
     runs = []
     for db in ("a.db", "b.db"):
         spec = _spec(tmp_path, db=db, n_trials=3, pruner="none")
-        tune(setup=_setup(tiny_pipeline, tmp_path, demo_labels=("gender",)), spec=spec,
-             best_params_path=tmp_path / f"{db}.json", reports_dir=tmp_path / f"rep-{db}")
+        tune(
+            setup=_setup(tiny_pipeline, tmp_path, demo_labels=("gender",)),
+            spec=spec,
+            best_params_path=tmp_path / f"{db}.json",
+            reports_dir=tmp_path / f"rep-{db}",
+        )
         runs.append([(t.params, t.value, t.intermediate_values) for t in _trials(spec)])
     assert runs[0] == runs[1]
     assert len({tuple(sorted(p.items())) for p, _, _ in runs[0]}) == 3  # distinct draws
@@ -211,8 +241,9 @@ def test_killed_study_resumes_and_marks_the_killed_trial_failed(tiny_pipeline, t
     marker = tmp_path / "trial1_running"
     (tmp_path / "job.pkl").write_bytes(pickle.dumps((setup, spec, str(marker))))
     (tmp_path / "child.py").write_text(_CHILD)
-    child = subprocess.Popen([sys.executable, str(tmp_path / "child.py"),
-                              str(tmp_path / "job.pkl")], cwd=ROOT)
+    child = subprocess.Popen(
+        [sys.executable, str(tmp_path / "child.py"), str(tmp_path / "job.pkl")], cwd=ROOT
+    )
     try:
         deadline = time.monotonic() + 120
         while not marker.exists():
@@ -227,8 +258,12 @@ def test_killed_study_resumes_and_marks_the_killed_trial_failed(tiny_pipeline, t
     before = _trials(spec)
     assert [t.state for t in before] == [TrialState.COMPLETE, TrialState.RUNNING]
     time.sleep(spec.grace_period + 2)  # the killed trial's heartbeat goes stale
-    tune(setup=setup, spec=spec, best_params_path=tmp_path / "best.json",
-         reports_dir=tmp_path / "reports")
+    tune(
+        setup=setup,
+        spec=spec,
+        best_params_path=tmp_path / "best.json",
+        reports_dir=tmp_path / "reports",
+    )
     after = _trials(spec)
     assert after[1].state == TrialState.FAIL  # not RUNNING forever
     assert [t.state for t in after].count(TrialState.COMPLETE) == 3
@@ -242,13 +277,16 @@ def test_killed_study_resumes_and_marks_the_killed_trial_failed(tiny_pipeline, t
 @pytest.mark.slow
 def test_two_workers_share_one_sqlite_study(tiny_pipeline, tmp_path, capfd):
     spec = _spec(tmp_path, n_trials=4, pruner="none")
-    summary = tune(setup=_setup(tiny_pipeline, tmp_path, demo_labels=("gender",)), spec=spec,
-                   best_params_path=tmp_path / "best.json", reports_dir=tmp_path / "reports",
-                   n_workers=2)
+    summary = tune(
+        setup=_setup(tiny_pipeline, tmp_path, demo_labels=("gender",)),
+        spec=spec,
+        best_params_path=tmp_path / "best.json",
+        reports_dir=tmp_path / "reports",
+        n_workers=2,
+    )
     trials = _trials(spec)
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
-    assert summary["trials"] == {"complete": 4, "pruned": 0, "fail": 0, "running": 0,
-                                 "waiting": 0}
+    assert summary["trials"] == {"complete": 4, "pruned": 0, "fail": 0, "running": 0, "waiting": 0}
     # Each worker has its own sampler seed, so the workers do not draw the same points.
     assert len({tuple(sorted(t.params.items())) for t in trials}) == 4
     err = capfd.readouterr().err
@@ -270,9 +308,11 @@ def test_optuna_dashboard_reads_the_study(finished):
     _, spec, _ = finished
     port = _free_port()
     exe = Path(sys.executable).with_name("optuna-dashboard")
-    server = subprocess.Popen([str(exe), spec.storage, "--host", "127.0.0.1", "--port",
-                               str(port), "--quiet"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    server = subprocess.Popen(
+        [str(exe), spec.storage, "--host", "127.0.0.1", "--port", str(port), "--quiet"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
@@ -290,8 +330,10 @@ def test_optuna_dashboard_reads_the_study(finished):
         assert detail["name"] == spec.study_name
         assert len(detail["trials"]) == 3
         assert detail["has_intermediate_values"]
-        assert all(t["state"] == "Complete" and len(t["intermediate_values"]) == 2
-                   for t in detail["trials"])
+        assert all(
+            t["state"] == "Complete" and len(t["intermediate_values"]) == 2
+            for t in detail["trials"]
+        )
         assert {p["name"] for p in detail["trials"][0]["params"]} == {"k", "lam", "p", "lr"}
     finally:
         server.terminate()
