@@ -3,6 +3,7 @@
 from ptum.models.behavior import (
     BEHAVIOR_ENCODERS,
     CnnBehaviorEncoder,
+    HybridBehaviorEncoder,
     IdBehaviorEncoder,
     LstmBehaviorEncoder,
     SelfAttnBehaviorEncoder,
@@ -36,6 +37,7 @@ __all__ = [
     "HanUserEncoder",
     "HsaUserEncoder",
     "HuraUserEncoder",
+    "HybridBehaviorEncoder",
     "IdBehaviorEncoder",
     "LstmBehaviorEncoder",
     "ModelConfig",

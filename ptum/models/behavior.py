@@ -3,7 +3,8 @@
 Every encoder has the same tensor-only interface,
 `forward(tokens (N, T) long, token_mask (N, T) bool) -> (N, out_dim)`, where token id 0 is padding
 and rows are right-padded. Padded tokens never influence the output, and the all-pad row of
-item 0 gives a finite vector (it is masked out later by the user encoder).
+item 0 gives a finite vector (it is masked out later by the user encoder). The hybrid encoder
+also takes the items' ids: `forward(tokens, token_mask, item_ids (N,) long)`.
 """
 
 import torch
@@ -159,9 +160,86 @@ class IdBehaviorEncoder(nn.Module):
         return self.items(tokens[:, 0])  # (N, out_dim)
 
 
+# Rows of the hybrid encoder's id embedding that are not items.
+PAD_ROW, UNKNOWN_ROW = 0, 1
+# Default pre-training behaviors an item needs for its own id row: an item seen once trains the
+# shared UNKNOWN vector instead, so that vector learns what a new item looks like.
+ID_MIN_COUNT = 2
+
+
+class HybridBehaviorEncoder(nn.Module):
+    """A text encoder plus a learned item-id embedding, mixed per dimension by a learned gate.
+
+    Item ids are the rows of the pre-training token matrix: 0 = padding, num_items ids in all (as
+    for `IdBehaviorEncoder`). The non-trainable buffer `id_index` (num_items,) maps each to a row
+    of the id embedding: PAD_ROW (zeros) for item 0,
+    2.. for the items of the id vocabulary (seen at least `id_min_count` times in pre-training,
+    `ptum.pretrain.id_vocab`), and UNKNOWN_ROW for every other item. Rare items train the UNKNOWN
+    vector during pre-training, so it is a learned "item we know nothing about by id"; a new item
+    at serving time gets its text vector mixed with it. The buffer is saved with the weights, so a
+    checkpoint carries its own mapping; until `set_id_index` is called every item is unknown.
+
+    Why a gate and not a sum: v = g * t + (1 - g) * e with g = sigmoid(W [t; e] + b). A sum adds
+    the same UNKNOWN vector to every new item, and gives text and id the same weight whether the
+    id is a well-trained frequent item or the shared UNKNOWN row. The gate sees the id vector, so
+    it can learn to lean on the text where the id is UNKNOWN (that vector says nothing about the
+    item) and on the id where a frequent item's text is ambiguous.
+    """
+
+    def __init__(self, *, text: nn.Module, num_items: int, id_vocab: int, out_dim: int) -> None:
+        super().__init__()
+        if id_vocab < 2:
+            raise ValueError(f"id_vocab must be >= 2 (padding and unknown rows), got {id_vocab}")
+        self.text = text
+        self.ids = nn.Embedding(id_vocab, out_dim, padding_idx=PAD_ROW)
+        nn.init.normal_(self.ids.weight, std=0.02)
+        with torch.no_grad():
+            self.ids.weight[PAD_ROW].zero_()
+        self.gate = nn.Linear(2 * out_dim, out_dim)
+        index = torch.full((num_items,), UNKNOWN_ROW, dtype=torch.long)
+        index[0] = PAD_ROW
+        self.register_buffer("id_index", index)  # (num_items,)
+
+    def set_id_index(self, id_index: Tensor) -> None:
+        """Install the item id -> id-embedding row mapping (num_items,) long.
+
+        Item 0 must map to PAD_ROW and only item 0: a real item never gets the padding zeros.
+        """
+        id_index = torch.as_tensor(id_index, dtype=torch.long)
+        if id_index.shape != self.id_index.shape:
+            raise ValueError(
+                f"id_index has shape {tuple(id_index.shape)}, expected {tuple(self.id_index.shape)}"
+            )
+        rows = self.ids.num_embeddings
+        if int(id_index[0]) != PAD_ROW or bool((id_index[1:] < UNKNOWN_ROW).any()):
+            raise ValueError("id_index: item 0 must map to the padding row, every other item not")
+        if int(id_index.max()) >= rows:
+            raise ValueError(f"id_index points past the {rows} rows of the id embedding")
+        self.id_index.copy_(id_index)
+
+    def forward(self, tokens: Tensor, token_mask: Tensor, item_ids: Tensor) -> Tensor:
+        """Encode items from their text and their id.
+
+        Args:
+            tokens: (N, T) long, pad id 0 (the wrapped text encoder's input).
+            token_mask: (N, T) bool.
+            item_ids: (N,) long in [0, num_items); 0 = the padding item.
+
+        Returns:
+            (N, out_dim) float.
+        """
+        t = self.text(tokens, token_mask)  # (N, D)
+        e = self.ids(self.id_index[item_ids]).to(t.dtype)  # (N, D)
+        g = torch.sigmoid(self.gate(torch.cat([t, e], dim=-1)))  # (N, D)
+        return g * t + (1 - g) * e
+
+
 BEHAVIOR_ENCODERS: dict[str, type[nn.Module]] = {
     "selfattn": SelfAttnBehaviorEncoder,
     "cnn": CnnBehaviorEncoder,
     "lstm": LstmBehaviorEncoder,
     "id": IdBehaviorEncoder,
+    "hybrid": HybridBehaviorEncoder,
 }
+# The encoders that read token text, i.e. those a hybrid encoder can wrap.
+TEXT_ENCODERS = ("selfattn", "cnn", "lstm")

@@ -4,6 +4,9 @@
 tensor-only so it exports to ONNX. Pre-training encodes items and users separately
 (`encode_items`, `encode_users`) so candidate behaviors share the behavior encoder and the masked
 behavior of MBP can be swapped for `mask_vector`.
+
+The "hybrid" behavior encoder (text encoder + item-id embedding) also needs each item's id:
+`encode_items` and `forward` take an optional `item_ids` that only it reads (and requires).
 """
 
 import dataclasses
@@ -13,7 +16,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ptum.models.behavior import BEHAVIOR_ENCODERS
+from ptum.models.behavior import (
+    BEHAVIOR_ENCODERS,
+    ID_MIN_COUNT,
+    TEXT_ENCODERS,
+    HybridBehaviorEncoder,
+)
 from ptum.models.user import USER_ENCODERS
 
 # Paper-default (behavior encoder, user encoder) per user model name (paper Sec. 3.2).
@@ -35,6 +43,10 @@ class ModelConfig:
 
     Inner sizes not listed here follow `dim`: LSTM hidden = dim // 2 per direction, CNN filters =
     dim, GRU hidden = dim.
+
+    behavior_encoder "hybrid" = the text encoder named by `hybrid_text` (`for_architecture` picks
+    the architecture's own) + an item-id embedding of `id_vocab` rows (0 padding, 1 UNKNOWN, one
+    per item seen at least `id_min_count` times in pre-training; see `ptum.pretrain.id_vocab`).
     """
 
     behavior_encoder: str
@@ -49,7 +61,12 @@ class ModelConfig:
     attn_hidden: int = 200
     dropout: float = 0.2
     layers: int = 2  # Transformer blocks (bert4rec)
-    num_items: int = 0  # item-id vocabulary, incl. padding item 0 (id behavior encoder only)
+    num_items: int = 0  # item-id vocabulary, incl. padding item 0 (behavior encoders id, hybrid)
+    hybrid_text: str = ""  # hybrid only: the text encoder it wraps (selfattn | cnn | lstm)
+    id_vocab: int = 0  # hybrid only: id-embedding rows (padding, UNKNOWN, the frequent items)
+    id_min_count: int = (
+        ID_MIN_COUNT  # hybrid: pre-training behaviors an item needs for its own id row
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -72,16 +89,39 @@ class ModelConfig:
             )
         if self.behavior_encoder == "id" and self.num_items < 1:
             raise ValueError("behavior_encoder 'id' needs num_items >= 1 (item 0 is padding)")
+        if self.behavior_encoder == "hybrid":
+            if self.hybrid_text not in TEXT_ENCODERS:
+                raise ValueError(
+                    f"behavior_encoder 'hybrid' needs hybrid_text in {list(TEXT_ENCODERS)}, "
+                    f"got {self.hybrid_text!r}"
+                )
+            if self.num_items < 1 or self.id_vocab < 2:
+                raise ValueError(
+                    "behavior_encoder 'hybrid' needs num_items >= 1 and id_vocab >= 2 "
+                    f"(padding and unknown rows), got {self.num_items} and {self.id_vocab}"
+                )
+        elif self.hybrid_text or self.id_vocab:
+            raise ValueError("hybrid_text and id_vocab are for behavior_encoder 'hybrid' only")
+        if self.id_min_count < 1:
+            raise ValueError(f"id_min_count must be >= 1, got {self.id_min_count}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @classmethod
-    def for_architecture(cls, name: str, **kwargs: Any) -> "ModelConfig":
-        """Config for a paper user model name (a key of ARCHITECTURES) plus the other fields."""
+    def for_architecture(
+        cls, name: str, *, behavior_encoder: str = "", **kwargs: Any
+    ) -> "ModelConfig":
+        """Config for a paper user model name (a key of ARCHITECTURES) plus the other fields.
+
+        behavior_encoder: "" = the architecture's own; "hybrid" wraps the architecture's own
+        text encoder (unless `hybrid_text` is given).
+        """
         if name not in ARCHITECTURES:
             raise ValueError(f"unknown architecture {name!r}; choose from {sorted(ARCHITECTURES)}")
-        behavior, user = ARCHITECTURES[name]
-        return cls(behavior_encoder=behavior, user_encoder=user, **kwargs)
+        own, user = ARCHITECTURES[name]
+        if behavior_encoder == "hybrid":
+            kwargs.setdefault("hybrid_text", own)
+        return cls(behavior_encoder=behavior_encoder or own, user_encoder=user, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able dict of every field."""
@@ -104,6 +144,16 @@ class ModelConfig:
 def build_behavior_encoder(config: ModelConfig) -> nn.Module:
     """The behavior encoder named by `config.behavior_encoder`, with out_dim = config.dim."""
     c = config
+    if c.behavior_encoder == "hybrid":
+        text_config = dataclasses.replace(
+            c, behavior_encoder=c.hybrid_text, hybrid_text="", id_vocab=0
+        )
+        return HybridBehaviorEncoder(
+            text=build_behavior_encoder(text_config),
+            num_items=c.num_items,
+            id_vocab=c.id_vocab,
+            out_dim=c.dim,
+        )
     text = dict(vocab_size=c.vocab_size, word_dim=c.word_dim, attn_hidden=c.attn_hidden)
     kwargs: dict[str, dict[str, Any]] = {
         "selfattn": dict(
@@ -143,17 +193,34 @@ class UserModel(nn.Module):
         self.user_encoder = build_user_encoder(config)
         self.mask_vector = nn.Parameter(torch.randn(config.dim) * 0.02)
 
-    def encode_items(self, tokens: Tensor, token_mask: Tensor) -> Tensor:
+    @property
+    def uses_item_ids(self) -> bool:
+        """Whether the behavior encoder reads item ids (the hybrid one): then `encode_items` and
+        `forward` need `item_ids`."""
+        return isinstance(self.behavior_encoder, HybridBehaviorEncoder)
+
+    def encode_items(
+        self, tokens: Tensor, token_mask: Tensor, item_ids: Tensor | None = None
+    ) -> Tensor:
         """Behavior vectors of items.
 
         Args:
             tokens: (N, T) long, pad id 0 (for the id encoder: (N, 1) item ids).
             token_mask: (N, T) bool.
+            item_ids: (N,) long item ids (rows of the token matrix); required by the hybrid
+                encoder, ignored by the others.
 
         Returns:
             (N, D) float.
         """
-        return self.behavior_encoder(tokens, token_mask)
+        if not self.uses_item_ids:
+            return self.behavior_encoder(tokens, token_mask)
+        if item_ids is None:
+            raise ValueError(
+                "the hybrid behavior encoder needs item_ids; encode items with "
+                "ptum.pretrain.tasks.encode_ids(model, tokens, [ids])"
+            )
+        return self.behavior_encoder(tokens, token_mask, item_ids)
 
     def encode_users(
         self,
@@ -188,6 +255,7 @@ class UserModel(nn.Module):
         mask: Tensor,
         positions: Tensor,
         gap_buckets: Tensor,
+        item_ids: Tensor | None = None,
     ) -> Tensor:
         """Serving path: every behavior's tokens -> user vector.
 
@@ -202,11 +270,13 @@ class UserModel(nn.Module):
             mask: (B, L) bool.
             positions: (B, L) long.
             gap_buckets: (B, L) long.
+            item_ids: (B, L) long, 0 for padded behaviors; hybrid encoder only.
 
         Returns:
             (B, D) float.
         """
         B, L, T = tokens.shape
-        vecs = self.encode_items(tokens.reshape(B * L, T), token_mask.reshape(B * L, T))
+        ids = None if item_ids is None else item_ids.reshape(B * L)
+        vecs = self.encode_items(tokens.reshape(B * L, T), token_mask.reshape(B * L, T), ids)
         vecs = vecs.reshape(B, L, -1)  # (B, L, D)
         return self.encode_users(vecs, mask, positions, gap_buckets)

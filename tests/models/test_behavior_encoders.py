@@ -29,7 +29,7 @@ def _items(lengths: list[int], width: int = T) -> tuple[torch.Tensor, torch.Tens
 
 
 def test_dict_lists_every_encoder() -> None:
-    assert set(BEHAVIOR_ENCODERS) == {"selfattn", "cnn", "lstm", "id"}
+    assert set(BEHAVIOR_ENCODERS) == {"selfattn", "cnn", "lstm", "id", "hybrid"}
 
 
 @pytest.fixture(params=sorted(TEXT_ENCODERS))
