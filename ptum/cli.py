@@ -105,6 +105,15 @@ def _pretrain(p: Params, args: argparse.Namespace) -> dict:
     )
 
 
+def _split_spec(p: Params):
+    """How each repeat of a fine-tuning grid re-draws its split: prepare's shares."""
+    from ptum.finetune.grid import SplitSpec
+
+    return SplitSpec(
+        demo_fractions=tuple(p.prepare.demo_split), ctr_valid_frac=p.prepare.ctr_valid_frac
+    )
+
+
 def _finetune(p: Params, args: argparse.Namespace) -> dict:
     from ptum.finetune.stage import run_stage
 
@@ -116,6 +125,7 @@ def _finetune(p: Params, args: argparse.Namespace) -> dict:
         tokenized=TOKENIZED,
         max_behaviors=p.prepare.max_behaviors,
         ckpt_root=Path("models/pretrain"),
+        split=_split_spec(p),
         cache_dir=Path("models/finetune_cache") / task,
         out=args.out or Path("reports/finetune") / f"{task}.json",
     )
@@ -146,6 +156,7 @@ def _sensitivity(p: Params, args: argparse.Namespace) -> dict:
         main_ckpts=Path("models/pretrain"),
         cache_dir=Path("models/finetune_cache/sensitivity"),
         reports=reports,
+        split=_split_spec(p),
     )
     sens.write_outputs(results, reports)
     return {

@@ -52,7 +52,8 @@ class PrepareConfig:
     # error: stop at the first bad row with file:line and reason. quarantine: drop bad rows into
     # data/prepared/quarantine/ and count them per reason in the data report.
     on_bad_rows: Literal["error", "quarantine"] = "error"
-    # CTR time windows: global timestamp cut-offs, or each user's own impressions.
+    # CTR time windows: global timestamp cut-offs (one for everyone). "per_user" (each user's
+    # own last impressions) is refused by prepare: it puts other users' future in training.
     ctr_windows: Literal["global", "per_user"] = "global"
     # Fractions of impressions (by time rank) in the CTR-train and CTR-test windows; impressions
     # before the CTR-train window are history and are not used as CTR samples.
@@ -148,6 +149,11 @@ class FinetuneConfig:
     workers: int = 2
     # finetune mode only: the pre-trained user model trains at lr * encoder_lr_scale.
     encoder_lr_scale: float = 1.0
+    # Demo loss class weighting tried by every neural cell ("none" | "balanced"); the cell keeps
+    # the one with the best validation score (same selection budget in every mode).
+    class_weights: tuple[str, ...] = ("none", "balanced")
+    # Bootstrap replicates (over test users) of each cell's 95% CI.
+    bootstrap: int = 1000
 
 
 @dataclass(frozen=True)

@@ -64,6 +64,13 @@ class PrepareOptions:
             raise ValueError("prepare.max_behaviors must be >= 2")
         if self.chunk_rows < 1:
             raise ValueError(f"prepare.chunk_rows must be >= 1, got {self.chunk_rows}")
+        if self.ctr_windows != "global":
+            raise ValueError(
+                f"prepare.ctr_windows={self.ctr_windows!r} is refused: per-user windows put "
+                "impressions (and pre-training behaviors) that are later than other users' test "
+                "impressions into training, so the test window is no longer the future; set "
+                "prepare.ctr_windows: global"
+            )
         if abs(sum(self.demo_split) - 1.0) > 1e-6 or min(self.demo_split) < 0:
             raise ValueError(
                 f"prepare.demo_split must be 3 shares summing to 1, got {self.demo_split}"
@@ -314,40 +321,23 @@ def global_windows(
 
 
 def ctr_cutoffs(
-    impressions: pl.DataFrame, mode: str, train_frac: float, test_frac: float
+    impressions: pl.DataFrame, train_frac: float, test_frac: float
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Assign each impression a window and return (impressions + window, per-user cut-offs).
+    """Assign each impression a window and return (impressions + window, the cut-offs).
 
-    Windows by time rank: the last `test_frac` of impressions are the CTR-test window, the
-    `train_frac` before them the CTR-train window, the rest history (not CTR samples). `global`
-    ranks all impressions together (one cut-off timestamp for everyone, ties go to the later
-    window); `per_user` ranks each user's own impressions. Cut-offs: t_train / t_test = first
-    timestamp of the user's window (null when the user has no such window).
+    Windows by global time rank: the last `test_frac` of all impressions are the CTR-test
+    window, the `train_frac` before them the CTR-train window, the rest history (not CTR
+    samples). One cut-off timestamp for everyone (ties go to the later window), so the test
+    window is the future of every user. Cut-offs: one row (t_train, t_test).
     """
     ordered = impressions.sort(*WINDOW_ORDER)
-    if mode == "global":
-        ts = ordered["timestamp"].to_numpy()
-        t_train, t_test = global_cutoffs(ordered.height, ts.__getitem__, train_frac, test_frac)
-        windowed = global_windows(ordered, t_train, t_test)
-        cut = pl.DataFrame(
-            {"t_train": [t_train], "t_test": [t_test]},
-            schema={"t_train": pl.Int64, "t_test": pl.Int64},
-        )
-        return windowed, cut
-    rank = pl.int_range(pl.len()).over("user_id")
-    size = pl.len().over("user_id")
-    windowed = ordered.with_columns(
-        window=pl.when(rank >= size - (size * test_frac).ceil())
-        .then(pl.lit("test"))
-        .when(rank >= size - (size * (test_frac + train_frac)).ceil())
-        .then(pl.lit("train"))
-        .otherwise(pl.lit("history"))
+    ts = ordered["timestamp"].to_numpy()
+    t_train, t_test = global_cutoffs(ordered.height, ts.__getitem__, train_frac, test_frac)
+    cut = pl.DataFrame(
+        {"t_train": [t_train], "t_test": [t_test]},
+        schema={"t_train": pl.Int64, "t_test": pl.Int64},
     )
-    cut = windowed.group_by("user_id").agg(
-        t_train=pl.col("timestamp").filter(pl.col("window") == "train").min(),
-        t_test=pl.col("timestamp").filter(pl.col("window") == "test").min(),
-    )
-    return windowed, cut
+    return global_windows(ordered, t_train, t_test), cut
 
 
 def sequences(
@@ -636,18 +626,12 @@ def _labels(
     return labels.drop("line"), label_cols
 
 
-def _user_cut(users: pl.Series, cut: pl.DataFrame, mode: str) -> pl.DataFrame:
-    """Cut-offs (t_train, t_test) in the order of `users`, one row each."""
-    if mode == "global":
-        # One cut-off for everyone: users without impressions are cut at the same instant, so
-        # nothing at or after the global test window reaches pre-training.
-        cut = pl.select(user_id=users).join(cut, how="cross")
-    return pl.select(user_id=users).join(
-        cut.with_columns(pl.col("user_id").cast(pl.String)),
-        on="user_id",
-        how="left",
-        maintain_order="left",
-    )
+def _user_cut(users: pl.Series, cut: pl.DataFrame) -> pl.DataFrame:
+    """The global cut-offs (t_train, t_test) repeated for each of `users`, in their order.
+
+    Users without impressions are cut at the same instant, so nothing at or after the global
+    test window reaches pre-training."""
+    return pl.select(user_id=users).join(cut, how="cross")
 
 
 def _ctr_columns(imps: pl.DataFrame, user_enum: pl.Enum, item_enum: pl.Enum) -> pl.DataFrame:
@@ -700,14 +684,11 @@ def _in_memory(
     del behaviors, text_codes
     windowed, cut = ctr_cutoffs(
         _ctr_columns(imps, user_enum, item_enum),
-        opts.ctr_windows,
         opts.ctr_train_frac,
         opts.ctr_test_frac,
     )
     labeled = users.is_in(labels["user_id"].implode()).to_numpy()
-    seqs = sequences(
-        beh, users, _user_cut(users, cut, opts.ctr_windows), labeled, opts.max_behaviors
-    )
+    seqs = sequences(beh, users, _user_cut(users, cut), labeled, opts.max_behaviors)
     # Row groups of SEQUENCE_ROW_GROUP rows: compressed in parallel and with bounded buffers on
     # big logs. A file with fewer rows is one row group either way, byte-identical to the
     # default writer's (DVC hashes bytes; the committed result sets stay valid).
@@ -827,18 +808,18 @@ def _chunked(
     items, item_enum = item_table(texts["text"], texts["n"].to_numpy(), pl.concat(imp_texts))
     items.write_parquet(tmp / "items.parquet")
     del texts, imp_texts
-    if opts.ctr_windows == "global":
-        sorted_ts = [np.load(f, mmap_mode="r") for f in stamps]
-        t_train, t_test = global_cutoffs(
-            sum(len(a) for a in sorted_ts),
-            lambda k: _kth_smallest(sorted_ts, k),
-            opts.ctr_train_frac,
-            opts.ctr_test_frac,
-        )
-        global_cut = pl.DataFrame(
-            {"t_train": [t_train], "t_test": [t_test]},
-            schema={"t_train": pl.Int64, "t_test": pl.Int64},
-        )
+    # Global CTR windows: cut-offs over every chunk's impressions.
+    sorted_ts = [np.load(f, mmap_mode="r") for f in stamps]
+    t_train, t_test = global_cutoffs(
+        sum(len(a) for a in sorted_ts),
+        lambda k: _kth_smallest(sorted_ts, k),
+        opts.ctr_train_frac,
+        opts.ctr_test_frac,
+    )
+    global_cut = pl.DataFrame(
+        {"t_train": [t_train], "t_test": [t_test]},
+        schema={"t_train": pl.Int64, "t_test": pl.Int64},
+    )
 
     # Pass 2: CTR windows, cut-offs and view sizes chunk by chunk, then the sequences view by
     # view (the output is sorted by view, then user), each chunk's rows appended to the file as
@@ -853,10 +834,7 @@ def _chunked(
             pl.read_parquet(imp_file) if imp_file.exists() else pl.DataFrame(schema=_NO_IMPRESSIONS)
         )
         imps = _ctr_columns(imps, user_enum, item_enum)
-        if opts.ctr_windows == "global":
-            win, cut = global_windows(imps, t_train, t_test), global_cut
-        else:
-            win, cut = ctr_cutoffs(imps, opts.ctr_windows, opts.ctr_train_frac, opts.ctr_test_frac)
+        win, cut = global_windows(imps, t_train, t_test), global_cut
         windowed.append(win.filter(pl.col("window") != "history"))
         n_history += int((win["window"] == "history").sum())
         del imps, win
@@ -867,7 +845,7 @@ def _chunked(
             _view_totals(
                 np.load(work / f"ts_{c}.npy"),
                 n_behaviors[c],
-                _user_cut(users_c, cut, opts.ctr_windows),
+                _user_cut(users_c, cut),
                 labeled[first[c] : first[c + 1]],
             )
         )

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ptum.config import FinetuneConfig, PretrainConfig
-from ptum.finetune.grid import run_grid
+from ptum.finetune.grid import DEFAULT_SPLIT, SplitSpec, run_grid
 from ptum.finetune.stage import cell_options
 from ptum.pretrain.stage import run_stage as pretrain_stage
 
@@ -91,6 +91,7 @@ def run(
     main_ckpts: Path,
     cache_dir: Path,
     reports: Path,
+    split: SplitSpec = DEFAULT_SPLIT,
 ) -> dict:
     """Run every variant of every task; writes reports/sensitivity.json and figures."""
     experiments = plan(pre, opts)
@@ -133,6 +134,9 @@ def run(
                     ckpt_root=ckpt_root,
                     cache_dir=cache_dir,
                     workers=ft.workers,
+                    class_weights=ft.class_weights,
+                    split=split,
+                    baselines=False,
                 )
             per_exp[name] = {**exp, **_aggregate(done[key], metric)}
         scratch = run_grid(
@@ -151,6 +155,9 @@ def run(
             ckpt_root=main_ckpts,
             cache_dir=cache_dir,
             workers=ft.workers,
+            class_weights=ft.class_weights,
+            split=split,
+            baselines=False,
         )
         per_exp["none"] = {
             "group": "ablation",

@@ -1,4 +1,10 @@
-"""Stage `finetune@TASK`: run the grid of one task and write its results JSON (DVC metrics)."""
+"""Stage `finetune@TASK`: run the grid of one task; write its results, predictions and metrics.
+
+Outputs (TASK = demo | ctr):
+    reports/finetune/TASK.json              summary (cells, tests, claims, baselines) + runs
+    reports/finetune/TASK_predictions.parquet  every test prediction of every run
+    reports/finetune/TASK_metrics.json      a few headline numbers (DVC metrics)
+"""
 
 from __future__ import annotations
 
@@ -7,14 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ptum.config import FinetuneConfig
-from ptum.finetune.grid import (
-    ctr_baselines,
-    demo_baselines,
-    load_ctr,
-    load_demo,
-    run_grid,
-    summarize,
-)
+from ptum.finetune.grid import SplitSpec, load_ctr, load_demo, run_grid
+from ptum.finetune.summary import METRICS, predictions_frame, summarize
 from ptum.finetune.train import MODES, CellOptions
 
 
@@ -37,6 +37,7 @@ def run_stage(
     prepared: Path,
     tokenized: Path,
     max_behaviors: int,
+    split: SplitSpec,
     ckpt_root: Path,
     cache_dir: Path,
     out: Path,
@@ -46,7 +47,7 @@ def run_stage(
         raise ValueError(f"finetune.modes: unknown {bad}; choose from {list(MODES)}")
     models = list(cfg.demo_models if task == "demo" else cfg.ctr_models)
     ratios = list(cfg.ratios)
-    cells = run_grid(
+    runs = run_grid(
         task=task,
         labels=None,
         models=models,
@@ -62,42 +63,64 @@ def run_stage(
         ckpt_root=ckpt_root,
         cache_dir=cache_dir,
         workers=cfg.workers,
+        class_weights=cfg.class_weights,
+        split=split,
     )
     if task == "demo":
-        metrics, primary = ["acc", "macro_f1"], "acc"
-        baselines = demo_baselines(load_demo(prepared, tokenized, max_behaviors, ratios), ratios)
+        data = load_demo(prepared, tokenized, max_behaviors, ratios)
+        user_ids = data.corpus.user_ids
+        n_classes = {label: len(classes) for label, (_, classes) in data.labels.items()}
     else:
-        metrics, primary = ["auc", "ap"], "auc"
-        baselines = ctr_baselines(load_ctr(prepared, tokenized, max_behaviors, ratios), ratios)
-    summary = summarize(cells, metrics, primary)
+        user_ids = load_ctr(prepared, tokenized, max_behaviors, ratios).users.tolist()
+        n_classes = {}
+    preds = predictions_frame(task, runs, user_ids)
+    summary = summarize(task, runs, preds, n_classes=n_classes, n_boot=cfg.bootstrap, seed=cfg.seed)
+    pred_path = out.with_name(out.stem + "_predictions.parquet")
+    pred_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pred_path.with_name(pred_path.name + ".tmp")
+    preds.write_parquet(tmp)
+    tmp.replace(pred_path)
     result = {
         "task": task,
         "options": asdict(cell_options(cfg)),
+        "class_weights": list(cfg.class_weights),
+        "split": asdict(split),
         "repeats": cfg.repeats,
+        "bootstrap": cfg.bootstrap,
         "summary": summary["cells"],
         "tests": summary["tests"],
-        "baselines": baselines,
-        "runs": cells,
+        "claims": summary["claims"],
+        "versus_baselines": summary["versus_baselines"],
+        "runs": [{k: v for k, v in r.items() if k != "pred"} for r in runs],
     }
     _write_json(out, result)
-    # A flat, small metrics file: `dvc metrics show` lists every cell (mean/std over seeds).
-    flat: dict[str, dict] = {}
-    for c in summary["cells"]:
-        name = f"{c['label']}/{c['model']}/{c['mode']}/{round(c['ratio'] * 100)}"
-        flat[name] = {k: round(v, 5) for k, v in c.items() if k.endswith(("_mean", "_std"))}
-    for t in summary["tests"]:
-        name = f"{t['label']}/{t['model']}/{t['comparison'].split()[0]}_vs_scratch/{round(t['ratio'] * 100)}"
-        flat[name] = {
-            "mean_diff": round(t["mean_diff"], 5),
-            "p_ttest": t["p_ttest"],
-            "p_wilcoxon": t["p_wilcoxon"],
+    _write_json(out.with_name(out.stem + "_metrics.json"), headline(task, summary))
+    return summary
+
+
+def headline(task: str, summary: dict) -> dict:
+    """A dozen numbers for `dvc metrics show`: per label and ratio, the primary metric of the
+    strongest baseline and of the best pre-trained cell; and how many claims hold."""
+    primary = METRICS[task][-1] if task == "demo" else METRICS[task][0]
+    out: dict[str, dict] = {}
+    for v in summary["versus_baselines"]:
+        if v["metric"] != primary:
+            continue
+        name = f"{v['label']}/{round(v['ratio'] * 100)}"
+        out[name] = {
+            "baseline": round(v["baseline_mean"], 4),
+            "pretrained": round(v["pretrained_mean"], 4),
         }
-    _write_json(out.with_name(out.stem + "_metrics.json"), flat)
-    return {"summary": summary["cells"], "tests": summary["tests"]}
+    held = [c for c in summary["claims"] if c["metric"] == primary]
+    out["claims"] = {
+        c: sum(x["holds"] for x in held if x["claim"] == c) for c in ("C1", "C2", "C3")
+    }
+    out["claims"]["tested"] = len(held)
+    return out
 
 
 def _write_json(path: Path, obj: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, allow_nan=True) + "\n")
     tmp.replace(path)

@@ -44,6 +44,9 @@ class CellOptions:
     # finetune mode: the pre-trained encoder learns at lr * this (the head at lr), so a few
     # thousand labels refine the pre-trained weights instead of overwriting them. 1.0 = one lr.
     encoder_lr_scale: float = 1.0
+    # Demo loss: "none" (plain cross-entropy) or "balanced" (class weights n / (k * n_c) of the
+    # training subset, so a minority class is not ignored on small, imbalanced label sets).
+    class_weight: str = "none"
 
 
 def user_vectors(
@@ -79,11 +82,12 @@ def all_user_vectors(
 
 @torch.no_grad()
 def item_vectors(model: UserModel, tokens: Tensor, ids: np.ndarray, batch: int = 1024) -> Tensor:
+    """(len(ids), D) behavior vectors of item ids (eval mode)."""
     model.eval()
     out = []
     for i in range(0, len(ids), batch):
-        tok = tokens[torch.from_numpy(ids[i : i + batch])]
-        out.append(model.encode_items(tok, tok != 0))
+        (vecs,) = encode_ids(model, tokens, [torch.from_numpy(ids[i : i + batch])])
+        out.append(vecs)
     return torch.cat(out)
 
 
@@ -163,6 +167,13 @@ def run_demo(
     cached = all_user_vectors(model, corpus, device) if frozen else None
     opt = _optimizer(model, head, mode, opts)
     y_t = torch.from_numpy(y).to(device)
+    weight = None
+    if opts.class_weight == "balanced":
+        counts = np.bincount(y[train_rows], minlength=n_classes).astype(np.float64)
+        w = np.where(counts > 0, len(train_rows) / (n_classes * np.maximum(counts, 1)), 0.0)
+        weight = torch.tensor(w, dtype=torch.float32, device=device)
+    elif opts.class_weight != "none":
+        raise ValueError(f"class_weight must be 'none' or 'balanced', got {opts.class_weight!r}")
 
     def vectors(rows: np.ndarray) -> Tensor:
         return cached[rows] if frozen else user_vectors(model, corpus, rows, device)
@@ -187,7 +198,7 @@ def run_demo(
         order = rng.permutation(train_rows)
         for start in range(0, len(order), opts.batch_size):
             batch = order[start : start + opts.batch_size]
-            loss = F.cross_entropy(head.logits(vectors(batch)), y_t[batch])
+            loss = F.cross_entropy(head.logits(vectors(batch)), y_t[batch], weight=weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -195,10 +206,16 @@ def run_demo(
         if stopper.update(score(valid_rows)[select]):
             break
     stopper.restore()
-    valid, test = score(valid_rows), score(test_rows)  # the test split's only use
+    valid = score(valid_rows)
+    test_pred = predict(test_rows)  # the test split's only use
+    test = {
+        "acc": accuracy(y[test_rows], test_pred),
+        "macro_f1": macro_f1(y[test_rows], test_pred, n_classes),
+    }
     out = {
         "valid": valid,
         "test": test,
+        "pred": {"row": test_rows.tolist(), "y": y[test_rows].tolist(), "pred": test_pred.tolist()},
         "epochs": epochs,
         "n_train": len(train_rows),
         "n_valid": len(valid_rows),
@@ -262,13 +279,16 @@ def run_ctr(
         return head.logits(u, c)
 
     @torch.no_grad()
-    def score(idx: np.ndarray, test: bool) -> dict[str, float]:
+    def predict(idx: np.ndarray, test: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(impressions regrouped by user, their logits)."""
         model.eval(), head.eval()
         # Group by user so each history is encoded once per chunk.
         idx = idx[np.argsort(data.row[idx], kind="stable")]
-        s = torch.cat(
-            [logits(idx[i : i + 2048], test).float().cpu() for i in range(0, len(idx), 2048)]
-        ).numpy()
+        out = [logits(idx[i : i + 2048], test).float().cpu() for i in range(0, len(idx), 2048)]
+        return idx, (torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32))
+
+    def score(idx: np.ndarray, test: bool) -> dict[str, float]:
+        idx, s = predict(idx, test)
         yt = data.clicked[idx]
         return {"auc": roc_auc(yt, s), "ap": average_precision(yt, s)}
 
@@ -299,10 +319,13 @@ def run_ctr(
         if stopper.update(score(valid_idx, False)["auc"]):
             break
     stopper.restore()
-    valid, test = score(valid_idx, False), score(test_idx, True)  # the test split's only use
+    valid = score(valid_idx, False)
+    rows, s = predict(test_idx, True)  # the test split's only use
+    s, yt = np.round(s.astype(np.float64), 6), data.clicked[rows]  # as saved, so recomputable
     out = {
         "valid": valid,
-        "test": test,
+        "test": {"auc": roc_auc(yt, s), "ap": average_precision(yt, s)},
+        "pred": {"row": rows.tolist(), "y": yt.tolist(), "score": s.tolist()},
         "epochs": epochs,
         "n_train": len(train_idx),
         "n_valid": len(valid_idx),

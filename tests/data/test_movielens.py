@@ -39,9 +39,7 @@ def _distinct_texts_independently() -> tuple[int, int]:
 def test_movielens_100k_end_to_end(tmp_path):
     info = ingest(source="movielens", path=str(MOVIELENS_100K), out_dir=tmp_path / "raw")
     assert info["variant"] == "ml-100k"
-    report = prepare(
-        tmp_path / "raw", tmp_path / "prepared", PrepareOptions(ctr_windows="per_user")
-    )
+    report = prepare(tmp_path / "raw", tmp_path / "prepared", PrepareOptions())
     n_ids, n_texts = _distinct_texts_independently()
     assert (n_ids, n_texts) == (1682, 1664)
     b = report["behaviors"]
@@ -59,8 +57,11 @@ def test_movielens_100k_end_to_end(tmp_path):
     )
     raw_imps = pl.read_parquet(tmp_path / "raw" / "impressions.parquet")
     assert int(raw_imps["clicked"].sum()) == raw_clicks
-    # Per-user windows: every user with >= 10 ratings has test impressions.
-    assert imps.filter(pl.col("window") == "test")["user_id"].n_unique() == 943
+    # Global windows: the test window is the last 10% of ratings in time, after every
+    # CTR-train impression; on ML-100K that is 10,000 impressions of 166 users.
+    test = imps.filter(pl.col("window") == "test")
+    assert test["timestamp"].min() > imps.filter(pl.col("window") != "test")["timestamp"].max()
+    assert (test.height, test["user_id"].n_unique()) == (10_000, 166)
     rep = tokenize(
         tmp_path / "prepared" / "items.parquet",
         tmp_path / "tok",

@@ -145,7 +145,7 @@ def test_sequences_row_groups(tiny_pipeline, tmp_path, monkeypatch):
     assert pl.read_parquet(grouped).equals(seqs)
 
 
-def test_per_user_windows():
+def test_global_windows_are_the_future_of_every_user():
     imps = pl.DataFrame(
         {
             "line": list(range(1, 11)),
@@ -155,12 +155,17 @@ def test_per_user_windows():
             "clicked": [0] * 10,
         }
     )
-    out, cut = ctr_cutoffs(imps, "per_user", train_frac=0.2, test_frac=0.2)
+    out, cut = ctr_cutoffs(imps, train_frac=0.2, test_frac=0.2)
     w = dict(zip(zip(out["user_id"], out["timestamp"]), out["window"]))
-    assert w[("a", 5)] == "test" and w[("a", 4)] == "train" and w[("a", 3)] == "history"
-    assert w[("b", 500)] == "test" and w[("b", 400)] == "train"
-    cut = dict(zip(cut["user_id"], cut.select("t_train", "t_test").rows()))
-    assert cut == {"a": (4, 5), "b": (400, 500)}
+    # One cut-off for everyone: user a's impressions are all before b's test window.
+    assert {w[("a", t)] for t in (1, 2, 3, 4, 5)} == {"history"}
+    assert w[("b", 500)] == w[("b", 400)] == "test" and w[("b", 300)] == w[("b", 200)] == "train"
+    assert cut.rows() == [(200, 400)]
+
+
+def test_per_user_windows_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="per-user windows .* no longer the future"):
+        PrepareOptions(ctr_windows="per_user")
 
 
 def test_split_labels_seed_changes_assignment():
@@ -231,8 +236,7 @@ def _same_outputs(a, b) -> None:
     )
 
 
-@pytest.mark.parametrize("windows", ["global", "per_user"])
-def test_chunked_prepare_equals_in_memory(tiny_pipeline, tmp_path, monkeypatch, windows):
+def test_chunked_prepare_equals_in_memory(tiny_pipeline, tmp_path, monkeypatch):
     """A log bigger than prepare.chunk_rows goes through in chunks of whole users and gives
     the very same tables and report as the in-memory path."""
     import ptum.data.prepare as prep
@@ -243,7 +247,7 @@ def test_chunked_prepare_equals_in_memory(tiny_pipeline, tmp_path, monkeypatch, 
         .collect()
         .item()
     )
-    base = dict(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2, ctr_windows=windows)
+    base = dict(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2)
     prepare(tiny_pipeline / "raw", tmp_path / "whole", PrepareOptions(**base))
     seen = []
     real = prep._chunked

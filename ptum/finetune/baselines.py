@@ -1,0 +1,253 @@
+"""The simple baselines a practitioner tries first, as methods of the fine-tuning grid.
+
+Each baseline runs on exactly the split, training subset and repeat of the neural cells it is
+compared with, chooses its own hyper-parameters on the validation split (by the same selection
+metric as the neural models), and scores the test split once. Results have the neural cells'
+shape: `{"valid": {...}, "test": {...}, "pred": {...}, "chosen": {...}}`.
+
+Demo (label of a user):
+    majority   the training subset's most frequent class.
+    tfidf_lr   TF-IDF over the bag of items of the user's behavior window (the same window the
+               user models see), logistic regression; C and class weighting chosen on valid.
+
+CTR (click on an impression). Every feature of an impression is computed from data strictly
+before its window: the history sequences end where the window starts, popularity counts the
+behaviors before the window, and the click-rate features of a test impression use only the
+training subset's labels (the CTR-train window precedes the test window). Click-rate features of
+a *training* impression are computed out-of-fold (5 folds), so a row never sees its own label.
+    popularity   the candidate's number of behaviors before the window (label-free).
+    item_ctr     the candidate's smoothed click rate in the training subset.
+    user_ctr     the user's smoothed click rate in the training subset.
+    feature_lr   logistic regression on log popularity, item and user click rates and the
+                 share of the candidate's tokens found in the user's history titles.
+    id_lr        logistic regression on one-hot user id + item id (a factorization-free
+                 "who clicks what" model).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import numpy as np
+from scipy import sparse
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.feature_extraction.text import TfidfTransformer
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from ptum.finetune.data import CtrTask, DemoTask
+from ptum.finetune.metrics import accuracy, average_precision, macro_f1, roc_auc
+from ptum.pretrain.data import Corpus
+
+DEMO_BASELINES = ("majority", "tfidf_lr")
+CTR_BASELINES = ("popularity", "item_ctr", "user_ctr", "feature_lr", "id_lr")
+C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+SMOOTHING_GRID = (1.0, 10.0, 100.0)
+_OOF_FOLDS = 5
+
+
+def _logreg(c: float, class_weight: str | None, seed: int) -> LogisticRegression:
+    return LogisticRegression(C=c, class_weight=class_weight, max_iter=2000, random_state=seed)
+
+
+def _fit(model: LogisticRegression, x, y: np.ndarray) -> LogisticRegression:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        return model.fit(x, y)
+
+
+# ---------------------------------------------------------------- demographic
+
+
+def bag_of_items(corpus: Corpus) -> sparse.csr_matrix:
+    """(U, N + 1) counts of each item in each user's (truncated, padded) sequence."""
+    u, pos = np.nonzero(corpus.items > 0)
+    return sparse.csr_matrix(
+        (np.ones(len(u)), (u, corpus.items[u, pos])),
+        shape=(corpus.items.shape[0], corpus.tokens.shape[0]),
+    )
+
+
+def _demo_scores(y: np.ndarray, pred: np.ndarray, n_classes: int) -> dict[str, float]:
+    return {"acc": accuracy(y, pred), "macro_f1": macro_f1(y, pred, n_classes)}
+
+
+def run_demo_baseline(
+    name: str, task: DemoTask, label: str, ratio: float, *, select: str, seed: int
+) -> dict:
+    """One Demo baseline cell on `task`'s current split (see DemoTask.resplit)."""
+    y, classes = task.labels[label]
+    k = len(classes)
+    train = np.flatnonzero(task.subsets[ratio] & (y >= 0))
+    valid = np.flatnonzero((task.split == "valid") & (y >= 0))
+    test = np.flatnonzero((task.split == "test") & (y >= 0))
+    if name == "majority":
+        majority = int(np.bincount(y[train], minlength=k).argmax())
+
+        def predict(rows: np.ndarray) -> np.ndarray:
+            return np.full(len(rows), majority)
+
+        chosen: dict = {"class": classes[majority]}
+    elif name == "tfidf_lr":
+        tfidf = TfidfTransformer(sublinear_tf=True).fit(bag_of_items(task.corpus)[train])
+        x = tfidf.transform(bag_of_items(task.corpus))
+        best = None
+        for c in C_GRID:
+            for weight in (None, "balanced"):
+                model = _fit(_logreg(c, weight, seed), x[train], y[train])
+                s = _demo_scores(y[valid], model.predict(x[valid]), k)[select]
+                if best is None or s > best[0]:
+                    best = (s, model, {"C": c, "class_weight": weight or "none"})
+        _, model, chosen = best
+
+        def predict(rows: np.ndarray) -> np.ndarray:
+            return model.predict(x[rows]) if len(rows) else np.zeros(0, dtype=np.int64)
+
+    else:
+        raise ValueError(f"unknown Demo baseline {name!r}; choose from {list(DEMO_BASELINES)}")
+    pred = predict(test)
+    return {
+        "valid": _demo_scores(y[valid], predict(valid), k),
+        "test": _demo_scores(y[test], pred, k),
+        "pred": {"row": test.tolist(), "y": y[test].tolist(), "pred": np.asarray(pred).tolist()},
+        "chosen": chosen,
+        "n_train": len(train),
+        "n_valid": len(valid),
+        "n_test": len(test),
+    }
+
+
+# ---------------------------------------------------------------- CTR
+
+
+def token_overlap(task: CtrTask) -> np.ndarray:
+    """Share of the candidate's tokens that occur in the user's history titles, per impression
+    (label-free; the history ends where the impression's window starts)."""
+    d = task.data
+    tokens = d.hist_train.tokens.numpy()
+    out = np.zeros(len(d.item))
+    for hist, is_test in ((d.hist_train, False), (d.hist_test, True)):
+        idx = np.flatnonzero((d.window == "test") == is_test)
+        seen = [
+            np.unique(tokens[hist.items[u, : hist.lengths[u]]]) for u in range(len(hist.user_ids))
+        ]
+        for i in idx:
+            cand = tokens[d.item[i]]
+            cand = cand[cand != 0]
+            out[i] = np.isin(cand, seen[d.row[i]]).mean() if len(cand) else 0.0
+    return out
+
+
+def _rate(keys: np.ndarray, clicked: np.ndarray, fit: np.ndarray, at: np.ndarray, a: float):
+    """Smoothed click rate of keys[at] from the impressions `fit` (prior = their mean)."""
+    n = int(keys.max()) + 1
+    clicks = np.bincount(keys[fit], weights=clicked[fit], minlength=n)
+    shown = np.bincount(keys[fit], minlength=n)
+    prior = clicked[fit].mean() if len(fit) else 0.0
+    return (clicks[keys[at]] + a * prior) / (shown[keys[at]] + a)
+
+
+def _rate_feature(
+    keys: np.ndarray, clicked: np.ndarray, train: np.ndarray, a: float, seed: int
+) -> np.ndarray:
+    """Click-rate feature of every impression: out-of-fold for the training rows, from all
+    training rows for every other row (valid, test)."""
+    out = _rate(keys, clicked, train, np.arange(len(keys)), a)
+    fold = np.random.default_rng(seed).integers(0, _OOF_FOLDS, len(train))
+    for f in range(_OOF_FOLDS):
+        out[train[fold == f]] = _rate(keys, clicked, train[fold != f], train[fold == f], a)
+    return out
+
+
+def ctr_features(task: CtrTask, train: np.ndarray, a: float, seed: int) -> np.ndarray:
+    """(n_impressions, 4) features of feature_lr: log popularity share, item click rate, user
+    click rate, token overlap."""
+    d = task.data
+    is_test = d.window == "test"
+    pop = np.where(is_test, task.popularity_test[d.item], task.popularity_train[d.item])
+    total = np.where(is_test, task.popularity_test.sum(), task.popularity_train.sum())
+    _, user_keys = np.unique(task.users, return_inverse=True)
+    return np.column_stack(
+        [
+            np.log((pop + 1.0) / (total + len(task.popularity_test))),
+            _rate_feature(d.item, d.clicked, train, a, seed),
+            _rate_feature(user_keys, d.clicked, train, a, seed),
+            task_overlap(task),
+        ]
+    )
+
+
+_OVERLAP: dict[int, np.ndarray] = {}
+
+
+def task_overlap(task: CtrTask) -> np.ndarray:
+    """token_overlap, computed once per loaded task (it does not depend on the split)."""
+    key = id(task.data.item)
+    if key not in _OVERLAP:
+        _OVERLAP[key] = token_overlap(task)
+    return _OVERLAP[key]
+
+
+def _ctr_scores(y: np.ndarray, s: np.ndarray) -> dict[str, float]:
+    return {"auc": roc_auc(y, s), "ap": average_precision(y, s)}
+
+
+def run_ctr_baseline(name: str, task: CtrTask, ratio: float, *, seed: int) -> dict:
+    """One CTR baseline cell on `task`'s current split (see CtrTask.resplit)."""
+    d = task.data
+    y = d.clicked
+    train = np.flatnonzero(task.subsets[ratio])
+    valid = np.flatnonzero(d.window == "valid")
+    test = np.flatnonzero(d.window == "test")
+    _, user_keys = np.unique(task.users, return_inverse=True)
+    candidates: list[tuple[dict, Callable[[np.ndarray], np.ndarray]]] = []
+    if name == "popularity":
+        pop = np.where(
+            d.window == "test", task.popularity_test[d.item], task.popularity_train[d.item]
+        )
+        candidates.append(({}, lambda rows: pop[rows]))
+    elif name in ("item_ctr", "user_ctr"):
+        keys = d.item if name == "item_ctr" else user_keys
+        for a in SMOOTHING_GRID:
+            candidates.append(({"a": a}, lambda rows, a=a: _rate(keys, y, train, rows, a)))
+    elif name == "feature_lr":
+        for a in SMOOTHING_GRID:
+            x = ctr_features(task, train, a, seed)
+            scaler = StandardScaler().fit(x[train])
+            xs = scaler.transform(x)
+            for c in C_GRID:
+                model = _fit(_logreg(c, None, seed), xs[train], y[train])
+                candidates.append(
+                    ({"a": a, "C": c}, lambda rows, m=model, xs=xs: m.decision_function(xs[rows]))
+                )
+    elif name == "id_lr":
+        n_users = int(user_keys.max()) + 1
+        rows_all = np.arange(len(y))
+        x = sparse.csr_matrix(
+            (
+                np.ones(2 * len(y)),
+                (
+                    np.concatenate([rows_all, rows_all]),
+                    np.concatenate([user_keys, n_users + d.item]),
+                ),
+            ),
+            shape=(len(y), n_users + int(d.item.max()) + 1),
+        )
+        for c in C_GRID:
+            model = _fit(_logreg(c, None, seed), x[train], y[train])
+            candidates.append(({"C": c}, lambda rows, m=model: m.decision_function(x[rows])))
+    else:
+        raise ValueError(f"unknown CTR baseline {name!r}; choose from {list(CTR_BASELINES)}")
+    best = max(candidates, key=lambda cand: roc_auc(y[valid], cand[1](valid)))
+    chosen, score = best
+    s = np.round(np.asarray(score(test), dtype=np.float64), 6)  # as saved, so recomputable
+    return {
+        "valid": _ctr_scores(y[valid], score(valid)),
+        "test": _ctr_scores(y[test], s),
+        "pred": {"row": test.tolist(), "y": y[test].tolist(), "score": s.tolist()},
+        "chosen": chosen,
+        "n_train": len(train),
+        "n_valid": len(valid),
+        "n_test": len(test),
+    }

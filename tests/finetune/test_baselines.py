@@ -1,0 +1,141 @@
+"""Baselines and resampled splits: same split for every method of a repeat, new split per
+repeat, and no baseline sees a test label or data from after an impression's window."""
+
+from dataclasses import replace
+
+import numpy as np
+import polars as pl
+import pytest
+
+from ptum.data.prepare import split_labels
+from ptum.finetune.baselines import (
+    CTR_BASELINES,
+    DEMO_BASELINES,
+    ctr_features,
+    run_ctr_baseline,
+    run_demo_baseline,
+)
+from ptum.finetune.data import load_ctr, load_demo
+from ptum.finetune.grid import SplitSpec, run_grid
+from ptum.finetune.train import CellOptions
+
+RATIOS = [0.2, 0.5, 1.0]
+
+
+@pytest.fixture(scope="module")
+def demo(tiny_pipeline):
+    return load_demo(tiny_pipeline / "prepared", tiny_pipeline / "tokenized", 20, RATIOS)
+
+
+@pytest.fixture(scope="module")
+def ctr(tiny_pipeline):
+    return load_ctr(tiny_pipeline / "prepared", tiny_pipeline / "tokenized", 20, RATIOS)
+
+
+def test_demo_resplit_is_prepares_split_with_the_repeat_seed(demo):
+    a, b = demo.resplit(101, (0.8, 0.1, 0.1)), demo.resplit(102, (0.8, 0.1, 0.1))
+    assert (a.split != b.split).any()
+    assert (a.split == demo.resplit(101, (0.8, 0.1, 0.1)).split).all()
+    ref = split_labels(
+        pl.DataFrame({"user_id": demo.corpus.user_ids}), (0.8, 0.1, 0.1), tuple(RATIOS), 101
+    )
+    assert (a.split == ref["split"].to_numpy()).all()
+    for r, lo in zip(RATIOS, RATIOS[1:]):  # nested subsets of the train split
+        assert (a.subsets[r] <= a.subsets[lo]).all()
+    assert (a.subsets[1.0] == (a.split == "train")).all()
+
+
+def test_ctr_resplit_keeps_the_test_window_and_redraws_train_valid(ctr):
+    a, b = ctr.resplit(101, 0.1), ctr.resplit(102, 0.1)
+    assert ((a.data.window == "test") == (ctr.data.window == "test")).all()
+    assert ((a.data.window == "test") == (b.data.window == "test")).all()
+    assert (a.data.window != b.data.window).any()
+    assert not (a.subsets[1.0] & (a.data.window != "train")).any()
+
+
+def test_grid_gives_every_method_of_a_repeat_the_same_split(tiny_pipeline, tmp_path):
+    d = tiny_pipeline
+    runs = run_grid(
+        task="demo",
+        labels=None,
+        models=[],
+        modes=[],
+        ratios=RATIOS,
+        repeats=2,
+        seed=100,
+        opts=CellOptions(),
+        demo_select="acc",
+        prepared=d / "prepared",
+        tokenized=d / "tokenized",
+        max_len=20,
+        ckpt_root=tmp_path,
+        cache_dir=tmp_path / "cache",
+        workers=1,
+        split=SplitSpec(),
+    )
+    rows = {(r["model"], r["label"], r["ratio"], r["seed"]): r["pred"]["row"] for r in runs}
+    assert {m for m, *_ in rows} == set(DEMO_BASELINES)
+    for (_m, label, _ratio, seed), test_rows in rows.items():
+        assert test_rows == rows[("majority", label, 0.2, seed)]
+    assert rows[("tfidf_lr", "gender", 0.2, 100)] != rows[("tfidf_lr", "gender", 0.2, 101)]
+
+
+def _flip_test_labels(task):
+    d = task.data
+    clicked = np.where(d.window == "test", 1 - d.clicked, d.clicked)
+    return replace(task, data=replace(d, clicked=clicked))
+
+
+def test_ctr_features_never_use_test_labels(ctr):
+    task = ctr.resplit(100, 0.1)
+    train = np.flatnonzero(task.subsets[0.5])
+    x = ctr_features(task, train, 10.0, seed=0)
+    flipped = ctr_features(_flip_test_labels(task), train, 10.0, seed=0)
+    np.testing.assert_array_equal(x, flipped)
+
+
+def test_training_rows_never_see_their_own_label(ctr):
+    """Out-of-fold click rates: flipping one training label leaves its own features unchanged."""
+    task = ctr.resplit(100, 0.1)
+    train = np.flatnonzero(task.subsets[1.0])
+    i = train[3]
+    d = task.data
+    clicked = d.clicked.copy()
+    clicked[i] = 1 - clicked[i]
+    other = replace(task, data=replace(d, clicked=clicked))
+    a, b = ctr_features(task, train, 10.0, seed=0), ctr_features(other, train, 10.0, seed=0)
+    np.testing.assert_array_equal(a[i], b[i])
+    assert not np.array_equal(a, b)  # the others do see it
+
+
+@pytest.mark.parametrize("name", CTR_BASELINES)
+def test_ctr_baseline_scores_ignore_test_labels(ctr, name):
+    task = ctr.resplit(100, 0.1)
+    a = run_ctr_baseline(name, task, 0.5, seed=100)
+    b = run_ctr_baseline(name, _flip_test_labels(task), 0.5, seed=100)
+    assert a["pred"]["score"] == b["pred"]["score"]
+    assert a["chosen"] == b["chosen"]
+    assert a["test"]["auc"] == pytest.approx(1 - b["test"]["auc"])
+
+
+def test_popularity_counts_only_behaviors_before_the_window(tiny_pipeline, ctr):
+    seqs = pl.read_parquet(tiny_pipeline / "prepared" / "sequences.parquet")
+    imps = pl.read_parquet(tiny_pipeline / "prepared" / "impressions.parquet")
+    t_test = imps.filter(pl.col("window") == "test")["timestamp"].min()
+    t_train = imps.filter(pl.col("window") != "test")["timestamp"].min()
+    for view, t in (("before_test", t_test), ("before_train", t_train)):
+        ts = seqs.filter(pl.col("view") == view)["timestamps"].explode().drop_nulls()
+        assert ts.max() < t
+    assert ctr.popularity_test.sum() >= ctr.popularity_train.sum() > 0
+
+
+@pytest.mark.parametrize("name", DEMO_BASELINES)
+def test_demo_baselines_choose_on_validation_only(demo, name):
+    task = demo.resplit(100, (0.8, 0.1, 0.1))
+    y, classes = task.labels["gender"]
+    y2 = np.where(task.split == "test", (y + 1) % len(classes), y)
+    other = replace(task, labels={**task.labels, "gender": (y2, classes)})
+    a = run_demo_baseline(name, task, "gender", 1.0, select="macro_f1", seed=0)
+    b = run_demo_baseline(name, other, "gender", 1.0, select="macro_f1", seed=0)
+    assert a["chosen"] == b["chosen"] and a["pred"]["pred"] == b["pred"]["pred"]
+    assert a["pred"]["y"] != b["pred"]["y"]

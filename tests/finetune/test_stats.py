@@ -1,0 +1,115 @@
+"""The grid's statistics, checked against reference implementations (scipy, statsmodels)."""
+
+import numpy as np
+import pytest
+from scipy import stats
+from statsmodels.stats.multitest import multipletests
+
+from ptum.finetune.metrics import accuracy, average_precision, macro_f1, roc_auc
+from ptum.finetune.stats import (
+    Predictions,
+    bootstrap_ci,
+    holm,
+    interaction_test,
+    paired_test,
+    per_user_auc,
+    weighted_ap,
+    weighted_auc,
+)
+from ptum.finetune.stats import metric_values as values
+
+
+def _data(n=300, seed=0, ties=False):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    s = y * 0.8 + rng.normal(size=n)
+    if ties:
+        s = np.round(s, 1)
+    return y, s
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_unit_weights_reproduce_the_plain_metrics(ties):
+    y, s = _data(ties=ties)
+    w = np.ones((1, len(y)))
+    assert weighted_auc(y, s, w)[0] == pytest.approx(roc_auc(y, s), abs=1e-12)
+    assert weighted_ap(y, s, w)[0] == pytest.approx(average_precision(y, s), abs=1e-12)
+    pred = (s > 0.4).astype(int) + (s > 1.5)
+    yk = y + (s > 2)
+    assert values("acc", yk, pred, w)[0] == pytest.approx(accuracy(yk, pred))
+    assert values("macro_f1", yk, pred, w, 3)[0] == pytest.approx(macro_f1(yk, pred, 3))
+
+
+def test_integer_weights_equal_repeating_the_examples():
+    y, s = _data(n=80, seed=1, ties=True)
+    w = np.random.default_rng(2).integers(0, 3, len(y))
+    rep_y, rep_s = np.repeat(y, w), np.repeat(s, w)
+    assert weighted_auc(y, s, w[None])[0] == pytest.approx(roc_auc(rep_y, rep_s), abs=1e-12)
+    assert weighted_ap(y, s, w[None])[0] == pytest.approx(
+        average_precision(rep_y, rep_s), abs=1e-12
+    )
+    pred = (s > 0.4).astype(int)
+    assert values("macro_f1", y, pred, w[None], 2)[0] == pytest.approx(
+        macro_f1(rep_y, np.repeat(pred, w), 2)
+    )
+
+
+def test_bootstrap_ci_matches_scipy_percentile_bootstrap():
+    """One repeat, one example per user: our resampling is scipy's percentile bootstrap."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 3, 400)
+    pred = np.where(rng.random(400) < 0.6, y, rng.integers(0, 3, 400))
+    p = Predictions(y, pred, np.arange(400).astype(str))
+    lo, hi = bootstrap_ci([p], "acc", n_boot=4000, seed=0)
+    ref = stats.bootstrap(
+        ((y == pred).astype(float),),
+        np.mean,
+        n_resamples=4000,
+        method="percentile",
+        random_state=0,
+    ).confidence_interval
+    assert lo == pytest.approx(ref.low, abs=0.01)
+    assert hi == pytest.approx(ref.high, abs=0.01)
+    assert lo < accuracy(y, pred) < hi
+
+
+def test_bootstrap_resamples_users_not_impressions():
+    """Impressions of one user move together: with users whose impressions are all alike,
+    the CI is wider than when each impression is its own unit."""
+    rng = np.random.default_rng(4)
+    n_users, per_user = 40, 25
+    user_effect = rng.normal(size=n_users)
+    users = np.repeat(np.arange(n_users), per_user)
+    y = (rng.random(len(users)) < 1 / (1 + np.exp(-2 * user_effect[users]))).astype(int)
+    s = user_effect[users] + 0.1 * rng.normal(size=len(users))
+    by_user = bootstrap_ci([Predictions(y, s, users)], "auc", n_boot=500, seed=0)
+    by_imp = bootstrap_ci([Predictions(y, s, np.arange(len(y)))], "auc", n_boot=500, seed=0)
+    assert by_user[1] - by_user[0] > 1.5 * (by_imp[1] - by_imp[0])
+
+
+def test_holm_equals_statsmodels():
+    p = np.array([0.01, 0.04, 0.03, 0.005, 0.5, 0.2])
+    np.testing.assert_allclose(holm(p), multipletests(p, method="holm")[1])
+    with_nan = holm([0.01, np.nan, 0.04])
+    assert np.isnan(with_nan[1])
+    np.testing.assert_allclose(with_nan[[0, 2]], multipletests([0.01, 0.04], method="holm")[1])
+
+
+def test_paired_and_interaction_tests_are_scipy_t_tests():
+    rng = np.random.default_rng(5)
+    a, b = rng.normal(size=10) + 0.5, rng.normal(size=10)
+    t = paired_test(a, b)
+    assert t["p_ttest"] == pytest.approx(stats.ttest_rel(a, b).pvalue)
+    assert t["wins"] == int((a > b).sum()) and t["n"] == 10
+    ft_lo, sc_lo, ft_hi, sc_hi = (rng.normal(size=10) for _ in range(4))
+    i = interaction_test(ft_lo + 1, sc_lo, ft_hi, sc_hi)
+    dd = (ft_lo + 1 - sc_lo) - (ft_hi - sc_hi)
+    assert i["mean_diff"] == pytest.approx(dd.mean())
+    assert i["p_ttest"] == pytest.approx(stats.ttest_1samp(dd, 0).pvalue)
+
+
+def test_per_user_auc_skips_users_with_one_class():
+    y = np.array([1, 0, 1, 0, 1, 1, 0, 0])
+    s = np.array([0.9, 0.1, 0.2, 0.8, 0.5, 0.6, 0.3, 0.4])
+    u = np.array(["a", "a", "b", "b", "c", "c", "d", "d"])  # c: clicks only, d: none
+    assert per_user_auc(y, s, u) == pytest.approx((1.0 + 0.0) / 2)
