@@ -1,4 +1,9 @@
-"""Stage `pretrain`: load the corpus, build the model config, train, write metrics and plots."""
+"""Stage `pretrain`: load the corpus, build the model config, train, write metrics and plots.
+
+With `pretrain.behavior_encoder: hybrid` the architecture's own text encoder is combined with an
+item-id embedding whose vocabulary (items with >= id_min_count training behaviors) is built here
+from the training users and saved with the checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,10 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ptum.config import PretrainConfig, to_dict
+from ptum.models.behavior import ID_MIN_COUNT
 from ptum.models.user_model import ARCHITECTURES, ModelConfig
-from ptum.pretrain.data import file_digest, load_corpus, tokenizer_digest
+from ptum.pretrain.data import Corpus, file_digest, load_corpus, tokenizer_digest
+from ptum.pretrain.id_vocab import IdVocab, build_id_vocab, item_texts
 from ptum.pretrain.train import TrainOptions, pick_device, pretrain
 
 
@@ -29,19 +36,28 @@ def model_config(
     max_tokens: int,
     max_behaviors: int,
     num_items: int,
+    id_vocab: int = 0,
 ) -> ModelConfig:
+    """The model of `arch` with pretrain.model's sizes; id_vocab = rows of the hybrid encoder's
+    id embedding (`IdVocab.size`), ignored by the other encoders."""
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}")
-    behavior, user = ARCHITECTURES[arch]
-    return ModelConfig(
-        behavior_encoder=cfg.behavior_encoder or behavior,
-        user_encoder=user,
+    hybrid = {"id_vocab": id_vocab} if cfg.behavior_encoder == "hybrid" else {}
+    return ModelConfig.for_architecture(
+        arch,
+        behavior_encoder=cfg.behavior_encoder,
         vocab_size=vocab_size,
         max_tokens=max_tokens,
         max_behaviors=max_behaviors,
         num_items=num_items,
+        **hybrid,
         **to_dict(cfg.model),
     )
+
+
+def corpus_id_vocab(prepared: Path, train: Corpus, min_count: int) -> IdVocab:
+    """The id vocabulary of the pre-training corpus `train` (training users only)."""
+    return build_id_vocab(train.items, item_texts(prepared), train.tokens, min_count)
 
 
 def run_stage(
@@ -75,14 +91,17 @@ def run_stage(
     train = load_corpus(prepared, tokenized, "train", max_behaviors)
     valid = load_corpus(prepared, tokenized, "valid", max_behaviors)
     tok_report = json.loads((tokenized / "report.json").read_text())
-    config = model_config(
-        cfg,
-        arch,
+    sizes = dict(
         vocab_size=int(tok_report["vocab_size"]),
         max_tokens=int(train.tokens.shape[1]),
         max_behaviors=max_behaviors,
         num_items=train.num_items + 1,
     )
+    id_vocab = None
+    if cfg.behavior_encoder == "hybrid":
+        min_count = to_dict(cfg.model).get("id_min_count", ID_MIN_COUNT)
+        id_vocab = corpus_id_vocab(prepared, train, min_count)
+    config = model_config(cfg, arch, **sizes, id_vocab=id_vocab.size if id_vocab else 0)
     if config.behavior_encoder == "id":
         # The id encoder reads the item id itself as its single "token".
         import torch
@@ -107,6 +126,7 @@ def run_stage(
         out_dir=out_dir,
         meta=meta,
         device=device,
+        id_vocab=id_vocab,
     )
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:

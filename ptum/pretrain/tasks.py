@@ -21,6 +21,8 @@ def encode_ids(
 ) -> list[Tensor]:
     """Behavior vectors for several id tensors at once.
 
+    The item ids go to the model with their token rows (the hybrid encoder reads both).
+
     Args:
         tokens: (N + 1, T) token matrix on the model's device.
         ids: item-id tensors of any shapes.
@@ -32,10 +34,10 @@ def encode_ids(
     if unique:
         uniq, inverse = torch.unique(flat, return_inverse=True)
         tok = _trim(tokens[uniq])  # (U, T')
-        vecs = model.encode_items(tok, tok != 0)[inverse]  # (sum, D)
+        vecs = model.encode_items(tok, tok != 0, uniq)[inverse]  # (sum, D)
     else:
         tok = _trim(tokens[flat])
-        vecs = model.encode_items(tok, tok != 0)
+        vecs = model.encode_items(tok, tok != 0, flat)
     out, start = [], 0
     for i in ids:
         n = i.numel()

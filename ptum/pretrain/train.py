@@ -24,6 +24,7 @@ import torch.distributed as dist
 from ptum import checkpoint
 from ptum.models.user_model import ModelConfig, UserModel
 from ptum.pretrain.data import Batch, Corpus, epoch_order, make_batch, step_rng
+from ptum.pretrain.id_vocab import IdVocab
 from ptum.pretrain.tasks import ptum_step
 
 
@@ -135,10 +136,13 @@ def pretrain(
     resume: bool = True,
     log=print,
     on_epoch: Callable[[int, UserModel, dict], None] | None = None,
+    id_vocab: IdVocab | None = None,
 ) -> dict[str, Any]:
     """Pre-train a user model; checkpoints every epoch in out_dir (and on SIGTERM/SIGINT).
 
     Returns the final metrics. `meta` (tokenizer/data hashes, params) is stored in checkpoints.
+    `id_vocab` is required by (and only used with) the hybrid behavior encoder; a checkpoint
+    built on another vocabulary is refused rather than resumed.
     `on_epoch(epoch, model, metrics)` runs after each epoch's checkpoint (rank 0 sees the same
     model as every rank); an exception it raises (e.g. optuna.TrialPruned) ends training.
     """
@@ -147,7 +151,16 @@ def pretrain(
     if opts.batch_size % world:
         raise ValueError(f"pretrain.batch_size {opts.batch_size} must divide by {world} processes")
     torch.manual_seed(opts.seed)
-    model = UserModel(config=config).to(device)
+    model = UserModel(config=config)
+    if model.uses_item_ids:
+        if id_vocab is None or id_vocab.size != config.id_vocab:
+            raise ValueError(
+                "the hybrid behavior encoder needs the id_vocab its config was sized by"
+            )
+        model.behavior_encoder.set_id_index(id_vocab.id_index())
+    else:
+        id_vocab = None
+    model = model.to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
     eligible = np.flatnonzero(train.lengths >= 2)
     steps_per_epoch = math.ceil(len(eligible) / opts.batch_size)
@@ -160,6 +173,7 @@ def pretrain(
             tokenizer_sha256=meta.get("tokenizer_sha256"),
             expect_config=config,
             with_optimizer=True,
+            id_vocab_sha256=id_vocab.sha256 if id_vocab is not None else None,
         )
         saved = loaded.meta
         if saved.get("train_options") != asdict(opts) or saved.get("data_sha256") != meta.get(
@@ -199,6 +213,7 @@ def pretrain(
                     "complete": ep >= opts.epochs,
                 },
                 opt,
+                id_vocab=id_vocab,
             )
         if ddp:
             dist.barrier()
