@@ -10,6 +10,9 @@ builds each user's sequence exactly as prepare + pretrain do, and runs the ONNX 
                 truncation, bucketed floor(log2(gap + 1)) clamped to [0, 31]
     positions   recency rank, 0 = most recent
     tokens      SentencePiece ids of the stripped text (the exported spm.model), first max_tokens
+    item_ids    hybrid behavior encoder only: the text's id in the exported id_vocab.json
+                (texts[i] -> i + 2); a text it does not hold (rare in pre-training, or new) gets
+                the shared UNKNOWN id 1, so a new item is its text vector plus the unknown vector
 
 Writes a Parquet file sorted by user_id: user_id, vector list[float32], and for every
 `demo_<label>.onnx` in the model dir: <label> (predicted class) and <label>_probs list[float32].
@@ -20,6 +23,7 @@ Only NumPy, Polars, SentencePiece and onnxruntime run here: this module must nev
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -36,6 +40,7 @@ from ptum.hashing import sha256_file
 from ptum.tokenize import PAD_ID, encode
 
 NUM_GAP_BUCKETS = 32
+PAD_ID_ROW, UNKNOWN_ID = 0, 1  # ptum.models.behavior.PAD_ROW / UNKNOWN_ROW (no torch import here)
 _THRESHOLDS = 2 ** np.arange(1, NUM_GAP_BUCKETS, dtype=np.int64)  # 2, 4, ..., 2^31
 
 
@@ -125,6 +130,32 @@ def user_sequences(behaviors: pl.DataFrame, max_behaviors: int) -> Sequences:
     )
 
 
+def text_ids(texts: list[str], vocab_texts: list[str]) -> np.ndarray:
+    """(len(texts) + 1,) int64: the exported id of each log item (0 = padding item), i.e.
+    i + 2 where texts[j] == vocab_texts[i], UNKNOWN_ID where the vocabulary lacks the text."""
+    vocab = pl.DataFrame({"text": vocab_texts, "id": np.arange(2, len(vocab_texts) + 2)})
+    found = (
+        pl.DataFrame({"text": texts})
+        .with_row_index("j")
+        .join(vocab, on="text", how="left")
+        .sort("j")  # joins do not promise row order
+    )
+    ids = found["id"].fill_null(UNKNOWN_ID).to_numpy().astype(np.int64)
+    return np.concatenate([[PAD_ID_ROW], ids]).astype(np.int64)
+
+
+def read_id_vocab(model_dir: Path, sha256: str) -> list[str]:
+    """The texts of an export's id_vocab.json, checked against the ONNX metadata's hash."""
+    path = model_dir / "id_vocab.json"
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ValueError(
+            f"{path}: not the id vocabulary the ONNX model was exported with "
+            "(sha256 differs from its metadata); re-run `ptum export`"
+        )
+    return json.loads(data)["texts"]
+
+
 def batch_inputs(
     seqs: Sequences,
     token_matrix: np.ndarray,
@@ -134,14 +165,17 @@ def batch_inputs(
     *,
     max_behaviors: int | None,
     max_tokens: int | None,
+    item_ids: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """Model inputs for users lo..hi-1, right-padded.
 
     max_behaviors / max_tokens: pad L / T to this size (a static dim of the export), or None to
     pad to the batch's longest.
+    item_ids: (len(texts) + 1,) the exported id of each log item (`text_ids`), for a hybrid
+    encoder's export; None for the others.
 
     Returns tokens (B, L, T) int64, token_mask (B, L, T) bool, mask (B, L) bool,
-    positions (B, L) int64, gap_buckets (B, L) int64.
+    positions (B, L) int64, gap_buckets (B, L) int64, and with `item_ids` item_ids (B, L) int64.
     """
     r0, r1 = seqs.offsets[lo], seqs.offsets[hi]
     lengths = np.diff(seqs.offsets[lo : hi + 1])  # (B,)
@@ -157,13 +191,16 @@ def batch_inputs(
     buckets[owner, slot] = gap_buckets(seqs.gaps[r0:r1])
     T = max_tokens or max(int(token_lengths[items].max()), 1)
     tokens = token_matrix[items][..., :T].astype(np.int64)  # (B, L, T); item 0 = all pad
-    return dict(
+    out = dict(
         tokens=tokens,
         token_mask=tokens != PAD_ID,
         mask=np.arange(L) < lengths[:, None],
         positions=positions,
         gap_buckets=buckets,
     )
+    if item_ids is not None:
+        out["item_ids"] = item_ids[items]  # (B, L); item 0 -> padding id 0
+    return out
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -221,6 +258,9 @@ def embed(
     t_read = time.perf_counter()
     sp = spm.SentencePieceProcessor(model_file=str(spm_path))
     token_matrix, token_lengths, truncated = encode(sp, seqs.texts, max_tokens)
+    ids = None
+    if meta.get("behavior_encoder") == "hybrid":
+        ids = text_ids(seqs.texts, read_id_vocab(model_dir, meta["id_vocab_sha256"]))
     U = len(seqs.user_ids)
     vectors = np.zeros((U, int(meta["output_dim"])), dtype=np.float32)
     for lo in range(0, U, batch_size):
@@ -233,6 +273,7 @@ def embed(
             hi,
             max_behaviors=max_behaviors if static_l else None,
             max_tokens=max_tokens if static_t else None,
+            item_ids=ids,
         )
         vectors[lo:hi] = session.run(["user"], feed)[0]
     t_model = time.perf_counter()
@@ -269,6 +310,7 @@ def embed(
         "behaviors_used": len(seqs.items),
         "truncated_users": int((seqs.n_total > max_behaviors).sum()),
         "distinct_texts": len(seqs.texts),
+        "unknown_id_texts": None if ids is None else int((ids[1:] == UNKNOWN_ID).sum()),
         "truncated_texts": truncated,
         "dim": vectors.shape[1],
         "demographic_labels": sorted(heads),

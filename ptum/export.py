@@ -7,7 +7,14 @@ Writes into `out_dir`:
     ctr_head.onnx          user (B, D), candidate (B, D) -> score (B,) = sigmoid(user . candidate)
     demo_<label>.onnx      user (B, D) -> probs (B, C), one per fine-tuned demographic head
     spm.model              the SentencePiece model the token ids come from
+    id_vocab.json          hybrid behavior encoder only: its id vocabulary (texts[i] has id i + 2)
     export.json            what was exported, the dims, the parity check, every file's SHA-256
+
+The hybrid behavior encoder's graphs take one more input, item_ids (B, L) int64 for the user
+model and (N,) for the behavior encoder, numbered by the exported id vocabulary: i + 2 for the
+text texts[i] of id_vocab.json, 1 (UNKNOWN) for any other text, 0 for padding. Serving has no
+other item numbering, so the exported model maps ids through the identity (`serving_model`)
+where the trained one maps pre-training item ids through its `id_index`.
 
 Every ONNX file carries in its metadata_props what a consumer needs to build inputs (see
 `metadata`): tokenizer hash, max_behaviors / max_tokens, the time-gap bucketing rule, pad id,
@@ -51,7 +58,12 @@ from torch import Tensor, nn
 from ptum import __version__, checkpoint
 from ptum.hashing import sha256_file
 from ptum.heads import CtrHead, DemoHead, load_demo_heads
-from ptum.models.behavior import SelfAttnBehaviorEncoder
+from ptum.models.behavior import (
+    PAD_ROW,
+    UNKNOWN_ROW,
+    HybridBehaviorEncoder,
+    SelfAttnBehaviorEncoder,
+)
 from ptum.models.layers import NUM_GAP_BUCKETS, MultiHeadSelfAttention
 from ptum.models.user_model import ModelConfig, UserModel
 from ptum.tokenize import PAD_ID
@@ -62,6 +74,10 @@ from ptum.tokenize import PAD_ID
 ATTENTION_OPSET = 23
 
 USER_INPUTS = ("tokens", "token_mask", "mask", "positions", "gap_buckets")
+ID_RULE = (
+    f"item_ids: i + 2 for the text texts[i] of id_vocab.json, {UNKNOWN_ROW} for any other text "
+    f"(unknown), {PAD_ROW} for padded behaviors"
+)
 GAP_BUCKET_RULE = (
     "floor(log2(gap_seconds+1)) clamped to [0,31]; gap_seconds = seconds since the user's "
     "previous behavior (0 for the first), computed before keeping the last max_behaviors"
@@ -70,16 +86,22 @@ GAP_BUCKET_RULE = (
 CHECK_RTOL, CHECK_ATOL = 1e-3, 1e-5
 
 
+def user_inputs(config: ModelConfig) -> tuple[str, ...]:
+    """Input names of user_model.onnx: USER_INPUTS, plus item_ids for the hybrid encoder."""
+    return USER_INPUTS + (("item_ids",) if config.behavior_encoder == "hybrid" else ())
+
+
 def static_lengths(config: ModelConfig) -> tuple[bool, bool]:
     """(L static, T static): which sequence dims must be exported (and served) at their maximum.
 
-    T: an LSTM runs over tokens ("lstm" behavior encoder); the "id" encoder's T is its single
-    item-id column. L: an LSTM (HAN) or GRU (GRU4Rec) runs over behaviors. Measured on torch 2.13:
-    the LSTM graphs export with symbolic dims but fail in onnxruntime at any other length
-    (an Expand keeps the example length); the GRU graph runs but its value_info records the
-    example length, so it is kept static as well rather than trusted.
+    T: an LSTM runs over tokens ("lstm" behavior encoder, or a hybrid wrapping it); the "id"
+    encoder's T is its single item-id column. L: an LSTM (HAN) or GRU (GRU4Rec) runs over
+    behaviors. Measured on torch 2.13: the LSTM graphs export with symbolic dims but fail in
+    onnxruntime at any other length (an Expand keeps the example length); the GRU graph runs but
+    its value_info records the example length, so it is kept static as well rather than trusted.
     """
-    return config.user_encoder in ("han", "gru4rec"), config.behavior_encoder in ("lstm", "id")
+    text = config.hybrid_text if config.behavior_encoder == "hybrid" else config.behavior_encoder
+    return config.user_encoder in ("han", "gru4rec"), text in ("lstm", "id")
 
 
 file_sha256 = sha256_file  # kept as this module's public name
@@ -93,10 +115,17 @@ def metadata(
     data_version: str,
     params: Mapping[str, Any],
     opset: int,
+    id_vocab_sha256: str = "",
 ) -> dict[str, str]:
-    """The metadata_props stored in every exported ONNX model (all values are strings)."""
+    """The metadata_props stored in every exported ONNX model (all values are strings).
+
+    id_vocab_sha256: the hybrid encoder's exported id_vocab.json (adds it and `item_id_rule`).
+    """
     static_l, static_t = static_lengths(config)
-    return {
+    hybrid = (
+        {"id_vocab_sha256": id_vocab_sha256, "item_id_rule": ID_RULE} if id_vocab_sha256 else {}
+    )
+    return hybrid | {
         "ptum_version": __version__,
         "architecture": architecture,
         "behavior_encoder": config.behavior_encoder,
@@ -212,7 +241,8 @@ def example_inputs(
     """Random right-padded users shaped like serving inputs (lengths = real behaviors each).
 
     Returns tokens (B, L, T), token_mask (B, L, T), mask (B, L), positions (B, L),
-    gap_buckets (B, L); padded behaviors are the all-pad item.
+    gap_buckets (B, L); padded behaviors are the all-pad item. For the hybrid encoder also
+    item_ids (B, L): pre-training item ids in [1, num_items), 0 for padded behaviors.
     """
     g = torch.Generator().manual_seed(seed)
     vocab = config.num_items if config.behavior_encoder == "id" else config.vocab_size
@@ -223,22 +253,38 @@ def example_inputs(
     tok_len = torch.randint(1, tokens + 1, (B, behaviors), generator=g) * mask  # (B, L)
     token_mask = torch.arange(tokens) < tok_len[..., None]  # (B, L, T)
     ids = torch.randint(1, max(vocab, 2), (B, behaviors, tokens), generator=g)
-    return dict(
+    out = dict(
         tokens=ids * token_mask,
         token_mask=token_mask,
         mask=mask,
         positions=torch.where(mask, n - 1 - i, 0),
         gap_buckets=torch.randint(0, NUM_GAP_BUCKETS, (B, behaviors), generator=g) * mask,
     )
+    if config.behavior_encoder == "hybrid":
+        items = torch.randint(1, max(config.num_items, 2), (B, behaviors), generator=g)
+        out["item_ids"] = items * mask
+    return out
+
+
+def serving_ids(model: UserModel, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    """`inputs` of the trained model as the exported graphs take them: a hybrid model's
+    pre-training item_ids become ids of the exported vocabulary (its `id_index` rows)."""
+    if "item_ids" not in inputs:
+        return inputs
+    return inputs | {"item_ids": model.behavior_encoder.id_index[inputs["item_ids"]]}
 
 
 def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
 
-def _parity(path: Path, fn: Any, inputs: dict[str, Tensor]) -> float:
-    """Max |onnxruntime - PyTorch| on `inputs`; raises if outside the tolerance."""
-    got = _session(path).run(None, {k: v.numpy() for k, v in inputs.items()})[0]
+def _parity(
+    path: Path, fn: Any, inputs: dict[str, Tensor], feed: dict[str, Tensor] | None = None
+) -> float:
+    """Max |onnxruntime(feed) - fn(**inputs)|, feed defaulting to inputs; raises if outside the
+    tolerance."""
+    feed = inputs if feed is None else feed
+    got = _session(path).run(None, {k: v.numpy() for k, v in feed.items()})[0]
     with torch.no_grad():
         want = fn(**inputs).numpy()
     try:
@@ -392,15 +438,25 @@ def serving_model(
 ) -> UserModel:
     """An eval-mode copy of `model` for export; the same function up to float32 rounding.
 
-    fold: the self-attention behavior encoder becomes a `FoldedSelfAttnEncoder`.
+    fold: the self-attention behavior encoder (or a hybrid's text encoder) becomes a
+        `FoldedSelfAttnEncoder`.
     fused_attention: every self-attention runs as `attention_3d` (`FusedSelfAttention`, and the
         folded encoder's own flag): needed for, and only exportable at, opset >= ATTENTION_OPSET.
-    `model` is untouched.
+    A hybrid encoder's `id_index` becomes the identity: the served model takes ids of the
+    exported id vocabulary (`serving_ids`). `model` is untouched.
     """
     served = copy.deepcopy(model).eval()
-    if fold and isinstance(served.behavior_encoder, SelfAttnBehaviorEncoder):
-        served.behavior_encoder = FoldedSelfAttnEncoder(
-            served.behavior_encoder, fused_attention=fused_attention
+    owner: nn.Module = served
+    name = "behavior_encoder"
+    if isinstance(served.behavior_encoder, HybridBehaviorEncoder):
+        hybrid = served.behavior_encoder
+        hybrid.id_index = torch.arange(hybrid.ids.num_embeddings)
+        owner, name = hybrid, "text"
+    if fold and isinstance(getattr(owner, name), SelfAttnBehaviorEncoder):
+        setattr(
+            owner,
+            name,
+            FoldedSelfAttnEncoder(getattr(owner, name), fused_attention=fused_attention),
         )
     if fused_attention:
         for parent in list(served.modules()):
@@ -509,7 +565,9 @@ def export(
         data_version=data_version,
         params=params,
         opset=opset,
+        id_vocab_sha256=loaded.id_vocab.sha256 if loaded.id_vocab is not None else "",
     )
+    inputs = user_inputs(config)
     static_l, static_t = static_lengths(config)
     max_t = 1 if config.behavior_encoder == "id" else config.max_tokens
     if (not static_l and config.max_behaviors < 2) or (not static_t and max_t < 2):
@@ -552,14 +610,13 @@ def export(
     served = serving_model(model, fold=fold, fused_attention=opset >= ATTENTION_OPSET)
     path = tmp / "user_model.onnx"
     shapes = {
-        k: {0: batch, 1: L, 2: T} if k.startswith("token") else {0: batch, 1: L}
-        for k in USER_INPUTS
+        k: {0: batch, 1: L, 2: T} if k.startswith("token") else {0: batch, 1: L} for k in inputs
     }
     _to_onnx(
         served,
-        tuple(ex[k] for k in USER_INPUTS),
+        tuple(serving_ids(model, ex)[k] for k in inputs),
         path,
-        input_names=list(USER_INPUTS),
+        input_names=list(inputs),
         output_names=["user"],
         dynamic_shapes=shapes,
         opset=opset,
@@ -567,25 +624,32 @@ def export(
     )
     _check_dims(
         path,
-        {k: [None, l_dim, t_dim] if k.startswith("token") else [None, l_dim] for k in USER_INPUTS},
+        {k: [None, l_dim, t_dim] if k.startswith("token") else [None, l_dim] for k in inputs},
     )
-    report["parity"]["user_model"] = _parity(path, model, ck)
+    report["parity"]["user_model"] = _parity(path, model, ck, serving_ids(model, ck))
 
     path = tmp / "behavior_encoder.onnx"
-    items = {k: ex[k].flatten(0, 1) for k in ("tokens", "token_mask")}  # (B * L, T)
+    item_inputs = [k for k in inputs if k in ("tokens", "token_mask", "item_ids")]
+    items = {k: serving_ids(model, ex)[k].flatten(0, 1) for k in item_inputs}  # (B * L, ...)
     _to_onnx(
         served.behavior_encoder,
-        (items["tokens"], items["token_mask"]),
+        tuple(items.values()),
         path,
-        input_names=["tokens", "token_mask"],
+        input_names=item_inputs,
         output_names=["behavior"],
-        dynamic_shapes={k: {0: torch.export.Dim("items"), 1: T} for k in items},
+        dynamic_shapes={
+            k: {0: torch.export.Dim("items"), 1: T}
+            if k != "item_ids"
+            else {0: torch.export.Dim("items")}
+            for k in items
+        },
         opset=opset,
         meta=meta,
     )
-    _check_dims(path, {k: [None, t_dim] for k in items})
+    _check_dims(path, {k: [None, t_dim] if k != "item_ids" else [None] for k in items})
+    ck_items = {k: ck[k].flatten(0, 1) for k in item_inputs}
     report["parity"]["behavior_encoder"] = _parity(
-        path, model.behavior_encoder, {k: ck[k].flatten(0, 1) for k in ("tokens", "token_mask")}
+        path, model.behavior_encoder, ck_items, serving_ids(model, ck_items)
     )
 
     report["parity"]["ctr_head"] = export_head(
@@ -612,6 +676,8 @@ def export(
         )
 
     shutil.copyfile(spm_model, tmp / "spm.model")
+    if loaded.id_vocab is not None:
+        (tmp / "id_vocab.json").write_bytes(loaded.id_vocab.to_json())
     report["files"] = {p.name: file_sha256(p) for p in sorted(tmp.iterdir())}
     report["input_dims"] = {
         p.stem: {k: "(" + ", ".join(map(str, v)) + ")" for k, v in input_dims(p).items()}

@@ -10,12 +10,16 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import sentencepiece as spm
 import torch
 
 from ptum.data.errors import DataError
-from ptum.embed import embed, gap_buckets, read_behaviors, user_sequences
+from ptum.embed import embed, gap_buckets, read_behaviors, text_ids, user_sequences
+from ptum.models.behavior import UNKNOWN_ROW
 from ptum.models.layers import time_gap_bucket
 from ptum.pretrain.data import load_corpus, recency_positions
+from ptum.pretrain.id_vocab import item_texts
+from ptum.tokenize import encode
 from tests.conftest import write_tsv
 from tests.export.conftest import AGE_CLASSES, MAX_BEHAVIORS
 
@@ -58,7 +62,7 @@ def test_sequences_match_prepare(tiny_pipeline: Path) -> None:
     assert truncated > 0  # the tiny data does exercise truncation
 
 
-@pytest.mark.parametrize("arch", ["hsa", "gru4rec"])
+@pytest.mark.parametrize("arch", ["hsa", "gru4rec", "hsa+hybrid"])
 def test_embed_matches_pytorch(arch: str, exported, tiny_pipeline: Path, tmp_path: Path) -> None:
     """embed (onnxruntime) == the model on pretrain's own inputs (load_corpus of prepare's view)."""
     ex = exported(arch)
@@ -81,6 +85,8 @@ def test_embed_matches_pytorch(arch: str, exported, tiny_pipeline: Path, tmp_pat
     )
     tokens = c.tokens[torch.from_numpy(c.items)]  # (U, L, T)
     mask = torch.from_numpy(np.arange(MAX_BEHAVIORS) < c.lengths[:, None])
+    # The hybrid model reads the prepare stage's item ids; embed finds them from the texts.
+    ids = torch.from_numpy(c.items) if ex.model.uses_item_ids else None
     with torch.no_grad():
         want = ex.model(
             tokens,
@@ -88,6 +94,7 @@ def test_embed_matches_pytorch(arch: str, exported, tiny_pipeline: Path, tmp_pat
             mask,
             torch.from_numpy(recency_positions(c.lengths, MAX_BEHAVIORS)),
             time_gap_bucket(torch.from_numpy(c.gaps)),
+            ids,
         ).numpy()
     rows = got.join(pl.DataFrame({"user_id": c.user_ids}).with_row_index("i"), on="user_id")
     vecs = np.stack(rows.sort("i")["vector"].to_numpy())
@@ -98,6 +105,62 @@ def test_embed_matches_pytorch(arch: str, exported, tiny_pipeline: Path, tmp_pat
         probs = np.stack(got["age_probs"].to_numpy())
         np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
         assert [AGE_CLASSES[k] for k in probs.argmax(1)] == got["age"].to_list()
+
+
+def test_text_ids() -> None:
+    ids = text_ids(["a", "new", "c", "b"], ["b", "c"])
+    assert ids.tolist() == [0, UNKNOWN_ROW, UNKNOWN_ROW, 3, 2]
+
+
+def test_embed_hybrid_gives_unseen_texts_the_unknown_id(
+    exported, tiny_pipeline: Path, tmp_path: Path
+) -> None:
+    """A text the id vocabulary lacks (new to the model, or rare in pre-training) is served as
+    its text + the UNKNOWN id vector: the vectors equal PyTorch's with a rare item's id."""
+    ex = exported("hsa+hybrid")
+    index = ex.model.behavior_encoder.id_index
+    texts = item_texts(tiny_pipeline / "prepared")
+    known = int(torch.nonzero(index > UNKNOWN_ROW)[0])  # an item with its own id row
+    rare = int(torch.nonzero(index == UNKNOWN_ROW)[0])  # an item below id_min_count
+    new = ["a brand new title", "another unseen title"]
+    rows = [
+        ["u1", 10, texts[known - 1]],
+        ["u1", 20, new[0]],
+        ["u2", 10, texts[known - 1]],
+        ["u2", 20, new[1]],
+        ["u3", 10, texts[known - 1]],
+        ["u3", 20, texts[rare - 1]],
+    ]
+    log = write_tsv(tmp_path / "behaviors.tsv", ["user_id", "timestamp", "text"], rows)
+    report = embed(log, ex.onnx, tmp_path / "out.parquet")
+    got = np.stack(pl.read_parquet(tmp_path / "out.parquet").sort("user_id")["vector"].to_numpy())
+    assert report["unknown_id_texts"] == 3  # both new texts and the rare one
+    # PyTorch: the known item, then the second text with the rare item's id (UNKNOWN row).
+    sp = spm.SentencePieceProcessor(model_file=str(ex.onnx / "spm.model"))
+    second = [new[0], new[1], texts[rare - 1]]
+    tok, _, _ = encode(sp, [texts[known - 1], *second], ex.model.config.max_tokens)
+    tok = torch.from_numpy(tok.astype(np.int64))
+    tokens = torch.stack([tok[[1, 2]], tok[[1, 3]], tok[[1, 4]]])  # (3, 2, T)
+    with torch.no_grad():
+        want = ex.model(
+            tokens,
+            tokens != 0,
+            torch.ones(3, 2, dtype=torch.bool),
+            torch.tensor([[1, 0]] * 3),
+            time_gap_bucket(torch.tensor([[0, 10]] * 3)),
+            torch.tensor([[known, rare]] * 3),
+        ).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-5)
+    # The unknown items still differ by their text.
+    assert np.abs(got[0] - got[1]).max() > 1e-3 and np.abs(got[0] - got[2]).max() > 1e-3
+
+
+def test_embed_hybrid_refuses_another_id_vocabulary(exported, tmp_path: Path) -> None:
+    model_dir = tmp_path / "model"
+    shutil.copytree(exported("hsa+hybrid").onnx, model_dir)
+    (model_dir / "id_vocab.json").write_text('{"texts": []}')
+    with pytest.raises(ValueError, match="id_vocab.json: not the id vocabulary"):
+        embed(_log(tmp_path), model_dir, tmp_path / "out.parquet")
 
 
 def _log(tmp_path: Path) -> Path:

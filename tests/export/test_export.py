@@ -1,7 +1,9 @@
 """ONNX export: onnxruntime matches PyTorch eval at shapes other than the export shapes.
 
-Fast set: hsa (all dims dynamic) and gru4rec (static L). The other architectures run in the slow
-sweep (each export costs several seconds of torch.export).
+Fast set: hsa (all dims dynamic), gru4rec (static L) and hsa with the hybrid behavior encoder
+(item_ids input). The other architectures, and the hybrid encoder around the CNN (gru4rec) and
+LSTM (han: static T and L) text encoders, run in the slow sweep (each export costs several seconds
+of torch.export).
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from ptum.export import (
     export,
     export_head,
     file_sha256,
+    serving_ids,
     serving_model,
     static_lengths,
+    user_inputs,
 )
 from ptum.heads import CtrHead, load_demo_heads
 from ptum.models.layers import MultiHeadSelfAttention
@@ -33,8 +37,12 @@ from ptum.models.user_model import ARCHITECTURES, ModelConfig, UserModel
 from ptum.tokenize import train
 from tests.export.conftest import AGE_CLASSES, TINY
 
-FAST = ("hsa", "gru4rec")
-ARCHS = [a if a in FAST else pytest.param(a, marks=pytest.mark.slow) for a in sorted(ARCHITECTURES)]
+FAST = ("hsa", "gru4rec", "hsa+hybrid")
+HYBRID = ["hsa+hybrid", "gru4rec+hybrid", "han+hybrid"]
+ARCHS = [
+    a if a in FAST else pytest.param(a, marks=pytest.mark.slow)
+    for a in sorted(ARCHITECTURES) + HYBRID
+]
 RTOL, ATOL = 1e-3, 1e-5
 
 
@@ -71,20 +79,24 @@ def test_onnx_matches_pytorch(arch: str, exported) -> None:
     user, items = _session(ex.onnx / "user_model.onnx"), _session(ex.onnx / "behavior_encoder.onnx")
     for seed, (name, lengths, L, T) in enumerate(_cases(config)):
         inputs = example_inputs(config, lengths, behaviors=L, tokens=T, seed=seed)
+        item_keys = [k for k in ("tokens", "token_mask", "item_ids") if k in inputs]
         with torch.no_grad():
             want = model(**inputs).numpy()
             want_items = model.behavior_encoder(
-                inputs["tokens"].flatten(0, 1), inputs["token_mask"].flatten(0, 1)
+                *(inputs[k].flatten(0, 1) for k in item_keys)
             ).numpy()
         # Static dims are served padded to the exported size; padding must not change a vector.
+        # A hybrid model's item ids are served as ids of the exported vocabulary.
         served = _pad(
-            inputs, config.max_behaviors if static_l else L, config.max_tokens if static_t else T
+            serving_ids(model, inputs),
+            config.max_behaviors if static_l else L,
+            config.max_tokens if static_t else T,
         )
-        got = user.run(None, {k: served[k].numpy() for k in USER_INPUTS})[0]
+        got = user.run(None, {k: served[k].numpy() for k in user_inputs(config)})[0]
         assert got.shape == (len(lengths), config.dim), name
         np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL, err_msg=name)
         assert np.isfinite(got).all() and np.isfinite(want).all(), name
-        flat = {k: served[k][:, :L].flatten(0, 1).numpy() for k in ("tokens", "token_mask")}
+        flat = {k: served[k][:, :L].flatten(0, 1).numpy() for k in item_keys}
         got_items = items.run(None, flat)[0]
         np.testing.assert_allclose(got_items, want_items, rtol=RTOL, atol=ATOL, err_msg=name)
     assert max(ex.report["parity"].values()) < 1e-4
@@ -109,7 +121,14 @@ def test_graph_dims_and_metadata(arch: str, exported, tiny_pipeline) -> None:
         assert meta["gap_bucket_rule"].startswith("floor(log2(gap_seconds+1)) clamped to [0,31]")
         assert meta["behaviors_dim"] == ("static" if static_l else "dynamic")
         assert meta["tokens_dim"] == ("static" if static_t else "dynamic")
-        assert meta["architecture"] == arch and meta["data_version"] == "tiny-test"
+        assert meta["architecture"] == arch.partition("+")[0]
+        assert meta["data_version"] == "tiny-test"
+        assert meta["behavior_encoder"] == config.behavior_encoder
+        if config.behavior_encoder == "hybrid":
+            assert meta["id_vocab_sha256"] == file_sha256(ex.onnx / "id_vocab.json")
+            assert meta["item_id_rule"].startswith("item_ids: i + 2 for the text texts[i]")
+        else:
+            assert "id_vocab_sha256" not in meta and not (ex.onnx / "id_vocab.json").exists()
         assert json.loads(meta["params"]) == {"pretrain": {"model": TINY}}
         for i in model.graph.input:
             assert i.type.tensor_type.shape.dim[0].dim_param, f"{path.name}:{i.name} batch fixed"
@@ -120,6 +139,18 @@ def test_graph_dims_and_metadata(arch: str, exported, tiny_pipeline) -> None:
     L = config.max_behaviors if static_l else "behaviors"
     T = config.max_tokens if static_t else "tokens"
     assert dims["tokens"] == ["batch", L, T] and dims["mask"] == ["batch", L]
+    assert list(dims) == list(user_inputs(config))
+    if config.behavior_encoder == "hybrid":
+        assert dims["item_ids"] == ["batch", L]
+        item_dims = {
+            i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in onnx.load(str(ex.onnx / "behavior_encoder.onnx")).graph.input
+        }
+        assert item_dims == {
+            "tokens": ["items", T],
+            "token_mask": ["items", T],
+            "item_ids": ["items"],
+        }
     assert json.loads((ex.onnx / "export.json").read_text())["files"]["spm.model"]
 
 
@@ -219,6 +250,40 @@ def test_serving_model_matches_trained_model(arch: str, fused: bool) -> None:
         torch.testing.assert_close(got, want, rtol=RTOL, atol=ATOL)
         torch.testing.assert_close(got_items, want_items, rtol=RTOL, atol=ATOL)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_hybrid_serving_model_takes_exported_vocabulary_ids() -> None:
+    """The served hybrid model folds its text encoder and reads ids of the exported vocabulary
+    (id_index rows) where the trained one reads pre-training item ids: same function."""
+    config = ModelConfig.for_architecture(
+        "hsa",
+        behavior_encoder="hybrid",
+        vocab_size=50,
+        max_tokens=9,
+        max_behaviors=6,
+        num_items=30,
+        id_vocab=12,
+        **TINY,
+    )
+    torch.manual_seed(0)
+    model = UserModel(config=config)
+    index = torch.ones(30, dtype=torch.long)
+    index[0], index[1:11] = 0, torch.arange(2, 12)  # items 1-10 known, 11-29 unknown
+    model.behavior_encoder.set_id_index(index)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model.eval()
+    served = serving_model(model, fused_attention=True)
+    assert isinstance(served.behavior_encoder.text, FoldedSelfAttnEncoder)
+    assert torch.equal(served.behavior_encoder.id_index, torch.arange(12))
+    assert torch.equal(model.behavior_encoder.id_index, index)
+    x = example_inputs(config, [6, 0, 1, 3], behaviors=6, tokens=9, seed=0)
+    assert (index[x["item_ids"]] == 1).any() and (index[x["item_ids"]] > 1).any()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            served(**serving_ids(model, x)), model(**x), rtol=RTOL, atol=ATOL
+        )
 
 
 def test_export_reports_folding(exported) -> None:
