@@ -152,6 +152,9 @@ class FinetuneConfig:
     # Demo loss class weighting tried by every neural cell ("none" | "balanced"); the cell keeps
     # the one with the best validation score (same selection budget in every mode).
     class_weights: tuple[str, ...] = ("none", "balanced")
+    # CTR head: "dot" (paper: user . candidate) or "bias" (+ user bias and a per-item candidate
+    # bias falling back to the item's popularity before the window; ptum.heads.BiasedCtrHead).
+    ctr_scoring: Literal["dot", "bias"] = "dot"
     # Bootstrap replicates (over test users) of each cell's 95% CI.
     bootstrap: int = 1000
 

@@ -4,6 +4,8 @@ Both are plain tensor-only `nn.Module`s so that fine-tuning trains them and `ptu
 them into ONNX without glue code:
 
     CtrHead   user (B, D), candidate (B, D) -> click probability sigmoid(W user . candidate + b)
+    BiasedCtrHead  the same plus a user bias and a per-item candidate bias that falls back to
+              the item's popularity before the window (finetune.ctr_scoring: bias)
     DemoHead  user (B, D) -> class probabilities (B, C): Linear(D, hidden) -> ReLU -> Linear(C)
               -> softmax. Train on `DemoHead.logits` with F.cross_entropy (stable); serve
               `forward` (probabilities).
@@ -19,6 +21,7 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
@@ -54,6 +57,50 @@ class CtrHead(nn.Module):
     def forward(self, user: Tensor, candidate: Tensor) -> Tensor:
         """(B, D) user vectors, (B, D) candidate behavior vectors -> (B,) click probability."""
         return torch.sigmoid(self.logits(user, candidate))
+
+
+class BiasedCtrHead(nn.Module):
+    """CTR scoring with biases: W user . candidate + user bias + candidate bias.
+
+        logit = (W u) . c + (w . u + b) + item_bias[item] + a * log_popularity(item)
+
+    The candidate bias is learned per item; an item with no training impression keeps a zero
+    learned bias (its embedding row gets no gradient, and decoupled weight decay keeps zero at
+    zero), so its bias falls back to `a * log_popularity`, the label-free popularity of the item
+    in the behaviors before the window. The user bias is a linear function of the user vector,
+    so it exists for users never seen in training too. At initialisation everything but the
+    identity-initialised W is zero: the score starts as the paper's dot product.
+    """
+
+    def __init__(self, *, dim: int, num_items: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, dim)
+        self.user_bias = nn.Linear(dim, 1)
+        self.item_bias = nn.Embedding(num_items + 1, 1)
+        self.pop_weight = nn.Parameter(torch.zeros(()))
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.eye(dim))
+            self.proj.bias.zero_()
+            self.user_bias.weight.zero_()
+            self.user_bias.bias.zero_()
+            self.item_bias.weight.zero_()
+
+    def logits(self, user: Tensor, candidate: Tensor, item_ids: Tensor, log_pop: Tensor) -> Tensor:
+        """(B, D) users, (B, D) candidates, (B,) candidate item ids, (B,) candidate log
+        popularity shares -> (B,) click logits."""
+        dot = (self.proj(user) * candidate).sum(dim=-1)  # (B,)
+        bias = self.user_bias(user).squeeze(-1) + self.item_bias(item_ids).squeeze(-1)  # (B,)
+        return dot + bias + self.pop_weight * log_pop
+
+    def forward(self, user: Tensor, candidate: Tensor, item_ids: Tensor, log_pop: Tensor) -> Tensor:
+        return torch.sigmoid(self.logits(user, candidate, item_ids, log_pop))
+
+
+def log_popularity(counts: np.ndarray) -> np.ndarray:
+    """Log share of each item among the behaviors counted (add-one smoothed), so counts from
+    windows of different lengths are on one scale."""
+    counts = np.asarray(counts, dtype=np.float64)
+    return np.log((counts + 1.0) / (counts.sum() + len(counts)))
 
 
 class DemoHead(nn.Module):

@@ -165,12 +165,12 @@ def ctr_features(task: CtrTask, train: np.ndarray, a: float, seed: int) -> np.nd
     click rate, token overlap."""
     d = task.data
     is_test = d.window == "test"
-    pop = np.where(is_test, task.popularity_test[d.item], task.popularity_train[d.item])
-    total = np.where(is_test, task.popularity_test.sum(), task.popularity_train.sum())
+    pop = np.where(is_test, d.popularity_test[d.item], d.popularity_train[d.item])
+    total = np.where(is_test, d.popularity_test.sum(), d.popularity_train.sum())
     _, user_keys = np.unique(task.users, return_inverse=True)
     return np.column_stack(
         [
-            np.log((pop + 1.0) / (total + len(task.popularity_test))),
+            np.log((pop + 1.0) / (total + len(d.popularity_test))),
             _rate_feature(d.item, d.clicked, train, a, seed),
             _rate_feature(user_keys, d.clicked, train, a, seed),
             task_overlap(task),
@@ -203,9 +203,7 @@ def run_ctr_baseline(name: str, task: CtrTask, ratio: float, *, seed: int) -> di
     _, user_keys = np.unique(task.users, return_inverse=True)
     candidates: list[tuple[dict, Callable[[np.ndarray], np.ndarray]]] = []
     if name == "popularity":
-        pop = np.where(
-            d.window == "test", task.popularity_test[d.item], task.popularity_train[d.item]
-        )
+        pop = np.where(d.window == "test", d.popularity_test[d.item], d.popularity_train[d.item])
         candidates.append(({}, lambda rows: pop[rows]))
     elif name in ("item_ctr", "user_ctr"):
         keys = d.item if name == "item_ctr" else user_keys

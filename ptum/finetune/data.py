@@ -64,10 +64,6 @@ class CtrTask:
     data: CtrData
     subsets: dict[float, np.ndarray]  # ratio -> bool per impression (nested, train window)
     users: np.ndarray  # user id per impression (str)
-    # Behaviors per item id in the sequences before the CTR-train / CTR-test window (all users,
-    # the pre-training view): label-free popularity, computed only from the past of the window.
-    popularity_train: np.ndarray
-    popularity_test: np.ndarray
 
     def resplit(self, seed: int, valid_frac: float) -> CtrTask:
         """CTR-train window impressions re-drawn into train/valid and nested subsets."""
@@ -107,6 +103,7 @@ def load_ctr(prepared: Path, tokenized: Path, max_len: int, ratios: list[float])
     row = np.array(
         [te[u] if t else tr[u] for u, t in zip(imps["user_id"], is_test)], dtype=np.int64
     )
+    n_items = hist_train.tokens.shape[0]
     data = CtrData(
         hist_train,
         hist_test,
@@ -114,12 +111,10 @@ def load_ctr(prepared: Path, tokenized: Path, max_len: int, ratios: list[float])
         imps["item_id"].to_numpy().astype(np.int64),
         imps["clicked"].to_numpy().astype(np.int64),
         imps["window"].to_numpy(),
+        # Label-free popularity of each item in the behaviors before each window (all users).
+        popularity_train=_item_counts(prepared, "before_train", n_items),
+        popularity_test=_item_counts(prepared, "before_test", n_items),
     )
-    n_items = hist_train.tokens.shape[0]
     return CtrTask(
-        data,
-        {r: imps[ratio_column(r)].to_numpy() for r in ratios},
-        imps["user_id"].to_numpy(),
-        _item_counts(prepared, "before_train", n_items),
-        _item_counts(prepared, "before_test", n_items),
+        data, {r: imps[ratio_column(r)].to_numpy() for r in ratios}, imps["user_id"].to_numpy()
     )

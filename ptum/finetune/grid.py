@@ -170,13 +170,17 @@ def _run_cell(
 
 
 def _progress(done: int, total: int, t0: float, cached: int) -> None:
+    """A progress line: redrawn in place on a terminal, every 10% of the cells otherwise."""
+    tty = sys.stderr.isatty()
+    if not tty and done not in (cached, total) and done * 10 // total == (done - 1) * 10 // total:
+        return
     elapsed = time.perf_counter() - t0
     rate = (done - cached) / elapsed if elapsed > 0 and done > cached else 0.0
     eta = f"ETA {(total - done) / rate:.0f}s" if rate else ("done" if done == total else "ETA ?")
     bar = "#" * int(30 * done / max(total, 1))
     print(
         f"\r[{bar:<30}] {done}/{total} cells ({cached} cached), {elapsed:.0f}s elapsed, {eta}",
-        end="",
+        end="" if tty else "\n",
         file=sys.stderr,
         flush=True,
     )
@@ -320,5 +324,6 @@ def run_grid(
         _init_worker(*init)
         for c in todo:
             store(c, _run_cell(c, *args))
-    print(file=sys.stderr)
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
     return [results[c.name] for c in cells]

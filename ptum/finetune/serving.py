@@ -7,6 +7,7 @@ setting) on all training labels, selected on validation like every grid cell.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,9 @@ def train_serving_heads(
 ) -> tuple[dict[str, tuple[DemoHead, list[str]]], CtrHead | None]:
     """Demo heads (one per label column) and the CTR head on frozen vectors of `ckpt`."""
     model = checkpoint.load(ckpt).model
-    opts = cell_options(cfg)
+    # The exported CTR head is the paper's dot product (ctr_head.onnx takes user and candidate
+    # vectors only); the "bias" head needs item ids and popularity that serving does not have.
+    opts = replace(cell_options(cfg), ctr_scoring="dot")
     demo: dict[str, tuple[DemoHead, list[str]]] = {}
     task = load_demo(prepared, tokenized, max_behaviors, [1.0])
     for label, (y, classes) in task.labels.items():

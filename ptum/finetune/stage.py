@@ -27,6 +27,7 @@ def cell_options(cfg: FinetuneConfig) -> CellOptions:
         head_hidden=cfg.head_hidden,
         weight_decay=cfg.weight_decay,
         encoder_lr_scale=cfg.encoder_lr_scale,
+        ctr_scoring=cfg.ctr_scoring,
     )
 
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ptum.finetune.metrics import accuracy, average_precision, macro_f1, roc_auc
-from ptum.heads import CtrHead, DemoHead
+from ptum.heads import BiasedCtrHead, CtrHead, DemoHead, log_popularity
 from ptum.models.layers import time_gap_bucket
 from ptum.models.user_model import UserModel
 from ptum.pretrain.data import Corpus, recency_positions
@@ -47,6 +47,9 @@ class CellOptions:
     # Demo loss: "none" (plain cross-entropy) or "balanced" (class weights n / (k * n_c) of the
     # training subset, so a minority class is not ignored on small, imbalanced label sets).
     class_weight: str = "none"
+    # CTR scoring: "dot" (the paper's user . candidate, with a learned map) or "bias" (plus a
+    # user bias and a per-item candidate bias with a popularity fallback; ptum.heads).
+    ctr_scoring: str = "dot"
 
 
 def user_vectors(
@@ -238,6 +241,10 @@ class CtrData:
     item: np.ndarray
     clicked: np.ndarray
     window: np.ndarray
+    # Behaviors per item id before the CTR-train / CTR-test window (all users): label-free
+    # popularity from the past of each window. None: unknown (the "bias" head then has none).
+    popularity_train: np.ndarray | None = None
+    popularity_test: np.ndarray | None = None
 
 
 def run_ctr(
@@ -255,8 +262,20 @@ def run_ctr(
     device = device or torch.device("cpu")
     model = _init_model(pretrained, mode, seed).to(device)
     torch.manual_seed(seed + 1)
-    head = CtrHead(dim=model.config.dim).to(device)
     tokens = data.hist_train.tokens.to(device)
+    if opts.ctr_scoring == "bias":
+        head = BiasedCtrHead(dim=model.config.dim, num_items=tokens.shape[0] - 1).to(device)
+    elif opts.ctr_scoring == "dot":
+        head = CtrHead(dim=model.config.dim).to(device)
+    else:
+        raise ValueError(f"ctr_scoring must be 'dot' or 'bias', got {opts.ctr_scoring!r}")
+    n = tokens.shape[0]
+    log_pop = {
+        test: torch.from_numpy(
+            log_popularity(pop if pop is not None else np.zeros(n)).astype(np.float32)
+        ).to(device)
+        for test, pop in ((False, data.popularity_train), (True, data.popularity_test))
+    }
     frozen = mode == "frozen"
     if frozen:
         u_train = all_user_vectors(model, data.hist_train, device)
@@ -276,6 +295,8 @@ def run_ctr(
             u = user_vectors(model, data.hist_test if test else data.hist_train, uniq, device)
             u = u[torch.from_numpy(inv)]
             (c,) = encode_ids(model, tokens, [cand_ids])
+        if isinstance(head, BiasedCtrHead):
+            return head.logits(u, c, cand_ids, log_pop[test][cand_ids])
         return head.logits(u, c)
 
     @torch.no_grad()

@@ -126,7 +126,7 @@ def test_popularity_counts_only_behaviors_before_the_window(tiny_pipeline, ctr):
     for view, t in (("before_test", t_test), ("before_train", t_train)):
         ts = seqs.filter(pl.col("view") == view)["timestamps"].explode().drop_nulls()
         assert ts.max() < t
-    assert ctr.popularity_test.sum() >= ctr.popularity_train.sum() > 0
+    assert ctr.data.popularity_test.sum() >= ctr.data.popularity_train.sum() > 0
 
 
 @pytest.mark.parametrize("name", DEMO_BASELINES)
