@@ -3,38 +3,67 @@
 One trial = one short pre-training of a user model (default HSA, the paper's Demo model) with
 sampled K (next behaviors predicted), λ (NBP loss weight; 0 = MBP only), P (negatives per
 positive) and learning rate, into a temporary checkpoint directory; then a brief fine-tuning on
-the demographic task at label ratio 1.0. The trial's value is the *validation* metric of that
-fine-tuning (mean over the demographic labels). Demographic test labels are hidden from every
-tuning cell; `run_ctr` (multi-objective mode) always scores its test window too, and that score
-is dropped unread. Tuning never selects on a test split.
+the demographic task. Demographic test labels are hidden from every tuning cell; `run_ctr`
+(multi-objective mode) always scores its test window too, and that score is dropped unread.
+Tuning never selects on a test split.
 
-- Pruning: after each pre-training epoch a cheap validation metric (a head fitted on frozen user
-  vectors) is reported with `trial.report(value, epoch)` (epoch = epochs completed, from 1), and
-  the pruner (median | hyperband | none) may stop the trial there.
+- What a trial measures. Both numbers below are the same metric on the same split — the mean
+  over the demographic labels of the *validation* `demo_select` (acc | macro_f1), label ratio
+  `ratio` — but of two different models:
+  * intermediate value, reported with `trial.report(value, epoch)` after each pre-training
+    epoch (epoch = epochs completed, 1..`base.epochs`): a fresh head trained for
+    `prune_head_epochs` epochs on the *frozen* user vectors of the model so far (cheap);
+  * the trial's value: the final pre-trained model *fine-tuned* (encoder and head,
+    `finetune` options, early stopping on validation) — usually higher than the last
+    intermediate value, so the two are not interchangeable. Pruning compares intermediate
+    values of different trials at the same epoch only, which is consistent.
+  The study's user attrs spell this out (`value`, `intermediate_value`), with the data version,
+  architecture, objectives and directions, so optuna-dashboard shows what a study measures.
+- Pruning: the pruner (median | hyperband | none) may stop a trial after any epoch's report.
+  Optuna's MedianPruner waits for `n_startup_trials` *complete* trials (pruned ones do not
+  count) and then prunes a trial whose best value so far is below the median of the complete
+  trials at the same epoch. Steps start at 1, so `n_warmup_steps` 0 and 1 both allow pruning
+  after the first epoch. With a budget of n trials it can prune at most n - startup of them:
+  the default `prune_startup_trials` = 2 lets a 4-trial study prune; 5 never could.
 - Multi-objective mode: (Demo validation metric, CTR validation AUC), both maximised; the Pareto
   front is `study.best_trials`. Optuna does not prune multi-objective studies, so nothing is
   reported per epoch there.
 - Storage: an RDB URL (SQLite by default, PostgreSQL for several machines) with
-  `load_if_exists=True`, so a rerun resumes the study. Trials record a heartbeat; a trial whose
-  process died (SIGKILL, lost machine) stops beating and is marked FAIL by the next process that
-  starts a trial on the study, after `grace_period` seconds (and re-queued with the same
-  parameters once when `retry_killed` > 0). RDBStorage rather than JournalStorage because only
-  RDB storages implement Optuna's heartbeat, and optuna-dashboard opens the same URL directly.
-  SQLite copes with a few local workers (trials take seconds to minutes, writes are rare; a 60 s
-  busy timeout absorbs lock contention) but not with a network filesystem: across machines, use
-  one PostgreSQL URL and start `ptum tune` on each machine with the same study name; that is
-  Optuna's own distributed mode, and the study's `n_trials` is a total shared by all of them.
-- Seeds: the sampler is `TPESampler(seed=seed + trials already in the study + 7919 * worker)`
-  (a resumed study does not replay the draws of its first start, and workers do not draw
-  alike); trial i pre-trains and fine-tunes with seed `seed + i`. A single-worker study is
-  reproducible: the same parameter sequence and values. With several workers the order in
-  which trials finish is up to the OS, so it is not.
-- Study names: `default_study_name` hashes what a trial measures, so changing the search space,
-  model or data starts a new study in the same storage rather than mixing incomparable trials.
+  `load_if_exists=True`, so a rerun resumes the study. Creating the tables and the study is
+  serialised between processes by a lock file next to a SQLite database, and retried when
+  another process won the race (PostgreSQL), so workers may start at the same instant. Trials
+  record a heartbeat; a trial whose process died (SIGKILL, lost machine) stops beating and is
+  marked FAIL by the next process that starts a trial on the study, after `grace_period`
+  seconds (and re-queued with the same parameters once when `retry_killed` > 0). RDBStorage
+  rather than JournalStorage because only RDB storages implement Optuna's heartbeat, and
+  optuna-dashboard opens the same URL directly. SQLite copes with a few local workers (trials
+  take seconds to minutes, writes are rare; a 60 s busy timeout absorbs lock contention) but
+  not with a network filesystem: across machines, use one PostgreSQL URL and start `ptum tune`
+  on each machine with the same study name; that is Optuna's own distributed mode.
+- Budget: `n_trials` is the number of complete + pruned trials the study ends with, whoever
+  ran them. Each trial, once created, counts the trials ahead of it (finished ones, and running
+  or queued ones with a smaller number); if the budget is already taken it ends as FAIL before
+  any work (user attr `surplus`) and its worker stops. Trial numbers follow creation order, so
+  no number of concurrent workers overshoots the budget; a run falls short only when a running
+  trial fails, and the next run adds the missing ones.
+- Seeds: the sampler is `TPESampler(seed=seed + start + 7919 * worker)`, where `start` counts
+  the worker starts on the study (claimed under the creation lock): a resumed study does not
+  replay the draws of its first start, and workers started together do not draw alike. Trial i
+  pre-trains and fine-tunes with seed `seed + i`. A single-worker study is reproducible: the
+  same parameter sequence and values. With several workers the order in which trials finish
+  is up to the OS, so it is not.
+- Study names: `default_study_name` is readable — `ptum-ARCH-METRIC-dataHASH-cfgHASH` — and
+  changes with the data and with what a trial measures (model, options, search space, seed),
+  so such a change starts a new study in the same storage rather than mixing incomparable
+  trials; an explicitly named study that records other data, architecture or objectives is
+  refused.
+- Progress: a tqdm bar over the study's finished trials (all workers'), on stderr only when it
+  is a terminal.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import multiprocessing as mp
@@ -44,16 +73,19 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import optuna
+import sqlalchemy.exc
 import torch
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
+from tqdm import tqdm
 
 from ptum import checkpoint
 from ptum.finetune.grid import CtrTask, DemoTask, load_ctr, load_demo
@@ -65,6 +97,8 @@ from ptum.pretrain.train import TrainOptions, pick_device, pretrain
 PRUNERS = ("median", "hyperband", "none")
 # Trials that count towards the study's n_trials (a FAIL is retried by the next run).
 DONE = (TrialState.COMPLETE, TrialState.PRUNED)
+# Trials that hold a place in the budget: finished, running, or queued to run.
+CLAIMED = (*DONE, TrialState.RUNNING, TrialState.WAITING)
 
 
 def _log(msg: str) -> None:
@@ -182,10 +216,11 @@ def _load(s: TrialSetup) -> _Data:
         )
     # Hide the test labels: a tuning cell then never scores (let alone selects on) the test
     # split. run_demo scores the empty test set as NaN, which is never read.
-    demo.labels = {
+    hidden = {
         lab: (np.where(demo.split == "test", -1, y), classes)
         for lab, (y, classes) in demo.labels.items()
     }
+    demo = replace(demo, labels=hidden)
     ctr = None
     if s.multi_objective:
         ctr = load_ctr(s.prepared, s.tokenized, s.max_behaviors, [s.ratio])
@@ -292,20 +327,59 @@ def _objective(d: _Data, s: TrialSetup) -> Callable[[optuna.Trial], float | tupl
     return objective
 
 
-# ---------------------------------------------------------------- study
+# ---------------------------------------------------------------- storage
 
 
-def make_storage(
-    url: str, *, heartbeat_interval: int = 60, grace_period: int = 180, retry_killed: int = 1
-) -> optuna.storages.RDBStorage:
-    """RDB storage with trial heartbeats and a 60 s SQLite busy timeout.
-
-    A RUNNING trial without a heartbeat for `grace_period` seconds is marked FAIL (its process
-    died) just before this storage's next trial starts; with `retry_killed` > 0 its parameters
-    are queued again (as a new trial) up to that many times.
-    """
+def _sqlite_path(url: str) -> Path | None:
     if url.startswith("sqlite:///") and ":memory:" not in url:
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        return Path(url.removeprefix("sqlite:///"))
+    return None
+
+
+@contextmanager
+def _creation_lock(url: str) -> Iterator[None]:
+    """Hold an exclusive lock on `<db>.lock` next to a SQLite database (no-op for other URLs).
+
+    Two processes that open a new database at the same instant both create Optuna's tables and
+    stamp its schema version, and one of them fails (`table studies already exists`, `UNIQUE
+    constraint failed: alembic_version`). flock is per open file, so do not nest this.
+    """
+    path = _sqlite_path(url)
+    if path is None:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# What a database says when another process created the same table / row first.
+_RACE_MESSAGES = ("already exists", "unique constraint", "duplicate key")
+T = TypeVar("T")
+
+
+def _retry_race(make: Callable[[], T], *, attempts: int = 5) -> T:
+    """`make()`, again (up to `attempts` times) if it lost a creation race to another process:
+    a database without a lock file (PostgreSQL) can see two workers create Optuna's tables at
+    once; the second attempt finds them and goes on. Any other error is raised at once."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return make()
+        except sqlalchemy.exc.DBAPIError as e:
+            lost_race = any(m in str(e).lower() for m in _RACE_MESSAGES)
+            if not lost_race or attempt == attempts:
+                raise
+            time.sleep(0.1 * attempt)
+    raise AssertionError("unreachable")
+
+
+def _rdb_storage(
+    url: str, *, heartbeat_interval: int, grace_period: int, retry_killed: int
+) -> optuna.storages.RDBStorage:
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)  # the heartbeat API is experimental
@@ -323,12 +397,42 @@ def make_storage(
         )
 
 
+def make_storage(
+    url: str, *, heartbeat_interval: int = 60, grace_period: int = 180, retry_killed: int = 1
+) -> optuna.storages.RDBStorage:
+    """RDB storage with trial heartbeats and a 60 s SQLite busy timeout, safe to create from
+    several processes at once (see `_creation_lock`, `_retry_race`).
+
+    A RUNNING trial without a heartbeat for `grace_period` seconds is marked FAIL (its process
+    died) just before this storage's next trial starts; with `retry_killed` > 0 its parameters
+    are queued again (as a new trial) up to that many times.
+    """
+    with _creation_lock(url):
+        return _retry_race(
+            lambda: _rdb_storage(
+                url,
+                heartbeat_interval=heartbeat_interval,
+                grace_period=grace_period,
+                retry_killed=retry_killed,
+            )
+        )
+
+
 def _report_stale(study: optuna.Study, trial: FrozenTrial) -> None:
     _log(f"tune: trial {trial.number} of {study.study_name} lost its process; marked FAIL")
 
 
-def make_pruner(name: str, *, epochs: int, startup_trials: int = 5) -> optuna.pruners.BasePruner:
-    """median | hyperband | none; steps are pre-training epochs completed (1..epochs)."""
+# ---------------------------------------------------------------- study
+
+
+def make_pruner(name: str, *, epochs: int, startup_trials: int = 2) -> optuna.pruners.BasePruner:
+    """median | hyperband | none; steps are pre-training epochs completed (1..epochs).
+
+    Median: no pruning until `startup_trials` trials are *complete*; after that a trial is
+    pruned after any epoch (warm-up 0: steps start at 1) whose best value so far is below the
+    median of the complete trials at that epoch. Hyperband: one successive-halving bracket per
+    power of 3 in `epochs` (one bracket for 2 epochs), first rung after epoch 1.
+    """
     if name == "median":
         return optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=0)
     if name == "hyperband":
@@ -349,93 +453,320 @@ class StudySpec:
     n_trials: int = 20
     seed: int = 0
     pruner: str | optuna.pruners.BasePruner = "median"
-    prune_startup_trials: int = 5
+    # Complete trials before the median pruner may prune (< n_trials, or it never prunes).
+    prune_startup_trials: int = 2
     heartbeat_interval: int = 60
     grace_period: int = 180
     retry_killed: int = 1
     # Index of this process among workers started by hand on several machines (distinct per
     # machine): it offsets the sampler seed so that simultaneous starts do not draw alike.
     worker: int = 0
+    # The params.yaml section the study's settings come from, recorded in the study's attrs.
+    params_section: str = "tune"
 
 
-def default_study_name(setup: TrialSetup, seed: int) -> str:
-    """`ptum-ARCH-HASH`, HASH over what a trial measures (data, model, options, search space,
-    seed): changing any of them starts a new study in the same storage instead of mixing
-    incomparable trials, while raising n_trials (or restarting) resumes the same one."""
-    data = file_digest(
-        [
-            setup.prepared / "sequences.parquet",
-            setup.prepared / "users.parquet",
-            setup.prepared / "labels.parquet",
-            setup.tokenized / "tokens.npy",
-        ]
-    )
+def _data_files(setup: TrialSetup) -> list[Path]:
+    """The files whose bytes are the study's data version (labels included: they are scored)."""
+    prepared = [
+        setup.prepared / n for n in ("sequences.parquet", "users.parquet", "labels.parquet")
+    ]
+    return [*prepared, setup.tokenized / "tokens.npy"]
+
+
+def _data_digest(setup: TrialSetup) -> str:
+    return file_digest(_data_files(setup))
+
+
+def _config(setup: TrialSetup, seed: int) -> dict[str, Any]:
+    """What a trial measures besides the data, as JSON values (paths and device left out)."""
     what = {
         k: v
         for k, v in asdict(setup).items()
         if k not in ("prepared", "tokenized", "device", "work_dir")
     }
-    blob = json.dumps([what, seed, data], sort_keys=True, default=str)
-    return f"ptum-{setup.arch}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+    return json.loads(json.dumps({**what, "sampler_seed": seed}, sort_keys=True, default=str))
+
+
+def _config_digest(setup: TrialSetup, seed: int) -> str:
+    return hashlib.sha256(json.dumps(_config(setup, seed), sort_keys=True).encode()).hexdigest()
+
+
+def default_study_name(setup: TrialSetup, seed: int) -> str:
+    """`ptum-ARCH-METRIC-dataHASH-cfgHASH`, e.g. `ptum-hsa-demo-acc-data3f2a1b9c-cfg9d0e1f`.
+
+    dataHASH: the first 8 hex digits of the data version (`study_attrs`' data_sha256);
+    cfgHASH: 6 of a hash over everything else a trial measures (model, options, search space,
+    seed). Changing either starts a new study in the same storage instead of mixing
+    incomparable trials, while raising n_trials (or restarting) resumes the same one.
+    """
+    metric = "+".join(n.replace("_valid_", "-") for n in _objective_names(setup))
+    data, cfg = _data_digest(setup), _config_digest(setup, seed)
+    return f"ptum-{setup.arch}-{metric}-data{data[:8]}-cfg{cfg[:6]}"
+
+
+def study_attrs(setup: TrialSetup, spec: StudySpec) -> dict[str, Any]:
+    """What the study measures, stored as its user attrs (optuna-dashboard shows them)."""
+    labels = list(setup.demo_labels) or "every label column of the data"
+    metric = f"validation {setup.demo_select}, mean over the demographic labels"
+    value = (
+        f"{metric}, after fine-tuning the final pre-trained model (encoder and head, up to "
+        f"{setup.finetune.max_epochs} epochs, early stopping on validation), label ratio "
+        f"{setup.ratio}"
+    )
+    if setup.multi_objective:
+        value += "; and the CTR validation AUC after the same fine-tuning"
+        intermediate = "none (Optuna does not prune multi-objective studies)"
+    else:
+        intermediate = (
+            f"{metric}, of a head trained for {setup.prune_head_epochs} epochs on the frozen "
+            f"user vectors after each pre-training epoch (step = epochs completed, "
+            f"1..{setup.base.epochs}); not the fine-tuned value"
+        )
+    return {
+        "task": "pre-training hyper-parameters k, lam, p, lr (ptum tune)",
+        "params_section": spec.params_section,
+        "arch": setup.arch,
+        "behavior_encoder": setup.behavior_encoder or "the architecture's own",
+        "data_sha256": _data_digest(setup),
+        "data_files": [f.name for f in _data_files(setup)],
+        "objectives": _objective_names(setup),
+        "directions": _directions(setup),
+        "demo_labels": labels,
+        "value": value,
+        "intermediate_value": intermediate,
+        "pretrain_epochs": setup.base.epochs,
+        "config": _config(setup, spec.seed),
+        "config_sha256": _config_digest(setup, spec.seed),
+    }
+
+
+# A study that records other values of these measures something else: refuse to add to it.
+_IDENTITY = ("arch", "data_sha256", "objectives", "directions")
+
+
+def _record_attrs(study: optuna.Study, attrs: Mapping[str, Any]) -> None:
+    have = study.user_attrs
+    clash = [k for k in _IDENTITY if k in have and k in attrs and have[k] != attrs[k]]
+    if clash:
+        diff = "; ".join(f"{k}: {have[k]!r} in the study, {attrs[k]!r} here" for k in clash)
+        raise ValueError(
+            f"tune: study {study.study_name!r} measures something else ({diff}); "
+            "choose another study name"
+        )
+    for k, v in attrs.items():
+        if k not in have:  # first start (or a study from before these attrs)
+            study.set_user_attr(k, v)
 
 
 def _directions(s: TrialSetup) -> list[str]:
     return ["maximize", "maximize"] if s.multi_objective else ["maximize"]
 
 
-def _storage(spec: StudySpec) -> optuna.storages.RDBStorage:
-    return make_storage(
-        spec.storage,
-        heartbeat_interval=spec.heartbeat_interval,
-        grace_period=spec.grace_period,
-        retry_killed=spec.retry_killed,
-    )
+def _objective_names(s: TrialSetup) -> list[str]:
+    demo = f"demo_valid_{s.demo_select}"
+    return [demo, "ctr_valid_auc"] if s.multi_objective else [demo]
 
 
-def _open(
-    spec: StudySpec, setup: TrialSetup, storage: optuna.storages.RDBStorage, *, worker: int = 0
+_STARTS = "ptum:worker_starts"
+
+
+def open_study(
+    spec: StudySpec,
+    *,
+    directions: list[str],
+    attrs: Mapping[str, Any],
+    epochs: int,
+    worker: int | None = None,
 ) -> optuna.Study:
-    study = optuna.create_study(
-        storage=storage,
-        study_name=spec.study_name,
-        directions=_directions(setup),
-        load_if_exists=True,
-    )
-    if [d.name.lower() for d in study.directions] != _directions(setup):
-        raise ValueError(
-            f"tune: study {spec.study_name!r} exists with other objectives; "
-            "choose another study name"
+    """Create or load the study, safely from several processes at once.
+
+    Records `attrs` as the study's user attrs (first start) and refuses a study whose recorded
+    identity (`_IDENTITY`) or directions differ. The pruner follows `spec` (none for several
+    objectives; `epochs` sizes hyperband). With `worker` (an index) the study gets a seeded
+    TPE sampler for this worker's trials; without, it is only for reading.
+    """
+    with _creation_lock(spec.storage):
+        storage = _retry_race(
+            lambda: _rdb_storage(
+                spec.storage,
+                heartbeat_interval=spec.heartbeat_interval,
+                grace_period=spec.grace_period,
+                retry_killed=spec.retry_killed,
+            )
         )
-    if setup.multi_objective or spec.pruner == "none":
+        study = _retry_race(
+            lambda: optuna.create_study(
+                storage=storage,
+                study_name=spec.study_name,
+                directions=directions,
+                load_if_exists=True,
+            )
+        )
+        if [d.name.lower() for d in study.directions] != list(directions):
+            raise ValueError(
+                f"tune: study {spec.study_name!r} exists with other objectives; "
+                "choose another study name"
+            )
+        _record_attrs(study, attrs)
+        if "objectives" in attrs:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                study.set_metric_names(list(attrs["objectives"]))
+        start = 0
+        if worker is not None:
+            # Under the lock (SQLite) two simultaneous starts get distinct numbers; across
+            # machines `worker` keeps them apart.
+            study_id = storage.get_study_id_from_name(spec.study_name)
+            start = int(storage.get_study_system_attrs(study_id).get(_STARTS, 0))
+            storage.set_study_system_attr(study_id, _STARTS, start + 1)
+    if len(directions) > 1 or spec.pruner == "none":
         pruner: optuna.pruners.BasePruner = optuna.pruners.NopPruner()
     elif isinstance(spec.pruner, str):
-        pruner = make_pruner(
-            spec.pruner, epochs=setup.base.epochs, startup_trials=spec.prune_startup_trials
-        )
+        pruner = make_pruner(spec.pruner, epochs=epochs, startup_trials=spec.prune_startup_trials)
+        never = spec.pruner == "median" and spec.prune_startup_trials >= spec.n_trials
+        if never and worker is not None:
+            _log(
+                f"tune: the median pruner never prunes here: it waits for "
+                f"prune_startup_trials={spec.prune_startup_trials} complete trials and the "
+                f"study holds n_trials={spec.n_trials}"
+            )
     else:
         pruner = spec.pruner
-    # Offset the sampler seed by the trials already stored: a resumed study must not replay
-    # the random start-up draws of its first run; distinct workers must not draw alike.
-    sampler = optuna.samplers.TPESampler(seed=spec.seed + len(study.trials) + 7919 * worker)
+    sampler = None
+    if worker is not None:
+        sampler = optuna.samplers.TPESampler(seed=spec.seed + start + 7919 * worker)
     return optuna.load_study(
         study_name=spec.study_name, storage=storage, sampler=sampler, pruner=pruner
     )
 
 
-def run_worker(
-    spec: StudySpec, setup: TrialSetup, n_trials: int, worker: int = 0, threads: int = 0
+def _open(spec: StudySpec, setup: TrialSetup, *, worker: int | None = None) -> optuna.Study:
+    return open_study(
+        spec,
+        directions=_directions(setup),
+        attrs=study_attrs(setup, spec),
+        epochs=setup.base.epochs,
+        worker=worker,
+    )
+
+
+# ---------------------------------------------------------------- budget and progress
+
+
+class _BudgetReached(Exception):
+    """A trial created after the study's budget was taken; it ends FAIL before any work."""
+
+
+def _places_ahead(study: optuna.Study, number: int) -> int:
+    """Trials that hold a place in the budget before trial `number`: every finished one, and
+    the running or queued ones created before it."""
+    return sum(
+        1
+        for t in study.get_trials(deepcopy=False, states=CLAIMED)
+        if t.number != number and (t.state in DONE or t.number < number)
+    )
+
+
+class _Progress:
+    """tqdm bar of the study's finished trials, all workers' (an Optuna callback); disabled
+    when stderr is not a terminal, and then it never queries the storage."""
+
+    def __init__(self, study: optuna.Study, total: int) -> None:
+        self.study = study
+        # disable=None: tqdm turns itself off when its stream (stderr) is not a TTY.
+        self.bar = tqdm(total=total, unit="trial", desc=study.study_name, disable=None)
+        self.refresh()
+
+    def refresh(self) -> None:
+        if self.bar.disable:
+            return
+        trials = self.study.get_trials(deepcopy=False, states=DONE)
+        self.bar.n = len(trials)
+        pruned = sum(t.state == TrialState.PRUNED for t in trials)
+        values = [t.values[0] for t in trials if t.state == TrialState.COMPLETE]
+        best = {"best": f"{max(values):.4f}"} if values and len(self.study.directions) == 1 else {}
+        self.bar.set_postfix(pruned=pruned, **best, refresh=False)
+        self.bar.refresh()
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        self.refresh()
+
+    def close(self) -> None:
+        self.refresh()
+        self.bar.close()
+
+
+def run_trials(
+    study: optuna.Study,
+    objective: Callable[[optuna.Trial], Any],
+    *,
+    n_trials: int,
+    max_trials: int | None = None,
+    progress: bool = False,
 ) -> None:
-    """Run up to `n_trials` trials in this process; stops early once the study has
-    `spec.n_trials` finished (complete or pruned) trials, whoever ran them."""
+    """Run trials of `objective` in this process until the study holds `n_trials` complete or
+    pruned trials — counted over every worker of the study, never more (see "Budget" in the
+    module docstring) — or this process has started `max_trials` (None = no limit).
+
+    A trial whose place was taken by other workers ends FAIL (user attr `surplus`) before the
+    objective runs. With `progress`, a tqdm bar on stderr (when it is a terminal).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        # A dead worker's RUNNING trial would hold a place until the first trial here starts.
+        optuna.storages.fail_stale_trials(study)
+    busy = (*DONE, TrialState.RUNNING)
+    if len(study.get_trials(deepcopy=False, states=busy)) >= n_trials:
+        return
+
+    def guarded(trial: optuna.Trial) -> Any:
+        ahead = _places_ahead(study, trial.number)
+        if ahead >= n_trials:
+            trial.set_user_attr("surplus", f"{ahead} trials held the budget of {n_trials}")
+            study.stop()
+            raise _BudgetReached(f"trial {trial.number}: the budget of {n_trials} is taken")
+        return objective(trial)
+
+    # After each trial: stop once the finished and running trials fill the budget (the check
+    # above catches the case where two workers pass this at the same moment).
+    callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [
+        optuna.study.MaxTrialsCallback(n_trials, states=busy)
+    ]
+    bar = _Progress(study, n_trials) if progress else None
+    if bar is not None:
+        callbacks.append(bar)
+    try:
+        study.optimize(guarded, n_trials=max_trials, callbacks=callbacks, catch=(_BudgetReached,))
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+# ---------------------------------------------------------------- workers
+
+
+def run_worker(
+    spec: StudySpec,
+    setup: TrialSetup,
+    n_trials: int,
+    worker: int = 0,
+    threads: int = 0,
+    *,
+    progress: bool = False,
+) -> None:
+    """Run up to `n_trials` trials in this process; stops early once the study's budget of
+    `spec.n_trials` complete or pruned trials is taken, whoever ran them."""
     if threads:
         torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.INFO)
     data = _load(setup)
-    study = _open(spec, setup, _storage(spec), worker=worker)
-    study.optimize(
+    study = _open(spec, setup, worker=worker)
+    run_trials(
+        study,
         _objective(data, setup),
-        n_trials=n_trials,
-        callbacks=[optuna.study.MaxTrialsCallback(spec.n_trials, states=DONE)],
+        n_trials=spec.n_trials,
+        max_trials=n_trials,
+        progress=progress,
     )
 
 
@@ -449,42 +780,42 @@ def tune(
 ) -> dict[str, Any]:
     """Run (or resume) the study until it holds `spec.n_trials` complete or pruned trials.
 
-    `n_workers` > 1 runs that many processes against the same storage, each with its share of
-    the remaining trials and its own sampler seed. Then writes `best_params_path` (k, lam, p,
-    lr, value, trial number; in multi-objective mode the Pareto trial with the best mean of the
-    objectives, plus the whole front) and PNG plots into `reports_dir`.
-    Returns a summary: trial counts per state and the best trial.
+    `n_workers` > 1 runs that many processes against the same storage, each with its own
+    sampler seed, taking trials until the budget is taken (a fast worker runs more). Then
+    writes `best_params_path` (k, lam, p, lr, value, trial number; in multi-objective mode the
+    Pareto trial with the best mean of the objectives, plus the whole front) and PNG plots into
+    `reports_dir`. Returns a summary: trial counts per state and the best trial.
     """
     if n_workers < 1:
         raise ValueError("tune: n_workers must be >= 1")
-    storage = _storage(spec)
-    study = _open(spec, setup, storage)
+    study = _open(spec, setup)
     remaining = max(0, spec.n_trials - len(study.get_trials(deepcopy=False, states=DONE)))
     t0 = time.perf_counter()
     if remaining and n_workers == 1:
-        run_worker(spec, setup, remaining, spec.worker)
+        run_worker(spec, setup, remaining, spec.worker, progress=True)
     elif remaining:
-        shares = [remaining // n_workers + (i < remaining % n_workers) for i in range(n_workers)]
         threads = max(1, (os.cpu_count() or 1) // n_workers)
         # spawn, not fork: a forked child of a process that already ran torch can deadlock.
         ctx = mp.get_context("spawn")
         procs = [
             ctx.Process(
                 target=run_worker,
-                args=(spec, setup, n, spec.worker * n_workers + i, threads),
+                args=(spec, setup, remaining, spec.worker * n_workers + i, threads),
                 name=f"tune-worker-{i}",
             )
-            for i, n in enumerate(shares)
-            if n
+            for i in range(min(n_workers, remaining))
         ]
         for p in procs:
             p.start()
+        bar = _Progress(study, spec.n_trials)  # one bar for all workers, fed from the storage
         for p in procs:
-            p.join()
+            while p.is_alive():
+                p.join(timeout=1.0)
+                bar.refresh()  # a no-op when stderr is not a terminal
+        bar.close()
         failed = [p.name for p in procs if p.exitcode != 0]
         if failed:
             raise RuntimeError(f"tune: worker(s) {failed} failed; rerun to resume the study")
-    study = optuna.load_study(study_name=spec.study_name, storage=storage)
     summary = write_outputs(
         study,
         best_params_path=best_params_path,
@@ -493,11 +824,6 @@ def tune(
     )
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     return summary
-
-
-def _objective_names(s: TrialSetup) -> list[str]:
-    demo = f"demo_valid_{s.demo_select}"
-    return [demo, "ctr_valid_auc"] if s.multi_objective else [demo]
 
 
 # ---------------------------------------------------------------- outputs
@@ -549,7 +875,10 @@ def write_outputs(
     if len(objective_names) > 1:
         out["pareto_front"] = [_entry(t, objective_names) for t in front]
     best_params_path.parent.mkdir(parents=True, exist_ok=True)
-    best_params_path.write_text(json.dumps(out, indent=1) + "\n")
+    # Atomic: two `ptum tune` processes on one study may finish at the same time.
+    tmp = best_params_path.with_name(f".{best_params_path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(out, indent=1) + "\n")
+    os.replace(tmp, best_params_path)
     out["plots"] = write_plots(study, reports_dir, objective_names)
     return out
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import signal
 import socket
 import subprocess
@@ -21,6 +22,7 @@ import torch
 from optuna.trial import TrialState
 
 from ptum.finetune.train import CellOptions
+from ptum.pretrain.data import file_digest
 from ptum.pretrain.train import TrainOptions
 from ptum.tune import (
     SearchSpace,
@@ -44,6 +46,7 @@ TINY_MODEL = {
 }
 SPACE = SearchSpace(k=(1, 5), lam=(0.0, 0.25, 0.5, 1.0, 2.0, 4.0), p=(1, 16), lr=(1e-4, 1e-2))
 PNG = b"\x89PNG\r\n\x1a\n"
+DATA_FILES = ("sequences.parquet", "users.parquet", "labels.parquet", "tokens.npy")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -165,17 +168,47 @@ def test_pruner_choices():
         SearchSpace(k=(0, 3))
 
 
-def test_default_study_name_follows_what_a_trial_measures(tiny_pipeline, tmp_path):
+def test_default_study_name_is_readable_and_follows_what_a_trial_measures(tiny_pipeline, tmp_path):
     setup = _setup(tiny_pipeline, tmp_path)
     name = default_study_name(setup, 0)
-    assert name.startswith("ptum-hsa-") and name == default_study_name(setup, 0)
+    data = file_digest(
+        [tiny_pipeline / "prepared" / f for f in DATA_FILES[:3]]
+        + [tiny_pipeline / "tokenized" / DATA_FILES[3]]
+    )
+    assert re.fullmatch(rf"ptum-hsa-demo-acc-data{data[:8]}-cfg[0-9a-f]{{6}}", name), name
+    assert name == default_study_name(setup, 0)
     assert name == default_study_name(replace(setup, work_dir=tmp_path / "x", device="cpu"), 0)
     for other in (
         replace(setup, space=replace(SPACE, p=(1, 8))),
         replace(setup, base=replace(setup.base, epochs=3)),
+        replace(setup, demo_labels=("gender",)),
     ):
+        assert default_study_name(other, 0).startswith("ptum-hsa-demo-acc-data")
         assert default_study_name(other, 0) != name
     assert default_study_name(setup, 1) != name
+    f1 = default_study_name(replace(setup, demo_select="macro_f1"), 0)
+    assert f1.startswith("ptum-hsa-demo-macro_f1-data")
+    multi = default_study_name(replace(setup, multi_objective=True), 0)
+    assert multi.startswith("ptum-hsa-demo-acc+ctr-auc-data")
+
+
+def test_study_records_what_it_measures(finished, tiny_pipeline):
+    _, spec, _ = finished
+    study = optuna.load_study(study_name=spec.study_name, storage=spec.storage)
+    a = study.user_attrs
+    assert a["arch"] == "hsa" and a["params_section"] == "tune"
+    assert a["objectives"] == ["demo_valid_acc"] and a["directions"] == ["maximize"]
+    assert a["data_sha256"] == file_digest(
+        [tiny_pipeline / "prepared" / f for f in DATA_FILES[:3]]
+        + [tiny_pipeline / "tokenized" / DATA_FILES[3]]
+    )
+    assert a["data_files"] == list(DATA_FILES)
+    # The value and the intermediate values: same metric, different models, and said so.
+    assert "validation acc" in a["value"] and "fine-tuning" in a["value"]
+    assert "validation acc" in a["intermediate_value"]
+    assert "frozen" in a["intermediate_value"] and "1..2" in a["intermediate_value"]
+    assert a["config"]["space"]["p"] == [1, 16] and a["pretrain_epochs"] == 2
+    assert study.metric_names == ["demo_valid_acc"]
 
 
 def test_multi_objective_reports_the_pareto_front(tiny_pipeline, tmp_path):
@@ -335,6 +368,10 @@ def test_optuna_dashboard_reads_the_study(finished):
             for t in detail["trials"]
         )
         assert {p["name"] for p in detail["trials"][0]["params"]} == {"k", "lam", "p", "lr"}
+        # What the study measures is on the study's page.
+        attrs = {a["key"]: a["value"] for a in detail["user_attrs"]}
+        assert {"arch", "data_sha256", "objectives", "value", "intermediate_value"} <= set(attrs)
+        assert detail["objective_names"] == ["demo_valid_acc"]
     finally:
         server.terminate()
         server.wait(timeout=30)
