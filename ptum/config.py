@@ -25,6 +25,12 @@ class ConfigError(ValueError):
     """A params file or override that does not match the expected schema."""
 
 
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise ConfigError naming the key, its value and the allowed range unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{key} = {value!r} is out of range: must be {allowed}")
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Stage `ingest`: where the behavior log comes from."""
@@ -97,6 +103,12 @@ class ModelParams:
     dropout: float = 0.2
     layers: int = 2
 
+    def __post_init__(self) -> None:
+        for name in ("word_dim", "dim", "heads", "head_dim", "attn_hidden", "layers"):
+            v = getattr(self, name)
+            _require(v >= 1, f"pretrain.model.{name}", v, "an integer >= 1")
+        _require(0 <= self.dropout < 1, "pretrain.model.dropout", self.dropout, "in [0, 1)")
+
 
 @dataclass(frozen=True)
 class PretrainConfig:
@@ -125,6 +137,26 @@ class PretrainConfig:
     device: str = "auto"
     # Take k / lam / p / lr from the tuning stage's best_params.json.
     use_tuned: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.k >= 1, "pretrain.k", self.k, "an integer >= 1")
+        _require(self.p >= 1, "pretrain.p", self.p, "an integer >= 1 (negatives per positive)")
+        _require(self.lam >= 0, "pretrain.lam", self.lam, ">= 0")
+        _require(self.lr > 0, "pretrain.lr", self.lr, "> 0")
+        _require(self.weight_decay >= 0, "pretrain.weight_decay", self.weight_decay, ">= 0")
+        _require(self.batch_size >= 1, "pretrain.batch_size", self.batch_size, "an integer >= 1")
+        _require(self.epochs >= 1, "pretrain.epochs", self.epochs, "an integer >= 1")
+        _require(self.grad_clip > 0, "pretrain.grad_clip", self.grad_clip, "> 0")
+        _require(self.processes >= 1, "pretrain.processes", self.processes, "an integer >= 1")
+        _require(
+            self.mbp or self.nbp, "pretrain.mbp/nbp", (self.mbp, self.nbp), "at least one task on"
+        )
+        _require(
+            len(self.architectures) >= 1,
+            "pretrain.architectures",
+            self.architectures,
+            "a non-empty list",
+        )
 
 
 @dataclass(frozen=True)
@@ -157,6 +189,32 @@ class FinetuneConfig:
     ctr_scoring: Literal["dot", "bias"] = "dot"
     # Bootstrap replicates (over test users) of each cell's 95% CI.
     bootstrap: int = 1000
+
+    def __post_init__(self) -> None:
+        _require(self.repeats >= 1, "finetune.repeats", self.repeats, "an integer >= 1")
+        _require(self.lr > 0, "finetune.lr", self.lr, "> 0")
+        _require(self.batch_size >= 1, "finetune.batch_size", self.batch_size, "an integer >= 1")
+        _require(self.max_epochs >= 1, "finetune.max_epochs", self.max_epochs, "an integer >= 1")
+        _require(self.patience >= 1, "finetune.patience", self.patience, "an integer >= 1")
+        _require(self.head_hidden >= 1, "finetune.head_hidden", self.head_hidden, ">= 1")
+        _require(self.weight_decay >= 0, "finetune.weight_decay", self.weight_decay, ">= 0")
+        _require(self.workers >= 1, "finetune.workers", self.workers, "an integer >= 1")
+        _require(
+            self.encoder_lr_scale >= 0, "finetune.encoder_lr_scale", self.encoder_lr_scale, ">= 0"
+        )
+        _require(self.bootstrap >= 100, "finetune.bootstrap", self.bootstrap, ">= 100")
+        _require(
+            len(self.class_weights) >= 1 and set(self.class_weights) <= {"none", "balanced"},
+            "finetune.class_weights",
+            self.class_weights,
+            "a non-empty list of none | balanced",
+        )
+        _require(
+            len(self.ratios) >= 1 and all(0 < r <= 1 for r in self.ratios),
+            "finetune.ratios",
+            self.ratios,
+            "a non-empty list of shares in (0, 1]",
+        )
 
 
 @dataclass(frozen=True)
@@ -249,6 +307,29 @@ class Params:
     tune: TuneConfig = field(default_factory=TuneConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
+
+    def __post_init__(self) -> None:
+        """Constraints between sections."""
+        ratios = set(self.prepare.label_ratios)
+        _require(
+            set(self.finetune.ratios) <= ratios,
+            "finetune.ratios",
+            self.finetune.ratios,
+            f"among prepare.label_ratios {list(self.prepare.label_ratios)}",
+        )
+        _require(
+            self.sensitivity.ratio in ratios,
+            "sensitivity.ratio",
+            self.sensitivity.ratio,
+            f"one of prepare.label_ratios {list(self.prepare.label_ratios)}",
+        )
+        _require(
+            self.pretrain.k < self.prepare.max_behaviors,
+            "pretrain.k",
+            self.pretrain.k,
+            f"< prepare.max_behaviors ({self.prepare.max_behaviors}): NBP needs a history "
+            "before the K next behaviors",
+        )
 
 
 SECTIONS: dict[str, type] = {
@@ -362,8 +443,13 @@ def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = 
             )
         node = raw.setdefault(parts[0], {}) or {}
         raw[parts[0]] = node
-        for p in parts[1:-1]:
+        for i, p in enumerate(parts[1:-1], start=1):
             node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(
+                    f"override {text!r}: {'.'.join(parts[: i + 1])} is a value ({node!r}), "
+                    "not a section with keys; set it directly"
+                )
         node[parts[-1]] = value
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:

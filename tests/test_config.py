@@ -66,3 +66,31 @@ def test_configs_are_frozen():
     cfg = build(DataConfig, {"size": "tiny"}, "test")
     with pytest.raises(AttributeError):
         cfg.size = "default"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("pretrain.batch_size=0", "pretrain.batch_size = 0"),
+        ("pretrain.epochs=-2", "pretrain.epochs = -2"),
+        ("pretrain.model.dim=0", "pretrain.model.dim = 0"),
+        ("pretrain.p=0", "pretrain.p = 0"),
+        ("pretrain.lr=0", "pretrain.lr = 0"),
+        ("pretrain.model.dropout=1.0", "pretrain.model.dropout = 1.0"),
+        ("pretrain.k=100", "pretrain.k = 100"),  # >= prepare.max_behaviors
+        ("finetune.repeats=0", "finetune.repeats = 0"),
+        ("finetune.ratios=[0.3]", "finetune.ratios = (0.3,)"),  # not a prepared subset
+        ("finetune.class_weights=[inverse]", "finetune.class_weights"),
+        ("finetune.workers=0", "finetune.workers = 0"),
+        ("sensitivity.ratio=0.3", "sensitivity.ratio = 0.3"),
+    ],
+)
+def test_out_of_range_params_name_the_key_value_and_range(override, key):
+    with pytest.raises(ConfigError, match="out of range: must be") as e:
+        load_params(ROOT / "params.yaml", [override])
+    assert str(e.value).startswith(key)
+
+
+def test_override_below_a_scalar_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"pretrain.lr is a value .* not a section"):
+        load_params(ROOT / "params.yaml", ["pretrain.lr.x=1"])
