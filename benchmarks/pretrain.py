@@ -1,12 +1,16 @@
-"""Benchmark: pre-training throughput, unique-item encoding vs naive per-behavior encoding.
+"""Benchmark: pre-training throughput, unique-item encoding vs naive per-behavior encoding, and
+the hybrid behavior encoder (text + item id) vs text only.
 
     python benchmarks/pretrain.py [--movielens ../shared/data/movielens-100k] [--steps 6]
     python benchmarks/pretrain.py --gpu          # on a CUDA machine: users/s and TFLOP/s
+    python benchmarks/pretrain.py --quick        # CPU-default sizes, small synthetic data only
 
 For each data set, the same model (paper-sized HSA by default) and the same batches are timed
-with (a) each distinct item of the batch encoded once and gathered, and (b) every behavior and
-candidate encoded separately. Each variant runs in its own child process so its peak memory
-(RSS on CPU, max allocated on GPU) is its own. Training steps = forward + backward + AdamW step.
+with (a) each distinct item of the batch encoded once and gathered, (b) every behavior and
+candidate encoded separately, and (c) as (a) with the hybrid behavior encoder (the same
+self-attention text encoder + an item-id embedding over the items seen >= 2 times, gated).
+Each variant runs in its own child process so its peak memory (RSS on CPU, max allocated on GPU)
+is its own. Training steps = forward + backward + AdamW step.
 """
 
 from __future__ import annotations
@@ -74,10 +78,12 @@ def build(args: dict):
 
     from ptum.models.user_model import ModelConfig, UserModel
     from ptum.pretrain.data import Corpus, load_corpus
+    from ptum.pretrain.id_vocab import build_id_vocab, item_texts
 
     if args["data"] == "synthetic":
         rng = np.random.default_rng(0)
-        n_users, n_items, L, T, V = 2000, 20000, 100, 30, 8000
+        n_users, n_items, L = args["synthetic"]
+        T, V = 30, 8000
         lengths = np.full(n_users, L)
         # Zipf-popular items: behaviors repeat, as in real logs.
         w = 1 / np.arange(1, n_items + 1) ** 1.05
@@ -95,20 +101,32 @@ def build(args: dict):
             items.ravel(),
         )
         vocab = V
+        texts = [f"item {i}" for i in range(1, n_items + 1)]
     else:
         root = Path(args["data"])
         corpus = load_corpus(root / "prepared", root / "tokenized", "train", 100)
         vocab = json.loads((root / "tokenized" / "report.json").read_text())["vocab_size"]
-    m = args["model"]
-    config = ModelConfig(
-        behavior_encoder="selfattn",
-        user_encoder="hsa",
+        texts = item_texts(root / "prepared")
+    hybrid, id_vocab = {}, None
+    if args["encoder"] == "hybrid":
+        id_vocab = build_id_vocab(corpus.items, texts, corpus.tokens, 2)
+        hybrid = dict(
+            behavior_encoder="hybrid",
+            num_items=corpus.num_items + 1,
+            id_vocab=id_vocab.size,
+        )
+    config = ModelConfig.for_architecture(
+        "hsa",
         vocab_size=vocab,
         max_tokens=corpus.tokens.shape[1],
         max_behaviors=100,
-        **m,
+        **hybrid,
+        **args["model"],
     )
-    return UserModel(config=config), corpus
+    model = UserModel(config=config)
+    if id_vocab is not None:
+        model.behavior_encoder.set_id_index(id_vocab.id_index())
+    return model, corpus
 
 
 def prepare_movielens(src: Path, dest: Path) -> None:
@@ -144,6 +162,16 @@ def run_child(args: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# params.yaml's pretrain.model (the CPU-sized default).
+CPU_DEFAULT = {
+    "word_dim": 64,
+    "dim": 64,
+    "heads": 4,
+    "head_dim": 16,
+    "attn_hidden": 64,
+    "dropout": 0.2,
+    "layers": 2,
+}
 PAPER = {
     "word_dim": 300,
     "dim": 256,
@@ -166,32 +194,46 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--gpu", action="store_true", help="run on CUDA and report TFLOP/s")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="params.yaml's CPU-sized model (64-d) on 300 synthetic users x 50 behaviors",
+    )
     args = ap.parse_args()
     device = "cuda" if args.gpu else "cpu"
+    model = CPU_DEFAULT if args.quick else PAPER
+    synthetic = (300, 3000, 50) if args.quick else (2000, 20000, 100)
     cases = []
     with tempfile.TemporaryDirectory() as tmp:
-        if args.movielens.exists():
+        if args.quick:
+            pass
+        elif args.movielens.exists():
             prepare_movielens(args.movielens, Path(tmp))
             cases.append(("MovieLens-100K", tmp))
         else:
             print(f"(skipping MovieLens: {args.movielens} not found)")
-        cases.append(("synthetic 100 beh x 30 tok", "synthetic"))
+        n_users, _, n_beh = synthetic
+        cases.append((f"synthetic {n_users} u x {n_beh} beh", "synthetic"))
         print(
-            f"device: {device}; threads: {args.threads}; model: HSA, paper sizes {PAPER}; "
-            f"batch {args.batch} users; {args.steps} timed steps after 1 warm-up"
+            f"device: {device}; threads: {args.threads}; model: HSA, sizes {model}; "
+            f"batch {args.batch} users; {args.steps} timed steps after 1 warm-up; "
+            f"load average at start {os.getloadavg()[0]:.2f}"
         )
         print(
-            f"{'data':28} {'encoding':>9} {'users/s':>9} {'s/step':>8} {'peak MiB':>9}"
-            + (f" {'TFLOP/s':>8}" if args.gpu else "")
+            f"{'data':28} {'encoder':>8} {'encoding':>9} {'users/s':>9} {'s/step':>8} "
+            f"{'peak MiB':>9}" + (f" {'TFLOP/s':>8}" if args.gpu else "")
         )
+        variants = [("text", True), ("text", False), ("hybrid", True)]
         for name, data in cases:
             res = {}
-            for unique in (True, False):
-                res[unique] = run_child(
+            for encoder, unique in variants:
+                res[encoder, unique] = r = run_child(
                     {
                         "data": data,
+                        "synthetic": synthetic,
+                        "encoder": encoder,
                         "unique": unique,
-                        "model": PAPER,
+                        "model": model,
                         "batch": args.batch,
                         "steps": args.steps,
                         "warmup": 1,
@@ -200,16 +242,16 @@ def main() -> None:
                         "count_flops": args.gpu,
                     }
                 )
-                r = res[unique]
                 print(
-                    f"{name:28} {'unique' if unique else 'naive':>9} {r['users_per_s']:>9.1f} "
-                    f"{r['step_s']:>8.2f} {r['peak_mib']:>9.0f}"
+                    f"{name:28} {encoder:>8} {'unique' if unique else 'naive':>9} "
+                    f"{r['users_per_s']:>9.1f} {r['step_s']:>8.2f} {r['peak_mib']:>9.0f}"
                     + (f" {r['tflops']:>8.2f}" if args.gpu else ""),
                     flush=True,
                 )
+            text, naive, hybrid = (res[v]["users_per_s"] for v in variants)
             print(
-                f"{name:28} speed-up unique/naive: "
-                f"{res[True]['users_per_s'] / res[False]['users_per_s']:.1f}x"
+                f"{name:28} speed-up unique/naive: {text / naive:.1f}x; "
+                f"hybrid/text (unique): {hybrid / text:.2f}x"
             )
 
 
