@@ -66,6 +66,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import multiprocessing as mp
 import os
 import shutil
@@ -656,6 +657,29 @@ def _open(spec: StudySpec, setup: TrialSetup, *, worker: int | None = None) -> o
 class _BudgetReached(Exception):
     """A trial created after the study's budget was taken; it ends FAIL before any work."""
 
+    def __init__(self, number: int) -> None:
+        super().__init__(f"trial {number}: the study's budget is taken")
+        self.number = number
+
+
+class _QuietSurplus(logging.Filter):
+    """Optuna logs a trial ended by `_BudgetReached` as a failure, with a traceback; that is
+    the normal end of a worker that lost the race for the last place, which `run_trials`
+    reports in one line instead. On the logger of optuna.study._optimize (where the warnings
+    come from); if Optuna moves them, they are merely shown again."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.numbers: set[int] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, _BudgetReached):
+            self.numbers.add(exc.number)
+            return False
+        msg = record.getMessage()
+        return not any(msg.startswith(f"Trial {n} failed with value None") for n in self.numbers)
+
 
 def _places_ahead(study: optuna.Study, number: int) -> int:
     """Trials that hold a place in the budget before trial `number`: every finished one, and
@@ -722,9 +746,11 @@ def run_trials(
     def guarded(trial: optuna.Trial) -> Any:
         ahead = _places_ahead(study, trial.number)
         if ahead >= n_trials:
-            trial.set_user_attr("surplus", f"{ahead} trials held the budget of {n_trials}")
+            why = f"{ahead} trials held the budget of {n_trials}"
+            trial.set_user_attr("surplus", why)
+            _log(f"tune: trial {trial.number} not run, this worker stops: {why}")
             study.stop()
-            raise _BudgetReached(f"trial {trial.number}: the budget of {n_trials} is taken")
+            raise _BudgetReached(trial.number)
         return objective(trial)
 
     # After each trial: stop once the finished and running trials fill the budget (the check
@@ -735,9 +761,12 @@ def run_trials(
     bar = _Progress(study, n_trials) if progress else None
     if bar is not None:
         callbacks.append(bar)
+    quiet, optuna_log = _QuietSurplus(), logging.getLogger("optuna.study._optimize")
+    optuna_log.addFilter(quiet)
     try:
         study.optimize(guarded, n_trials=max_trials, callbacks=callbacks, catch=(_BudgetReached,))
     finally:
+        optuna_log.removeFilter(quiet)
         if bar is not None:
             bar.close()
 

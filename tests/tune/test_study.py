@@ -181,7 +181,7 @@ def test_concurrent_workers_finish_exactly_n_trials_on_an_existing_study(tmp_pat
         assert "surplus" in t.user_attrs and not t.params
 
 
-def test_a_trial_created_after_the_budget_was_taken_does_no_work(tmp_path, monkeypatch):
+def test_a_trial_created_after_the_budget_was_taken_does_no_work(tmp_path, monkeypatch, capfd):
     spec = _spec(tmp_path, n_trials=2, pruner="none")
     ours, theirs = _open(spec, worker=0), _open(spec, worker=1)
     run_trials(ours, _sleepy, n_trials=1)  # trial 0 complete
@@ -206,6 +206,8 @@ def test_a_trial_created_after_the_budget_was_taken_does_no_work(tmp_path, monke
     ]
     surplus = optuna.load_study(study_name="s", storage=spec.storage).trials[2]
     assert "2 trials held the budget of 2" in surplus.user_attrs["surplus"]
+    err = capfd.readouterr().err
+    assert "trial 2 not run, this worker stops" in err and "Traceback" not in err
 
 
 def test_a_full_budget_starts_nothing_and_a_resumed_one_adds_the_missing(tmp_path):
