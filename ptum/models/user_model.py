@@ -64,9 +64,8 @@ class ModelConfig:
     num_items: int = 0  # item-id vocabulary, incl. padding item 0 (behavior encoders id, hybrid)
     hybrid_text: str = ""  # hybrid only: the text encoder it wraps (selfattn | cnn | lstm)
     id_vocab: int = 0  # hybrid only: id-embedding rows (padding, UNKNOWN, the frequent items)
-    id_min_count: int = (
-        ID_MIN_COUNT  # hybrid: pre-training behaviors an item needs for its own id row
-    )
+    # hybrid only: pre-training behaviors an item needs for its own id row
+    id_min_count: int = ID_MIN_COUNT
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
