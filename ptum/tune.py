@@ -103,7 +103,8 @@ CLAIMED = (*DONE, TrialState.RUNNING, TrialState.WAITING)
 
 
 def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
+    # Through tqdm: a progress bar on the terminal is cleared, and redrawn below the line.
+    tqdm.write(msg, file=sys.stderr)
 
 
 @dataclass(frozen=True)
@@ -698,7 +699,7 @@ class _Progress:
     def __init__(self, study: optuna.Study, total: int) -> None:
         self.study = study
         # disable=None: tqdm turns itself off when its stream (stderr) is not a TTY.
-        self.bar = tqdm(total=total, unit="trial", desc=study.study_name, disable=None)
+        self.bar = tqdm(total=total, unit="trial", desc="tune trials", disable=None)
         self.refresh()
 
     def refresh(self) -> None:

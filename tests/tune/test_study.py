@@ -290,6 +290,6 @@ def test_progress_bar_over_trials_only_on_a_terminal(tmp_path, monkeypatch, tty)
     run_trials(study, _sleepy, n_trials=3, progress=True)
     out = stream.getvalue()
     if tty:
-        assert "3/3" in out and "s:" in out and "best=" in out, out
+        assert "tune trials:" in out and "3/3" in out and "best=" in out, out
     else:
         assert out == ""
