@@ -102,6 +102,9 @@ class ModelParams:
     attn_hidden: int = 200
     dropout: float = 0.2
     layers: int = 2
+    # hybrid encoder: items with fewer behaviors than this in the pre-training corpus share
+    # one UNKNOWN id vector (so do items never seen there).
+    id_min_count: int = 2
 
     def __post_init__(self) -> None:
         for name in ("word_dim", "dim", "heads", "head_dim", "attn_hidden", "layers"):
@@ -117,7 +120,8 @@ class PretrainConfig:
     # User models to pre-train (a DVC foreach runs one stage per entry); names of
     # ptum.models.ARCHITECTURES: hsa, han, hura, gru4rec, nativectr, bert4rec.
     architectures: tuple[str, ...] = ("hsa", "han", "hura", "gru4rec", "nativectr", "bert4rec")
-    # Override the architecture's behavior encoder (selfattn | cnn | lstm | id); "" = default.
+    # Override the architecture's behavior encoder (selfattn | cnn | lstm | id | hybrid);
+    # "" = default. hybrid = the architecture's text encoder + a learned item-id embedding.
     behavior_encoder: str = ""
     model: ModelParams = field(default_factory=ModelParams)
     mbp: bool = True
@@ -187,6 +191,8 @@ class FinetuneConfig:
     # CTR head: "dot" (paper: user . candidate) or "bias" (+ user bias and a per-item candidate
     # bias falling back to the item's popularity before the window; ptum.heads.BiasedCtrHead).
     ctr_scoring: Literal["dot", "bias"] = "dot"
+    # "bias" head: the per-user / per-item offsets learn at lr * this.
+    ctr_bias_lr_scale: float = 10.0
     # Bootstrap replicates (over test users) of each cell's 95% CI.
     bootstrap: int = 1000
 
@@ -203,6 +209,9 @@ class FinetuneConfig:
             self.encoder_lr_scale >= 0, "finetune.encoder_lr_scale", self.encoder_lr_scale, ">= 0"
         )
         _require(self.bootstrap >= 100, "finetune.bootstrap", self.bootstrap, ">= 100")
+        _require(
+            self.ctr_bias_lr_scale > 0, "finetune.ctr_bias_lr_scale", self.ctr_bias_lr_scale, "> 0"
+        )
         _require(
             len(self.class_weights) >= 1 and set(self.class_weights) <= {"none", "balanced"},
             "finetune.class_weights",
@@ -252,7 +261,7 @@ class TuneConfig:
     p: tuple[int, int] = (1, 16)
     lr: tuple[float, float] = (1e-4, 1e-2)
     pruner: Literal["median", "hyperband", "none"] = "median"
-    prune_startup_trials: int = 5
+    prune_startup_trials: int = 2
     # Maximise (Demo validation metric, CTR validation AUC) and report the Pareto front; Optuna
     # does not prune multi-objective studies.
     multi_objective: bool = False

@@ -62,38 +62,50 @@ class CtrHead(nn.Module):
 class BiasedCtrHead(nn.Module):
     """CTR scoring with biases: W user . candidate + user bias + candidate bias.
 
-        logit = (W u) . c + (w . u + b) + item_bias[item] + a * log_popularity(item)
+        logit = (W u) . c + (w . u + b + user_bias[user]) + item_bias[item] + a * log_pop(item)
 
     The candidate bias is learned per item; an item with no training impression keeps a zero
     learned bias (its embedding row gets no gradient, and decoupled weight decay keeps zero at
     zero), so its bias falls back to `a * log_popularity`, the label-free popularity of the item
-    in the behaviors before the window. The user bias is a linear function of the user vector,
-    so it exists for users never seen in training too. At initialisation everything but the
-    identity-initialised W is zero: the score starts as the paper's dot product.
+    in the behaviors before the window. The user bias likewise: a learned per-user offset (how
+    readily this user clicks, which the behavior history alone does not show) for users with
+    training impressions, plus a linear function of the user vector that exists for new users
+    too. At initialisation everything but the identity-initialised W is zero: the score starts
+    as the paper's dot product.
     """
 
-    def __init__(self, *, dim: int, num_items: int) -> None:
+    def __init__(self, *, dim: int, num_items: int, num_users: int) -> None:
         super().__init__()
         self.proj = nn.Linear(dim, dim)
-        self.user_bias = nn.Linear(dim, 1)
+        self.user_linear = nn.Linear(dim, 1)
+        self.user_bias = nn.Embedding(num_users, 1)
         self.item_bias = nn.Embedding(num_items + 1, 1)
         self.pop_weight = nn.Parameter(torch.zeros(()))
         with torch.no_grad():
             self.proj.weight.copy_(torch.eye(dim))
             self.proj.bias.zero_()
+            self.user_linear.weight.zero_()
+            self.user_linear.bias.zero_()
             self.user_bias.weight.zero_()
-            self.user_bias.bias.zero_()
             self.item_bias.weight.zero_()
 
-    def logits(self, user: Tensor, candidate: Tensor, item_ids: Tensor, log_pop: Tensor) -> Tensor:
-        """(B, D) users, (B, D) candidates, (B,) candidate item ids, (B,) candidate log
-        popularity shares -> (B,) click logits."""
-        dot = (self.proj(user) * candidate).sum(dim=-1)  # (B,)
-        bias = self.user_bias(user).squeeze(-1) + self.item_bias(item_ids).squeeze(-1)  # (B,)
-        return dot + bias + self.pop_weight * log_pop
+    def bias_parameters(self) -> list[nn.Parameter]:
+        """The per-user and per-item offsets (each trained by few impressions)."""
+        return [self.user_bias.weight, self.item_bias.weight]
 
-    def forward(self, user: Tensor, candidate: Tensor, item_ids: Tensor, log_pop: Tensor) -> Tensor:
-        return torch.sigmoid(self.logits(user, candidate, item_ids, log_pop))
+    def logits(
+        self, user: Tensor, candidate: Tensor, user_ids: Tensor, item_ids: Tensor, log_pop: Tensor
+    ) -> Tensor:
+        """(B, D) users, (B, D) candidates, (B,) user indices, (B,) candidate item ids, (B,)
+        candidate log popularity shares -> (B,) click logits."""
+        dot = (self.proj(user) * candidate).sum(dim=-1)  # (B,)
+        u_bias = self.user_linear(user).squeeze(-1) + self.user_bias(user_ids).squeeze(-1)
+        return dot + u_bias + self.item_bias(item_ids).squeeze(-1) + self.pop_weight * log_pop
+
+    def forward(
+        self, user: Tensor, candidate: Tensor, user_ids: Tensor, item_ids: Tensor, log_pop: Tensor
+    ) -> Tensor:
+        return torch.sigmoid(self.logits(user, candidate, user_ids, item_ids, log_pop))
 
 
 def log_popularity(counts: np.ndarray) -> np.ndarray:

@@ -114,6 +114,7 @@ def load_ctr(prepared: Path, tokenized: Path, max_len: int, ratios: list[float])
         # Label-free popularity of each item in the behaviors before each window (all users).
         popularity_train=_item_counts(prepared, "before_train", n_items),
         popularity_test=_item_counts(prepared, "before_test", n_items),
+        user=np.unique(imps["user_id"].to_numpy(), return_inverse=True)[1].astype(np.int64),
     )
     return CtrTask(
         data, {r: imps[ratio_column(r)].to_numpy() for r in ratios}, imps["user_id"].to_numpy()

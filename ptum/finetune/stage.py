@@ -28,6 +28,7 @@ def cell_options(cfg: FinetuneConfig) -> CellOptions:
         weight_decay=cfg.weight_decay,
         encoder_lr_scale=cfg.encoder_lr_scale,
         ctr_scoring=cfg.ctr_scoring,
+        bias_lr_scale=cfg.ctr_bias_lr_scale,
     )
 
 

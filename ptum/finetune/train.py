@@ -50,6 +50,8 @@ class CellOptions:
     # CTR scoring: "dot" (the paper's user . candidate, with a learned map) or "bias" (plus a
     # user bias and a per-item candidate bias with a popularity fallback; ptum.heads).
     ctr_scoring: str = "dot"
+    # "bias" head: its per-user / per-item offsets learn at lr * this (see _optimizer).
+    bias_lr_scale: float = 1.0
 
 
 def user_vectors(
@@ -125,8 +127,18 @@ def _init_model(pretrained: UserModel, mode: str, seed: int) -> UserModel:
 def _optimizer(
     model: UserModel, head: torch.nn.Module, mode: str, opts: CellOptions
 ) -> torch.optim.Optimizer:
-    """AdamW over the head, plus the user model unless frozen (scaled lr when fine-tuning)."""
-    groups: list[dict] = [{"params": list(head.parameters()), "lr": opts.lr}]
+    """AdamW over the head, plus the user model unless frozen (scaled lr when fine-tuning).
+
+    The biased CTR head's per-user and per-item offsets learn at lr * bias_lr_scale: each
+    offset sees only its own user's or item's few impressions per epoch, so at the encoder's lr
+    it would barely move in the epochs early stopping allows."""
+    biases = getattr(head, "bias_parameters", lambda: [])()
+    ids = {id(p) for p in biases}
+    groups: list[dict] = [
+        {"params": [p for p in head.parameters() if id(p) not in ids], "lr": opts.lr}
+    ]
+    if biases:
+        groups.append({"params": biases, "lr": opts.lr * opts.bias_lr_scale})
     if mode != "frozen":
         scale = opts.encoder_lr_scale if mode == "finetune" else 1.0
         groups.append({"params": list(model.parameters()), "lr": opts.lr * scale})
@@ -245,6 +257,8 @@ class CtrData:
     # popularity from the past of each window. None: unknown (the "bias" head then has none).
     popularity_train: np.ndarray | None = None
     popularity_test: np.ndarray | None = None
+    # One index per user across windows (the "bias" head's per-user offset); None: by row.
+    user: np.ndarray | None = None
 
 
 def run_ctr(
@@ -264,7 +278,11 @@ def run_ctr(
     torch.manual_seed(seed + 1)
     tokens = data.hist_train.tokens.to(device)
     if opts.ctr_scoring == "bias":
-        head = BiasedCtrHead(dim=model.config.dim, num_items=tokens.shape[0] - 1).to(device)
+        user_index = data.user if data.user is not None else data.row
+        head = BiasedCtrHead(
+            dim=model.config.dim, num_items=tokens.shape[0] - 1, num_users=int(user_index.max()) + 1
+        ).to(device)
+        user_index = torch.from_numpy(user_index.astype(np.int64)).to(device)
     elif opts.ctr_scoring == "dot":
         head = CtrHead(dim=model.config.dim).to(device)
     else:
@@ -296,7 +314,8 @@ def run_ctr(
             u = u[torch.from_numpy(inv)]
             (c,) = encode_ids(model, tokens, [cand_ids])
         if isinstance(head, BiasedCtrHead):
-            return head.logits(u, c, cand_ids, log_pop[test][cand_ids])
+            user_ids = user_index[torch.from_numpy(idx).to(device)]
+            return head.logits(u, c, user_ids, cand_ids, log_pop[test][cand_ids])
         return head.logits(u, c)
 
     @torch.no_grad()

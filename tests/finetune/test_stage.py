@@ -117,15 +117,15 @@ def test_stage_writes_predictions_that_recompute_every_run(tiny_pipeline, ckpts,
 
 def test_biased_head_starts_as_the_dot_product_and_falls_back_to_popularity():
     torch.manual_seed(0)
-    head = BiasedCtrHead(dim=4, num_items=5)
+    head = BiasedCtrHead(dim=4, num_items=5, num_users=3)
     u, c = torch.randn(3, 4), torch.randn(3, 4)
-    ids = torch.tensor([1, 2, 3])
+    ids, users = torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2])
     pop = torch.from_numpy(log_popularity(np.array([0, 10, 1, 0, 0, 0])).astype(np.float32))
-    assert torch.allclose(head.logits(u, c, ids, pop[ids]), (u * c).sum(-1))
+    assert torch.allclose(head.logits(u, c, users, ids, pop[ids]), (u * c).sum(-1))
     opt = torch.optim.AdamW(head.parameters(), lr=0.1, weight_decay=0.01)
     for _ in range(20):  # item 1 is clicked, item 2 is not; item 3 is never shown
         loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            head.logits(u[:2], c[:2], ids[:2], pop[ids[:2]]), torch.tensor([1.0, 0.0])
+            head.logits(u[:2], c[:2], users[:2], ids[:2], pop[ids[:2]]), torch.tensor([1.0, 0.0])
         )
         opt.zero_grad()
         loss.backward()
@@ -134,3 +134,5 @@ def test_biased_head_starts_as_the_dot_product_and_falls_back_to_popularity():
     assert b[1] > 0 > b[2]
     assert b[3] == 0 and b[0] == 0  # no training impression: bias = a * log popularity only
     assert head.pop_weight.item() != 0
+    ub = head.user_bias.weight.squeeze(-1).detach()
+    assert ub[0] > 0 > ub[1] and ub[2] == 0  # user 2 had no impression: the vector term only
