@@ -99,6 +99,19 @@ def _code_digest() -> str:
 _STATE: dict = {}
 
 
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (a killed `ptum finetune` or
+    `dvc repro` must not leave pool workers running); a no-op elsewhere."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+
+
 def _init_worker(
     task: str,
     prepared: str,
@@ -117,6 +130,11 @@ def _init_worker(
         m: checkpoint.load(Path(d), item_table_sha256=items).model for m, d in ckpt_dirs.items()
     }
     _STATE["splits"] = {}
+
+
+def _pool_worker(*init: object) -> None:
+    _die_with_parent()
+    _init_worker(*init)  # type: ignore[arg-type]
 
 
 def _split(seed: int, spec: SplitSpec) -> DemoTask | CtrTask:
@@ -190,6 +208,27 @@ def _progress(done: int, total: int, t0: float, cached: int) -> None:
         file=sys.stderr,
         flush=True,
     )
+
+
+class CacheEntryCorrupt(ValueError):
+    """A cached cell whose content does not match the hash written with it."""
+
+
+def _read_entry(path: Path, key: str) -> dict:
+    """A cached cell result, verified: line 1 holds its key and the SHA-256 of line 2."""
+    head, _, body = path.read_text().partition("\n")
+    try:
+        entry = json.loads(head)
+        ok = entry["key"] == key and entry["sha256"] == hashlib.sha256(body.encode()).hexdigest()
+    except (ValueError, KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise CacheEntryCorrupt(
+            f"{path}: cached cell does not match the hash recorded with it (edited, truncated or "
+            "from an older ptum); delete the file (or the whole cache directory) and rerun: "
+            "the cell is recomputed"
+        )
+    return json.loads(body)
 
 
 def grid_cells(
@@ -293,7 +332,7 @@ def run_grid(
     for c in cells:
         f = cache_dir / f"{key(c)}.json"
         if f.exists():
-            results[c.name] = json.loads(f.read_text())
+            results[c.name] = _read_entry(f, key(c))
         else:
             todo.append(c)
     t0, cached = time.perf_counter(), len(results)
@@ -310,8 +349,10 @@ def run_grid(
     args = (opts, demo_select, tuple(class_weights), split)
 
     def store(c: Cell, res: dict) -> None:
+        body = json.dumps(res, sort_keys=True)
+        entry = {"key": key(c), "sha256": hashlib.sha256(body.encode()).hexdigest()}
         tmp = cache_dir / f"{key(c)}.json.tmp"
-        tmp.write_text(json.dumps(res, sort_keys=True))
+        tmp.write_text(json.dumps(entry) + "\n" + body)
         tmp.replace(cache_dir / f"{key(c)}.json")
         results[c.name] = res
         _progress(len(results), len(cells), t0, cached)
@@ -321,7 +362,7 @@ def run_grid(
         # deadlock the child on OpenMP's thread pool.
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(
-            max_workers=workers, initializer=_init_worker, initargs=init, mp_context=ctx
+            max_workers=workers, initializer=_pool_worker, initargs=init, mp_context=ctx
         ) as pool:
             futures = {pool.submit(_run_cell, c, *args): c for c in todo}
             for f in as_completed(futures):

@@ -136,3 +136,82 @@ def test_biased_head_starts_as_the_dot_product_and_falls_back_to_popularity():
     assert head.pop_weight.item() != 0
     ub = head.user_bias.weight.squeeze(-1).detach()
     assert ub[0] > 0 > ub[1] and ub[2] == 0  # user 2 had no impression: the vector term only
+
+
+def test_an_edited_cache_entry_is_refused_by_name(tiny_pipeline, ckpts, tmp_path):
+    from ptum.finetune.grid import CacheEntryCorrupt
+
+    kw = dict(
+        prepared=tiny_pipeline / "prepared",
+        tokenized=tiny_pipeline / "tokenized",
+        max_behaviors=20,
+        split=SplitSpec(),
+        ckpt_root=ckpts,
+        cache_dir=tmp_path / "cache",
+        out=tmp_path / "demo.json",
+    )
+    cfg = FinetuneConfig(
+        demo_models=("hsa",),
+        modes=("scratch",),
+        ratios=(1.0,),
+        repeats=1,
+        max_epochs=1,
+        head_hidden=8,
+        workers=1,
+        bootstrap=100,
+    )
+    run_stage(cfg, "demo", **kw)
+    entry = sorted((tmp_path / "cache").glob("*.json"))[-1]
+    text = entry.read_text()
+    entry.write_text(text.replace('"acc": ', '"acc": 0.99, "was": ', 1))
+    with pytest.raises(CacheEntryCorrupt, match=entry.name):
+        run_stage(cfg, "demo", **kw)
+    entry.write_text(text)  # restored: accepted again
+    run_stage(cfg, "demo", **kw)
+
+
+def test_pool_workers_die_with_a_killed_parent(tiny_pipeline, ckpts, tmp_path):
+    """SIGKILL the process running a 2-worker grid: no worker survives it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = f"""
+import sys
+from pathlib import Path
+from ptum.config import FinetuneConfig
+from ptum.finetune.grid import SplitSpec
+from ptum.finetune.stage import run_stage
+cfg = FinetuneConfig(demo_models=("hsa",), modes=("scratch", "finetune"), ratios=(1.0,),
+                     repeats=8, max_epochs=50, patience=50, head_hidden=8, workers=2)
+run_stage(cfg, "demo", prepared=Path({str(tiny_pipeline / "prepared")!r}),
+          tokenized=Path({str(tiny_pipeline / "tokenized")!r}), max_behaviors=20,
+          split=SplitSpec(), ckpt_root=Path({str(ckpts)!r}), cache_dir=Path({str(tmp_path)!r}),
+          out=Path({str(tmp_path / "o.json")!r}))
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    parent = subprocess.Popen([sys.executable, "-c", script], env=env)
+
+    def children() -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True, text=True)
+        return [int(p) for p in out.stdout.split()]
+
+    deadline = time.time() + 60
+    while len(children()) < 2 and time.time() < deadline:  # the pool's workers (+ tracker)
+        time.sleep(0.2)
+    workers = children()
+    assert len(workers) >= 2
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 10
+    alive = workers
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [
+            p
+            for p in workers
+            if os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"
+        ]
+    assert alive == [], f"orphaned workers {alive}"
