@@ -1,231 +1,95 @@
-"""Flow `ptum`: the DVC pipeline as Prefect tasks, one task per stage, run in pipeline order.
+"""Flow `ptum`: one flow run = one DVC experiment, run in isolation by `dvc exp run --temp`.
 
-    ingest -> prepare -> tokenize -> pretrain -> finetune -> sensitivity -> tune -> export -> report
+    params -> experiment (`dvc exp run --temp -S ...`) -> one task per stage -> publish
 
-Only the stages that dvc.yaml defines are run (a `foreach` stage such as `pretrain` is one task:
-`dvc repro pretrain` runs all its items); a dvc.yaml stage missing from STAGES runs too, after
-the stage it follows in dvc.yaml (see pipeline_order). Each stage task runs `dvc repro <stage>` in the project
-root as a subprocess, one at a time (DVC holds one lock per repository), streams the stage's
-stdout and stderr lines into the Prefect run logger as they come, and raises with the stage's last
-stderr lines when the command fails, so the flow run ends Failed with the stage's error in its
-logs. The stage code (`ptum`) never imports Prefect; this module only drives DVC.
+A flow run never edits the workspace. Its parameters become `-S section.key=value` overrides of
+`dvc exp run --temp`, which runs the whole pipeline in a temporary copy of the repository
+(.dvc/tmp/exps/...) sharing the DVC cache, and saves the result as an experiment: params.yaml
+with the overrides applied, dvc.lock, metrics and plots, committed under refs/exps (`dvc exp
+show`, `dvc exp apply NAME`). The checkout's params.yaml and dvc.lock stay what the user wrote,
+whatever the run does, and two experiments never share a params.yaml or a dvc.lock.
 
-How the flow parameters map to DVC: a flow run is `dvc exp run -S ...` split into tasks.
-  1. The flow parameters become `section.key=value` overrides, the syntax of `dvc exp run -S`
-     and `ptum STAGE --set`: quick -> the preset ptum.presets.QUICK (tiny data, tiny models, one
-     epoch), then source -> data.source, data_path -> data.path, size -> data.size, then
-     `overrides` (a list of such strings) as given; later ones win. A parameter left at None
-     keeps the value that params.yaml has.
-  2. Task `params` validates the overrides with ptum's config schema, then writes the keys that
-     differ into the workspace's params.yaml before any stage runs (only those lines change;
-     comments and layout are kept), which is what `dvc exp run -S` does first.
-  3. Each stage task runs `dvc repro <stage>`: DVC sees the changed params, reruns what depends on
-     them and records them in dvc.lock. Asking for a subset (`stages=["tokenize"]`) also brings
-     that stage's upstream stages up to date, as `dvc repro tokenize` always does.
-  4. Task `save-experiment`: when `dvc status` is clean, `dvc exp save -n ptum-<run name>-<id>`
-     records the run (params.yaml, dvc.lock, metrics and plots files) as a DVC experiment, so
-     `dvc exp show` lists every flow run with its parameters and metrics. When a stage is out of date (only a subset
-     was run) it saves nothing and logs why: `dvc exp save` force-commits every stage, which would
-     record stale outputs as up to date.
-The workspace keeps the run's params.yaml, dvc.lock and outputs, as after `dvc exp run`, and
-`dvc status` is clean afterwards. A later run without parameters reuses the workspace's values;
-`git checkout params.yaml` or `dvc exp apply <name>` go back.
+Tasks:
+  * `params`: the flow parameters -> overrides (quick -> ptum.presets.QUICK, then source,
+    data_path, size, then `overrides`; later ones win), checked with ptum's config schema before
+    anything runs; the effective parameters (params.yaml + overrides) are published as the table
+    artifact `ptum-params`. A run whose experiment exists already (same commit, same uncommitted
+    changes, same overrides and stages: the name `ptum-<hash>` says so) is a no-op: nothing is
+    run or saved, the existing experiment is reported.
+  * `experiment`: runs `dvc exp run --temp` once, writes its whole output to
+    logs/flows/<flow run>.log and hands each line to the stage it belongs to. Retried (the whole
+    experiment, stages whose outputs DVC has cached are restored, not recomputed) only when the
+    failure can pass: a stage or DVC killed by a signal (out of memory, a lost machine), or an
+    OSError starting it; a stage that exits with an error (a Python exception, a ConfigError's
+    exit code 2) fails the same way again and is not retried.
+  * one task per stage (`pretrain@hsa`, ...), waiting for its upstream stages' tasks (the run
+    graph is the pipeline's DAG): it follows its stage in the experiment's output and logs a
+    readable summary (start, warnings, errors, a progress line at most every PROGRESS_EVERY_S
+    seconds, the end); it fails with the stage's error.
+  * `publish`: markdown artifact `ptum-results` (the experiment's reports/results.md, or its
+    metrics as tables) and table artifact `ptum-metrics` (every scalar metric of the experiment).
 
-The final task publishes two artifacts: markdown `ptum-results` (reports/results.md, or tables of
-the DVC metrics until a `report` stage writes that file) and table `ptum-metrics` (every scalar of
-`dvc metrics show --json` as a {file, metric, value} row).
-
-Serve it as deployment `full` with `python -m flows.serve`; commands in flows/USAGE.md.
+Deployment `full` (flows/serve.py) has a server-side concurrency limit of 1: runs started while
+one is running wait in state AwaitingConcurrencySlot and start in turn.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import queue
 import re
-import shlex
 import signal
 import subprocess
 import sys
 import threading
+import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 from prefect.cache_policies import NO_CACHE
+from prefect.context import TaskRunContext
 from prefect.runtime import flow_run
+from prefect.states import Cancelled
+from prefect.task_runners import ThreadPoolTaskRunner
 
 from ptum.config import load_params, parse_override
 from ptum.presets import QUICK
 
 ROOT = Path(__file__).resolve().parents[1]
-STAGES = (
-    "ingest",
-    "prepare",
-    "tokenize",
-    "pretrain",
-    "finetune",
-    "sensitivity",
-    "tune",
-    "export",
-    "report",
-)
 RESULTS_MD = Path("reports/results.md")
-
-# Retries per stage. A retry only helps when the failure can go away by itself; a deterministic
-# stage fails the same way again, so it gets none.
-RETRIES = {
-    "ingest": 0,  # deterministic from params; the flow gives it 1 when it downloads MovieLens
-    "prepare": 0,  # pure transform of data/raw
-    "tokenize": 0,  # deterministic SentencePiece training
-    # The next four keep their partial work (`persist: true` outs in dvc.yaml), so a retry after
-    # a crash (out of memory, a lost GPU, a killed worker) only redoes what was unfinished.
-    "pretrain": 2,  # long; resumes from its last checkpoint
-    "finetune": 1,  # finished grid cells are cached
-    "sensitivity": 1,  # its pre-trained variants and finished cells are kept
-    "tune": 1,  # the Optuna study resumes from its storage; killed trials are re-queued
-    "export": 0,  # deterministic conversion of a checkpoint
-    "report": 0,  # deterministic summary of metrics
-}
+LOG_DIR = Path("logs/flows")
+EXPERIMENT_RETRIES = 1
 RETRY_DELAY_S = 30
-ERROR_TAIL = 40  # stderr lines quoted in a failed stage's exception
+ERROR_TAIL = 40  # stage output lines quoted in a failed stage's exception
+PROGRESS_EVERY_S = 60.0  # a stage's plain output reaches the run logs at most this often
+# Lines a person wants to see when they happen: warnings, errors, a stage's last word.
+NOTABLE = re.compile(r"(?i)warn|error|exception|traceback|failed|: done in|killed")
+WARNISH = re.compile(r"(?i)warn")
+ERRORISH = re.compile(r"(?i)error|exception|traceback|failed|killed")
 
 
 class StageError(RuntimeError):
-    """A DVC command exited non-zero; the message ends with its last stderr lines."""
+    """A command (or a stage of the experiment) failed; the message ends with its last lines."""
+
+    def __init__(self, message: str, *, returncode: int | None = None) -> None:
+        super().__init__(message)
+        self.returncode = returncode
 
 
-def stage_env(root: Path) -> dict[str, str]:
-    """Environment for DVC and the stage commands it runs.
-
-    This interpreter's bin directory goes first on PATH so that the `ptum` commands in dvc.yaml
-    resolve to this environment; the project root goes first on PYTHONPATH so that they import
-    this checkout's `ptum` (the code DVC hashes as the stages' deps) even if another copy is
-    installed. PYTHONUNBUFFERED makes the stages print lines as they happen, not at exit.
-    """
-    env = dict(os.environ)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def run_streaming(
-    cmd: list[str], *, cwd: Path, log: Callable[[str], None], label: str | None = None
-) -> None:
-    """Run `cmd` in `cwd`, handing each stdout/stderr line to `log` as it arrives.
-
-    Raises StageError (naming the command as `label`, with its last ERROR_TAIL stderr lines)
-    when it exits non-zero.
-    The command runs in its own process group, which is killed if this function is interrupted
-    (e.g. the flow run is cancelled), so no stage keeps running behind the flow's back.
-    """
-    lines: queue.Queue[tuple[bool, str | None]] = queue.Queue()
-
-    def pump(stream: IO[str], is_err: bool) -> None:
-        for line in stream:
-            lines.put((is_err, line.rstrip("\r\n")))
-        lines.put((is_err, None))
-
-    err_tail: deque[str] = deque(maxlen=ERROR_TAIL)
-    with subprocess.Popen(
-        cmd,
-        cwd=cwd,
-        env=stage_env(cwd),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        encoding="utf-8",
-        errors="replace",
-        start_new_session=True,
-    ) as proc:
-        try:
-            # Two readers, one consumer: the logger is only called from this thread, where the
-            # Prefect run context lives.
-            for stream, is_err in ((proc.stdout, False), (proc.stderr, True)):
-                threading.Thread(target=pump, args=(stream, is_err), daemon=True).start()
-            open_streams = 2
-            while open_streams:
-                is_err, line = lines.get()
-                if line is None:
-                    open_streams -= 1
-                    continue
-                if is_err:
-                    err_tail.append(line)
-                log(line)
-            code = proc.wait()
-        except BaseException:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-            raise
-    if code != 0:
-        raise StageError(
-            f"`{label or ' '.join(cmd)}` exited with code {code}; its last error "
-            "output:\n" + "\n".join(err_tail)
-        )
-
-
-def dvc(*args: str, root: Path) -> str:
-    """Run a short DVC command (status, metrics, exp save) and return its stdout."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "dvc", *args],
-        cwd=root,
-        env=stage_env(root),
-        capture_output=True,
-        text=True,
-        encoding="utf-8",
-        errors="replace",
-    )
-    if proc.returncode != 0:
-        raise StageError(
-            f"`dvc {' '.join(args)}` exited with code {proc.returncode}:\n"
-            + (proc.stderr.strip() or proc.stdout.strip())
-        )
-    return proc.stdout
-
-
-def pipeline_stages(root: Path) -> list[str]:
-    """Stage names defined in root/dvc.yaml, in file order (a foreach stage is one name)."""
-    spec = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8")) or {}
-    return list(spec.get("stages") or {})
-
-
-def pipeline_order(defined: Iterable[str]) -> list[str]:
-    """dvc.yaml's stages in pipeline order: those of STAGES in STAGES' order, and any other
-    stage (one added to dvc.yaml since, e.g. `sensitivity`) right after the stage of STAGES that
-    precedes it in dvc.yaml. Any order would give the same results (`dvc repro X` first brings
-    X's upstream stages up to date); this one puts each stage's work, and logs, in its own task.
-    """
-    rank: dict[str, tuple[int, int, int]] = {}
-    anchor = -1
-    for i, stage in enumerate(defined):
-        if stage in STAGES:
-            anchor = STAGES.index(stage)
-            rank[stage] = (anchor, 0, i)
-        else:
-            rank[stage] = (anchor, 1, i)
-    return sorted(rank, key=rank.__getitem__)
-
-
-def select_stages(requested: Iterable[str] | None, defined: Iterable[str]) -> list[str]:
-    """The stages to run, in pipeline order (requested=None: every stage dvc.yaml defines).
-
-    Naming a stage that dvc.yaml does not define is an error, not a silent skip.
-    """
-    ordered = pipeline_order(defined)
-    if requested is None:
-        return ordered
-    requested = list(requested)
-    missing = [s for s in requested if s not in ordered]
-    if missing:
-        raise ValueError(f"stage(s) {missing} are not in dvc.yaml, which defines {ordered}")
-    return [s for s in ordered if s in requested]
+# --- parameters -------------------------------------------------------------------------------
 
 
 def parse_overrides(texts: Iterable[str]) -> dict[str, Any]:
@@ -259,80 +123,506 @@ def overrides_for(
     return out
 
 
-def write_params(params_file: Path, overrides: Mapping[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Write the overrides that differ from params_file into it; return {key: (old, new)}.
+def hydra_value(value: Any) -> str:
+    """A value in the override grammar of `dvc exp run -S` (Hydra's): strings always quoted, so
+    that "", "1e-4" or "a: b" stay strings; lists and dicts written out element by element."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(hydra_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k}: {hydra_value(v)}" for k, v in value.items()) + "}"
+    text = str(value).replace("\\", "\\\\").replace("'", "\\'")
+    return f"'{text}'"
 
-    Round-trips with ruamel.yaml (installed with DVC, which edits params the same way for
-    `dvc exp run -S`), keeping quotes and never re-wrapping, so only the changed lines differ.
-    The file is not touched when nothing changes.
+
+def set_args(overrides: Mapping[str, Any]) -> list[str]:
+    """{"section.key": value} -> ["-S", "section.key=value", ...] for `dvc exp run`."""
+    return [a for k, v in overrides.items() for a in ("-S", f"{k}={hydra_value(v)}")]
+
+
+def effective_params(params_file: Path, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """params.yaml with the overrides applied (what the experiment's params.yaml will hold).
+
+    Validated with ptum's schema first: an unknown key or a wrong type fails here, before DVC
+    runs anything.
     """
-    from ruamel.yaml import YAML
-    from ruamel.yaml.comments import CommentedSeq
-
-    rt = YAML()
-    rt.preserve_quotes = True
-    rt.width = 4096
-    doc = rt.load(params_file.read_text(encoding="utf-8"))
-    changed: dict[str, tuple[Any, Any]] = {}
+    load_params(params_file, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
+    spec = yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}
     for key, value in overrides.items():
         *sections, leaf = key.split(".")
-        node = doc
+        node = spec
         for name in sections:
             node = node.setdefault(name, {})
-        old = node.get(leaf)
-        if old != value:
-            new = value
-            if isinstance(old, CommentedSeq) and isinstance(value, list) and old.fa.flow_style():
-                new = CommentedSeq(value)  # keep `[a, b]` on one line
-                new.fa.set_flow_style()
-            node[leaf] = new
-            changed[key] = (_plain(old), value)
-    if changed:
-        with params_file.open("w", encoding="utf-8") as f:
-            rt.dump(doc, f)
-    return changed
+        node[leaf] = value
+    return spec
 
 
-def _plain(value: Any) -> Any:
-    """ruamel's commented containers -> plain lists and dicts (for logs and task results)."""
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_plain(v) for v in value]
-    return value
+def params_rows(spec: Mapping[str, Any], overrides: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """One {param, value, from} row per leaf of the effective params (lists kept whole)."""
+    rows = []
+    for key, value in _leaves(spec, lists=False):
+        source = "override" if key in overrides else "params.yaml"
+        rows.append({"param": key, "value": json.dumps(value), "from": source})
+    return rows
 
 
-def untracked_outputs(root: Path) -> list[str]:
-    """Stage outputs that belong in git but are not tracked yet, relative to root.
+# --- the stage plan ---------------------------------------------------------------------------
 
-    These are the outputs DVC does not cache (metrics, plots: `cache: false`) and the .gitignore
-    files it writes next to cached ones. `dvc exp run` stages them itself; `dvc exp save` only
-    commits them when named with --include-untracked, so the flow names them.
+
+@dataclass(frozen=True)
+class StagePlan:
+    """The experiment's stages in dvc.yaml order (foreach stages resolved: `pretrain@hsa`) and,
+    per stage, the stages whose outputs it reads."""
+
+    order: list[str]
+    upstream: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _paths(entries: Iterable[Any]) -> list[str]:
+    """dvc.yaml deps/outs/metrics/plots entries (a path, or {path: options}) -> paths."""
+    out = []
+    for entry in entries or ():
+        out += list(entry) if isinstance(entry, Mapping) else [entry]
+    return [str(p).rstrip("/") for p in out]
+
+
+def _lookup(params: Mapping[str, Any], dotted: str) -> Any:
+    node: Any = params
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _substitute(text: str, item: Any, params: Mapping[str, Any]) -> str:
+    def one(m: re.Match) -> str:
+        name = m.group(1)
+        return str(item) if name == "item" else str(_lookup(params, name))
+
+    return re.sub(r"\$\{\s*([\w.]+)\s*\}", one, text)
+
+
+def stage_plan(dvc_yaml: Mapping[str, Any], params: Mapping[str, Any]) -> StagePlan:
+    """Resolve dvc.yaml's stages with `params` (foreach over a list) and link each stage to the
+    stages producing what it depends on (a dep equal to, inside or above another stage's out)."""
+    io: dict[str, tuple[list[str], list[str]]] = {}
+    for name, spec in (dvc_yaml.get("stages") or {}).items():
+        if "foreach" in spec:
+            items = spec["foreach"]
+            if isinstance(items, str):
+                items = _lookup(params, items.strip()[2:-1].strip())
+            body = spec["do"]
+        else:
+            items, body = [None], spec
+        for item in items:
+            stage = name if item is None else f"{name}@{item}"
+            deps = [_substitute(p, item, params) for p in _paths(body.get("deps"))]
+            outs = [
+                _substitute(p, item, params)
+                for kind in ("outs", "metrics", "plots")
+                for p in _paths(body.get(kind))
+            ]
+            io[stage] = (deps, outs)
+
+    def overlaps(a: str, b: str) -> bool:
+        return a == b or a.startswith(b + "/") or b.startswith(a + "/")
+
+    upstream = {
+        stage: [
+            other
+            for other, (_, outs) in io.items()
+            if other != stage and any(overlaps(d, o) for d in deps for o in outs)
+        ]
+        for stage, (deps, _) in io.items()
+    }
+    return StagePlan(order=list(io), upstream=upstream)
+
+
+def select_stages(plan: StagePlan, requested: Iterable[str] | None) -> list[str]:
+    """The stages an experiment with these targets runs (targets and everything upstream), in
+    dvc.yaml order. A target is a stage (`tokenize`), a foreach group (`pretrain`) or one of its
+    items (`pretrain@hsa`); naming none of the plan's stages is an error, not a silent skip."""
+    if requested is None:
+        return list(plan.order)
+    wanted: set[str] = set()
+    for target in requested:
+        found = [s for s in plan.order if s == target or s.split("@")[0] == target]
+        if not found:
+            raise ValueError(f"stage {target!r} is not in dvc.yaml, which defines {plan.order}")
+        wanted.update(found)
+    todo = list(wanted)
+    while todo:
+        for up in plan.upstream[todo.pop()]:
+            if up not in wanted:
+                wanted.add(up)
+                todo.append(up)
+    return [s for s in plan.order if s in wanted]
+
+
+# --- running DVC ------------------------------------------------------------------------------
+
+
+def stage_env(root: Path) -> dict[str, str]:
+    """Environment for DVC and the stage commands it runs.
+
+    This interpreter's bin directory goes first on PATH so that the `ptum` commands in dvc.yaml
+    resolve to this environment; PYTHONUNBUFFERED makes the stages print lines as they happen.
+    (No PYTHONPATH: the stages run in DVC's temporary copy and import the `ptum` installed in
+    the environment, which `pip install -e .` points at this checkout.)
     """
-    lock = yaml.safe_load((root / "dvc.lock").read_text(encoding="utf-8")) or {}
-    outs = {o["path"] for s in (lock.get("stages") or {}).values() for o in s.get("outs") or []}
-    gitignores = {(Path(p).parent / ".gitignore").as_posix() for p in outs}
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--others", "--exclude-standard"],
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("DVC_NO_ANALYTICS", "1")
+    return env
+
+
+def dvc(*args: str, root: Path) -> str:
+    """Run a short DVC command and return its stdout (StageError when it fails)."""
+    return _run([sys.executable, "-m", "dvc", *args], root)
+
+
+def git(*args: str, root: Path) -> str:
+    return _run(["git", *args], root)
+
+
+def _run(cmd: list[str], root: Path) -> str:
+    proc = subprocess.run(
+        cmd,
         cwd=root,
+        env=stage_env(root),
         capture_output=True,
-        check=True,
-    ).stdout.decode()
-    return sorted(
-        p
-        for p in filter(None, listed.split("\0"))
-        if p in outs or p in gitignores or any(p.startswith(f"{o}/") for o in outs)
+        text=True,
+        encoding="utf-8",
+        errors="replace",
+    )
+    if proc.returncode != 0:
+        raise StageError(
+            f"`{' '.join(cmd[2:] if cmd[0] == sys.executable else cmd)}` exited with code "
+            f"{proc.returncode}:\n" + (proc.stderr.strip() or proc.stdout.strip()),
+            returncode=proc.returncode,
+        )
+    return proc.stdout
+
+
+# DVC's lines that mark where a stage starts or is skipped (dvc/stage/run.py, stage/cache.py).
+_STAGE_LINE = re.compile(
+    r"^(?:Running stage '(?P<run>[^']+)':"
+    r"|Stage '(?P<same>[^']+)' didn't change, skipping"
+    r"|Stage '(?P<cached>[^']+)' is cached - skipping run, checking out outputs)"
+)
+_EXIT_STATUS = re.compile(r"exited with (-?\d+)")
+
+
+@dataclass
+class Event:
+    kind: str  # start | unchanged | cached | line | done | failed | absent | retrying
+    text: str = ""
+    returncode: int | None = None
+
+
+class Experiment:
+    """One `dvc exp run --temp` (restarted on a retry) and the stage events read from its output.
+
+    A reader thread splits the output by stage (DVC runs one stage at a time and says which) and
+    puts Events on one queue per stage; the whole output goes to `log_file`.
+    """
+
+    def __init__(self, cmd: list[str], *, root: Path, stages: list[str], log_file: Path) -> None:
+        self.cmd, self.root, self.stages, self.log_file = cmd, root, stages, log_file
+        self.queues: dict[str, queue.Queue[Event]] = {s: queue.Queue() for s in stages}
+        self.finished: set[str] = set()  # stages done (in this or an earlier attempt)
+        self.final = threading.Event()  # no further attempt will come
+        self.current: str | None = None
+        self.tail: deque[str] = deque(maxlen=ERROR_TAIL)
+        self.proc: subprocess.Popen | None = None
+
+    def run(self) -> None:
+        """Run the command to its end, dispatching its lines; StageError if it fails."""
+        self.current = None
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("a", encoding="utf-8") as log:
+            log.write(f"$ {' '.join(self.cmd)}\n")
+            self.proc = subprocess.Popen(
+                self.cmd,
+                cwd=self.root,
+                env=stage_env(self.root),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                encoding="utf-8",
+                errors="replace",
+                # In this process's group: a runner stopping or cancelling the flow run signals
+                # the group, which reaches DVC and the stage it runs.
+            )
+            try:
+                for raw in self.proc.stdout:  # type: ignore[union-attr]
+                    line = raw.rstrip("\r\n")
+                    log.write(raw if raw.endswith("\n") else raw + "\n")
+                    log.flush()
+                    self._dispatch(line)
+                code = self.proc.wait()
+            except BaseException:
+                self.stop()
+                raise
+        if code == 0:
+            self._end_current("done")
+            return
+        status = [int(s) for s in _EXIT_STATUS.findall("\n".join(self.tail))]
+        stage_code = status[-1] if status else code
+        raise StageError(
+            "`dvc exp run` failed"
+            + (f" in stage '{self.current}'" if self.current else "")
+            + f" (exit status {stage_code}); last output:\n"
+            + "\n".join(self.tail),
+            returncode=stage_code,
+        )
+
+    def stop(self) -> None:
+        """Stop DVC (it stops the stage it runs) when this run is interrupted."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def _dispatch(self, line: str) -> None:
+        m = _STAGE_LINE.match(line)
+        if m:
+            self._end_current("done")
+            kind = "start" if m["run"] else "unchanged" if m["same"] else "cached"
+            stage = m["run"] or m["same"] or m["cached"]
+            self._put(stage, Event(kind, line))
+            if kind == "start":
+                self.current, self.tail = stage, deque(maxlen=ERROR_TAIL)
+            else:
+                self.finished.add(stage)
+            return
+        self.tail.append(line)
+        if self.current is not None:
+            self._put(self.current, Event("line", line))
+
+    def _end_current(self, kind: str) -> None:
+        if self.current is not None:
+            self.finished.add(self.current)
+            self._put(self.current, Event(kind))
+            self.current = None
+
+    def _put(self, stage: str, event: Event) -> None:
+        if stage in self.queues:
+            self.queues[stage].put(event)
+
+    def settle(self, error: StageError | None, *, will_retry: bool) -> None:
+        """After an attempt: tell the failed stage (if any) what happened; when no attempt
+        follows, tell every stage that never finished that it will not run."""
+        if error is not None and self.current is not None:
+            kind = "retrying" if will_retry else "failed"
+            self._put(self.current, Event(kind, str(error), error.returncode))
+            if not will_retry:
+                self.finished.add(self.current)  # it has had its say
+            self.current = None
+        if not will_retry:
+            self.final.set()
+            for stage in self.stages:
+                if stage not in self.finished:
+                    self._put(stage, Event("absent", str(error or "")))
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """Can this failure pass on a second try? A process killed by a signal (out of memory, a
+    lost machine, a restart) or an OSError starting it: yes. A non-zero exit (an exception in
+    the stage, a ConfigError's code 2): no, it fails the same way again."""
+    if isinstance(exc, StageError):
+        code = exc.returncode
+        # A signal's exit status: -N from Popen, 128+N from a shell (DVC's own errors are 255).
+        return code is not None and (code < 0 or 128 < code <= 128 + 64)
+    return isinstance(exc, OSError)
+
+
+def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's retry_condition_fn: retry only what is_retryable says can pass."""
+    try:
+        state.result()
+    except Exception as exc:  # the failure that ended this attempt
+        return is_retryable(exc)
+    return False
+
+
+# --- tasks ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What the `params` task decided: the command's arguments and the experiment's name."""
+
+    overrides: dict[str, Any]
+    stages: list[str]  # in dvc.yaml order
+    upstream: dict[str, list[str]]
+    targets: list[str]
+    name: str
+    baseline: str
+    existing: bool  # the experiment exists: nothing to run
+
+
+def experiment_name(baseline: str, diff: str, overrides: Mapping[str, Any], targets: list[str]):
+    """`ptum-<hash>` of what the experiment computes from: the commit, the uncommitted changes
+    of tracked files (which `dvc exp run --temp` includes), the overrides and the targets."""
+    key = json.dumps([baseline, diff, sorted(overrides.items()), targets], default=str)
+    return "ptum-" + hashlib.sha256(key.encode()).hexdigest()[:10]
+
+
+def experiment_ref(baseline: str, name: str) -> str:
+    return f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}"
+
+
+@task(name="params", cache_policy=NO_CACHE)
+def plan_run(root: str, overrides: dict[str, Any], stages: list[str] | None) -> Setup:
+    """Validate the overrides, publish the effective params, plan the stages, name the run."""
+    logger = get_run_logger()
+    root_path = Path(root)
+    spec = effective_params(root_path / "params.yaml", overrides)
+    dvc_yaml = yaml.safe_load((root_path / "dvc.yaml").read_text(encoding="utf-8")) or {}
+    plan = stage_plan(dvc_yaml, spec)
+    selected = select_stages(plan, stages)
+    baseline = git("rev-parse", "HEAD", root=root_path).strip()
+    diff = git("diff", "HEAD", "--binary", root=root_path)
+    name = experiment_name(baseline, diff, overrides, list(stages or []))
+    existing = bool(git("for-each-ref", experiment_ref(baseline, name), root=root_path).strip())
+    create_table_artifact(
+        table=params_rows(spec, overrides),
+        key="ptum-params",
+        description=f"effective parameters of experiment {name}: params.yaml + "
+        f"{len(overrides)} override(s)",
+    )
+    logger.info(
+        "experiment %s on %s%s: %d override(s); stages: %s",
+        name,
+        baseline[:8],
+        " + uncommitted changes" if diff else "",
+        len(overrides),
+        " ".join(selected),
+    )
+    return Setup(
+        overrides=overrides,
+        stages=selected,
+        upstream={s: [u for u in plan.upstream[s] if u in selected] for s in selected},
+        targets=list(stages or []),
+        name=name,
+        baseline=baseline,
+        existing=existing,
+    )
+
+
+@task(
+    name="experiment",
+    cache_policy=NO_CACHE,
+    retries=EXPERIMENT_RETRIES,
+    retry_delay_seconds=RETRY_DELAY_S,
+    retry_condition_fn=retry_if_transient,
+)
+def run_experiment(exp: Experiment) -> str:
+    """`dvc exp run --temp`: the whole pipeline in a temporary copy; returns the experiment."""
+    logger = get_run_logger()
+    ctx = TaskRunContext.get()
+    attempt = ctx.task_run.run_count if ctx else 1
+    logger.info("$ %s  (attempt %d; full output: %s)", " ".join(exp.cmd[2:]), attempt, exp.log_file)
+    try:
+        exp.run()
+    except Exception as exc:
+        retries = ctx.task.retries if ctx else 0
+        will_retry = is_retryable(exc) and attempt <= retries
+        exp.settle(exc if isinstance(exc, StageError) else None, will_retry=will_retry)
+        raise
+    exp.settle(None, will_retry=False)
+    return exp.cmd[exp.cmd.index("--name") + 1]
+
+
+@task(cache_policy=NO_CACHE)
+def follow_stage(stage: str, exp: Experiment) -> str:
+    """Follow one stage in the experiment's output; log what a person needs to read."""
+    logger = get_run_logger()
+    last_progress = 0.0
+    held: str | None = None  # the latest plain line not logged yet
+    plain = 0
+    while True:
+        event = exp.queues[stage].get()
+        if event.kind == "line":
+            text = event.text
+            now = time.monotonic()
+            if NOTABLE.search(text):
+                level = logging.ERROR if ERRORISH.search(text) else logging.INFO
+                logger.log(logging.WARNING if WARNISH.search(text) else level, text)
+            elif now - last_progress >= PROGRESS_EVERY_S:
+                logger.info(text)
+                last_progress, held = now, None
+            else:
+                held, plain = text, plain + 1
+            continue
+        if event.kind == "start":
+            logger.info(event.text)
+            last_progress = time.monotonic()
+        elif event.kind in ("unchanged", "cached"):
+            logger.info(event.text)
+            return event.kind
+        elif event.kind == "done":
+            if held:
+                logger.info(held)
+            logger.info("stage %s finished (%d progress lines in %s)", stage, plain, exp.log_file)
+            return "ran"
+        elif event.kind == "retrying":
+            logger.warning(
+                "stage %s was interrupted; the experiment is retried:\n%s", stage, event.text
+            )
+        elif event.kind == "failed":
+            raise StageError(event.text, returncode=event.returncode)
+        elif event.kind == "absent":
+            return Cancelled(message=f"not run: the experiment ended before stage {stage}")
+
+
+@task(name="publish", cache_policy=NO_CACHE)
+def publish(root: str, name: str, ref: str) -> None:
+    """Markdown artifact `ptum-results` and table artifact `ptum-metrics` of the experiment."""
+    from dvc.repo import Repo
+
+    root_path = Path(root)
+    with Repo(root) as repo:
+        rows = flatten_metrics(repo.metrics.show(revs=[ref]))
+        recorded = repo.params.show(revs=[ref])
+    try:
+        markdown = git("show", f"{ref}:{RESULTS_MD.as_posix()}", root=root_path)
+        source = str(RESULTS_MD)
+    except StageError:  # the experiment did not run the report stage
+        markdown, source = metrics_markdown(rows, name), "dvc metrics"
+    create_markdown_artifact(
+        markdown=markdown, key="ptum-results", description=f"{source} of DVC experiment {name}"
+    )
+    create_table_artifact(
+        table=rows, key="ptum-metrics", description=f"every metric of DVC experiment {name}"
+    )
+    n_params = sum(len(f.get("data") or {}) for r in recorded.values() for f in r["data"].values())
+    get_run_logger().info(
+        "published ptum-results (%s) and ptum-metrics (%d rows) of experiment %s "
+        "(%d param sections recorded): `dvc exp show`, `dvc exp apply %s`",
+        source,
+        len(rows),
+        name,
+        n_params,
+        name,
     )
 
 
 def flatten_metrics(shown: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """`dvc metrics show --json` output -> [{"file", "metric", "value"}], one row per scalar.
-
-    Nested keys are joined with dots and list items named by index (behaviors.click_rate.test,
-    label_columns.0). A metrics file DVC could not read gives one row with metric "error".
-    """
+    """`dvc metrics show --json`-shaped data -> [{"file", "metric", "value"}], one row per
+    scalar. Nested keys are joined with dots, list items named by index; a file DVC could not
+    read gives one row with metric "error"."""
     rows: list[dict[str, Any]] = []
-    for rev in shown.values():  # only the workspace, "", unless revisions were asked for
+    for rev in shown.values():
         for file, entry in sorted((rev.get("data") or {}).items()):
             if "error" in entry:
                 rows.append({"file": file, "metric": "error", "value": str(entry["error"])})
@@ -344,11 +634,11 @@ def flatten_metrics(shown: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _leaves(node: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
-    if isinstance(node, Mapping | list):
+def _leaves(node: Any, prefix: str = "", *, lists: bool = True) -> Iterator[tuple[str, Any]]:
+    if isinstance(node, Mapping) or (lists and isinstance(node, list)):
         items = node.items() if isinstance(node, Mapping) else enumerate(node)
         for key, value in items:
-            yield from _leaves(value, f"{prefix}.{key}" if prefix else str(key))
+            yield from _leaves(value, f"{prefix}.{key}" if prefix else str(key), lists=lists)
     else:
         yield prefix, node
 
@@ -357,13 +647,9 @@ def metrics_markdown(rows: list[dict[str, Any]], experiment: str | None) -> str:
     """A markdown page with one metric/value table per metrics file."""
     lines = ["# ptum results", ""]
     if experiment:
-        lines += [
-            f"Saved as DVC experiment `{experiment}` (`dvc exp show`, "
-            f"`dvc exp apply {experiment}`).",
-            "",
-        ]
+        lines += [f"DVC experiment `{experiment}` (`dvc exp apply {experiment}`).", ""]
     if not rows:
-        return "\n".join(lines + ["No metrics yet: `dvc metrics show` is empty.", ""])
+        return "\n".join(lines + ["No metrics yet.", ""])
     for file in dict.fromkeys(r["file"] for r in rows):
         lines += [f"## `{file}`", "", "| metric | value |", "|---|---|"]
         lines += [f"| {r['metric']} | {_cell(r['value'])} |" for r in rows if r["file"] == file]
@@ -375,92 +661,17 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", r"\|")
 
 
-def experiment_name(run_name: str | None, run_id: str | None) -> str:
-    """`ptum-<flow run name>-<first 8 of its id>`, reduced to what a git ref name allows."""
-    name = re.sub(r"[^A-Za-z0-9_-]+", "-", f"ptum-{run_name or 'run'}-{(run_id or '')[:8]}")
-    return name.strip("-")
+def exp_command(setup: Setup, message: str, *, rerun: bool) -> list[str]:
+    cmd = [sys.executable, "-m", "dvc", "exp", "run", "--temp", "--name", setup.name]
+    cmd += ["--message", message, *set_args(setup.overrides)]
+    return cmd + (["--force"] if rerun else []) + setup.targets
 
 
-@task(name="params", cache_policy=NO_CACHE)
-def apply_params(root: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    """Validate the overrides, write those that differ into params.yaml; return the data section."""
-    logger = get_run_logger()
-    params_file = Path(root) / "params.yaml"
-    if overrides:
-        # Fail here, before params.yaml is touched, on an unknown key or a wrong value type.
-        load_params(params_file, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
-    changed = write_params(params_file, overrides)
-    for key, (old, new) in changed.items():
-        logger.info("params.yaml: %s: %r -> %r", key, old, new)
-    if changed:
-        logger.info(
-            "as with `dvc exp run %s`",
-            " ".join(
-                f"-S {shlex.quote(f'{k}={json.dumps(new)}')}" for k, (_, new) in changed.items()
-            ),
-        )
-    else:
-        logger.info("params.yaml unchanged")
-    spec = yaml.safe_load(params_file.read_text(encoding="utf-8")) or {}
-    return dict(spec.get("data") or {})
-
-
-@task(cache_policy=NO_CACHE)
-def dvc_repro(stage: str, root: str) -> None:
-    """Run one pipeline stage with `dvc repro <stage>`, its output streamed into the run logs."""
-    logger = get_run_logger()
-    # --wait-for-lock: if someone runs dvc by hand in this repository, wait instead of failing.
-    cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", "repro", stage]
-    label = f"dvc repro {stage}"
-    logger.info("$ %s", label)
-    run_streaming(cmd, cwd=Path(root), log=logger.info, label=label)
-
-
-@task(name="save-experiment", cache_policy=NO_CACHE)
-def save_experiment(root: str) -> str | None:
-    """`dvc exp save` the workspace if every stage is up to date; return the experiment name."""
-    logger = get_run_logger()
-    # The root pipeline only: experiments/*/dvc.yaml are other pipelines, run on their own.
-    stale = json.loads(dvc("status", "--json", "dvc.yaml", root=Path(root)) or "{}")
-    if stale:
-        logger.warning(
-            "not saving a DVC experiment: %s out of date; run all stages to version this run",
-            sorted(stale),
-        )
-        return None
-    name = experiment_name(flow_run.name, flow_run.id)
-    include = [arg for path in untracked_outputs(Path(root)) for arg in ("-I", path)]
-    message = f"ptum flow run {flow_run.name} ({flow_run.id})"
-    logger.info(dvc("exp", "save", "--name", name, "-m", message, *include, root=Path(root)))
-    return name
-
-
-@task(name="publish", cache_policy=NO_CACHE)
-def publish(root: str, experiment: str | None, report_ran: bool = True) -> None:
-    """Markdown artifact `ptum-results` and table artifact `ptum-metrics`.
-
-    reports/results.md is published only when this run ran the `report` stage: a file left from
-    an earlier run would describe other numbers than this run's metrics.
-    """
-    rows = flatten_metrics(json.loads(dvc("metrics", "show", "--json", root=Path(root)) or "{}"))
-    results = Path(root) / RESULTS_MD
-    where = f" (DVC experiment {experiment})" if experiment else ""
-    if report_ran and results.is_file():
-        markdown, source = results.read_text(encoding="utf-8"), str(RESULTS_MD)
-    else:
-        markdown, source = metrics_markdown(rows, experiment), "dvc metrics show"
-    create_markdown_artifact(
-        markdown=markdown, key="ptum-results", description=f"ptum results from {source}{where}"
-    )
-    create_table_artifact(
-        table=rows, key="ptum-metrics", description=f"every metric of `dvc metrics show`{where}"
-    )
-    get_run_logger().info(
-        "published ptum-results (%s) and ptum-metrics (%d rows)", source, len(rows)
-    )
-
-
-@flow(name="ptum", description="Pre-train user models: the DVC pipeline, one task per stage.")
+@flow(
+    name="ptum",
+    description="Pre-train user models: the DVC pipeline as one isolated DVC experiment.",
+    task_runner=ThreadPoolTaskRunner(max_workers=64),  # stage tasks mostly wait
+)
 def ptum_flow(
     source: str | None = None,
     data_path: str | None = None,
@@ -468,43 +679,61 @@ def ptum_flow(
     quick: bool = False,
     stages: list[str] | None = None,
     overrides: list[str] | None = None,
-) -> str | None:
-    """Run the pipeline stages in order; return the saved DVC experiment's name (or None).
+    rerun: bool = False,
+) -> str:
+    """Run the pipeline as DVC experiment `ptum-<hash>`; return its name.
 
     Args:
         source: data.source (synthetic | movielens | generic | ptum_tsv); None keeps params.yaml's.
         data_path: data.path (a directory or file; "" for synthetic); None keeps params.yaml's.
         size: data.size, the synthetic preset (tiny | small | default | large).
         quick: ptum.presets.QUICK, every stage shrunk for a smoke run of a few minutes.
-        stages: stage names to run (pipeline order is kept); None runs every stage in dvc.yaml.
+        stages: stages to run (with everything upstream); None runs the whole dvc.yaml.
         overrides: any other `section.key=value` overrides, applied last (e.g.
             "pretrain.epochs=5"; values in YAML, as for `ptum STAGE --set`).
+        rerun: run every stage again even if the same experiment exists (`dvc exp run -f`).
     """
     logger = get_run_logger()
     root = str(ROOT)
-    selected = select_stages(stages, pipeline_stages(ROOT))
-    logger.info("project %s; stages: %s", root, " -> ".join(selected) or "(none)")
-    unplanned = [s for s in selected if s not in RETRIES]
-    if unplanned:
-        logger.info("stage(s) %s are not in flows.pipeline.STAGES: no retries", unplanned)
-
-    data = apply_params(
-        root,
-        overrides_for(
-            source=source, data_path=data_path, size=size, quick=quick, extra=overrides or ()
-        ),
+    wanted = overrides_for(
+        source=source, data_path=data_path, size=size, quick=quick, extra=overrides or ()
     )
-    for stage in selected:
-        retries = RETRIES.get(stage, 0)
-        if stage == "ingest" and data.get("source") == "movielens" and not data.get("path"):
-            retries = 1  # it downloads MovieLens: a network error may not happen twice
-        stage_task = dvc_repro.with_options(
-            name=stage, task_run_name=stage, retries=retries, retry_delay_seconds=RETRY_DELAY_S
+    setup = plan_run(root, wanted, stages)
+    ref = experiment_ref(setup.baseline, setup.name)
+    if setup.existing and not rerun:
+        logger.info(
+            "experiment %s exists (same commit, changes, parameters and stages): nothing to "
+            "run; pass rerun=true to compute it again",
+            setup.name,
         )
-        stage_task(stage, root)
-    experiment = save_experiment(root)
-    publish(root, experiment, report_ran="report" in selected)
-    return experiment
+        publish(root, setup.name, ref)
+        return setup.name
+
+    run_name = flow_run.name or "run"
+    exp = Experiment(
+        exp_command(setup, f"ptum flow run {run_name} ({flow_run.id})", rerun=rerun),
+        root=ROOT,
+        stages=setup.stages,
+        log_file=ROOT / LOG_DIR / f"{run_name}.log",
+    )
+    create_link_artifact(
+        link=exp.log_file.as_uri(),
+        link_text=str(LOG_DIR / exp.log_file.name),
+        key="ptum-log",
+        description="the experiment's whole output (every stage's log)",
+    )
+    experiment = run_experiment.submit(exp)
+    futures: dict[str, Any] = {}
+    for stage in setup.stages:
+        futures[stage] = follow_stage.with_options(name=stage, task_run_name=stage).submit(
+            stage, exp, wait_for=[futures[u] for u in setup.upstream[stage]]
+        )
+    for future in futures.values():
+        future.wait()
+    name = experiment.result()  # raises (the flow fails) if the experiment failed
+    published = publish.submit(root, name, ref, wait_for=list(futures.values()))
+    published.result()
+    return name
 
 
 if __name__ == "__main__":

@@ -11,9 +11,12 @@ one bound to 127.0.0.1 with its state in .prefect/ (the full commands are in flo
     PREFECT_API_URL=http://127.0.0.1:4200/api python -m flows.serve
     PREFECT_API_URL=http://127.0.0.1:4200/api prefect deployment run ptum/full --watch -p quick=true
 
-The process registers the deployment, polls the server for its runs and executes each one in a
-subprocess, one at a time (limit=1: DVC allows one run per repository). Stop it with Ctrl-C,
-which pauses the schedule. Scheduled runs use the flow's defaults, i.e. params.yaml as it stands.
+The process registers the deployment with a server-side concurrency limit of 1: a run started
+while another is running waits in state AwaitingConcurrencySlot and starts when the slot frees
+(each run is its own DVC experiment, but one at a time keeps the machine's cores for one
+pipeline). This process executes each run in a subprocess. Ctrl-C or SIGTERM stops it: a run in
+progress is cancelled (its DVC experiment and stage processes are stopped with it; the
+workspace is untouched, as always) and the schedule is paused.
 """
 
 from __future__ import annotations
@@ -21,9 +24,13 @@ from __future__ import annotations
 import argparse
 import os
 
+from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
 from flows.pipeline import ptum_flow
 
 CRON_ENV = "PTUM_FLOW_CRON"
+# One run at a time across every process serving `full`; the others queue on the server.
+ONE_AT_A_TIME = ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,9 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     ptum_flow.serve(
         name="full",
         cron=args.cron,
+        global_limit=ONE_AT_A_TIME,
         limit=1,
         tags=["ptum"],
-        description="The whole ptum pipeline (dvc.yaml), one task per stage.",
+        description="The whole ptum pipeline (dvc.yaml) as one isolated DVC experiment.",
     )
 
 

@@ -1,4 +1,5 @@
-"""Fast checks of the flow's plain helpers: parameter mapping, params.yaml edits, streaming, metrics.
+"""Fast checks of the flow's plain parts: parameter mapping into `dvc exp run -S`, the stage
+plan against `dvc dag`, the retry rule, the stage-by-stage reading of DVC's output, metrics.
 
 The flow itself, served and run through a Prefect server, is tested in test_pipeline.py (slow).
 """
@@ -6,7 +7,9 @@ The flow itself, served and run through a Prefect server, is tested in test_pipe
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,18 +17,20 @@ import pytest
 import yaml
 
 from flows.pipeline import (
-    STAGES,
+    Experiment,
     StageError,
+    effective_params,
     experiment_name,
     flatten_metrics,
+    hydra_value,
+    is_retryable,
     metrics_markdown,
     overrides_for,
+    params_rows,
     parse_overrides,
-    pipeline_order,
-    pipeline_stages,
-    run_streaming,
     select_stages,
-    write_params,
+    set_args,
+    stage_plan,
 )
 from ptum.config import load_params
 from ptum.presets import QUICK
@@ -48,7 +53,6 @@ def test_overrides_map_flow_parameters_to_dvc_params():
     assert overrides(size="tiny", quick=True) == quick
     with pytest.raises(ValueError, match="quick"):
         overrides(size="large", quick=True)
-    # `overrides` strings come last and are parsed as YAML values, as by `ptum --set`.
     extra = ["pretrain.epochs=5", "pretrain.architectures=[hsa, han]", "data.path=/a b"]
     assert overrides(quick=True, extra=extra) == quick | {
         "pretrain.epochs": 5,
@@ -64,79 +68,167 @@ def test_quick_preset_is_valid_params():
     assert load_params(ROOT / "params.yaml", quick).data.size == "tiny"
 
 
-def test_stages_run_in_pipeline_order_with_new_stages_after_their_predecessor():
-    defined = ["ingest", "prepare", "tokenize", "pretrain", "finetune", "sensitivity", "report"]
-    assert pipeline_order(defined) == defined
-    # Stages of STAGES follow STAGES whatever dvc.yaml's order; others follow their predecessor.
-    shuffled = ["report", "ingest", "extra", "prepare", "tokenize"]
-    assert pipeline_order(shuffled) == ["ingest", "extra", "prepare", "tokenize", "report"]
-    assert pipeline_order(["first", "ingest"]) == ["first", "ingest"]
-    assert select_stages(None, defined) == defined
-    assert select_stages(["report", "ingest", "sensitivity"], defined) == [
-        "ingest",
-        "sensitivity",
-        "report",
-    ]
-    with pytest.raises(ValueError, match="not in dvc.yaml"):
-        select_stages(["tune"], defined)
-    # The real dvc.yaml: STAGES' stages keep their relative order.
-    real = select_stages(None, pipeline_stages(ROOT))
-    known = [s for s in real if s in STAGES]
-    assert known == sorted(known, key=STAGES.index)
+def test_dvc_applies_the_overrides_as_the_flow_reports_them(tmp_path):
+    """`-S` goes through DVC's own override code (Hydra's grammar): the params.yaml DVC writes
+    for the experiment equals the effective params the flow publishes, for awkward values too."""
+    from dvc.utils.hydra import apply_overrides
 
-
-def test_write_params_changes_only_the_overridden_lines(tmp_path):
-    """On the real params.yaml: comments, quotes and flow-style lists survive the edit."""
     params = tmp_path / "params.yaml"
     shutil.copy(ROOT / "params.yaml", params)
-    before = params.read_text(encoding="utf-8").splitlines()
-    changed = write_params(params, {"data.size": "not-a-preset", "data.path": "/a b/c: d"})
-    assert {k: new for k, (_, new) in changed.items()} == {
-        "data.size": "not-a-preset",
-        "data.path": "/a b/c: d",
-    }
-    after = params.read_text(encoding="utf-8").splitlines()
-    assert len(after) == len(before)
-    diff = [(b, a) for b, a in zip(before, after) if b != a]
-    assert sorted(b.split(":")[0].strip() for b, _ in diff) == ["path", "size"], diff
-    data = yaml.safe_load(params.read_text(encoding="utf-8"))["data"]
-    assert data["size"] == "not-a-preset" and data["path"] == "/a b/c: d"
-    # The same values again: nothing to change, and the file is not rewritten.
-    mtime = params.stat().st_mtime_ns
-    assert write_params(params, {"data.size": "not-a-preset"}) == {}
-    assert params.stat().st_mtime_ns == mtime
+    overrides = overrides_for(
+        source="generic",
+        data_path="/a b/it's: here, [x]",
+        size=None,
+        quick=True,
+        extra=["tune.lr=[1e-4, 0.01]", "tune.study_name=''", "prepare.seed=3"],
+    )
+    expected = effective_params(params, overrides)
+    assert (tmp_path / "params.yaml").read_text() == (ROOT / "params.yaml").read_text()
+    apply_overrides(params, [a for a in set_args(overrides) if a != "-S"])
+    assert yaml.safe_load(params.read_text(encoding="utf-8")) == expected
+    assert hydra_value("") == "''" and hydra_value(["a", 1, 0.5]) == "['a', 1, 0.5]"
 
 
-def test_write_params_keeps_flow_style_lists_and_comments(tmp_path):
-    params = tmp_path / "params.yaml"
-    params.write_text("# top\nsec:\n  names: [a, b, c]  # which\n  n: 3\n", encoding="utf-8")
-    assert write_params(params, {"sec.names": ["a"], "sec.n": 1}) == {
-        "sec.names": (["a", "b", "c"], ["a"]),
-        "sec.n": (3, 1),
-    }
-    assert (
-        params.read_text(encoding="utf-8") == "# top\nsec:\n  names: [a]        # which\n  n: 1\n"
+def test_effective_params_are_validated_before_anything_runs():
+    with pytest.raises(Exception, match="nonsense"):
+        effective_params(ROOT / "params.yaml", {"pretrain.nonsense": 1})
+    rows = params_rows({"a": {"b": 1, "c": [1, 2]}}, {"a.c": [1, 2]})
+    assert rows == [
+        {"param": "a.b", "value": "1", "from": "params.yaml"},
+        {"param": "a.c", "value": "[1, 2]", "from": "override"},
+    ]
+
+
+def _dag_edges(root: Path) -> set[tuple[str, str]]:
+    dot = subprocess.run(
+        [sys.executable, "-m", "dvc", "dag", "--dot"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    return set(re.findall(r'"([^"]+)" -> "([^"]+)"', dot))
+
+
+def test_stage_plan_has_the_stages_and_edges_of_dvc_dag():
+    spec = effective_params(ROOT / "params.yaml", {})
+    plan = stage_plan(yaml.safe_load((ROOT / "dvc.yaml").read_text()), spec)
+    edges = {(u, s) for s, ups in plan.upstream.items() for u in ups}
+    # `dvc dag` draws only direct edges; the plan may add implied ones (a stage reading the
+    # outputs of both a stage and its ancestor), never miss one.
+    assert _dag_edges(ROOT) <= edges
+    for up, stage in edges - _dag_edges(ROOT):
+        assert up in _ancestors(plan.upstream, stage, skip=(up, stage)), (up, stage)
+    assert {s.split("@")[0] for s in plan.order} == set(
+        yaml.safe_load(open(ROOT / "dvc.yaml"))["stages"]
+    )
+    quick = stage_plan(
+        yaml.safe_load((ROOT / "dvc.yaml").read_text()),
+        effective_params(ROOT / "params.yaml", parse_overrides(QUICK)),
+    )
+    assert [s for s in quick.order if s.startswith("pretrain@")] == [
+        "pretrain@hsa",
+        "pretrain@nativectr",
+    ]
+    assert select_stages(quick, ["tokenize"]) == ["ingest", "prepare", "tokenize"]
+    assert select_stages(quick, ["export@hsa"])[-2:] == ["pretrain@hsa", "export@hsa"]
+    with pytest.raises(ValueError, match="not in dvc.yaml"):
+        select_stages(quick, ["nope"])
+
+
+def _ancestors(upstream, stage, skip):
+    seen, todo = set(), [u for u in upstream[stage] if (u, stage) != skip]
+    while todo:
+        s = todo.pop()
+        if s not in seen:
+            seen.add(s)
+            todo += upstream[s]
+    return seen
+
+
+def test_only_failures_that_can_pass_are_retried():
+    assert is_retryable(StageError("killed", returncode=-9))
+    assert is_retryable(StageError("oom via sh", returncode=137))
+    assert is_retryable(OSError("fork failed"))
+    assert not is_retryable(StageError("ConfigError", returncode=2))
+    assert not is_retryable(StageError("ZeroDivisionError traceback", returncode=1))
+    assert not is_retryable(StageError("dvc's own error", returncode=255))
+    assert not is_retryable(ZeroDivisionError())
+
+
+def _fake_dvc(tmp_path: Path, script: str) -> Experiment:
+    stages = ["ingest", "prepare", "tokenize"]
+    return Experiment(
+        [sys.executable, "-c", script], root=tmp_path, stages=stages, log_file=tmp_path / "x.log"
     )
 
 
-def test_run_streaming_logs_lines_as_they_come_and_raises_with_stderr(tmp_path):
-    seen: list[str] = []
-    script = "import sys; print('out 1'); print('err 1', file=sys.stderr); print('out 2')"
-    run_streaming([sys.executable, "-c", script], cwd=tmp_path, log=seen.append)
-    assert sorted(seen) == ["err 1", "out 1", "out 2"]
-    assert seen.index("out 1") < seen.index("out 2")
+def _drain(exp: Experiment, stage: str) -> list[tuple[str, str]]:
+    out = []
+    while not exp.queues[stage].empty():
+        e = exp.queues[stage].get()
+        out.append((e.kind, e.text))
+    return out
 
-    failing = "import sys; print('working'); print('stage exploded: bad row 3', file=sys.stderr); sys.exit(3)"
-    with pytest.raises(StageError, match=r"(?s)`fake stage` exited with code 3.*bad row 3"):
-        run_streaming(
-            [sys.executable, "-c", failing], cwd=tmp_path, log=seen.append, label="fake stage"
-        )
-    assert "working" in seen
+
+def test_experiment_output_is_split_by_stage(tmp_path):
+    script = "\n".join(
+        f"print({line!r})"
+        for line in [
+            "Reproducing experiment 'ptum-x'",
+            "Stage 'ingest' didn't change, skipping",
+            "Running stage 'prepare':",
+            "> ptum prepare",
+            "prepare progress",
+            "ptum prepare: done in 1.0s",
+            "Updating lock file 'dvc.lock'",
+            "Running stage 'tokenize':",
+            "> ptum tokenize",
+            "Ran experiment(s): ptum-x",
+        ]
+    )
+    exp = _fake_dvc(tmp_path, script)
+    exp.run()
+    exp.settle(None, will_retry=False)
+    assert [k for k, _ in _drain(exp, "ingest")] == ["unchanged"]
+    prepare = _drain(exp, "prepare")
+    assert prepare[0][0] == "start" and prepare[-1][0] == "done"
+    assert ("line", "prepare progress") in prepare
+    assert [k for k, _ in _drain(exp, "tokenize")][-1] == "done"
+    assert "prepare progress" in (tmp_path / "x.log").read_text()
+
+
+def test_a_failing_stage_gets_the_error_and_later_stages_do_not_run(tmp_path):
+    script = (
+        "import sys\n"
+        "print(\"Running stage 'ingest':\")\n"
+        "print('ptum ingest: error: no such directory')\n"
+        "print(\"ERROR: failed to reproduce 'ingest': failed to run: ptum ingest, exited with 2\")\n"
+        "sys.exit(255)\n"
+    )
+    exp = _fake_dvc(tmp_path, script)
+    with pytest.raises(StageError, match="no such directory") as err:
+        exp.run()
+    assert err.value.returncode == 2 and not is_retryable(err.value)
+    exp.settle(err.value, will_retry=False)
+    assert _drain(exp, "ingest")[-1][0] == "failed"
+    assert [k for k, _ in _drain(exp, "prepare")] == ["absent"]
+
+
+def test_a_retried_experiment_tells_the_interrupted_stage(tmp_path):
+    script = "import os, signal\nprint(\"Running stage 'ingest':\", flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n"
+    exp = _fake_dvc(tmp_path, script)
+    with pytest.raises(StageError) as err:
+        exp.run()
+    assert is_retryable(err.value)
+    exp.settle(err.value, will_retry=True)
+    assert [k for k, _ in _drain(exp, "ingest")] == ["start", "retrying"]
+    assert exp.queues["prepare"].empty() and not exp.final.is_set()
 
 
 def test_flatten_metrics_and_markdown():
     shown = {
-        "": {
+        "rev": {
             "data": {
                 "data/tokenized/report.json": {"data": {"vocab_size": 601, "unk_share": 0.0}},
                 "data/prepared/report.json": {
@@ -155,14 +247,15 @@ def test_flatten_metrics_and_markdown():
     } in rows
     assert {"file": "data/prepared/report.json", "metric": "cols.1", "value": "b"} in rows
     assert [r["metric"] for r in rows if r["file"] == "broken.json"] == ["error"]
-    assert flatten_metrics({}) == []
-
-    md = metrics_markdown(rows, "ptum-x-1234")
+    md = metrics_markdown(rows, "ptum-1234")
     assert "## `data/tokenized/report.json`" in md and "| vocab_size | 601 |" in md
-    assert "ptum-x-1234" in md
     assert "No metrics yet" in metrics_markdown([], None)
 
 
-def test_experiment_name_is_a_valid_ref_name():
-    assert experiment_name("gallant-otter", "0d1e2f3a-aaaa") == "ptum-gallant-otter-0d1e2f3a"
-    assert experiment_name("nightly run: #3", None) == "ptum-nightly-run-3"
+def test_experiment_name_is_a_hash_of_what_it_computes():
+    a = experiment_name("c0ffee", "", {"data.size": "tiny"}, [])
+    assert re.fullmatch(r"ptum-[0-9a-f]{10}", a)
+    assert a == experiment_name("c0ffee", "", {"data.size": "tiny"}, [])
+    assert a != experiment_name("c0ffee", "diff", {"data.size": "tiny"}, [])
+    assert a != experiment_name("c0ffee", "", {"data.size": "small"}, [])
+    assert a != experiment_name("c0ffee", "", {"data.size": "tiny"}, ["tokenize"])

@@ -26,19 +26,13 @@ import httpx
 import pytest
 import yaml
 
-from flows.pipeline import pipeline_stages, select_stages
-
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 # The whole pipeline (ingest -> ... -> tune -> export -> report) on the quick preset: the tiny
 # synthetic log, tiny encoders, one model per task; a few minutes on 2 CPUs.
-QUICK_RUN = (
-    "quick=true",
-    "source=synthetic",  # explicit: the workspace keeps the previous run's params
-    "data_path=",
-)
+QUICK_RUN = ("quick=true",)
 WATCH_TIMEOUT = 1200
 
 
@@ -48,6 +42,7 @@ class Served:
     api: str  # http://127.0.0.1:PORT/api
     env: dict[str, str]
     logs: Path
+    serve: subprocess.Popen
 
 
 def _free_port() -> int:
@@ -138,6 +133,7 @@ def served(tmp_path_factory) -> Iterator[Served]:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "false",
         "PREFECT_RUNNER_POLL_FREQUENCY": "1",  # pick runs up within a second
+        "PREFECT_LOGGING_TO_API_BATCH_INTERVAL": "0.5",
         "DVC_NO_ANALYTICS": "1",
     }
     port = api.split(":")[-1].split("/")[0]
@@ -171,7 +167,7 @@ def served(tmp_path_factory) -> Iterator[Served]:
             serve_log,
             timeout=90,
         )
-        yield Served(copy=copy, api=api, env=env, logs=logs)
+        yield Served(copy=copy, api=api, env=env, logs=logs, serve=serve)
     finally:
         for proc in reversed(procs):
             _stop(proc)
@@ -231,56 +227,12 @@ def _explain(served: Served, result: subprocess.CompletedProcess) -> str:
     return f"{result.stdout}\n{result.stderr}\n--- serve.log ---\n{serve_log}"
 
 
-def test_quick_run_completes_versions_and_publishes(served):
-    name = f"quick-{uuid.uuid4().hex[:8]}"
-    result = _deployment_run(served, name, *QUICK_RUN)
-    assert result.returncode == 0, _explain(served, result)
+def _params_bytes(served: Served) -> bytes:
+    return (served.copy / "params.yaml").read_bytes()
 
-    run = _flow_run(served, name)
-    assert run["state_type"] == "COMPLETED"
-    task_runs = _task_runs(served, run["id"])
-    states = {name: r["state_type"] for name, r in task_runs.items()}
-    for stage in select_stages(None, pipeline_stages(served.copy)):
-        assert states.get(stage) == "COMPLETED", states
-    assert set(states.values()) == {"COMPLETED"}, states
 
-    # The stage's own output was streamed into its task run's logs.
-    messages = _log_messages(served, task_run_id={"any_": [task_runs["tokenize"]["id"]]})
-    assert any("Running stage 'tokenize'" in m for m in messages), messages
-    assert any("ptum tokenize: done" in m for m in messages), messages
-
-    artifacts = _post(
-        served,
-        "artifacts/filter",
-        {"artifacts": {"flow_run_id": {"any_": [run["id"]]}}},
-    )
-    by_key = {a["key"]: a for a in artifacts}
-    assert {"ptum-results", "ptum-metrics"} <= set(by_key), artifacts
-    results = by_key["ptum-results"]["data"]
-    # The report stage ran, so the artifact is reports/results.md with both tasks' tables.
-    assert results == (served.copy / "reports/results.md").read_text(encoding="utf-8")
-    assert "## Demographic prediction" in results and "## CTR" in results, results
-    table = by_key["ptum-metrics"]["data"]
-    table = json.loads(table) if isinstance(table, str) else table
-    assert set(table[0]) == {"file", "metric", "value"}
-    assert any(
-        r["file"] == "data/tokenized/report.json" and r["metric"] == "vocab_size" for r in table
-    ), table
-
-    # Versioned: params.yaml holds the run's values, DVC is clean, the run is an experiment.
-    params = yaml.safe_load((served.copy / "params.yaml").read_text(encoding="utf-8"))
-    assert params["data"]["size"] == "tiny"
-    assert params["pretrain"]["architectures"] == ["hsa", "nativectr"]
-    for out in (
-        "models/onnx/hsa/user_model.onnx",
-        "reports/tune/best_params.json",
-        "reports/finetune/ctr.json",
-        "reports/sensitivity.json",
-    ):
-        assert (served.copy / out).exists(), out
-    assert json.loads(_dvc(served, "status", "--json", "dvc.yaml") or "{}") == {}
-    experiment = f"ptum-{name}-{run['id'][:8]}"
-    assert experiment in _dvc(served, "exp", "list", "--name-only")
+def _experiments(served: Served) -> dict[str, str]:
+    """{experiment name: ref} of every DVC experiment in the copy."""
     refs = subprocess.run(
         ["git", "for-each-ref", "--format=%(refname)", "refs/exps"],
         cwd=served.copy,
@@ -288,29 +240,175 @@ def test_quick_run_completes_versions_and_publishes(served):
         text=True,
         check=True,
     ).stdout.split()
-    (ref,) = [r for r in refs if r.endswith(f"/{experiment}")]
-    committed = subprocess.run(
-        ["git", "ls-tree", "-r", "--name-only", ref],
+    return {r.rsplit("/", 1)[1]: r for r in refs if not r.startswith("refs/exps/exec/")}
+
+
+def _show(served: Served, ref: str, path: str) -> str:
+    return subprocess.run(
+        ["git", "show", f"{ref}:{path}"],
         cwd=served.copy,
         capture_output=True,
         text=True,
         check=True,
-    ).stdout.split()
-    assert {"params.yaml", "dvc.lock"} | {r["file"] for r in table} <= set(committed)
+    ).stdout
 
 
-def test_failing_stage_fails_the_run_with_its_error_in_the_logs(served, tmp_path):
+def _artifacts(served: Served, run_id: str) -> dict[str, dict]:
+    found = _post(served, "artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}})
+    return {a["key"]: a for a in found}
+
+
+def test_quick_run_is_an_experiment_and_leaves_the_workspace_alone(served):
+    params_before = _params_bytes(served)
+    lock_before = (served.copy / "dvc.lock").read_bytes()
+    name = f"quick-{uuid.uuid4().hex[:8]}"
+    result = _deployment_run(served, name, *QUICK_RUN)
+    assert result.returncode == 0, _explain(served, result)
+    assert _params_bytes(served) == params_before
+    assert (served.copy / "dvc.lock").read_bytes() == lock_before
+
+    run = _flow_run(served, name)
+    assert run["state_type"] == "COMPLETED"
+    task_runs = _task_runs(served, run["id"])
+    states = {n: r["state_type"] for n, r in task_runs.items()}
+    assert set(states.values()) == {"COMPLETED"}, states
+    stages = {"ingest", "prepare", "tokenize", "pretrain@hsa", "pretrain@nativectr", "report"}
+    assert stages <= set(states), states
+    assert "pretrain@han" not in states  # the quick preset's architectures only
+    # The run graph is the pipeline's DAG: tokenize waits for prepare, export@hsa for
+    # pretrain@hsa (task inputs name the upstream task runs).
+    ids = {r["id"]: n for n, r in task_runs.items()}
+
+    def upstream(stage):
+        inputs = task_runs[stage]["task_inputs"].get("wait_for", [])
+        return {ids.get(i["id"]) for i in inputs}
+
+    assert "prepare" in upstream("tokenize")
+    assert "pretrain@hsa" in upstream("export@hsa")
+
+    # Readable logs: the stage's own lines where they matter, not every line.
+    messages = _log_messages(served, task_run_id={"any_": [task_runs["tokenize"]["id"]]})
+    assert any("Running stage 'tokenize'" in m for m in messages), messages
+    assert any("ptum tokenize: done" in m for m in messages), messages
+    all_logs = _post(
+        served, "logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200}
+    )
+    assert len(all_logs) < 200, len(all_logs)
+    (log_file,) = (served.copy / "logs" / "flows").glob(f"{name}.log")
+    assert "ptum pretrain" in log_file.read_text()
+
+    # Versioned as a DVC experiment whose params.yaml holds the run's values.
+    artifacts = _artifacts(served, run["id"])
+    assert {"ptum-params", "ptum-results", "ptum-metrics", "ptum-log"} <= set(artifacts)
+    params_table = artifacts["ptum-params"]["data"]
+    params_table = json.loads(params_table) if isinstance(params_table, str) else params_table
+    assert {"param": "data.size", "value": '"tiny"', "from": "override"} in params_table
+    exps = _experiments(served)
+    assert len(exps) == 1, exps
+    ((experiment, ref),) = exps.items()
+    recorded = yaml.safe_load(_show(served, ref, "params.yaml"))
+    assert recorded["data"]["size"] == "tiny"
+    assert recorded["pretrain"]["architectures"] == ["hsa", "nativectr"]
+    results = artifacts["ptum-results"]["data"]
+    assert results == _show(served, ref, "reports/results.md")
+    assert "## Demographic prediction" in results and "## CTR" in results, results
+    table = artifacts["ptum-metrics"]["data"]
+    table = json.loads(table) if isinstance(table, str) else table
+    assert any(
+        r["file"] == "data/tokenized/report.json" and r["metric"] == "vocab_size" for r in table
+    ), table
+    assert json.loads(_show(served, ref, "reports/pretrain/hsa/metrics.json"))
+
+    # The same run again is a no-op: nothing runs, no second experiment.
+    again = f"again-{uuid.uuid4().hex[:8]}"
+    result = _deployment_run(served, again, *QUICK_RUN)
+    assert result.returncode == 0, _explain(served, result)
+    assert _experiments(served) == exps
+    messages = _log_messages(served, flow_run_id={"any_": [_flow_run(served, again)["id"]]})
+    assert any(f"experiment {experiment} exists" in m for m in messages), messages
+    assert _params_bytes(served) == params_before
+
+
+def test_failing_stage_fails_the_run_and_leaves_params_alone(served, tmp_path):
+    params_before = _params_bytes(served)
     name = f"broken-{uuid.uuid4().hex[:8]}"
     missing = tmp_path / "no-such-logs"
     result = _deployment_run(served, name, "quick=true", "source=generic", f"data_path={missing}")
     assert result.returncode != 0, _explain(served, result)
+    assert _params_bytes(served) == params_before
 
     run = _flow_run(served, name)
     assert run["state_type"] == "FAILED"
-    states = {name: r["state_type"] for name, r in _task_runs(served, run["id"]).items()}
+    task_runs = _task_runs(served, run["id"])
+    states = {n: r["state_type"] for n, r in task_runs.items()}
     assert states.get("ingest") == "FAILED", states
-    assert not {"prepare", "tokenize"} & set(states), states  # nothing ran after the failure
+    assert states.get("experiment") == "FAILED", states
+    # Exit code 2 (a ConfigError/DataError) is not worth a retry: one attempt only.
+    assert task_runs["experiment"]["run_count"] == 1, task_runs["experiment"]
+    assert not {"COMPLETED", "RUNNING"} & {states.get(s) for s in ("prepare", "tokenize")}
 
-    # The stage's own error line (from `ptum ingest`, through DVC) is in an ERROR log.
     errors = _log_messages(served, flow_run_id={"any_": [run["id"]]}, level={"ge_": 40})
     assert any("ptum ingest: error" in m and str(missing) in m for m in errors), errors
+
+
+def test_two_runs_at_once_are_serialized_and_each_records_its_own_params(served):
+    names = {epochs: f"epochs{epochs}-{uuid.uuid4().hex[:6]}" for epochs in (1, 2)}
+    before = set(_experiments(served))
+    procs = {
+        epochs: subprocess.Popen(
+            [
+                str(BIN / "prefect"),
+                "deployment",
+                "run",
+                "ptum/full",
+                "--watch",
+                "--watch-timeout",
+                str(WATCH_TIMEOUT),
+                "--flow-run-name",
+                name,
+                "--param",
+                "quick=true",
+                "--param",
+                'stages=["pretrain@hsa"]',
+                "--param",
+                f'overrides=["pretrain.epochs={epochs}"]',
+            ],
+            cwd=served.copy,
+            env=served.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for epochs, name in names.items()
+    }
+    for proc in procs.values():
+        out, _ = proc.communicate(timeout=WATCH_TIMEOUT + 60)
+        assert proc.returncode == 0, out
+
+    runs = {epochs: _flow_run(served, name) for epochs, name in names.items()}
+    first, second = sorted(runs.values(), key=lambda r: r["start_time"])
+    assert second["start_time"] >= first["end_time"], (first, second)
+    states = httpx.get(
+        f"{served.api}/flow_run_states/", params={"flow_run_id": second["id"]}, timeout=10
+    ).json()
+    assert "AwaitingConcurrencySlot" in {s["name"] for s in states}, [s["name"] for s in states]
+
+    new = {n: r for n, r in _experiments(served).items() if n not in before}
+    assert len(new) == 2, new
+    seen = set()
+    for ref in new.values():
+        epochs = yaml.safe_load(_show(served, ref, "params.yaml"))["pretrain"]["epochs"]
+        computed = json.loads(_show(served, ref, "reports/pretrain/hsa/history.json"))
+        assert len(computed) == epochs, (ref, epochs, computed)
+        lock = yaml.safe_load(_show(served, ref, "dvc.lock"))
+        assert lock["stages"]["pretrain@hsa"]["params"]["params.yaml"]["pretrain.epochs"] == epochs
+        seen.add(epochs)
+    assert seen == {1, 2}
+
+
+def test_serve_stops_cleanly_on_sigterm(served):
+    served.serve.send_signal(signal.SIGTERM)
+    try:
+        served.serve.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("python -m flows.serve did not exit within 30 s of SIGTERM")
