@@ -1,9 +1,14 @@
-"""SHA-256 of a file, streamed (torch-free: `ptum embed` uses it too)."""
+"""SHA-256 of a file, streamed, and the check of a file against its recorded hash (torch-free:
+`ptum embed` uses it too)."""
 
 from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+
+
+class HashMismatch(ValueError):
+    """A file whose bytes are not the ones recorded when it was written (one-line message)."""
 
 
 def sha256_file(path: Path) -> str:
@@ -12,3 +17,17 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def verify_file(path: Path, expected: str, recorded_in: Path | str, rerun: str) -> None:
+    """Raise HashMismatch (or FileNotFoundError) unless `path` hashes to `expected`, the SHA-256
+    that `recorded_in` holds for it; `rerun` says what rebuilds the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; re-run {rerun}")
+    got = sha256_file(path)
+    if got != expected:
+        raise HashMismatch(
+            f"{path}: SHA-256 {got[:12]}... differs from {expected[:12]}... recorded in "
+            f"{recorded_in} (modified or corrupt); re-run {rerun}"
+        )

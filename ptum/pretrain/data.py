@@ -9,6 +9,7 @@ resumed run rebuilds exactly the batches it would have seen.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ import numpy as np
 import polars as pl
 import torch
 
+from ptum.hashing import HashMismatch, verify_file
 from ptum.models.layers import time_gap_bucket
 
 
@@ -83,13 +85,61 @@ def load_corpus(
         seqs = seqs.with_columns(pl.col("item_ids").fill_null([]), pl.col("gaps").fill_null([]))
     items, lengths = pad_sequences(seqs["item_ids"].to_list(), max_len)
     gaps, _ = pad_sequences(seqs["gaps"].to_list(), max_len)
-    tokens = torch.from_numpy(np.load(tokenized / "tokens.npy").astype(np.int64))
+    tokens = torch.from_numpy(read_tokens(tokenized).astype(np.int64))
     pool = items[items > 0]
     return Corpus(seqs["user_id"].to_list(), items, gaps, lengths, tokens, pool)
 
 
+def _tokenize_report(tokenized: Path) -> dict:
+    path = tokenized / "report.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; re-run `ptum tokenize`")
+    return json.loads(path.read_text())
+
+
 def tokenizer_digest(tokenized: Path) -> str:
-    return json.loads((tokenized / "report.json").read_text())["spm_sha256"]
+    """The SentencePiece model's SHA-256 as tokenized/report.json records it, after checking
+    that spm.model still has those bytes (HashMismatch otherwise)."""
+    report = _tokenize_report(tokenized)
+    digest = report["spm_sha256"]
+    verify_file(tokenized / "spm.model", digest, tokenized / "report.json", "`ptum tokenize`")
+    return digest
+
+
+def read_tokens(tokenized: Path) -> np.ndarray:
+    """tokens.npy ((N + 1, T) int32), checked against tokenized/report.json: its SHA-256 where
+    the report records one (`tokens_sha256`), and always its shape (items + 1, max_tokens) and
+    token range [0, vocab_size). HashMismatch names the file and the stage to re-run."""
+    report = _tokenize_report(tokenized)
+    path = tokenized / "tokens.npy"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing; re-run `ptum tokenize`")
+    data = path.read_bytes()
+    where = f"{tokenized / 'report.json'}"
+    expected = report.get("tokens_sha256")
+    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
+        raise HashMismatch(
+            f"{path}: does not match the tokens_sha256 recorded in {where} (modified or "
+            "corrupt); re-run `ptum tokenize`"
+        )
+    try:
+        tokens = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise HashMismatch(
+            f"{path}: not a readable .npy file ({e}); re-run `ptum tokenize`"
+        ) from None
+    shape = (int(report["items"]) + 1, int(report["max_tokens"]))
+    if tokens.ndim != 2 or tokens.shape != shape or tokens.dtype.kind not in "iu":
+        raise HashMismatch(
+            f"{path}: {tokens.dtype} {tokens.shape} is not the int ({shape[0]}, {shape[1]}) "
+            f"matrix {where} describes; re-run `ptum tokenize`"
+        )
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= int(report["vocab_size"])):
+        raise HashMismatch(
+            f"{path}: token ids outside [0, {report['vocab_size']}) of the tokenizer in "
+            f"{where}; re-run `ptum tokenize`"
+        )
+    return tokens
 
 
 @dataclass

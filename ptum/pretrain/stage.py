@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import torch.distributed as dist
@@ -17,8 +18,8 @@ from ptum.config import PretrainConfig, to_dict
 from ptum.models.behavior import ID_MIN_COUNT
 from ptum.models.user_model import ARCHITECTURES, ModelConfig
 from ptum.pretrain.data import Corpus, file_digest, load_corpus, tokenizer_digest
-from ptum.pretrain.id_vocab import IdVocab, build_id_vocab, item_texts
-from ptum.pretrain.train import TrainOptions, pick_device, pretrain
+from ptum.pretrain.id_vocab import IdVocab, build_id_vocab, item_table_digest, item_texts
+from ptum.pretrain.train import TIMING_KEYS, TrainOptions, pick_device, pretrain
 
 
 def train_options(cfg: PretrainConfig, tuned: dict | None = None) -> TrainOptions:
@@ -70,8 +71,16 @@ def run_stage(
     out_dir: Path,
     report_dir: Path,
     tuned_path: Path | None = None,
+    deterministic: bool | None = None,
+    threads: int = 1,
 ) -> dict:
-    """Pre-train one architecture. Under torchrun (WORLD_SIZE > 1) joins the process group."""
+    """Pre-train one architecture. Under torchrun (WORLD_SIZE > 1) joins the process group.
+
+    `deterministic` (None: the config's `pretrain.deterministic` where it has one, else off)
+    runs with deterministic kernels and `threads` torch threads: two runs write byte-equal
+    checkpoints. Per-epoch timings go to report_dir/history.json and metrics.json, never into
+    out_dir.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(cfg.device)
     if world > 1 and not dist.is_initialized():
@@ -88,6 +97,8 @@ def run_stage(
             )
         tuned = json.loads(tuned_path.read_text())
     opts = train_options(cfg, tuned)
+    if deterministic is not None:
+        opts = replace(opts, deterministic=deterministic)
     train = load_corpus(prepared, tokenized, "train", max_behaviors)
     valid = load_corpus(prepared, tokenized, "valid", max_behaviors)
     tok_report = json.loads((tokenized / "report.json").read_text())
@@ -102,6 +113,7 @@ def run_stage(
         min_count = to_dict(cfg.model).get("id_min_count", ID_MIN_COUNT)
         id_vocab = corpus_id_vocab(prepared, train, min_count)
     config = model_config(cfg, arch, **sizes, id_vocab=id_vocab.size if id_vocab else 0)
+    tokens = train.tokens
     if config.behavior_encoder == "id":
         # The id encoder reads the item id itself as its single "token".
         import torch
@@ -117,7 +129,14 @@ def run_stage(
         ),
         "max_behaviors": max_behaviors,
         "pretrain_params": to_dict(cfg),
+        # What item id i means; fine-tuning refuses the checkpoint against another tokens.npy.
+        "item_table_sha256": item_table_digest(tokens),
     }
+    timings: dict[int, dict] = {}
+
+    def keep_timing(epoch: int, _model, metrics: dict) -> None:
+        timings[epoch] = {k: metrics[k] for k in TIMING_KEYS if k in metrics}
+
     final = pretrain(
         train=train,
         valid=valid,
@@ -127,12 +146,14 @@ def run_stage(
         meta=meta,
         device=device,
         id_vocab=id_vocab,
+        on_epoch=keep_timing,
+        threads=threads,
     )
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         from ptum.checkpoint import read_meta
 
-        history = read_meta(out_dir)["history"]
+        history = _with_timings(read_meta(out_dir)["history"], timings, report_dir)
         report_dir.mkdir(parents=True, exist_ok=True)
         chance = 1.0 / (opts.p + 1)
         metrics = {
@@ -146,3 +167,17 @@ def run_stage(
     if dist.is_initialized():
         dist.destroy_process_group()
     return final
+
+
+def _with_timings(history: list[dict], timings: dict[int, dict], report_dir: Path) -> list[dict]:
+    """The checkpoint's history with each epoch's timing: measured in this run, or (epochs run
+    before an interruption) taken from the report the earlier run wrote."""
+    earlier: dict[int, dict] = {}
+    path = report_dir / "history.json"
+    if path.is_file():
+        try:
+            for h in json.loads(path.read_text()):
+                earlier[h["epoch"]] = {k: h[k] for k in TIMING_KEYS if k in h}
+        except (ValueError, KeyError, TypeError):
+            earlier = {}  # a report is rewritten, never trusted for anything but timings
+    return [h | timings.get(h["epoch"], earlier.get(h["epoch"], {})) for h in history]

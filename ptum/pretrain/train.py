@@ -3,16 +3,24 @@
 Determinism: the user order of an epoch, the samples of a step and the dropout noise of a step
 are pure functions of (seed, epoch, step), so a run resumed from any saved step ends with the
 same weights as an uninterrupted one, and N data-parallel processes see the same global batch
-as one process does (each takes rows rank::N of it).
+as one process does (each takes rows rank::N of it). With `deterministic` on, torch's
+deterministic kernels and a fixed thread count make two runs bit-identical (checkpoint bytes
+included): the checkpoint holds no timing, only what the inputs determine.
+
+Progress: tqdm bars (epochs, batches of the epoch, with ETA) on stderr when it is a terminal;
+one JSON summary line per epoch either way.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import signal
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from ptum import checkpoint
 from ptum.models.user_model import ModelConfig, UserModel
@@ -45,6 +54,9 @@ class TrainOptions:
     seed: int = 42
     grad_clip: float = 1.0
     max_steps: int = 0  # stop after this many steps in total (0 = no limit); for tests/tuning
+    # Bit-identical runs: torch.use_deterministic_algorithms and a fixed thread count
+    # (`pretrain(threads=...)`, default 1). Slower on a multi-core CPU.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if not (self.mbp or self.nbp):
@@ -71,6 +83,68 @@ class _StopFlag:
 
     def __call__(self, signum: int, _frame: Any) -> None:
         self.signum = signum
+
+
+# Per-epoch figures that depend on the machine, not on the inputs: logged and reported, never
+# stored in the checkpoint (its bytes must be a function of its inputs).
+TIMING_KEYS = ("users_per_s", "epoch_seconds")
+
+
+def check_negatives(corpus: Corpus, opts: TrainOptions, what: str = "training") -> None:
+    """Refuse a `p` that the corpus cannot serve: P negatives per positive need more than P
+    distinct items to draw from (a user's own items are never drawn)."""
+    if opts.negatives == "popularity":
+        n, source = int(np.unique(corpus.pool).size), "items of its behaviors"
+    else:
+        n, source = corpus.num_items, "items of the item table"
+    if opts.p >= n:
+        raise ValueError(
+            f"pretrain.p = {opts.p}: the {what} corpus has only {n} distinct {source} "
+            f"(pretrain.negatives: {opts.negatives}) to draw negatives from, one of them the "
+            f"positive; use pretrain.p <= {max(n - 1, 1)}"
+        )
+
+
+@contextmanager
+def deterministic_mode(on: bool, threads: int = 1) -> Iterator[None]:
+    """Deterministic kernels and `threads` torch threads inside the block (restored after)."""
+    if not on:
+        yield
+        return
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.get_num_threads(),
+    )
+    # cuBLAS needs a fixed workspace to be deterministic (read when CUDA initialises).
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.set_num_threads(before[2])
+
+
+def _check_position(saved: dict[str, Any], steps_per_epoch: int, opts: TrainOptions) -> None:
+    """A checkpoint's epoch/step must agree with its step count and its history."""
+    epoch, step = saved.get("epoch"), saved.get("step_in_epoch")
+    ok = (
+        isinstance(epoch, int)
+        and isinstance(step, int)
+        and 0 <= epoch <= opts.epochs
+        and 0 <= step < steps_per_epoch
+        and saved.get("global_step") == epoch * steps_per_epoch + step
+        and len(saved.get("history", ())) == epoch
+    )
+    if not ok:
+        raise checkpoint.CorruptCheckpoint(
+            f"checkpoint position epoch {epoch} step {step} (global step "
+            f"{saved.get('global_step')}, {len(saved.get('history', ()))} epochs of history) "
+            f"is inconsistent with {steps_per_epoch} steps per epoch; remove the checkpoint "
+            "directory and re-run pre-training"
+        )
 
 
 class Interrupted(RuntimeError):
@@ -134,9 +208,10 @@ def pretrain(
     meta: dict[str, Any],
     device: torch.device | None = None,
     resume: bool = True,
-    log=print,
+    log: Callable[[str], None] | None = None,
     on_epoch: Callable[[int, UserModel, dict], None] | None = None,
     id_vocab: IdVocab | None = None,
+    threads: int = 1,
 ) -> dict[str, Any]:
     """Pre-train a user model; checkpoints every epoch in out_dir (and on SIGTERM/SIGINT).
 
@@ -145,11 +220,49 @@ def pretrain(
     built on another vocabulary is refused rather than resumed.
     `on_epoch(epoch, model, metrics)` runs after each epoch's checkpoint (rank 0 sees the same
     model as every rank); an exception it raises (e.g. optuna.TrialPruned) ends training.
+    Its metrics (and the log line, and the return value) add the epoch's TIMING_KEYS to what the
+    checkpoint's history records. `log` defaults to stdout through tqdm (clears the bars).
+    `threads`: torch threads under `opts.deterministic`.
     """
-    device = device or pick_device()
+    with deterministic_mode(opts.deterministic, threads):
+        return _pretrain(
+            train=train,
+            valid=valid,
+            config=config,
+            opts=opts,
+            out_dir=out_dir,
+            meta=meta,
+            device=device or pick_device(),
+            resume=resume,
+            log=log or _write,
+            on_epoch=on_epoch,
+            id_vocab=id_vocab,
+        )
+
+
+def _write(msg: str) -> None:
+    tqdm.write(msg, file=sys.stdout)
+
+
+def _pretrain(
+    *,
+    train: Corpus,
+    valid: Corpus,
+    config: ModelConfig,
+    opts: TrainOptions,
+    out_dir: Path,
+    meta: dict[str, Any],
+    device: torch.device,
+    resume: bool,
+    log: Callable[[str], None],
+    on_epoch: Callable[[int, UserModel, dict], None] | None,
+    id_vocab: IdVocab | None,
+) -> dict[str, Any]:
     rank, world = _dist_info()
     if opts.batch_size % world:
         raise ValueError(f"pretrain.batch_size {opts.batch_size} must divide by {world} processes")
+    check_negatives(train, opts)
+    check_negatives(valid, opts, "held-out")
     torch.manual_seed(opts.seed)
     model = UserModel(config=config)
     if model.uses_item_ids:
@@ -167,7 +280,10 @@ def pretrain(
     if steps_per_epoch == 0:
         raise ValueError("no pre-training user has 2 or more behaviors")
     epoch, step_in_epoch, history = 0, 0, []
-    if resume and (out_dir / "meta.json").exists():
+    # The running sums of the epoch in progress, saved with a mid-epoch checkpoint so that a
+    # resumed epoch reports the same training loss as an uninterrupted one.
+    partial: dict[str, Any] = {"seen": 0, "sums": {}}
+    if resume and checkpoint.exists(out_dir):
         loaded = checkpoint.load(
             out_dir,
             tokenizer_sha256=meta.get("tokenizer_sha256"),
@@ -181,11 +297,13 @@ def pretrain(
         ):
             log(f"{out_dir}: checkpoint is from other options or data; starting over")
         else:
+            _check_position(saved, steps_per_epoch, opts)
             model.load_state_dict(loaded.model.state_dict())
             if loaded.optimizer_tensors is not None:
                 checkpoint.load_optimizer(opt, loaded.optimizer_tensors, saved["optimizer_scalars"])
             epoch, step_in_epoch, history = saved["epoch"], saved["step_in_epoch"], saved["history"]
-            log(f"resuming from epoch {epoch} step {step_in_epoch}")
+            partial = saved.get("partial_epoch", partial)
+            log(f"resuming from epoch {epoch} step {step_in_epoch} ({loaded.path})")
     ddp = world > 1
     objective: torch.nn.Module = Objective(model, opts)
     if ddp:
@@ -210,6 +328,7 @@ def pretrain(
                     "step_in_epoch": st,
                     "global_step": ep * steps_per_epoch + st,
                     "history": history,
+                    "partial_epoch": partial,
                     "complete": ep >= opts.epochs,
                 },
                 opt,
@@ -219,10 +338,27 @@ def pretrain(
             dist.barrier()
 
     model.train()
+    last: dict[str, Any] = {}
+    bars = rank == 0 and not opts.max_steps  # tuning trials (max_steps) stay quiet
+    # disable=None: tqdm turns itself off when stderr is not a terminal (CI logs stay short).
+    epoch_bar = tqdm(
+        total=opts.epochs,
+        initial=epoch,
+        unit="epoch",
+        desc="pretrain",
+        disable=None if bars else True,
+    )
+    batch_bar = tqdm(
+        total=steps_per_epoch, unit="batch", leave=False, disable=None if bars else True
+    )
     try:
         while epoch < opts.epochs:
             order = eligible[epoch_order(len(eligible), opts.seed, epoch)]
-            t0, seen, sums = time.perf_counter(), 0, {}
+            t0, ran = time.perf_counter(), 0
+            sums, seen = dict(partial["sums"]), partial["seen"]
+            batch_bar.reset(total=steps_per_epoch)
+            batch_bar.update(step_in_epoch)
+            batch_bar.set_description(f"epoch {epoch + 1}")
             for step in range(step_in_epoch, steps_per_epoch):
                 global_step = epoch * steps_per_epoch + step
                 if opts.max_steps and global_step >= opts.max_steps:
@@ -247,36 +383,59 @@ def pretrain(
                 opt.step()
                 for key, v in out.items():
                     sums[key] = sums.get(key, 0.0) + float(v.detach())
-                seen += 1
-                if stop.signum is not None:
+                seen, ran = seen + 1, ran + 1
+                partial = {"seen": seen, "sums": sums}
+                batch_bar.update()
+                if batch_bar.n % 10 == 0:
+                    batch_bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", refresh=False)
+                if stop.signum is not None and step + 1 < steps_per_epoch:
                     save(epoch, step + 1)
                     raise Interrupted(stop.signum)
+                # (A signal during an epoch's last step: the epoch is finished and saved first.)
             else:
                 # The epoch ran to its end: evaluate, log, checkpoint.
+                seconds = time.perf_counter() - t0
                 metrics = {
                     "epoch": epoch + 1,
                     **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
                 }
-                metrics["users_per_s"] = seen * opts.batch_size / (time.perf_counter() - t0)
                 metrics.update(evaluate(model, tokens, valid, opts, device))
                 history.append(metrics)
+                timing = {
+                    "users_per_s": ran * opts.batch_size / max(seconds, 1e-9),
+                    "epoch_seconds": seconds,
+                }
                 log(
                     json.dumps(
-                        {k: round(v, 4) if isinstance(v, float) else v for k, v in metrics.items()}
+                        {
+                            k: round(v, 4) if isinstance(v, float) else v
+                            for k, v in (metrics | timing).items()
+                        }
                     )
                 )
                 epoch, step_in_epoch = epoch + 1, 0
+                partial = {"seen": 0, "sums": {}}
                 save(epoch, 0)
+                epoch_bar.update()
                 if on_epoch is not None:
-                    on_epoch(epoch, model, metrics)
+                    on_epoch(epoch, model, metrics | timing)
+                if stop.signum is not None and epoch < opts.epochs:
+                    raise Interrupted(stop.signum)
+                last = metrics | timing
                 continue
             break  # max_steps reached
         if opts.max_steps and epoch < opts.epochs:
             save(epoch, opts.max_steps - epoch * steps_per_epoch)
     finally:
+        batch_bar.close()
+        epoch_bar.close()
         for s, h in old.items():
             signal.signal(s, h)
-    return history[-1] if history else {}
+    # The last epoch run here carries its timing; a run that only loaded a finished checkpoint
+    # reports the checkpoint's last epoch without one.
+    if history and last.get("epoch") == history[-1]["epoch"]:
+        return last
+    return dict(history[-1]) if history else {}
 
 
 class Objective(torch.nn.Module):

@@ -125,15 +125,15 @@ def test_checkpoint_carries_and_checks_the_vocabulary(data, tmp_path) -> None:
     with pytest.raises(checkpoint.CheckpointMismatch) as e:
         checkpoint.load(tmp_path, item_table_sha256=item_table_digest(train.tokens[:-1]))
     msg = str(e.value)
-    assert "\n" not in msg and str(tmp_path / FILE) in msg
+    assert "\n" not in msg and str(loaded.path / FILE) in msg
     assert "index item table" in msg and "Re-run `ptum pretrain --arch hsa`" in msg
     # Another vocabulary (here: another min_count) is refused.
     other = replace(vocab, item_ids=vocab.item_ids[1:], texts=vocab.texts[1:], min_count=3)
     with pytest.raises(checkpoint.CheckpointMismatch, match=r"id vocabulary .* differs"):
         checkpoint.load(tmp_path, id_vocab_sha256=other.sha256)
     # A vocabulary file that is not the one meta.json names is refused.
-    (tmp_path / FILE).write_bytes(other.to_json())
-    with pytest.raises(checkpoint.CheckpointMismatch, match="does not match the hash"):
+    (loaded.path / FILE).write_bytes(other.to_json())
+    with pytest.raises(checkpoint.CorruptCheckpoint, match="does not match the hash"):
         checkpoint.load(tmp_path)
 
 
@@ -151,7 +151,7 @@ def test_resume_with_another_vocabulary_is_refused(data, tmp_path) -> None:
         log=lambda _: None,
         id_vocab=vocab,
     )
-    assert (tmp_path / FILE).read_bytes() == vocab.to_json()
+    assert (checkpoint.live(tmp_path) / FILE).read_bytes() == vocab.to_json()
     other = build_id_vocab(train.items, texts, train.tokens, min_count=3)
     with pytest.raises(checkpoint.CheckpointMismatch, match=r"remove .* and re-run"):
         pretrain(

@@ -102,12 +102,12 @@ def test_checkpoint_round_trip_and_refusals(tmp_path):
         checkpoint.CheckpointMismatch, match="encoder config differs.*'dim': \\(16, 32\\)"
     ):
         checkpoint.load(tmp_path, expect_config=_config(dim=32))
-    # A torn save (weights replaced without a matching meta.json) is refused.
+    # Weights replaced without a matching meta.json are refused (no earlier checkpoint).
     other = UserModel(config=_config())
     from safetensors.torch import save_file
 
-    save_file(other.state_dict(), str(tmp_path / "model.safetensors"))
-    with pytest.raises(checkpoint.CheckpointMismatch, match="does not match the hash"):
+    save_file(other.state_dict(), str(checkpoint.live(tmp_path) / "model.safetensors"))
+    with pytest.raises(checkpoint.CorruptCheckpoint, match="does not match the hash"):
         checkpoint.load(tmp_path)
 
 
@@ -141,7 +141,8 @@ def _ptum(proj: Path, *args: str, **kw) -> subprocess.Popen:
 
 
 def _weights(proj: Path, arch: str = "hsa") -> dict[str, torch.Tensor]:
-    return load_file(str(proj / "models" / "pretrain" / arch / "model.safetensors"))
+    live = checkpoint.live(proj / "models" / "pretrain" / arch)
+    return load_file(str(live / "model.safetensors"))
 
 
 @pytest.mark.slow
@@ -152,17 +153,17 @@ def test_resume_after_kill_gives_the_same_weights(tmp_path, tiny_pipeline):
 
     run = _project(tmp_path / "run", tiny_pipeline, epochs=6)
     p = _ptum(run, "pretrain", "--arch", "hsa")
-    meta = run / "models" / "pretrain" / "hsa" / "meta.json"
+    ckpt = run / "models" / "pretrain" / "hsa"
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None:
-        if meta.exists() and json.loads(meta.read_text())["epoch"] >= 2:
+        if checkpoint.exists(ckpt) and checkpoint.read_meta(ckpt)["epoch"] >= 2:
             break
         time.sleep(0.05)
     assert p.poll() is None, "run finished before it could be interrupted"
     p.send_signal(signal.SIGTERM)
     out = p.communicate(timeout=120)[0]
     assert p.returncode != 0 and "interrupted by signal" in out
-    saved = json.loads(meta.read_text())
+    saved = checkpoint.read_meta(ckpt)
     assert not saved["complete"] and saved["epoch"] < 6
     p = _ptum(run, "pretrain", "--arch", "hsa")
     out = p.communicate(timeout=300)[0]

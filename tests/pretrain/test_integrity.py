@@ -1,0 +1,326 @@
+"""Pre-training survives torn saves, refuses corrupt inputs, and is exactly reproducible:
+deterministic runs (interrupted or not) write byte-equal checkpoint directories."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ptum import checkpoint
+from ptum.config import ModelParams, PretrainConfig
+from ptum.hashing import HashMismatch
+from ptum.models.user_model import ModelConfig
+from ptum.pretrain import train as train_mod
+from ptum.pretrain.data import load_corpus, read_tokens, tokenizer_digest
+from ptum.pretrain.id_vocab import item_table_digest
+from ptum.pretrain.stage import run_stage
+from ptum.pretrain.train import TrainOptions, deterministic_mode, pretrain
+from tests.pretrain.test_train import TINY_MODEL
+
+ROOT = Path(__file__).resolve().parents[2]
+EPOCHS = 3
+
+
+def _config(train) -> ModelConfig:
+    return ModelConfig.for_architecture(
+        "hsa",
+        vocab_size=400,
+        max_tokens=int(train.tokens.shape[1]),
+        max_behaviors=20,
+        num_items=train.num_items + 1,
+        **TINY_MODEL,
+    )
+
+
+def train_tiny(tiny_root: Path, out_dir: Path, **opts) -> dict:
+    """A deterministic 3-epoch pre-training of a tiny HSA (also run by the SIGKILL child)."""
+    prepared, tokenized = tiny_root / "prepared", tiny_root / "tokenized"
+    train = load_corpus(prepared, tokenized, "train", 20)
+    valid = load_corpus(prepared, tokenized, "valid", 20)
+    return pretrain(
+        train=train,
+        valid=valid,
+        config=_config(train),
+        opts=TrainOptions(
+            **{"batch_size": 16, "epochs": EPOCHS, "lr": 3e-3, "deterministic": True} | opts
+        ),
+        out_dir=out_dir,
+        meta={"architecture": "hsa"},
+        log=lambda _: None,
+    )
+
+
+def _hashes(directory: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_pipeline, tmp_path_factory) -> dict[str, str]:
+    """File hashes of an uninterrupted run's checkpoint directory."""
+    out = tmp_path_factory.mktemp("reference")
+    train_tiny(tiny_pipeline, out)
+    return _hashes(out)
+
+
+def _steps_per_epoch(tiny_root: Path) -> int:
+    train = load_corpus(tiny_root / "prepared", tiny_root / "tokenized", "train", 20)
+    return -(-int((train.lengths >= 2).sum()) // 16)
+
+
+# ---------------------------------------------------------------- exact reproducibility
+
+
+def test_two_deterministic_runs_write_byte_equal_checkpoints(tiny_pipeline, tmp_path, reference):
+    train_tiny(tiny_pipeline, tmp_path / "again")
+    assert _hashes(tmp_path / "again") == reference
+    # The checkpoint directory holds the final checkpoint only, and no timing.
+    meta = checkpoint.read_meta(tmp_path / "again")
+    assert meta["complete"] and len(meta["history"]) == EPOCHS
+    assert "users_per_s" not in json.dumps(meta)
+
+
+def test_stage_runs_twice_to_equal_checkpoints_with_timings_in_reports(tiny_pipeline, tmp_path):
+    cfg = PretrainConfig(model=ModelParams(**TINY_MODEL), epochs=1, batch_size=16)
+    kw = dict(prepared=tiny_pipeline / "prepared", tokenized=tiny_pipeline / "tokenized")
+    for run in ("a", "b"):
+        out = run_stage(
+            cfg,
+            "hsa",
+            **kw,
+            max_behaviors=20,
+            out_dir=tmp_path / run / "ckpt",
+            report_dir=tmp_path / run / "report",
+            deterministic=True,
+        )
+        assert out["users_per_s"] > 0
+    assert _hashes(tmp_path / "a" / "ckpt") == _hashes(tmp_path / "b" / "ckpt")
+    history = json.loads((tmp_path / "a" / "report" / "history.json").read_text())
+    metrics = json.loads((tmp_path / "a" / "report" / "metrics.json").read_text())
+    assert history[0]["users_per_s"] > 0 and metrics["users_per_s"] == history[0]["users_per_s"]
+    # The checkpoint records its item table: fine-tuning refuses it against another tokens.npy.
+    tokens = torch.from_numpy(np.load(tiny_pipeline / "tokenized" / "tokens.npy"))
+    other = tokens.clone()
+    other[1, 0] += 1
+    checkpoint.load(tmp_path / "a" / "ckpt", item_table_sha256=item_table_digest(tokens))
+    with pytest.raises(checkpoint.CheckpointMismatch, match="trained on item table"):
+        checkpoint.load(tmp_path / "a" / "ckpt", item_table_sha256=item_table_digest(other))
+
+
+def test_deterministic_mode_restores_torch_settings():
+    threads = torch.get_num_threads()
+    with deterministic_mode(True, threads=1):
+        assert torch.are_deterministic_algorithms_enabled() and torch.get_num_threads() == 1
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.get_num_threads() == threads
+
+
+# ---------------------------------------------------------------- interrupted runs
+
+
+def test_failed_save_then_rerun_equals_an_uninterrupted_run(
+    tiny_pipeline, tmp_path, monkeypatch, reference
+):
+    """A full disk while writing the optimizer of epoch 2's checkpoint: the run fails, epoch 1's
+    checkpoint stays live, and the rerun ends byte-equal to an uninterrupted run."""
+    target = f"ckpt-{2 * _steps_per_epoch(tiny_pipeline):08d}"
+    real = checkpoint._write_durable
+
+    def disk_full(path: Path, data: bytes) -> None:
+        if path.name == "optimizer.safetensors" and target in path.parent.name:
+            path.write_bytes(data[:100])
+            raise OSError(28, "No space left on device")
+        real(path, data)
+
+    monkeypatch.setattr(checkpoint, "_write_durable", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        train_tiny(tiny_pipeline, tmp_path)
+    monkeypatch.undo()
+    assert checkpoint.read_meta(tmp_path)["epoch"] == 1
+    train_tiny(tiny_pipeline, tmp_path)
+    assert _hashes(tmp_path) == reference
+
+
+_KILL_CHILD = """
+import os, signal, sys
+from pathlib import Path
+from ptum import checkpoint
+from tests.pretrain.test_integrity import train_tiny
+
+target = sys.argv[3]
+real = checkpoint._write_durable
+def write(path, data):
+    real(path, data)
+    if path.name == "model.safetensors" and target in path.parent.name:
+        os.kill(os.getpid(), signal.SIGKILL)  # between the files of a save
+checkpoint._write_durable = write
+train_tiny(Path(sys.argv[1]), Path(sys.argv[2]))
+"""
+
+
+def test_sigkill_between_the_files_of_a_save(tiny_pipeline, tmp_path, reference):
+    target = f"ckpt-{2 * _steps_per_epoch(tiny_pipeline):08d}"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    p = subprocess.run(
+        [sys.executable, "-c", _KILL_CHILD, str(tiny_pipeline), str(tmp_path), target],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert p.returncode == -signal.SIGKILL, p.stderr
+    # The torn save is a staging directory beside the live epoch-1 checkpoint.
+    names = sorted(x.name for x in tmp_path.iterdir())
+    assert names[0].startswith(".staging-" + target) and len(names) == 3, names
+    assert checkpoint.read_meta(tmp_path)["epoch"] == 1
+    train_tiny(tiny_pipeline, tmp_path)
+    assert _hashes(tmp_path) == reference
+
+
+def test_sigterm_mid_epoch_then_resume_is_byte_equal(
+    tiny_pipeline, tmp_path, monkeypatch, reference
+):
+    """Interrupted in the middle of epoch 2: the resumed epoch reports the same training loss
+    (its running sums travel in the checkpoint), so the whole directory is byte-equal."""
+    real = train_mod.step_rng
+
+    def step_rng(seed: int, epoch: int, step: int):
+        if (epoch, step) == (1, 1):
+            os.kill(os.getpid(), signal.SIGTERM)  # caught by the loop: save, then Interrupted
+        return real(seed, epoch, step)
+
+    monkeypatch.setattr(train_mod, "step_rng", step_rng)
+    with pytest.raises(train_mod.Interrupted):
+        train_tiny(tiny_pipeline, tmp_path)
+    monkeypatch.undo()
+    saved = checkpoint.read_meta(tmp_path)
+    assert saved["epoch"] == 1 and saved["step_in_epoch"] == 2 and saved["partial_epoch"]["seen"]
+    train_tiny(tiny_pipeline, tmp_path)
+    assert _hashes(tmp_path) == reference
+
+
+# ---------------------------------------------------------------- corrupt inputs
+
+
+def test_a_corrupt_optimizer_state_stops_the_resume(tiny_pipeline, tmp_path):
+    train_tiny(tiny_pipeline, tmp_path, epochs=1)
+    path = checkpoint.live(tmp_path) / "optimizer.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(checkpoint.CorruptCheckpoint, match="optimizer.safetensors: does not match"):
+        train_tiny(tiny_pipeline, tmp_path, epochs=1)
+
+
+def test_a_re_signed_meta_with_an_impossible_position_is_refused(tiny_pipeline, tmp_path):
+    """Even a meta.json edited together with its own hash must agree with the step count."""
+    train_tiny(tiny_pipeline, tmp_path, epochs=1)
+    path = checkpoint.live(tmp_path) / "meta.json"
+    meta = json.loads(path.read_text())
+    meta["epoch"] = 0  # global_step still says one epoch was done
+    meta["meta_sha256"] = checkpoint._meta_digest(meta)
+    path.write_text(json.dumps(meta))
+    with pytest.raises(checkpoint.CorruptCheckpoint, match="inconsistent with"):
+        train_tiny(tiny_pipeline, tmp_path, epochs=1)
+
+
+@pytest.fixture
+def tokenized(tiny_pipeline, tmp_path) -> Path:
+    """A copy of the tiny tokenizer outputs whose report records tokens.npy's hash."""
+    out = tmp_path / "tokenized"
+    shutil.copytree(tiny_pipeline / "tokenized", out)
+    report = json.loads((out / "report.json").read_text())
+    report["tokens_sha256"] = hashlib.sha256((out / "tokens.npy").read_bytes()).hexdigest()
+    (out / "report.json").write_text(json.dumps(report))
+    return out
+
+
+def test_a_modified_spm_model_is_refused(tokenized):
+    assert tokenizer_digest(tokenized)
+    with (tokenized / "spm.model").open("r+b") as f:
+        f.seek(100)
+        byte = f.read(1)
+        f.seek(100)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(HashMismatch) as e:
+        tokenizer_digest(tokenized)
+    msg = str(e.value)
+    assert "\n" not in msg and str(tokenized / "spm.model") in msg and "ptum tokenize" in msg
+
+
+def test_a_modified_tokens_matrix_is_refused(tiny_pipeline, tokenized):
+    assert read_tokens(tokenized).shape[0] > 1
+    tokens = np.load(tokenized / "tokens.npy")
+    tokens[1, 0] = (tokens[1, 0] + 1) % 300
+    np.save(tokenized / "tokens.npy", tokens)
+    with pytest.raises(HashMismatch, match=r"tokens.npy: does not match the tokens_sha256"):
+        load_corpus(tiny_pipeline / "prepared", tokenized, "train", 20)
+
+
+def test_a_swapped_tokens_matrix_is_refused_without_a_recorded_hash(tiny_pipeline, tmp_path):
+    out = tmp_path / "tokenized"
+    shutil.copytree(tiny_pipeline / "tokenized", out)
+    tokens = np.load(out / "tokens.npy")
+    np.save(out / "tokens.npy", tokens[:-1])  # another item table
+    with pytest.raises(HashMismatch, match=r"is not the int \(\d+, 16\) matrix"):
+        read_tokens(out)
+    buf = io.BytesIO()
+    np.save(buf, np.full_like(tokens, 10_000))  # another vocabulary
+    (out / "tokens.npy").write_bytes(buf.getvalue())
+    with pytest.raises(HashMismatch, match="token ids outside"):
+        read_tokens(out)
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def test_more_negatives_than_items_is_a_clear_error(tiny_pipeline, tmp_path):
+    train = load_corpus(tiny_pipeline / "prepared", tiny_pipeline / "tokenized", "train", 20)
+    distinct = len(np.unique(train.pool))
+    with pytest.raises(ValueError, match=rf"pretrain.p = 100000: .* only {distinct} distinct"):
+        train_tiny(tiny_pipeline, tmp_path, p=100_000)
+    with pytest.raises(ValueError, match=rf"only {train.num_items} distinct items of the item"):
+        train_tiny(tiny_pipeline, tmp_path, p=100_000, negatives="uniform")
+    assert not checkpoint.exists(tmp_path)
+
+
+# ---------------------------------------------------------------- progress
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_on_a_terminal_and_one_line_per_epoch_otherwise(
+    tiny_pipeline, tmp_path, monkeypatch, capsys
+):
+    prepared, tok = tiny_pipeline / "prepared", tiny_pipeline / "tokenized"
+    train = load_corpus(prepared, tok, "train", 20)
+    valid = load_corpus(prepared, tok, "valid", 20)
+    kw = dict(train=train, valid=valid, config=_config(train), meta={})
+    opts = TrainOptions(batch_size=16, epochs=2)
+    pretrain(**kw, opts=opts, out_dir=tmp_path / "a")  # stderr is not a terminal under pytest
+    out, err = capsys.readouterr()
+    lines = out.strip().splitlines()
+    assert err == "" and len(lines) == 2 and json.loads(lines[1])["epoch"] == 2
+    assert "users_per_s" in lines[0]
+    term = _Terminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    pretrain(**kw, opts=opts, out_dir=tmp_path / "b")
+    bars = term.getvalue()
+    assert "pretrain" in bars and "epoch 2" in bars and "batch/s" in bars and "<" in bars  # ETA
