@@ -1,0 +1,130 @@
+"""dvc.yaml's code deps are the import closure of each stage's entry point, no more, no less.
+
+`ptum STAGE` runs ptum/cli.py's `_STAGE` function: the closure starts from cli.py's top-level
+imports, the imports inside `_STAGE` and inside the cli.py helpers it calls, and follows every
+import (top-level or inside a function) of every ptum module reached. A package's __init__.py
+counts only when something is imported from the package itself (`from ptum.models import x`):
+the other __init__ files hold a docstring only. A directory in deps stands for all its .py files
+(so it may be listed only when the closure needs every one of them).
+
+    python tests/test_dvc_deps.py     # prints each stage's code deps, as dvc.yaml should list them
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "ptum"
+
+
+def _module_file(name: str) -> Path | None:
+    """ptum.a.b -> ptum/a/b.py or ptum/a/b/__init__.py; None outside ptum."""
+    if name != "ptum" and not name.startswith("ptum."):
+        return None
+    base = ROOT / Path(*name.split("."))
+    if base.with_suffix(".py").is_file():
+        return base.with_suffix(".py")
+    if (base / "__init__.py").is_file():
+        return base / "__init__.py"
+    return None
+
+
+def _imports(nodes: list[ast.AST]) -> set[Path]:
+    """ptum files imported anywhere within `nodes`."""
+    found: set[Path] = set()
+    for node in (n for top in nodes for n in ast.walk(top)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            # `from ptum.finetune import sensitivity` imports the module ptum.finetune.sensitivity;
+            # `from ptum.models import build` a name defined in ptum/models/__init__.py.
+            names = [
+                f"{node.module}.{a.name}"
+                if _module_file(f"{node.module}.{a.name}") is not None
+                else node.module
+                for a in node.names
+            ]
+        else:
+            continue
+        found.update(p for p in map(_module_file, names) if p is not None)
+    return found
+
+
+def _closure(start: set[Path]) -> set[Path]:
+    seen: set[Path] = set()
+    todo = list(start)
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        todo += _imports([ast.parse(path.read_text(encoding="utf-8"))])
+    return seen
+
+
+def stage_code(stage: str) -> set[str]:
+    """The ptum files `ptum STAGE` can import, relative to the project root."""
+    cli = PKG / "cli.py"
+    tree = ast.parse(cli.read_text(encoding="utf-8"))
+    funcs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    top = [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)]
+    reached, todo = set(), [f"_{stage}"]
+    while todo:  # the stage's function and the cli.py helpers it calls
+        name = todo.pop()
+        if name in reached:
+            continue
+        reached.add(name)
+        for node in ast.walk(funcs[name]):
+            if isinstance(node, ast.Name) and node.id in funcs:
+                todo.append(node.id)
+    files = _closure(_imports(top + [funcs[n] for n in reached])) | {cli}
+    return {p.relative_to(ROOT).as_posix() for p in files}
+
+
+def _stages() -> dict[str, dict]:
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))
+    return {name: s.get("do", s) for name, s in spec["stages"].items()}
+
+
+def listed_code(body: dict) -> set[str]:
+    """The ptum files a stage's deps name; a directory stands for every .py file in it."""
+    files: set[str] = set()
+    for dep in body.get("deps") or []:
+        dep = dep if isinstance(dep, str) else next(iter(dep))
+        if not dep.startswith("ptum/"):
+            continue
+        path = ROOT / dep
+        found = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        files.update(p.relative_to(ROOT).as_posix() for p in found)
+    return files
+
+
+@pytest.mark.parametrize("stage", list(_stages()))
+def test_code_deps_are_the_import_closure_of_the_stage(stage):
+    listed = listed_code(_stages()[stage])
+    needed = stage_code(stage)
+    assert not needed - listed, f"dvc.yaml {stage}: missing code deps {sorted(needed - listed)}"
+    assert not listed - needed, f"dvc.yaml {stage}: extra code deps {sorted(listed - needed)}"
+
+
+def test_the_closure_follows_imports_inside_functions():
+    # finetune imports its stage module lazily, which imports the pre-training code.
+    code = stage_code("finetune")
+    assert {"ptum/cli.py", "ptum/finetune/stage.py", "ptum/checkpoint.py"} <= code
+    assert "ptum/tune.py" not in code
+    assert "ptum/export.py" in stage_code("export")
+
+
+if __name__ == "__main__":
+    for name in _stages():
+        print(f"{name}:")
+        for path in sorted(stage_code(name)):
+            print(f"  - {path}")
+        dirs = sorted({str(Path(p).parent) for p in stage_code(name)} - {"ptum"})
+        full = [d for d in dirs if listed_code({"deps": [d]}) <= stage_code(name)]
+        print(f"  (directories needed whole: {full})")
