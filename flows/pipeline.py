@@ -407,6 +407,8 @@ class Experiment:
         self.tail.append(line)
         if self.current is not None:
             self._put(self.current, Event("line", line))
+            if line.startswith("Updating lock file"):  # DVC's last word on a stage it ran
+                self._end_current("done")
 
     def _end_current(self, kind: str) -> None:
         if self.current is not None:
@@ -481,7 +483,7 @@ def experiment_ref(baseline: str, name: str) -> str:
     return f"refs/exps/{baseline[:2]}/{baseline[2:]}/{name}"
 
 
-@task(name="params", cache_policy=NO_CACHE)
+@task(name="params", task_run_name="params", cache_policy=NO_CACHE)
 def plan_run(root: str, overrides: dict[str, Any], stages: list[str] | None) -> Setup:
     """Validate the overrides, publish the effective params, plan the stages, name the run."""
     logger = get_run_logger()
@@ -521,6 +523,7 @@ def plan_run(root: str, overrides: dict[str, Any], stages: list[str] | None) -> 
 
 @task(
     name="experiment",
+    task_run_name="experiment",
     cache_policy=NO_CACHE,
     retries=EXPERIMENT_RETRIES,
     retry_delay_seconds=RETRY_DELAY_S,
@@ -585,7 +588,7 @@ def follow_stage(stage: str, exp: Experiment) -> str:
             return Cancelled(message=f"not run: the experiment ended before stage {stage}")
 
 
-@task(name="publish", cache_policy=NO_CACHE)
+@task(name="publish", task_run_name="publish", cache_policy=NO_CACHE)
 def publish(root: str, name: str, ref: str) -> None:
     """Markdown artifact `ptum-results` and table artifact `ptum-metrics` of the experiment."""
     from dvc.repo import Repo
