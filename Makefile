@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Stages run `ptum ...` (dvc.yaml cmd lines): the venv's bin must be on PATH without activating it.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: run test test-fast lint format bench clean quick movielens synthetic-default prefect-server prefect-serve prefect-run optuna-dashboard bench-serve
+.PHONY: run test test-fast lint format bench clean quick movielens synthetic-default prefect-server prefect-serve prefect-run prefect-deploy optuna-dashboard bench-serve
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -51,7 +51,8 @@ synthetic-default: $(STAMP)
 	cd experiments/synthetic-default && $(CURDIR)/$(BIN)/dvc repro
 
 # Prefect: a local server bound to 127.0.0.1 (state under .prefect/), the deployment ptum/full
-# served by a long-running process, and a run of it. Use three terminals, in this order.
+# served by a long-running process, and a run of it (an isolated DVC experiment: params.yaml
+# untouched). Use three terminals, in this order.
 PREFECT_ENV := PREFECT_HOME=$(CURDIR)/.prefect PREFECT_API_URL=http://127.0.0.1:4200/api PREFECT_SERVER_ANALYTICS_ENABLED=false
 prefect-server: $(STAMP)
 	$(PREFECT_ENV) $(BIN)/prefect server start --host 127.0.0.1 --port 4200
@@ -59,6 +60,9 @@ prefect-serve: $(STAMP)
 	$(PREFECT_ENV) $(BIN)/python -m flows.serve
 prefect-run: $(STAMP)
 	$(PREFECT_ENV) $(BIN)/prefect deployment run ptum/full --watch $(if $(QUICK),-p quick=true)
+# Deployment ptum/pool on a process work pool (POOL=name), for `prefect worker start --pool`.
+prefect-deploy: $(STAMP)
+	$(PREFECT_ENV) $(BIN)/python -m flows.deploy --pool $(or $(POOL),ptum)
 
 # Optuna's dashboard on the tuning study, local only: http://127.0.0.1:8080/dashboard
 optuna-dashboard: $(STAMP)
