@@ -212,6 +212,7 @@ def pretrain(
     on_epoch: Callable[[int, UserModel, dict], None] | None = None,
     id_vocab: IdVocab | None = None,
     threads: int = 1,
+    progress: bool | None = None,
 ) -> dict[str, Any]:
     """Pre-train a user model; checkpoints every epoch in out_dir (and on SIGTERM/SIGINT).
 
@@ -222,7 +223,9 @@ def pretrain(
     model as every rank); an exception it raises (e.g. optuna.TrialPruned) ends training.
     Its metrics (and the log line, and the return value) add the epoch's TIMING_KEYS to what the
     checkpoint's history records. `log` defaults to stdout through tqdm (clears the bars).
-    `threads`: torch threads under `opts.deterministic`.
+    `threads`: torch threads under `opts.deterministic`. `progress`: tqdm bars on stderr (None:
+    when it is a terminal; False for callers with a bar of their own, e.g. tuning trials;
+    True: always).
     """
     with deterministic_mode(opts.deterministic, threads):
         return _pretrain(
@@ -237,6 +240,7 @@ def pretrain(
             log=log or _write,
             on_epoch=on_epoch,
             id_vocab=id_vocab,
+            progress=progress,
         )
 
 
@@ -257,6 +261,7 @@ def _pretrain(
     log: Callable[[str], None],
     on_epoch: Callable[[int, UserModel, dict], None] | None,
     id_vocab: IdVocab | None,
+    progress: bool | None,
 ) -> dict[str, Any]:
     rank, world = _dist_info()
     if opts.batch_size % world:
@@ -339,18 +344,12 @@ def _pretrain(
 
     model.train()
     last: dict[str, Any] = {}
-    bars = rank == 0 and not opts.max_steps  # tuning trials (max_steps) stay quiet
     # disable=None: tqdm turns itself off when stderr is not a terminal (CI logs stay short).
+    disable = True if rank != 0 or progress is False else (None if progress is None else False)
     epoch_bar = tqdm(
-        total=opts.epochs,
-        initial=epoch,
-        unit="epoch",
-        desc="pretrain",
-        disable=None if bars else True,
+        total=opts.epochs, initial=epoch, unit="epoch", desc="pretrain", disable=disable
     )
-    batch_bar = tqdm(
-        total=steps_per_epoch, unit="batch", leave=False, disable=None if bars else True
-    )
+    batch_bar = tqdm(total=steps_per_epoch, unit="batch", leave=False, disable=disable)
     try:
         while epoch < opts.epochs:
             order = eligible[epoch_order(len(eligible), opts.seed, epoch)]

@@ -324,3 +324,6 @@ def test_progress_bars_on_a_terminal_and_one_line_per_epoch_otherwise(
     pretrain(**kw, opts=opts, out_dir=tmp_path / "b")
     bars = term.getvalue()
     assert "pretrain" in bars and "epoch 2" in bars and "batch/s" in bars and "<" in bars  # ETA
+    term.truncate(0)
+    pretrain(**kw, opts=opts, out_dir=tmp_path / "c", progress=False)  # e.g. tuning trials
+    assert term.getvalue().strip("\x00") == ""
