@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -140,6 +141,14 @@ def _ptum(proj: Path, *args: str, **kw) -> subprocess.Popen:
     )
 
 
+def _hashes(directory: Path) -> dict[str, str]:
+    return {
+        str(f.relative_to(directory)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(directory.rglob("*"))
+        if f.is_file()
+    }
+
+
 def _weights(proj: Path, arch: str = "hsa") -> dict[str, torch.Tensor]:
     live = checkpoint.live(proj / "models" / "pretrain" / arch)
     return load_file(str(live / "model.safetensors"))
@@ -172,6 +181,8 @@ def test_resume_after_kill_gives_the_same_weights(tmp_path, tiny_pipeline):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # Exact caching: the whole DVC output is byte-equal (one thread each: OMP_NUM_THREADS=1).
+    assert _hashes(ref / "models/pretrain/hsa") == _hashes(run / "models/pretrain/hsa")
     hist_a = json.loads((ref / "reports/pretrain/hsa/history.json").read_text())
     hist_b = json.loads((run / "reports/pretrain/hsa/history.json").read_text())
     assert [h["valid_loss"] for h in hist_a] == [h["valid_loss"] for h in hist_b]
