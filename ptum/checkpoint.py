@@ -54,6 +54,13 @@ _NAME = re.compile(r"ckpt-(\d{8,})(\.next)?")
 _STAGING = ".staging-"
 # The files of the flat layout, removed from the top of the directory once a save completes.
 _LEGACY = (MODEL, OPTIMIZER, META, ids.FILE)
+_WRITTEN_KEYS = (
+    "model_sha256",
+    "optimizer_sha256",
+    "optimizer_scalars",
+    "id_vocab_sha256",
+    "meta_sha256",
+)
 
 
 class CheckpointMismatch(ValueError):
@@ -169,7 +176,8 @@ def save(
         shutil.rmtree(staging)
     staging.mkdir()
     try:
-        meta = {k: v for k, v in meta.items() if k != "meta_sha256"}
+        # Hashes are this save's own (a caller re-saving a loaded meta must not carry old ones).
+        meta = {k: v for k, v in meta.items() if k not in _WRITTEN_KEYS}
         if id_vocab is not None:
             meta["id_vocab_sha256"] = _stage_id_vocab(
                 staging, id_vocab, directory / live if live else None

@@ -197,3 +197,13 @@ def test_no_checkpoint_is_file_not_found(tmp_path):
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         checkpoint.read_meta(tmp_path)
     assert not checkpoint.exists(tmp_path)
+
+
+def test_re_saving_a_loaded_meta_without_an_optimizer(tmp_path):
+    _save(tmp_path / "a", seed=0, step=5)
+    loaded = checkpoint.load(tmp_path / "a")
+    checkpoint.save(tmp_path / "b", loaded.model, loaded.meta)  # meta names an optimizer file
+    meta = checkpoint.read_meta(tmp_path / "b")
+    assert "optimizer_sha256" not in meta and _same(
+        checkpoint.load(tmp_path / "b").model, loaded.model
+    )
