@@ -135,6 +135,8 @@ class PretrainConfig:
     batch_size: int = 64
     epochs: int = 3
     seed: int = 42
+    # Bit-identical reruns: deterministic kernels, 1 torch thread (ptum.pretrain.train).
+    deterministic: bool = False
     grad_clip: float = 1.0
     # Data-parallel processes (torchrun; gloo on CPU, NCCL on GPU). 1 = plain single process.
     processes: int = 1

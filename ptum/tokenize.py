@@ -143,6 +143,7 @@ def tokenize(
         "truncated_share": round(truncated / max(len(texts), 1), 5),
         "unk_share": round(float((tokens[1:] == UNK_ID).sum() / max(real.sum(), 1)), 6),
         "spm_sha256": sha256_file(tmp / "spm.model"),
+        "tokens_sha256": sha256_file(tmp / "tokens.npy"),  # verified by every reader
     }
     (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     if out_dir.exists():

@@ -302,6 +302,7 @@ def _objective(d: _Data, s: TrialSetup) -> Callable[[optuna.Trial], float | tupl
                 resume=False,
                 log=lambda m: _log(f"trial {trial.number}: {m}"),
                 on_epoch=on_epoch,
+                progress=False,  # the study has its own bar
             )
             model = checkpoint.load(out_dir).model
         finally:

@@ -24,7 +24,6 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ptum import checkpoint
@@ -36,7 +35,7 @@ from ptum.finetune.baselines import (
 )
 from ptum.finetune.data import CtrTask, DemoTask, load_ctr, load_demo
 from ptum.finetune.train import CellOptions, run_ctr, run_demo
-from ptum.pretrain.data import file_digest, tokenizer_digest
+from ptum.pretrain.data import file_digest, read_tokens, tokenizer_digest
 from ptum.pretrain.id_vocab import item_table_digest
 
 __all__ = ["Cell", "CtrTask", "DemoTask", "SplitSpec", "load_ctr", "load_demo", "run_grid"]
@@ -125,7 +124,7 @@ def _init_worker(
     loader = load_demo if task == "demo" else load_ctr
     _STATE["task"] = loader(Path(prepared), Path(tokenized), max_len, ratios)
     # A hybrid checkpoint's item ids must index this token matrix (refused otherwise).
-    items = item_table_digest(np.load(Path(tokenized) / "tokens.npy"))
+    items = item_table_digest(read_tokens(Path(tokenized)))
     _STATE["models"] = {
         m: checkpoint.load(Path(d), item_table_sha256=items).model for m, d in ckpt_dirs.items()
     }

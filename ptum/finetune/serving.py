@@ -18,6 +18,7 @@ from ptum.finetune.grid import load_ctr, load_demo
 from ptum.finetune.stage import cell_options
 from ptum.finetune.train import run_ctr, run_demo
 from ptum.heads import CtrHead, DemoHead
+from ptum.pretrain.data import read_tokens
 from ptum.pretrain.id_vocab import item_table_digest
 
 
@@ -31,7 +32,7 @@ def train_serving_heads(
     seed: int,
 ) -> tuple[dict[str, tuple[DemoHead, list[str]]], CtrHead | None]:
     """Demo heads (one per label column) and the CTR head on frozen vectors of `ckpt`."""
-    items = item_table_digest(np.load(tokenized / "tokens.npy"))
+    items = item_table_digest(read_tokens(tokenized))
     model = checkpoint.load(ckpt, item_table_sha256=items).model
     # The exported CTR head is the paper's dot product (ctr_head.onnx takes user and candidate
     # vectors only); the "bias" head needs item ids and popularity that serving does not have.
