@@ -46,8 +46,9 @@ def main(argv: list[str] | None = None) -> None:
     ptum_flow.serve(
         name="full",
         cron=args.cron,
+        # The server holds the queue (no runner-side `limit`, under which waiting runs would sit
+        # Scheduled and turn Late): extra runs show as AwaitingConcurrencySlot.
         global_limit=ONE_AT_A_TIME,
-        limit=1,
         tags=["ptum"],
         description="The whole ptum pipeline (dvc.yaml) as one isolated DVC experiment.",
     )
