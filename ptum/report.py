@@ -136,6 +136,41 @@ def versus_baselines(res: dict) -> list[str]:
     return lines + [""]
 
 
+def learning_curves(histories: dict[str, Path], points: int = 6) -> list[str]:
+    """Held-out MBP / NBP accuracy at a few epochs of each pre-training run: has it converged?
+    The last column is the change over the last quarter of the epochs."""
+    rows = []
+    for arch, path in histories.items():
+        if not path.exists():
+            continue
+        h = json.loads(path.read_text())
+        if not h:
+            continue
+        n = len(h)
+        picks = sorted({round(i * (n - 1) / (points - 1)) for i in range(points)})
+        q = max(n - 1 - max(n // 4, 1), 0)
+        cells = [
+            f"{h[i]['epoch']}: {h[i].get('valid_mbp_acc', float('nan')):.2f} / "
+            f"{h[i].get('valid_nbp_acc', float('nan')):.2f}"
+            for i in picks
+        ]
+        delta = h[-1].get("valid_mbp_acc", float("nan")) - h[q].get("valid_mbp_acc", float("nan"))
+        rows.append(
+            f"| {MODEL_NAMES.get(arch, arch)} | " + " · ".join(cells) + f" | {100 * delta:+.1f} |"
+        )
+    if not rows:
+        return []
+    return [
+        "Learning curves (epoch: held-out MBP / NBP accuracy; last column: change of MBP "
+        "accuracy over the last quarter of the epochs, points; near 0 = converged):",
+        "",
+        "| model | curve | MBP change, last quarter |",
+        "|---|---|---|",
+        *rows,
+        "",
+    ]
+
+
 CLAIMS = {
     "C1": "fine-tuned beats scratch at the lowest label ratio",
     "C2": "the gain over scratch is larger at the lowest ratio than at the highest (interaction)",
@@ -263,6 +298,7 @@ def build(
                 f"{m.get('users_per_s', float('nan')):.0f} |"
             )
         lines.append("")
+        lines += learning_curves({a: p.with_name("history.json") for a, p in pretrain.items()})
     names = {
         "demo": (["acc", "macro_f1"], ["Acc.", "Macro-F"]),
         "ctr": (["auc", "ap"], ["AUC", "AP"]),
