@@ -64,10 +64,11 @@ def test_masked_behaviors_do_not_matter(encoder: nn.Module) -> None:
 def test_real_behaviors_do_matter(encoder: nn.Module) -> None:
     vecs, mask, positions, gaps = _users([3], 3)
     changed = vecs.clone()
-    changed[0, 2] += 1.0
-    assert not torch.allclose(
-        encoder(changed, mask, positions, gaps), encoder(vecs, mask, positions, gaps)
-    )
+    # A random direction, not a constant shift: a LayerNorm (BERT4Rec's residual stream) removes
+    # a shift added to every component exactly, and the test would hinge on float rounding.
+    changed[0, 2] += torch.randn(D, generator=torch.Generator().manual_seed(0))
+    diff = (encoder(changed, mask, positions, gaps) - encoder(vecs, mask, positions, gaps)).abs()
+    assert diff.max() > 1e-3
 
 
 def test_empty_user_is_finite(encoder: nn.Module) -> None:
