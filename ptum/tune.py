@@ -91,8 +91,11 @@ from tqdm import tqdm
 from ptum import checkpoint
 from ptum.finetune.grid import CtrTask, DemoTask, load_ctr, load_demo
 from ptum.finetune.train import CellOptions, run_ctr, run_demo
+from ptum.models.behavior import ID_MIN_COUNT
 from ptum.models.user_model import ModelConfig, UserModel
 from ptum.pretrain.data import Corpus, file_digest, load_corpus, tokenizer_digest
+from ptum.pretrain.id_vocab import IdVocab
+from ptum.pretrain.stage import corpus_id_vocab
 from ptum.pretrain.train import TrainOptions, pick_device, pretrain
 
 PRUNERS = ("median", "hyperband", "none")
@@ -175,22 +178,27 @@ class _Data:
     demo: DemoTask
     labels: list[str]
     ctr: CtrTask | None
+    id_vocab: IdVocab | None = None  # hybrid encoder: the corpus's item-id vocabulary
 
 
 def _load(s: TrialSetup) -> _Data:
     train = load_corpus(s.prepared, s.tokenized, "train", s.max_behaviors)
     valid = load_corpus(s.prepared, s.tokenized, "valid", s.max_behaviors)
     vocab_size = int(json.loads((s.tokenized / "report.json").read_text())["vocab_size"])
+    sizes = dict(s.model_sizes)
+    id_vocab = None
+    if s.behavior_encoder == "hybrid":  # as in the pretrain stage
+        id_vocab = corpus_id_vocab(s.prepared, train, sizes.get("id_min_count", ID_MIN_COUNT))
     config = ModelConfig.for_architecture(
         s.arch,
+        behavior_encoder=s.behavior_encoder,
         vocab_size=vocab_size,
         max_tokens=int(train.tokens.shape[1]),
         max_behaviors=s.max_behaviors,
         num_items=train.num_items + 1,
-        **dict(s.model_sizes),
+        id_vocab=id_vocab.size if id_vocab else 0,
+        **sizes,
     )
-    if s.behavior_encoder:
-        config = replace(config, behavior_encoder=s.behavior_encoder)
     if config.behavior_encoder == "id":
         # As in the pretrain stage: the id encoder reads the item id itself as its one "token".
         ids = torch.arange(train.num_items + 1).unsqueeze(1)
@@ -226,7 +234,7 @@ def _load(s: TrialSetup) -> _Data:
     ctr = None
     if s.multi_objective:
         ctr = load_ctr(s.prepared, s.tokenized, s.max_behaviors, [s.ratio])
-    return _Data(train, valid, config, meta, demo, labels, ctr)
+    return _Data(train, valid, config, meta, demo, labels, ctr, id_vocab)
 
 
 def _demo_value(
@@ -303,6 +311,7 @@ def _objective(d: _Data, s: TrialSetup) -> Callable[[optuna.Trial], float | tupl
                 log=lambda m: _log(f"trial {trial.number}: {m}"),
                 on_epoch=on_epoch,
                 progress=False,  # the study has its own bar
+                id_vocab=d.id_vocab,
             )
             model = checkpoint.load(out_dir).model
         finally:
