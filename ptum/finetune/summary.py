@@ -267,7 +267,8 @@ def versus_baselines(per_run: pl.DataFrame, cells: list[dict], metrics: list[str
                     "pretrained_mean": pre[key],
                     "scratch": scratch and scratch["model"],
                     "scratch_mean": scratch and scratch[key],
-                    "pretrained_below_baseline": pre[key] < base[key],
+                    # A tie (equal up to float rounding of the mean) is not a loss.
+                    "pretrained_below_baseline": pre[key] < base[key] - 1e-9,
                     "within_baseline_ci": base[f"{m}_ci_lo"] is not None
                     and pre[key] >= base[f"{m}_ci_lo"],
                     **({"p_ttest": t["p_ttest"], "mean_diff": t["mean_diff"]} if t else {}),
