@@ -318,7 +318,9 @@ def run_grid(
     )
 
     def key(c: Cell) -> str:
-        setup = [asdict(opts), demo_select, list(class_weights)] if c.mode != "baseline" else []
+        # Baselines depend on the selection metric (Demo) but not on the neural options.
+        neural = [asdict(opts), list(class_weights)] if c.mode != "baseline" else []
+        setup = [demo_select, *neural]
         blob = json.dumps(
             [asdict(c), setup, asdict(split), hashes.get(c.model, ""), data_hash, code_hash],
             sort_keys=True,

@@ -139,3 +139,29 @@ def test_demo_baselines_choose_on_validation_only(demo, name):
     b = run_demo_baseline(name, other, "gender", 1.0, select="macro_f1", seed=0)
     assert a["chosen"] == b["chosen"] and a["pred"]["pred"] == b["pred"]["pred"]
     assert a["pred"]["y"] != b["pred"]["y"]
+
+
+def test_a_baseline_cell_is_recomputed_when_the_selection_metric_changes(tiny_pipeline, tmp_path):
+    d = tiny_pipeline
+    kw = dict(
+        task="demo",
+        labels=["gender"],
+        models=[],
+        modes=[],
+        ratios=[1.0],
+        repeats=1,
+        seed=100,
+        opts=CellOptions(),
+        prepared=d / "prepared",
+        tokenized=d / "tokenized",
+        max_len=20,
+        ckpt_root=tmp_path,
+        cache_dir=tmp_path / "cache",
+        workers=1,
+    )
+    run_grid(demo_select="acc", **kw)
+    n = len(list((tmp_path / "cache").glob("*.json")))
+    run_grid(demo_select="acc", **kw)
+    assert len(list((tmp_path / "cache").glob("*.json"))) == n  # same key: cached
+    run_grid(demo_select="macro_f1", **kw)
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2 * n  # new key per cell
