@@ -319,8 +319,10 @@ def run_grid(
 
     def key(c: Cell) -> str:
         # Baselines depend on the selection metric (Demo) but not on the neural options.
-        neural = [asdict(opts), list(class_weights)] if c.mode != "baseline" else []
-        setup = [demo_select, *neural]
+        if c.mode == "baseline":
+            setup: list = [demo_select]
+        else:
+            setup = [asdict(opts), demo_select, list(class_weights)]
         blob = json.dumps(
             [asdict(c), setup, asdict(split), hashes.get(c.model, ""), data_hash, code_hash],
             sort_keys=True,
