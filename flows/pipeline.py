@@ -65,12 +65,13 @@ from prefect.runtime import flow_run
 from prefect.states import Cancelled
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from ptum import paths
 from ptum.config import load_params, parse_override
 from ptum.presets import QUICK
 
 ROOT = Path(__file__).resolve().parents[1]
-RESULTS_MD = Path("reports/results.md")
-LOG_DIR = Path("logs/flows")
+RESULTS_MD = paths.RESULTS_MD
+LOG_DIR = paths.FLOW_LOGS
 EXPERIMENT_RETRIES = 1
 RETRY_DELAY_S = 30
 ERROR_TAIL = 40  # stage output lines quoted in a failed stage's exception

@@ -14,12 +14,13 @@ import sys
 import time
 from pathlib import Path
 
+from ptum import paths
 from ptum.config import ConfigError, Params, load_params, to_dict
 from ptum.data.errors import DataError
 
-RAW = Path("data/raw")
-PREPARED = Path("data/prepared")
-TOKENIZED = Path("data/tokenized")
+RAW = paths.RAW
+PREPARED = paths.PREPARED
+TOKENIZED = paths.TOKENIZED
 
 
 def _ingest(p: Params, args: argparse.Namespace) -> dict:
@@ -66,9 +67,9 @@ def _tokenize(p: Params, args: argparse.Namespace) -> dict:
 
 def _pretrain(p: Params, args: argparse.Namespace) -> dict:
     arch = args.arch or p.pretrain.architectures[0]
-    out = args.out or Path("models/pretrain") / arch
+    out = args.out or paths.pretrain_model(arch)
     # With --out (a side experiment), its history/metrics go beside it, not over the stage's.
-    report = args.out / "reports" if args.out else Path("reports/pretrain") / arch
+    report = args.out / "reports" if args.out else paths.pretrain_report(arch)
     procs = args.nproc or p.pretrain.processes
     if procs > 1 and "WORLD_SIZE" not in os.environ:
         # Re-launch this very command under torchrun: one process per data-parallel rank.
@@ -101,7 +102,7 @@ def _pretrain(p: Params, args: argparse.Namespace) -> dict:
         max_behaviors=p.prepare.max_behaviors,
         out_dir=out,
         report_dir=report,
-        tuned_path=Path("reports/tune/best_params.json"),
+        tuned_path=paths.BEST_PARAMS,
     )
 
 
@@ -124,10 +125,10 @@ def _finetune(p: Params, args: argparse.Namespace) -> dict:
         prepared=args.input or PREPARED,
         tokenized=TOKENIZED,
         max_behaviors=p.prepare.max_behaviors,
-        ckpt_root=Path("models/pretrain"),
+        ckpt_root=paths.PRETRAIN_MODELS,
         split=_split_spec(p),
-        cache_dir=Path("models/finetune_cache") / task,
-        out=args.out or Path("reports/finetune") / f"{task}.json",
+        cache_dir=paths.finetune_cache(task),
+        out=args.out or paths.finetune_result(task),
     )
 
 
@@ -144,7 +145,7 @@ def _sensitivity(p: Params, args: argparse.Namespace) -> dict:
         ratio=s.ratio,
         repeats=s.repeats,
     )
-    reports = Path("reports")
+    reports = paths.REPORTS
     results = sens.run(
         p.pretrain,
         p.finetune,
@@ -152,9 +153,9 @@ def _sensitivity(p: Params, args: argparse.Namespace) -> dict:
         prepared=PREPARED,
         tokenized=TOKENIZED,
         max_behaviors=p.prepare.max_behaviors,
-        models_root=Path("models/sensitivity"),
-        main_ckpts=Path("models/pretrain"),
-        cache_dir=Path("models/finetune_cache/sensitivity"),
+        models_root=paths.SENSITIVITY_MODELS,
+        main_ckpts=paths.PRETRAIN_MODELS,
+        cache_dir=paths.SENSITIVITY_CACHE,
         reports=reports,
         split=_split_spec(p),
     )
@@ -167,15 +168,14 @@ def _sensitivity(p: Params, args: argparse.Namespace) -> dict:
 def _report(p: Params, args: argparse.Namespace) -> dict:
     from ptum.report import build
 
-    reports = Path("reports")
     text = build(
-        finetune={t: reports / "finetune" / f"{t}.json" for t in ("demo", "ctr")},
-        sensitivity=reports / "sensitivity.json",
-        pretrain={a: reports / "pretrain" / a / "metrics.json" for a in p.pretrain.architectures},
-        data_report=PREPARED / "report.json",
-        raw_manifest=RAW / "manifest.json",
+        finetune={t: paths.finetune_result(t) for t in paths.TASKS},
+        sensitivity=paths.SENSITIVITY_JSON,
+        pretrain={a: paths.pretrain_metrics(a) for a in p.pretrain.architectures},
+        data_report=paths.PREPARED_REPORT,
+        raw_manifest=paths.RAW_MANIFEST,
         params=to_dict(p),
-        out=args.out or reports / "results.md",
+        out=args.out or paths.RESULTS_MD,
     )
     return {"lines": text.count("\n")}
 
@@ -201,7 +201,7 @@ def _tune(p: Params, args: argparse.Namespace) -> dict:
         demo_select=p.finetune.demo_select,
         multi_objective=t.multi_objective,
         device=p.pretrain.device,
-        work_dir=Path("data/tune/trials"),
+        work_dir=paths.TUNE_TRIALS,
     )
     spec = StudySpec(
         storage=t.storage,
@@ -215,7 +215,7 @@ def _tune(p: Params, args: argparse.Namespace) -> dict:
         retry_killed=t.retry_killed,
         worker=args.worker,
     )
-    out = args.out or Path("reports/tune")
+    out = args.out or paths.TUNE_REPORTS
     summary = tune(
         setup=setup,
         spec=spec,
@@ -226,16 +226,13 @@ def _tune(p: Params, args: argparse.Namespace) -> dict:
     return {k: v for k, v in summary.items() if k != "pareto_front"}
 
 
-ONNX = Path("models/onnx")
-
-
 def _export(p: Params, args: argparse.Namespace) -> dict:
     from ptum.checkpoint import read_meta
     from ptum.export import export
 
     e = p.export
     arch = args.arch or p.pretrain.architectures[0]
-    ckpt = args.input or Path("models/pretrain") / arch
+    ckpt = args.input or paths.pretrain_model(arch)
     meta = read_meta(ckpt)
     demo_heads, ctr_head = None, None
     if e.heads:
@@ -257,9 +254,9 @@ def _export(p: Params, args: argparse.Namespace) -> dict:
     }
     return export(
         ckpt,
-        args.out or ONNX / arch,
+        args.out or paths.onnx_model(arch),
         opset=e.opset,
-        spm_model=TOKENIZED / "spm.model",
+        spm_model=paths.SPM_MODEL,
         data_version=e.data_version or meta.get("data_sha256", "unknown"),
         params=params,
         example_batch=e.example_batch,
@@ -283,8 +280,8 @@ def _embed(p: Params, args: argparse.Namespace) -> dict:
         src = found
     return embed(
         src,
-        args.model or ONNX / arch,
-        args.out or Path("data/embeddings") / f"{arch}.parquet",
+        args.model or paths.onnx_model(arch),
+        args.out or paths.embeddings(arch),
         batch_size=p.embed.batch_size,
         demo=p.embed.demo,
     )
@@ -316,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         s.add_argument(
             "--params",
             type=Path,
-            default=Path("params.yaml"),
+            default=paths.PARAMS,
             help="params file (default: params.yaml)",
         )
         s.add_argument(
@@ -332,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "finetune":
             s.add_argument(
                 "--task",
-                choices=["demo", "ctr"],
+                choices=paths.TASKS,
                 default=None,
                 help="downstream task (default: demo)",
             )
