@@ -130,15 +130,15 @@ def test_sequences_row_groups(tiny_pipeline, tmp_path, monkeypatch):
     existing DVC outputs keep their hashes."""
     import pyarrow.parquet as pq
 
-    import ptum.data.prepare as prep
+    from ptum.data.prepare import views
 
     opts = PrepareOptions(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2)
     small = tiny_pipeline / "prepared" / "sequences.parquet"
     seqs = pl.read_parquet(small)
-    assert seqs.height < prep.SEQUENCE_ROW_GROUP
+    assert seqs.height < views.SEQUENCE_ROW_GROUP
     seqs.write_parquet(tmp_path / "default.parquet")
     assert (tmp_path / "default.parquet").read_bytes() == small.read_bytes()
-    monkeypatch.setattr(prep, "SEQUENCE_ROW_GROUP", 50)
+    monkeypatch.setattr(views, "SEQUENCE_ROW_GROUP", 50)
     prepare(tiny_pipeline / "raw", tmp_path / "grouped", opts)
     grouped = tmp_path / "grouped" / "sequences.parquet"
     assert pq.ParquetFile(grouped).metadata.num_row_groups == -(-seqs.height // 50)
@@ -239,7 +239,7 @@ def _same_outputs(a, b) -> None:
 def test_chunked_prepare_equals_in_memory(tiny_pipeline, tmp_path, monkeypatch):
     """A log bigger than prepare.chunk_rows goes through in chunks of whole users and gives
     the very same tables and report as the in-memory path."""
-    import ptum.data.prepare as prep
+    from ptum.data.prepare import stage
 
     n = (
         pl.scan_parquet(tiny_pipeline / "raw" / "behaviors.parquet")
@@ -250,8 +250,8 @@ def test_chunked_prepare_equals_in_memory(tiny_pipeline, tmp_path, monkeypatch):
     base = dict(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2)
     prepare(tiny_pipeline / "raw", tmp_path / "whole", PrepareOptions(**base))
     seen = []
-    real = prep._chunked
-    monkeypatch.setattr(prep, "_chunked", lambda *a: seen.append(a[-1]) or real(*a))
+    real = stage.prepare_chunked
+    monkeypatch.setattr(stage, "prepare_chunked", lambda *a: seen.append(a[-1]) or real(*a))
     prepare(tiny_pipeline / "raw", tmp_path / "chunked", PrepareOptions(**base, chunk_rows=n // 5))
     assert seen == [6 if n % 5 else 5]
     _same_outputs(tmp_path / "whole", tmp_path / "chunked")
@@ -315,9 +315,9 @@ def test_chunked_bad_rows_first_line_and_quarantine(tmp_path):
 
 
 def test_kth_smallest_of_sorted_parts():
-    from ptum.data.prepare import _kth_smallest
+    from ptum.data.prepare.chunked import kth_smallest
 
     rng = np.random.default_rng(0)
     parts = [np.sort(rng.integers(-50, 50, size)) for size in (0, 1, 7, 30, 100)]
     merged = np.sort(np.concatenate(parts))
-    assert [_kth_smallest(parts, k) for k in range(len(merged))] == merged.tolist()
+    assert [kth_smallest(parts, k) for k in range(len(merged))] == merged.tolist()

@@ -1,0 +1,84 @@
+"""The data report (report.json): rows read = kept + dropped per reason for every table (the
+validation counts), then what the stage built: users, items, CTR windows, label splits and
+balance, the pre-training corpus."""
+
+from __future__ import annotations
+
+import polars as pl
+
+from ptum.data.prepare.in_memory import Core
+from ptum.data.prepare.options import PrepareOptions
+from ptum.data.prepare.splits import ratio_column
+
+
+def distribution(values: pl.Series) -> dict[str, float]:
+    """min, p10, p25, p50, p75, p90, mean and max of `values` ({} when empty)."""
+    if values.len() == 0:
+        return {}
+    q = {
+        f"p{int(p * 100)}": float(values.quantile(p, "nearest"))
+        for p in (0.1, 0.25, 0.5, 0.75, 0.9)
+    }
+    return {
+        "min": float(values.min()),
+        **q,
+        "mean": round(float(values.mean()), 3),
+        "max": float(values.max()),
+    }
+
+
+def complete_report(
+    report: dict,
+    core: Core,
+    outputs: dict[str, pl.DataFrame],
+    opts: PrepareOptions,
+) -> None:
+    """Add to `report` (the validation counts of each table) what the written `outputs`
+    (impressions, labels, users as in their files) hold; check that every table reconciles."""
+    imps_out, labels_out, users_out = (outputs[t] for t in ("impressions", "labels", "users"))
+    items, label_cols, before_test = core.items, core.label_cols, core.before_test
+    window_counts = dict(imps_out.group_by("window").len().iter_rows())
+    report["behaviors"].update(
+        users=users_out.height,
+        items=items.height,
+        items_from_behaviors=int((items["n_behaviors"] > 0).sum()),
+        behaviors_per_user=distribution(users_out["n_behaviors"]),
+        truncated_users=int((before_test["n_total"] > opts.max_behaviors).sum()),
+    )
+    report["impressions"].update(
+        windows={
+            "history_not_used": core.n_history,
+            **{k: int(v) for k, v in sorted(window_counts.items())},
+        },
+        click_rate={
+            w: round(float(imps_out.filter(pl.col("window") == w)["clicked"].mean() or 0), 4)
+            for w in ("train", "valid", "test")
+        },
+        subsets={ratio_column(r): int(imps_out[ratio_column(r)].sum()) for r in opts.label_ratios},
+    )
+    report["labels"].update(
+        label_columns=label_cols,
+        splits=_counts(labels_out, "split"),
+        subsets={
+            ratio_column(r): int(labels_out[ratio_column(r)].sum()) for r in opts.label_ratios
+        },
+        balance={c: _counts(labels_out, c) for c in label_cols},
+    )
+    split = users_out["pretrain_split"]
+    report["pretrain"] = {
+        "users": int(split.is_not_null().sum()),
+        "valid_users": int((split == "valid").sum()),
+        "behaviors_before_test": int(before_test["n_total"].sum()),
+    }
+    for t in ("behaviors", "labels", "impressions"):
+        r = report[t]
+        r["reconciles"] = r["rows_read"] == r["rows_kept"] + sum(r["rows_dropped"].values())
+        assert r["reconciles"], f"data report does not reconcile for {t}: {r}"
+
+
+def _counts(df: pl.DataFrame, column: str) -> dict[str, int]:
+    """Rows per value of `column`, keyed and sorted by the value as a string (null: 'None')."""
+    return {
+        str(k): int(v)
+        for k, v in sorted(df.group_by(column).len().iter_rows(), key=lambda kv: str(kv[0]))
+    }

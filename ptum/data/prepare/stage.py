@@ -1,0 +1,97 @@
+"""`prepare`: the whole stage. Validates and builds the items and sequences (in memory, or in
+chunks of whole users for a log over `chunk_rows`), then draws the splits and writes the outputs
+and the data report into a scratch directory that replaces `out_dir` only once complete."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from ptum.data import generic
+from ptum.data.errors import DataError
+from ptum.data.prepare.chunked import prepare_chunked
+from ptum.data.prepare.in_memory import Core, prepare_in_memory
+from ptum.data.prepare.options import PrepareOptions
+from ptum.data.prepare.report import complete_report
+from ptum.data.prepare.splits import shuffled_rank, split_impressions, split_labels
+
+
+def prepare(raw_dir: Path, out_dir: Path, opts: PrepareOptions) -> dict:
+    """Run the whole stage; returns the data report (also written to out_dir/report.json).
+
+    A behaviors table of at most `opts.chunk_rows` rows is processed in memory; a bigger one
+    streams through in chunks of whole users (`prepare_chunked`), with the same outputs.
+    """
+    paths = {t: generic.find_table(raw_dir, t) for t in ("behaviors", "labels", "impressions")}
+    if paths["behaviors"] is None:
+        raise DataError(raw_dir, None, "no behaviors table (behaviors.parquet or behaviors.tsv)")
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    report: dict = {}
+    n_chunks = max(1, math.ceil(_row_count(paths["behaviors"]) / opts.chunk_rows))
+    if n_chunks == 1:
+        core = prepare_in_memory(paths, tmp, opts, report)
+    else:
+        core = prepare_chunked(paths, tmp, opts, report, n_chunks)
+        shutil.rmtree(tmp / "chunks")
+    _finish(core, tmp, opts, report)
+    # Replace the previous output only once everything is written: no half-written outputs.
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return report
+
+
+def _row_count(path: Path) -> int:
+    """Rows of a Parquet file (from its metadata) or lines of a TSV file."""
+    if path.suffix == ".parquet":
+        return pl.scan_parquet(path).select(pl.len()).collect().item()
+    n = 0
+    with path.open("rb") as f:
+        while block := f.read(1 << 24):
+            n += block.count(b"\n")
+    return n
+
+
+def _finish(core: Core, tmp: Path, opts: PrepareOptions, report: dict) -> None:
+    """Splits, users.parquet, impressions.parquet, labels.parquet and the data report."""
+    imps_out = split_impressions(core.windowed, opts.ctr_valid_frac, opts.label_ratios, opts.seed)
+    imps_out = (
+        imps_out.sort("user_id", "timestamp", "line")
+        .drop("line")
+        .with_columns(pl.col("user_id").cast(pl.String))
+    )
+    imps_out.write_parquet(tmp / "impressions.parquet")
+
+    labels_out = split_labels(core.labels, opts.demo_split, opts.label_ratios, opts.seed)
+    labels_out.sort("user_id").write_parquet(tmp / "labels.parquet")
+
+    users_out = _users(core, opts)
+    users_out.write_parquet(tmp / "users.parquet")
+
+    outputs = {"impressions": imps_out, "labels": labels_out, "users": users_out}
+    complete_report(report, core, outputs, opts)
+    (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+
+
+def _users(core: Core, opts: PrepareOptions) -> pl.DataFrame:
+    """users.parquet: behaviors per user and the seeded pre-training train/valid split of the
+    users with at least 2 behaviors before their CTR-test window (null for the others)."""
+    eligible = core.before_test.filter(pl.col("n_total") >= 2)["user_id"].to_list()
+    rank = shuffled_rank(eligible, opts.seed + 1)
+    n_valid = int(round(opts.pretrain_valid_frac * len(eligible)))
+    pre_split = pl.DataFrame(
+        {"user_id": eligible, "pretrain_split": np.where(rank < n_valid, "valid", "train")},
+        schema={"user_id": pl.String, "pretrain_split": pl.String},
+    )
+    n_per_user = pl.DataFrame(
+        {"user_id": core.users, "n_behaviors": core.n_behaviors.astype(np.uint32)}
+    )
+    return n_per_user.join(pre_split, on="user_id", how="left", maintain_order="left")

@@ -1,0 +1,179 @@
+"""Validation of one table: row checks (from `generic.scan`), duplicates and unknown users; then
+either the first bad row raises a DataError or the bad rows go to the quarantine. Counts every
+row: rows read = kept + dropped per reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from ptum.data import generic
+from ptum.data.errors import DataError
+from ptum.data.prepare.options import PrepareOptions
+
+
+def _codes(s: pl.Series) -> tuple[np.ndarray, pl.Series]:
+    """(codes, distinct values) of a Categorical Series: the distinct non-null values sorted,
+    code = position in them; nulls get code -1.
+
+    Every later step (duplicates, item ids, user order) works on these integers; the strings
+    themselves are only touched once per distinct value.
+    """
+    distinct = s.unique().drop_nulls()
+    ids = distinct.to_physical().cast(pl.Int64).to_numpy()
+    values = distinct.cast(pl.String)
+    order = values.arg_sort().to_numpy()
+    null_id = int(ids.max()) + 1 if len(ids) else 0
+    rank = np.full(null_id + 1, -1, dtype=np.int32)  # int32: half the memory of int64
+    rank[ids[order]] = np.arange(len(order))
+    physical = s.to_physical().fill_null(null_id).to_numpy()
+    return rank[physical], values.gather(order).rename(s.name)
+
+
+def validate_table(
+    path: Path,
+    table: str,
+    opts: PrepareOptions,
+    quarantine_dir: Path,
+    known_users: pl.Enum | None = None,
+    good_columns: list[str] | None = None,
+) -> tuple[pl.DataFrame, dict, list[str], dict[str, tuple[np.ndarray, pl.Series]]]:
+    """Validate one whole table in memory. Raises or quarantines.
+
+    Returns (good rows sorted by line, counts, label columns, codes): codes maps user_id and
+    text to `_codes` of the good rows' values (text absent for labels). good_columns: the
+    columns of the good rows to return (default all), so a caller that only needs the codes
+    does not copy the strings.
+    """
+    lf, label_cols = generic.scan(path, table)
+    good, counts, bad, codes = check_rows(lf, path, table, known_users, good_columns)
+    settle(path, table, opts, quarantine_dir, [(counts, bad)])
+    if good.height == 0 and table != "impressions":
+        raise DataError(path, None, "no valid rows", "row" if path.suffix == ".parquet" else "line")
+    return good, counts, label_cols, codes
+
+
+def check_rows(
+    lf: pl.LazyFrame,
+    path: Path,
+    table: str,
+    known_users: pl.Enum | None = None,
+    good_columns: list[str] | None = None,
+) -> tuple[pl.DataFrame, dict, pl.DataFrame, dict[str, tuple[np.ndarray, pl.Series]]]:
+    """Flag the bad rows of `lf` (the output of `generic.scan`, or a chunk of it holding whole
+    users): row checks, duplicates, unknown users. Raises nothing.
+
+    Returns (good rows sorted by line, counts, bad rows sorted by line, codes); see validate_table.
+    """
+    schema = lf.collect_schema()
+    columns = schema.names()
+    # Long, repetitive strings held as Categorical (chunks from `chunked` come so already):
+    # a few bytes a row instead of the text, and hashed while streaming. Cast back to String
+    # wherever rows leave this function.
+    categorical = [c for c in ("user_id", "text") if c in columns]
+    df = lf.with_columns(
+        pl.col(c).cast(pl.Categorical) for c in categorical if schema[c] == pl.String
+    ).collect(engine="streaming")
+    as_string = [pl.col(c).cast(pl.String) for c in categorical]
+    user, users = _codes(df["user_id"])
+    coded = {"__user": user}
+    if table == "labels":
+        keys, dup_reason = ["__user"], "duplicate_user"
+    else:
+        keys, dup_reason = ["__user", "timestamp", "__text"], "duplicate_event"
+        coded["__text"], texts = _codes(df["text"])
+        if "source_item_id" in columns:
+            keys.append("source_item_id")
+    df = generic.mark_duplicates(df.with_columns(**coded), keys, dup_reason)
+    if known_users is not None:
+        # Looked up once per distinct user, not per row.
+        known_value = users.cast(known_users, strict=False).is_not_null().to_numpy()
+        known = pl.Series(np.append(known_value, False)[user])  # code -1 (null) -> last
+        df = df.with_columns(
+            reason=pl.when(pl.col("reason").is_null() & ~known)
+            .then(pl.lit("unknown_user"))
+            .otherwise(pl.col("reason"))
+        )
+    kept = df["reason"].null_count()
+    dropped = {str(k): int(v) for k, v in df["reason"].drop_nulls().value_counts().iter_rows()}
+    # Blank lines are not data rows: count them apart so rows_read means data rows.
+    blank = dropped.pop("blank_line", 0)
+    counts = {
+        "file": str(path),
+        "rows_read": kept + sum(dropped.values()),
+        "rows_kept": kept,
+        "rows_dropped": dropped,
+        "blank_lines_skipped": blank,
+    }
+    bad = df.filter(pl.col("reason").is_not_null() & (pl.col("reason") != "blank_line"))
+    bad = bad.select(columns).with_columns(as_string).sort("line")
+    keep = [c for c in good_columns or columns if c != "reason"]
+    good = (
+        df.select(*keep, *coded)
+        .filter(df["reason"].is_null())
+        .sort("line")
+        .with_columns(c for c in as_string if c.meta.output_name() in keep)
+    )
+    del df
+    # Re-code among the good rows only: codes 0..n-1 in sorted order of their values.
+    codes = {"user_id": _recode(good["__user"].to_numpy(), users)}
+    if table != "labels":
+        codes["text"] = _recode(good["__text"].to_numpy(), texts)
+    return good.drop(list(coded)), counts, bad, codes
+
+
+def settle(
+    path: Path,
+    table: str,
+    opts: PrepareOptions,
+    quarantine_dir: Path,
+    parts: list[tuple[dict, pl.DataFrame]],
+) -> dict:
+    """Counts and bad rows of a table's chunks -> the table's counts; raises a DataError at the
+    first bad row of the whole file (on_bad_rows=error) or writes them to the quarantine."""
+    counts = {
+        "file": str(path),
+        "rows_read": 0,
+        "rows_kept": 0,
+        "rows_dropped": {},
+        "blank_lines_skipped": 0,
+    }
+    for c, _ in parts:
+        for k in ("rows_read", "rows_kept", "blank_lines_skipped"):
+            counts[k] += c[k]
+        for reason, n in c["rows_dropped"].items():
+            counts["rows_dropped"][reason] = counts["rows_dropped"].get(reason, 0) + n
+    counts["rows_dropped"] = dict(sorted(counts["rows_dropped"].items()))
+    if counts["rows_dropped"]:
+        bad = pl.concat([b for _, b in parts if b.height]).sort("line")
+        if opts.on_bad_rows == "error":
+            generic.raise_first(bad, path, counts["rows_dropped"])
+        quarantine_dir.mkdir(parents=True, exist_ok=True)
+        bad.write_parquet(quarantine_dir / f"{table}.parquet")
+    return counts
+
+
+def _recode(codes: np.ndarray, values: pl.Series) -> tuple[np.ndarray, pl.Series]:
+    """Drop the values no code uses; renumber the codes densely, order kept."""
+    used = np.bincount(codes, minlength=len(values)) > 0
+    new = (np.cumsum(used) - 1).astype(np.int32)
+    return new[codes], values.filter(pl.Series(used))
+
+
+def no_table() -> dict:
+    return {"file": None, "rows_read": 0, "rows_kept": 0, "rows_dropped": {}}
+
+
+def read_labels(
+    path: Path | None, opts: PrepareOptions, qdir: Path, user_enum: pl.Enum, report: dict
+) -> tuple[pl.DataFrame, list[str]]:
+    """The valid labels (user_id, <label columns>) and the label columns."""
+    if path is None:
+        report["labels"] = no_table()
+        return pl.DataFrame(schema={"user_id": pl.String}), []
+    labels, report["labels"], label_cols, _ = validate_table(
+        path, "labels", opts, qdir, known_users=user_enum
+    )
+    return labels.drop("line"), label_cols
