@@ -58,6 +58,9 @@ class PrepareConfig:
     # error: stop at the first bad row with file:line and reason. quarantine: drop bad rows into
     # data/prepared/quarantine/ and count them per reason in the data report.
     on_bad_rows: Literal["error", "quarantine"] = "error"
+    # Exact duplicate events (same user, second and text): drop (and count them in the data
+    # report) or error (stop at the first, with file:line).
+    on_duplicates: Literal["drop", "error"] = "drop"
     # CTR time windows: global timestamp cut-offs (one for everyone). "per_user" (each user's
     # own last impressions) is refused by prepare: it puts other users' future in training.
     ctr_windows: Literal["global", "per_user"] = "global"

@@ -29,6 +29,9 @@ REQUIRED = {
     "impressions": ("user_id", "timestamp", "text", "clicked"),
 }
 OPTIONAL = {"behaviors": ("item_id",), "labels": (), "impressions": ("item_id",)}
+# A Parquet table that `ptum ingest` converted from a text file (ptum_tsv) keeps, in this
+# column, the line of that file each row came from: messages name that line.
+SOURCE_LINE = "source_line"
 REASONS = (
     "blank_line",
     "malformed_line",
@@ -71,70 +74,16 @@ def scan(path: Path, table: str) -> tuple[pl.LazyFrame, list[str]]:
     Returns the LazyFrame (columns: line, the table's columns, reason) and the label columns
     (for `labels`; empty otherwise). Missing required columns raise a DataError at once.
     Row-level problems that need the whole table (duplicates, unknown users) are added later by
-    the caller; this function flags what one row alone can tell.
+    the caller; this function flags what one row alone can tell. A Parquet table written by
+    `ptum ingest` from a text file may carry SOURCE_LINE (that file's line of each row): it is
+    kept, for messages.
     """
-    required = REQUIRED[table]
-    typed: set[str] = set()
     if path.suffix == ".parquet":
-        lf = pl.scan_parquet(path)
-        columns = list(lf.collect_schema().names())
-        unit_offset = 1  # row numbers are 1-based
-        missing = [c for c in required if c not in columns]
-        if missing:
-            raise DataError(path, None, f"missing column(s) {missing}; file has {columns}", "row")
-        schema = lf.collect_schema()
-        # Integer timestamp/clicked columns skip the string round trip below (same values).
-        typed = {
-            c for c in REQUIRED[table] if c in ("timestamp", "clicked") and schema[c].is_integer()
-        }
-        lf = (
-            lf.with_row_index("line", offset=unit_offset)
-            .with_columns(
-                pl.col(c).cast(pl.String)
-                for c in columns
-                if c not in typed and schema[c] != pl.String
-            )
-            .with_columns(pl.lit(None, dtype=pl.String).alias("__reason"))
-        )
+        lf, columns, typed = _scan_parquet(path, table)
     else:
-        columns = _tsv_header(path)
-        missing = [c for c in required if c not in columns]
-        if missing:
-            raise DataError(path, 1, f"missing column(s) {missing}; header has {columns}")
-        if len(set(columns)) != len(columns):
-            raise DataError(path, 1, f"duplicate column names in header {columns}")
-        # One string column per physical line keeps line numbers exact (blank lines included)
-        # and lets the split below find lines with the wrong number of fields.
-        raw = pl.scan_csv(
-            path,
-            has_header=False,
-            separator="\x1f",
-            quote_char=None,
-            schema={"__raw": pl.String},
-            encoding="utf8-lossy",
-            skip_rows=1,
-        ).with_row_index("line", offset=2)
-        fields = pl.col("__raw").str.split("\t")
-        lf = (
-            raw.with_columns(__fields=fields)
-            .with_columns(
-                pl.col("__fields").list.get(i, null_on_oob=True).alias(c)
-                for i, c in enumerate(columns)
-            )
-            .with_columns(
-                __reason=pl.when(
-                    pl.col("__raw").is_null() | (pl.col("__raw").str.strip_chars() == "")
-                )
-                .then(pl.lit("blank_line"))
-                .when(pl.col("__fields").list.len() != len(columns))
-                .then(pl.lit("malformed_line"))
-                .when(pl.col("__raw").str.contains(_REPLACEMENT, literal=True))
-                .then(pl.lit("bad_utf8"))
-            )
-            .drop("__raw", "__fields")
-        )
-
-    keep = [c for c in columns if c in required or c in OPTIONAL[table]]
+        lf, columns = _scan_tsv(path, table)
+        typed = set()
+    keep = [c for c in columns if c in REQUIRED[table] or c in OPTIONAL[table]]
     label_cols: list[str] = []
     if table == "labels":
         label_cols = [c for c in columns if c != "user_id"]
@@ -145,16 +94,85 @@ def scan(path: Path, table: str) -> tuple[pl.LazyFrame, list[str]]:
                 "labels table has no label column besides user_id",
             )
         keep = ["user_id", *label_cols]
-    lf = lf.select("line", *keep, "__reason")
-
+    extra = [SOURCE_LINE] if SOURCE_LINE in typed else []
+    lf = lf.select("line", *keep, *extra, "__reason")
     # Strip every string field once; the checks and the output values below read the result.
     lf = lf.with_columns(pl.col(c).str.strip_chars() for c in keep if c not in typed)
-    ts = pl.col("timestamp").cast(pl.Int64, strict=False) if "timestamp" in keep else None
-    reason = pl.col("__reason")
+    lf = lf.with_columns(reason=_row_reason(keep, typed)).drop("__reason")
+    return _typed(lf, keep, typed, label_cols), label_cols
+
+
+def _scan_parquet(path: Path, table: str) -> tuple[pl.LazyFrame, list[str], set[str]]:
+    """A Parquet table as string columns (integer timestamp/clicked/source line kept as they
+    are: `typed`), with `line` = 1-based row number and no reason yet."""
+    lf = pl.scan_parquet(path)
+    schema = lf.collect_schema()
+    columns = list(schema.names())
+    missing = [c for c in REQUIRED[table] if c not in columns]
+    if missing:
+        raise DataError(path, None, f"missing column(s) {missing}; file has {columns}", "row")
+    # Integer timestamp/clicked columns skip the string round trip below (same values).
+    typed = {
+        c
+        for c in (*REQUIRED[table], SOURCE_LINE)
+        if c in ("timestamp", "clicked", SOURCE_LINE) and c in columns and schema[c].is_integer()
+    }
+    lf = (
+        lf.with_row_index("line", offset=1)
+        .with_columns(
+            pl.col(c).cast(pl.String) for c in columns if c not in typed and schema[c] != pl.String
+        )
+        .with_columns(pl.lit(None, dtype=pl.String).alias("__reason"))
+    )
+    return lf, columns, typed
+
+
+def _scan_tsv(path: Path, table: str) -> tuple[pl.LazyFrame, list[str]]:
+    """A TSV table as string columns, `line` = 1-based line number, and a `__reason` for what
+    the line itself shows (blank, wrong field count, bad UTF-8)."""
+    columns = _tsv_header(path)
+    missing = [c for c in REQUIRED[table] if c not in columns]
+    if missing:
+        raise DataError(path, 1, f"missing column(s) {missing}; header has {columns}")
+    if len(set(columns)) != len(columns):
+        raise DataError(path, 1, f"duplicate column names in header {columns}")
+    # One string column per physical line keeps line numbers exact (blank lines included)
+    # and lets the split below find lines with the wrong number of fields.
+    raw = pl.scan_csv(
+        path,
+        has_header=False,
+        separator="\x1f",
+        quote_char=None,
+        schema={"__raw": pl.String},
+        encoding="utf8-lossy",
+        skip_rows=1,
+    ).with_row_index("line", offset=2)
+    fields = pl.col("__raw").str.split("\t")
+    lf = (
+        raw.with_columns(__fields=fields)
+        .with_columns(
+            pl.col("__fields").list.get(i, null_on_oob=True).alias(c) for i, c in enumerate(columns)
+        )
+        .with_columns(
+            __reason=pl.when(pl.col("__raw").is_null() | (pl.col("__raw").str.strip_chars() == ""))
+            .then(pl.lit("blank_line"))
+            .when(pl.col("__fields").list.len() != len(columns))
+            .then(pl.lit("malformed_line"))
+            .when(pl.col("__raw").str.contains(_REPLACEMENT, literal=True))
+            .then(pl.lit("bad_utf8"))
+        )
+        .drop("__raw", "__fields")
+    )
+    return lf, columns
+
+
+def _row_reason(keep: list[str], typed: set[str]) -> pl.Expr:
+    """The first problem of a row (null if none): the line's own, then the field checks."""
+    ts = pl.col("timestamp").cast(pl.Int64, strict=False)
     checks: list[tuple[pl.Expr, str]] = [
         (pl.col("user_id").is_null() | (pl.col("user_id") == ""), "missing_user"),
     ]
-    if ts is not None:
+    if "timestamp" in keep:
         checks.append((ts.is_null() | (ts < 0), "bad_timestamp"))
     if "text" in keep:
         checks.append((pl.col("text").is_null() | (pl.col("text") == ""), "empty_text"))
@@ -163,13 +181,18 @@ def scan(path: Path, table: str) -> tuple[pl.LazyFrame, list[str]]:
         checks.append(
             (~pl.col("clicked").is_in(valid) | pl.col("clicked").is_null(), "bad_clicked")
         )
+    reason = pl.col("__reason")
     for cond, name in checks:
         reason = pl.when(reason.is_null() & cond).then(pl.lit(name)).otherwise(reason)
-    lf = lf.with_columns(reason=reason).drop("__reason")
+    return reason
 
+
+def _typed(lf: pl.LazyFrame, keep: list[str], typed: set[str], label_cols: list[str]):
+    """Checked string fields -> their types: timestamp Int64, clicked Int8, empty label values
+    null, item_id renamed source_item_id."""
     casts = []
-    if ts is not None:
-        casts.append(ts)
+    if "timestamp" in keep:
+        casts.append(pl.col("timestamp").cast(pl.Int64, strict=False))
     if "clicked" in keep:
         casts.append(pl.col("clicked").cast(pl.Int8, strict=False))
     for c in label_cols:
@@ -178,7 +201,7 @@ def scan(path: Path, table: str) -> tuple[pl.LazyFrame, list[str]]:
         # The source's own id: kept only to tell apart same-second events with one text.
         casts.append(pl.col("item_id").alias("source_item_id"))
     out = lf.with_columns(casts) if casts else lf
-    return (out.drop("item_id") if "item_id" in keep else out), label_cols
+    return out.drop("item_id") if "item_id" in keep else out
 
 
 def mark_duplicates(df: pl.DataFrame, keys: list[str], reason: str) -> pl.DataFrame:
@@ -208,10 +231,27 @@ def mark_duplicates(df: pl.DataFrame, keys: list[str], reason: str) -> pl.DataFr
     )
 
 
-def raise_first(bad: pl.DataFrame, path: Path, total: dict[str, int]) -> None:
-    """Raise a DataError for the first bad row of `bad` (sorted by line), with the counts."""
+def locate(path: Path, row: dict, origin: Path | None = None) -> tuple[Path, int, str]:
+    """(file, line, unit) to name for a row of `path` read by `scan`: the file the user gave
+    (`origin`, default `path`) and the row's line in it (its SOURCE_LINE when the table was
+    converted from a text file), unit "line" for a text file, "row" for a Parquet row number."""
+    if row.get(SOURCE_LINE) is not None:
+        return origin or path, int(row[SOURCE_LINE]), "line"
+    return origin or path, int(row["line"]), "row" if path.suffix == ".parquet" else "line"
+
+
+def raise_first(
+    bad: pl.DataFrame,
+    path: Path,
+    total: dict[str, int],
+    *,
+    origin: Path | None = None,
+    advice: str = "set prepare.on_bad_rows=quarantine to drop and count them",
+) -> None:
+    """Raise a DataError for the first bad row of `bad` (rows of `path` as `scan` reads them),
+    with the counts per reason; it names `origin` (the file the user gave, default `path`)."""
     row = bad.sort("line").row(0, named=True)
-    unit = "row" if path.suffix == ".parquet" else "line"
+    file, line, unit = locate(path, row, origin)
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(total.items()))
     detail = {
         "blank_line": "blank line",
@@ -225,15 +265,45 @@ def raise_first(bad: pl.DataFrame, path: Path, total: dict[str, int]) -> None:
         "duplicate_user": f"user {row.get('user_id')!r} appears more than once",
         "unknown_user": f"user {row.get('user_id')!r} has no behaviors",
     }[row["reason"]]
-    excerpt = _excerpt(path, int(row["line"])) if unit == "line" else repr(row)
+    if path.suffix == ".parquet":
+        shown = {k: v for k, v in row.items() if k not in ("line", SOURCE_LINE, "reason")}
+        excerpt = _shorten(repr(shown))
+    else:
+        excerpt = _excerpt(path, line)
     raise DataError(
-        path,
-        int(row["line"]),
-        f"{detail} [{row['reason']}]: {excerpt} (bad rows in "
-        f"this file: {counts}; set prepare.on_bad_rows=quarantine to drop and count "
-        "them)",
+        file,
+        line,
+        f"{detail} [{row['reason']}]: {excerpt} (bad rows in this file: {counts}; {advice})",
         unit,
     )
+
+
+def raw_rows(path: Path, lines: list[int]) -> pl.Series:
+    """The rows of `path` at `lines` (sorted, as `scan` numbers them) exactly as stored: the
+    bytes of each line of a text file (without its newline), the JSON of each Parquet row
+    (values as written, before any check or cast). Binary, one entry per line."""
+    if path.suffix == ".parquet":
+        rows = (
+            pl.scan_parquet(path)
+            .with_row_index("__line", offset=1)
+            .filter(pl.col("__line").is_in(lines))
+            .sort("__line")
+            .drop("__line")
+            .select(pl.struct(pl.all()).struct.json_encode().cast(pl.Binary))
+            .collect()
+            .to_series()
+        )
+        return rows.rename("raw")
+    wanted, found = set(lines), {}
+    with path.open("rb") as f:
+        for n, raw in enumerate(f, start=1):
+            if n in wanted:
+                found[n] = raw.rstrip(b"\r\n")
+    return pl.Series("raw", [found.get(n, b"") for n in lines], dtype=pl.Binary)
+
+
+def _shorten(text: str, width: int = 200) -> str:
+    return text if len(text) <= width else text[:width] + "..."
 
 
 def _excerpt(path: Path, line: int, width: int = 120) -> str:

@@ -7,7 +7,9 @@
 - generic: copy the user's TSV/Parquet tables unchanged (so `prepare` reports true line numbers).
 - ptum_tsv: convert the original PTUM `behavior.tsv` layout into a generic behaviors table.
 
-A `manifest.json` records the source, its parameters and the SHA-256 of every output file.
+A `manifest.json` records the source, its parameters, the SHA-256 of every output file (prepare
+checks them) and, for a file copied or converted from the user's, that file (`origins`: prepare's
+messages name it and its lines).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import polars as pl
 
 from ptum.data import generic, movielens, synthetic
 from ptum.data.errors import DataError
+from ptum.data.generic import SOURCE_LINE
 from ptum.hashing import sha256_file
 
 PTUM_SEP = "#|NTABN|#"
@@ -27,7 +30,8 @@ PTUM_SEP = "#|NTABN|#"
 
 def read_ptum_tsv(path: Path) -> pl.DataFrame:
     """Original PTUM layout: user in column 0, texts joined by '#|NTABN|#' in column 2,
-    integer timestamps joined the same way in column 3. Returns generic behaviors."""
+    integer timestamps joined the same way in column 3. Returns generic behaviors, with the line
+    of `path` each came from (SOURCE_LINE) so that prepare's messages can name it."""
     users, stamps, texts, lines = [], [], [], []
     with path.open("rb") as f:
         for n, raw in enumerate(f, start=1):
@@ -61,8 +65,13 @@ def read_ptum_tsv(path: Path) -> pl.DataFrame:
             texts.extend(t)
             lines.extend([n] * len(t))
     return pl.DataFrame(
-        {"user_id": users, "timestamp": stamps, "text": texts},
-        schema={"user_id": pl.String, "timestamp": pl.Int64, "text": pl.String},
+        {"user_id": users, "timestamp": stamps, "text": texts, SOURCE_LINE: lines},
+        schema={
+            "user_id": pl.String,
+            "timestamp": pl.Int64,
+            "text": pl.String,
+            SOURCE_LINE: pl.Int64,
+        },
     )
 
 
@@ -107,6 +116,7 @@ def ingest(
                 src or "data.path", None, "ptum_tsv needs data.path = a behavior.tsv file"
             )
         frames = {"behaviors": read_ptum_tsv(src)}
+        info["origins"] = {"behaviors.parquet": str(src)}
     elif source == "generic":
         if src is None or not src.is_dir():
             raise DataError(
@@ -115,11 +125,12 @@ def ingest(
                 "generic needs data.path = a directory with "
                 "behaviors(.tsv|.parquet), optional labels and impressions",
             )
-        frames = {}
+        frames, info["origins"] = {}, {}
         for table in ("behaviors", "labels", "impressions"):
             found = generic.find_table(src, table)
             if found is not None:
                 shutil.copyfile(found, tmp / found.name)
+                info["origins"][found.name] = str(found)
         if generic.find_table(tmp, "behaviors") is None:
             raise DataError(src, None, "no behaviors.tsv or behaviors.parquet in this directory")
     else:

@@ -68,13 +68,13 @@ def test_good_tsv_round_trip(tmp_path):
         ("d\tten\ttext\n", 10, "bad_timestamp"),
         ("d\t-5\ttext\n", 10, "bad_timestamp"),
         ("\t10\ttext\n", 10, "missing_user"),
-        ("a\t100\tred apple pie\n", 10, "duplicate_event"),
+        ("a\t100\tred apple pie\n", 10, "duplicate_event"),  # with on_duplicates=error
     ],
 )
 def test_bad_behavior_rows_name_file_and_line(tmp_path, extra, line, reason):
     raw = _write(tmp_path, extra_lines=extra)
     with pytest.raises(DataError) as err:
-        _prepare(tmp_path, raw)
+        _prepare(tmp_path, raw, on_duplicates="error")
     assert err.value.path.endswith("behaviors.tsv")
     assert err.value.line == line
     assert f"[{reason}]" in str(err.value)
@@ -171,9 +171,9 @@ def test_ptum_tsv_layout(tmp_path):
     )
     df = read_ptum_tsv(f)
     assert df.rows() == [
-        ("u1", 100, "first title"),
-        ("u1", 200, "second title"),
-        ("u2", 50, "only one"),
+        ("u1", 100, "first title", 1),
+        ("u1", 200, "second title", 1),
+        ("u2", 50, "only one", 2),
     ]
     f.write_text(f"u1\tx\ta{sep}b\t100\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"behavior.tsv:1: 2 texts but 1 timestamps"):
@@ -220,3 +220,114 @@ def test_mark_duplicates_matches_a_hash_based_reference():
     eager = generic.mark_duplicates(df, keys, "duplicate_event").sort("line")
     assert eager.equals(lazy)
     assert (eager["reason"] == "duplicate_event").sum() > 0
+
+
+# ---------------------------------------------------------------- input handling
+
+
+def test_duplicate_events_are_dropped_and_counted_by_default(tmp_path):
+    """Double-logged events (same user, second and text) are dropped and counted, in behaviors
+    and impressions; the outputs equal those of the log without them."""
+    imps = [["a", 400, "ad one", 1], ["b", 500, "ad two", 0], ["c", 600, "ad one", 1]]
+    (tmp_path / "clean").mkdir()
+    (tmp_path / "doubled").mkdir()
+    clean = _write(tmp_path / "clean", impressions=imps)
+    doubled = _write(
+        tmp_path / "doubled",
+        behaviors=GOOD + [GOOD[0], GOOD[4], GOOD[4]],
+        impressions=imps + [imps[1]],
+    )
+    want = _prepare(tmp_path / "clean", clean)
+    got = _prepare(tmp_path / "doubled", doubled)
+    assert got["behaviors"]["rows_dropped"] == {"duplicate_event": 3}
+    assert got["impressions"]["rows_dropped"] == {"duplicate_event": 1}
+    assert got["behaviors"]["rows_kept"] == want["behaviors"]["rows_kept"] == len(GOOD)
+    assert got["behaviors"]["rows_read"] == len(GOOD) + 3
+    for name in ("items", "sequences", "users", "impressions"):
+        a = pl.read_parquet(tmp_path / "clean" / "prepared" / f"{name}.parquet")
+        b = pl.read_parquet(tmp_path / "doubled" / "prepared" / f"{name}.parquet")
+        assert a.equals(b), name
+    # Dropped, not quarantined: on_bad_rows=error writes no quarantine.
+    assert not (tmp_path / "doubled" / "prepared" / "quarantine").exists()
+
+
+@pytest.mark.parametrize("on_bad_rows", ["error", "quarantine"])
+def test_on_duplicates_error_stops_at_the_first_duplicate(tmp_path, on_bad_rows):
+    raw = _write(tmp_path, behaviors=GOOD + [GOOD[3]], extra_lines="e\tten\tx\n")
+    opts = dict(on_duplicates="error", on_bad_rows=on_bad_rows)
+    # Line 10 is the duplicate, line 11 a bad timestamp (quarantined in quarantine mode).
+    with pytest.raises(DataError, match=r"behaviors.tsv:10: duplicate event") as err:
+        _prepare(tmp_path, raw, **opts)
+    assert "set prepare.on_duplicates=drop" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_on_duplicates_is_checked():
+    with pytest.raises(ValueError, match="prepare.on_duplicates must be drop or error"):
+        PrepareOptions(on_duplicates="keep")
+
+
+def test_errors_name_the_file_the_user_gave(tmp_path):
+    """After `ptum ingest` of a generic directory, prepare's errors name the user's file (not
+    the copy under data/raw/) and its line."""
+    src = _write(tmp_path, extra_lines="a\t100\n")
+    ingest(source="generic", path=str(src), out_dir=tmp_path / "ingested")
+    with pytest.raises(DataError) as err:
+        _prepare(tmp_path, tmp_path / "ingested")
+    assert err.value.path == str(src / "behaviors.tsv") and err.value.line == 10
+    assert str(err.value).startswith(f"{src / 'behaviors.tsv'}:10: wrong number of")
+
+
+def test_ptum_tsv_errors_name_the_line_of_behavior_tsv(tmp_path):
+    """ptum_tsv is converted to Parquet at ingest; prepare's errors still name behavior.tsv and
+    its line (not a Parquet row number), and the report names it as the source."""
+    f = tmp_path / "behavior.tsv"
+    sep = "#|NTABN|#"
+    f.write_text(
+        f"u1\tx\tfirst{sep}second\t100{sep}200\nu2\tx\tone{sep} {sep}three\t50{sep}60{sep}70\n",
+        encoding="utf-8",
+    )
+    ingest(source="ptum_tsv", path=str(f), out_dir=tmp_path / "raw")
+    with pytest.raises(DataError) as err:
+        _prepare(tmp_path, tmp_path / "raw")
+    assert str(err.value).startswith(f"{f}:2: empty text [empty_text]")
+    report = _prepare(tmp_path, tmp_path / "raw", on_bad_rows="quarantine")
+    assert report["behaviors"]["source"] == str(f)
+    assert report["behaviors"]["rows_dropped"] == {"empty_text": 1}
+    q = pl.read_parquet(tmp_path / "prepared" / "quarantine" / "behaviors.parquet")
+    assert q["source_line"].to_list() == [2]
+
+
+def test_quarantine_keeps_the_raw_line_verbatim(tmp_path):
+    extra = b"d\t10\ne\tten\tx\nf\t11\tbad \xff bytes\n"
+    raw = _write(tmp_path, extra_lines=extra)
+    _prepare(tmp_path, raw, on_bad_rows="quarantine")
+    q = pl.read_parquet(tmp_path / "prepared" / "quarantine" / "behaviors.parquet")
+    assert q["line"].to_list() == [10, 11, 12]
+    assert q["reason"].to_list() == ["malformed_line", "bad_timestamp", "bad_utf8"]
+    assert q["raw"].to_list() == extra.rstrip(b"\n").split(b"\n")
+    # Parquet input: the row as it was stored, bad value included.
+    pq_raw = tmp_path / "pq"
+    pq_raw.mkdir()
+    pl.DataFrame(
+        {"user_id": ["a", "b"], "timestamp": ["1", "ten"], "text": ["x", "y"]}
+    ).write_parquet(pq_raw / "behaviors.parquet")
+    prepare(pq_raw, tmp_path / "pq_out", PrepareOptions(on_bad_rows="quarantine"))
+    q = pl.read_parquet(tmp_path / "pq_out" / "quarantine" / "behaviors.parquet")
+    assert json.loads(q["raw"][0]) == {"user_id": "b", "timestamp": "ten", "text": "y"}
+
+
+def test_a_very_long_text_is_kept_with_one_warning(tmp_path, capsys):
+    from ptum.data.prepare.validate import LONG_TEXT
+
+    long = "x" * (LONG_TEXT + 1)
+    rows = GOOD + [["c", 140, long], ["a", 150, long + "y"]]
+    raw = _write(tmp_path, behaviors=rows)
+    report = _prepare(tmp_path, raw)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert f"{raw / 'behaviors.tsv'}:10: 2 behaviors text(s) longer than 10,000" in err[0]
+    assert "kept unchanged" in err[0]
+    assert report["behaviors"]["long_texts"] == 2
+    items = pl.read_parquet(tmp_path / "prepared" / "items.parquet")
+    assert {long, long + "y"} <= set(items["text"])

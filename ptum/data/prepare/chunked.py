@@ -23,13 +23,20 @@ import polars as pl
 from polars.io.plugins import register_io_source
 
 from ptum.data import generic
-from ptum.data.errors import DataError
 from ptum.data.prepare import views
 from ptum.data.prepare.in_memory import Core
 from ptum.data.prepare.items import NO_IMPRESSIONS, ctr_columns, item_table
 from ptum.data.prepare.options import PrepareOptions
+from ptum.data.prepare.sources import Source
 from ptum.data.prepare.splits import WINDOW_ORDER, global_cutoffs, global_windows, user_cut
-from ptum.data.prepare.validate import check_rows, no_table, read_labels, settle
+from ptum.data.prepare.validate import (
+    check_rows,
+    keep_bad,
+    no_table,
+    no_valid_rows,
+    read_labels,
+    settle,
+)
 
 
 @dataclass
@@ -45,7 +52,7 @@ class _Chunks:
 
 
 def prepare_chunked(
-    paths: dict[str, Path | None], tmp: Path, opts: PrepareOptions, report: dict, n_chunks: int
+    sources: dict[str, Source | None], tmp: Path, opts: PrepareOptions, report: dict, n_chunks: int
 ) -> Core:
     """`prepare_in_memory`'s outputs, holding about 1/n_chunks of the behaviors at a time (see
     the module docstring). Writes items.parquet and sequences.parquet into `tmp`; its scratch
@@ -56,30 +63,35 @@ def prepare_chunked(
         print(f"prepare: {n_chunks} chunks of whole users: {step}", file=sys.stderr, flush=True)
 
     say("splitting behaviors and impressions by user range")
-    ranges = _user_ranges(paths["behaviors"], n_chunks)
+    ranges = _user_ranges(sources["behaviors"].path, n_chunks)
     # The chunk files' user_id and text codes: a mapping of this run's own, kept alive by
     # `codes_in_use` until every chunk is validated.
     categorical = pl.Categorical(pl.Categories.random())
     codes_in_use = pl.Series(dtype=categorical)
     beh_chunks = _partition(
-        paths["behaviors"], "behaviors", ranges, work / "behaviors", n_chunks, categorical
+        sources["behaviors"].path, "behaviors", ranges, work / "behaviors", n_chunks, categorical
     )
     imp_chunks = (
         _partition(
-            paths["impressions"], "impressions", ranges, work / "impressions", n_chunks, categorical
+            sources["impressions"].path,
+            "impressions",
+            ranges,
+            work / "impressions",
+            n_chunks,
+            categorical,
         )
-        if paths["impressions"] is not None
+        if sources["impressions"] is not None
         else [None] * n_chunks
     )
     say("validating")
-    chunks = _validate_behaviors(beh_chunks, paths["behaviors"], work, opts, qdir, report)
+    chunks = _validate_behaviors(beh_chunks, sources["behaviors"], work, opts, qdir, report)
     users = pl.concat(chunks.users_of)  # consecutive ranges of sorted ids: still sorted
     user_enum = pl.Enum(users)
     imp_texts, stamps = _validate_impressions(
-        imp_chunks, paths["impressions"], chunks, opts, qdir, report
+        imp_chunks, sources["impressions"], chunks, opts, qdir, report
     )
     del codes_in_use
-    labels, label_cols = read_labels(paths["labels"], opts, qdir, user_enum, report)
+    labels, label_cols = read_labels(sources["labels"], opts, qdir, user_enum, report)
 
     texts = pl.DataFrame(
         {"text": pl.concat(chunks.texts_of), "n": np.concatenate(chunks.text_counts)}
@@ -122,14 +134,9 @@ def prepare_chunked(
     )
 
 
-def _keep_bad(bad: pl.DataFrame, opts: PrepareOptions) -> pl.DataFrame:
-    """The bad rows of a chunk worth keeping: all to quarantine them, else the first one."""
-    return bad if opts.on_bad_rows == "quarantine" else bad.head(1)
-
-
 def _validate_behaviors(
     beh_chunks: list[pl.LazyFrame | None],
-    path: Path,
+    source: Source,
     work: Path,
     opts: PrepareOptions,
     qdir: Path,
@@ -146,7 +153,7 @@ def _validate_behaviors(
             chunks.text_counts.append(np.zeros(0, dtype=np.int64))
             continue
         good, counts, bad, codes = check_rows(
-            chunk, path, "behaviors", good_columns=["line", "timestamp"]
+            chunk, source, "behaviors", good_columns=["line", "timestamp"]
         )
         (user_codes, users_c), (text_codes, texts_c) = codes["user_id"], codes["text"]
         # Time-ordered per user (see views.timelines), once here rather than once per view.
@@ -160,17 +167,17 @@ def _validate_behaviors(
         chunks.n_behaviors.append(np.bincount(user_codes, minlength=len(users_c)))
         chunks.texts_of.append(texts_c)
         chunks.text_counts.append(np.bincount(text_codes, minlength=len(texts_c)))
-        parts.append((counts, _keep_bad(bad, opts)))
+        parts.append((counts, keep_bad(bad, opts)))
         del good, codes, user_codes, text_codes
-    report["behaviors"] = settle(path, "behaviors", opts, qdir, parts)
+    report["behaviors"] = settle(source, "behaviors", opts, qdir, parts)
     if report["behaviors"]["rows_kept"] == 0:
-        raise DataError(path, None, "no valid rows", "row" if path.suffix == ".parquet" else "line")
+        raise no_valid_rows(source)
     return chunks
 
 
 def _validate_impressions(
     imp_chunks: list[pl.LazyFrame | None],
-    path: Path | None,
+    source: Source | None,
     chunks: _Chunks,
     opts: PrepareOptions,
     qdir: Path,
@@ -185,16 +192,16 @@ def _validate_impressions(
         if chunk is None:
             continue
         good, counts, bad, codes = check_rows(
-            chunk, path, "impressions", known_users=pl.Enum(chunks.users_of[c])
+            chunk, source, "impressions", known_users=pl.Enum(chunks.users_of[c])
         )
         good.write_parquet(work / f"impressions_{c}.parquet", compression="lz4")
         np.save(work / f"timestamps_{c}.npy", np.sort(good["timestamp"].to_numpy()))
         stamps.append(work / f"timestamps_{c}.npy")
         imp_texts.append(codes["text"][1])
-        parts.append((counts, _keep_bad(bad, opts)))
+        parts.append((counts, keep_bad(bad, opts)))
         del good, codes
     report["impressions"] = (
-        settle(path, "impressions", opts, qdir, parts) if path is not None else no_table()
+        settle(source, "impressions", opts, qdir, parts) if source is not None else no_table()
     )
     return pl.concat(imp_texts), stamps
 

@@ -12,6 +12,7 @@ class PrepareOptions:
 
     max_behaviors: int = 100
     on_bad_rows: str = "error"
+    on_duplicates: str = "drop"
     ctr_windows: str = "global"
     ctr_train_frac: float = 0.1
     ctr_test_frac: float = 0.1
@@ -25,6 +26,14 @@ class PrepareOptions:
     def __post_init__(self) -> None:
         if self.max_behaviors < 2:
             raise ValueError("prepare.max_behaviors must be >= 2")
+        if self.on_bad_rows not in ("error", "quarantine"):
+            raise ValueError(
+                f"prepare.on_bad_rows must be error or quarantine, got {self.on_bad_rows!r}"
+            )
+        if self.on_duplicates not in ("drop", "error"):
+            raise ValueError(
+                f"prepare.on_duplicates must be drop or error, got {self.on_duplicates!r}"
+            )
         if self.chunk_rows < 1:
             raise ValueError(f"prepare.chunk_rows must be >= 1, got {self.chunk_rows}")
         if self.ctr_windows != "global":

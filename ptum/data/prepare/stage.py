@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ptum.data import generic
-from ptum.data.errors import DataError
 from ptum.data.prepare.chunked import prepare_chunked
 from ptum.data.prepare.in_memory import Core, prepare_in_memory
 from ptum.data.prepare.options import PrepareOptions
 from ptum.data.prepare.report import complete_report
+from ptum.data.prepare.sources import find_sources
 from ptum.data.prepare.splits import shuffled_rank, split_impressions, split_labels
 
 
@@ -27,19 +26,17 @@ def prepare(raw_dir: Path, out_dir: Path, opts: PrepareOptions) -> dict:
     A behaviors table of at most `opts.chunk_rows` rows is processed in memory; a bigger one
     streams through in chunks of whole users (`prepare_chunked`), with the same outputs.
     """
-    paths = {t: generic.find_table(raw_dir, t) for t in ("behaviors", "labels", "impressions")}
-    if paths["behaviors"] is None:
-        raise DataError(raw_dir, None, "no behaviors table (behaviors.parquet or behaviors.tsv)")
+    sources = find_sources(raw_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     report: dict = {}
-    n_chunks = max(1, math.ceil(_row_count(paths["behaviors"]) / opts.chunk_rows))
+    n_chunks = max(1, math.ceil(_row_count(sources["behaviors"].path) / opts.chunk_rows))
     if n_chunks == 1:
-        core = prepare_in_memory(paths, tmp, opts, report)
+        core = prepare_in_memory(sources, tmp, opts, report)
     else:
-        core = prepare_chunked(paths, tmp, opts, report, n_chunks)
+        core = prepare_chunked(sources, tmp, opts, report, n_chunks)
         shutil.rmtree(tmp / "chunks")
     _finish(core, tmp, opts, report)
     # Replace the previous output only once everything is written: no half-written outputs.

@@ -1,9 +1,15 @@
 """Validation of one table: row checks (from `generic.scan`), duplicates and unknown users; then
 either the first bad row raises a DataError or the bad rows go to the quarantine. Counts every
-row: rows read = kept + dropped per reason."""
+row: rows read = kept + dropped per reason.
+
+Exact duplicate events (same user, second and text; `duplicate_event`) are dropped and counted
+by default (`on_duplicates=drop`): double-logged events are common in real logs. Texts longer
+than LONG_TEXT characters are kept unchanged, with one warning line per table.
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +18,13 @@ import polars as pl
 from ptum.data import generic
 from ptum.data.errors import DataError
 from ptum.data.prepare.options import PrepareOptions
+from ptum.data.prepare.sources import Source
+
+# Characters. A longer text is kept as it is (tokenize reads only its first max_tokens tokens;
+# truncating would merge two long texts with one beginning into one item) but warned about:
+# it is most likely a field separator missing in the source.
+LONG_TEXT = 10_000
+DUPLICATE = "duplicate_event"
 
 
 def _codes(s: pl.Series) -> tuple[np.ndarray, pl.Series]:
@@ -33,7 +46,7 @@ def _codes(s: pl.Series) -> tuple[np.ndarray, pl.Series]:
 
 
 def validate_table(
-    path: Path,
+    source: Source,
     table: str,
     opts: PrepareOptions,
     quarantine_dir: Path,
@@ -47,17 +60,23 @@ def validate_table(
     columns of the good rows to return (default all), so a caller that only needs the codes
     does not copy the strings.
     """
-    lf, label_cols = generic.scan(path, table)
-    good, counts, bad, codes = check_rows(lf, path, table, known_users, good_columns)
-    settle(path, table, opts, quarantine_dir, [(counts, bad)])
+    lf, label_cols = generic.scan(source.path, table)
+    good, counts, bad, codes = check_rows(lf, source, table, known_users, good_columns)
+    counts = settle(source, table, opts, quarantine_dir, [(counts, bad)])
     if good.height == 0 and table != "impressions":
-        raise DataError(path, None, "no valid rows", "row" if path.suffix == ".parquet" else "line")
+        raise no_valid_rows(source)
     return good, counts, label_cols, codes
+
+
+def no_valid_rows(source: Source) -> DataError:
+    """The error for a table without a single valid row."""
+    unit = "row" if source.origin.suffix == ".parquet" else "line"
+    return DataError(source.origin, None, "no valid rows", unit)
 
 
 def check_rows(
     lf: pl.LazyFrame,
-    path: Path,
+    source: Source,
     table: str,
     known_users: pl.Enum | None = None,
     good_columns: list[str] | None = None,
@@ -82,7 +101,7 @@ def check_rows(
     if table == "labels":
         keys, dup_reason = ["__user"], "duplicate_user"
     else:
-        keys, dup_reason = ["__user", "timestamp", "__text"], "duplicate_event"
+        keys, dup_reason = ["__user", "timestamp", "__text"], DUPLICATE
         coded["__text"], texts = _codes(df["text"])
         if "source_item_id" in columns:
             keys.append("source_item_id")
@@ -96,17 +115,9 @@ def check_rows(
             .then(pl.lit("unknown_user"))
             .otherwise(pl.col("reason"))
         )
-    kept = df["reason"].null_count()
-    dropped = {str(k): int(v) for k, v in df["reason"].drop_nulls().value_counts().iter_rows()}
-    # Blank lines are not data rows: count them apart so rows_read means data rows.
-    blank = dropped.pop("blank_line", 0)
-    counts = {
-        "file": str(path),
-        "rows_read": kept + sum(dropped.values()),
-        "rows_kept": kept,
-        "rows_dropped": dropped,
-        "blank_lines_skipped": blank,
-    }
+    counts = _counts(df, source)
+    if table != "labels":
+        counts["long"] = _long_texts(df, texts)
     bad = df.filter(pl.col("reason").is_not_null() & (pl.col("reason") != "blank_line"))
     bad = bad.select(columns).with_columns(as_string).sort("line")
     keep = [c for c in good_columns or columns if c != "reason"]
@@ -124,17 +135,55 @@ def check_rows(
     return good.drop(list(coded)), counts, bad, codes
 
 
+def _counts(df: pl.DataFrame, source: Source) -> dict:
+    """Rows read, kept and dropped per reason of checked rows (`reason` null: kept)."""
+    kept = df["reason"].null_count()
+    dropped = {str(k): int(v) for k, v in df["reason"].drop_nulls().value_counts().iter_rows()}
+    # Blank lines are not data rows: count them apart so rows_read means data rows.
+    blank = dropped.pop("blank_line", 0)
+    counts = {
+        "file": str(source.path),
+        "rows_read": kept + sum(dropped.values()),
+        "rows_kept": kept,
+        "rows_dropped": dropped,
+        "blank_lines_skipped": blank,
+    }
+    if source.origin != source.path:
+        counts["source"] = str(source.origin)
+    return counts
+
+
+def _long_texts(df: pl.DataFrame, texts: pl.Series) -> tuple[int, dict | None, int]:
+    """(kept rows whose text is over LONG_TEXT characters, the first of them, the longest
+    length) of checked rows; `__text` codes the text as a position in `texts`."""
+    lengths = texts.str.len_chars().to_numpy()
+    if not len(lengths) or lengths.max() <= LONG_TEXT:
+        return 0, None, 0
+    code = df["__text"].to_numpy()
+    is_long = (code >= 0) & (lengths[np.maximum(code, 0)] > LONG_TEXT)
+    rows = df.filter(pl.Series(is_long) & pl.col("reason").is_null())
+    if rows.height == 0:
+        return 0, None, 0
+    where = [c for c in ("line", generic.SOURCE_LINE) if c in rows.columns]
+    first = rows.select(where).sort("line").row(0, named=True)
+    return rows.height, first, int(lengths[code[is_long]].max())
+
+
 def settle(
-    path: Path,
+    source: Source,
     table: str,
     opts: PrepareOptions,
     quarantine_dir: Path,
     parts: list[tuple[dict, pl.DataFrame]],
 ) -> dict:
-    """Counts and bad rows of a table's chunks -> the table's counts; raises a DataError at the
-    first bad row of the whole file (on_bad_rows=error) or writes them to the quarantine."""
+    """Counts and bad rows of a table's chunks (from check_rows) -> the table's counts.
+
+    Raises a DataError at the first bad row of the whole file (on_bad_rows=error; duplicate
+    events only with on_duplicates=error) or writes the bad rows to the quarantine, each with
+    its raw line. Warns (one line) about texts longer than LONG_TEXT characters.
+    """
     counts = {
-        "file": str(path),
+        "file": str(source.path),
         "rows_read": 0,
         "rows_kept": 0,
         "rows_dropped": {},
@@ -146,13 +195,60 @@ def settle(
         for reason, n in c["rows_dropped"].items():
             counts["rows_dropped"][reason] = counts["rows_dropped"].get(reason, 0) + n
     counts["rows_dropped"] = dict(sorted(counts["rows_dropped"].items()))
+    if source.origin != source.path:
+        counts["source"] = str(source.origin)
+    if table != "labels":
+        counts["long_texts"] = _warn_long(source, table, [c["long"] for c, _ in parts])
     if counts["rows_dropped"]:
         bad = pl.concat([b for _, b in parts if b.height]).sort("line")
-        if opts.on_bad_rows == "error":
-            generic.raise_first(bad, path, counts["rows_dropped"])
-        quarantine_dir.mkdir(parents=True, exist_ok=True)
-        bad.write_parquet(quarantine_dir / f"{table}.parquet")
+        _raise_if_strict(source, bad, counts["rows_dropped"], opts)
+        if opts.on_bad_rows == "quarantine":
+            raw = generic.raw_rows(source.path, bad["line"].to_list())
+            quarantine_dir.mkdir(parents=True, exist_ok=True)
+            bad.with_columns(raw).write_parquet(quarantine_dir / f"{table}.parquet")
     return counts
+
+
+def _raise_if_strict(source: Source, bad: pl.DataFrame, total: dict, opts: PrepareOptions) -> None:
+    """Raise for the first of the bad rows (sorted by line) the options do not let through:
+    every one with on_bad_rows=error, except duplicate events unless on_duplicates=error."""
+    dup = bad["reason"] == DUPLICATE
+    strict = pl.Series([opts.on_bad_rows == "error"] * bad.height, dtype=pl.Boolean)
+    strict = (strict & ~dup) | (dup & (opts.on_duplicates == "error"))
+    if not strict.any():
+        return
+    first = bad.filter(strict).head(1)
+    advice = (
+        "set prepare.on_duplicates=drop to drop and count them"
+        if first["reason"][0] == DUPLICATE
+        else "set prepare.on_bad_rows=quarantine to drop and count them"
+    )
+    generic.raise_first(first, source.path, total, origin=source.origin, advice=advice)
+
+
+def _warn_long(source: Source, table: str, parts: list[tuple[int, dict | None, int]]) -> int:
+    """Print one warning line for a table's texts over LONG_TEXT characters; their count."""
+    n = sum(p[0] for p in parts)
+    if n:
+        first = min((p[1] for p in parts if p[1] is not None), key=lambda r: r["line"])
+        longest = max(p[2] for p in parts)
+        print(
+            f"prepare: warning: {source.where(first)}: {n} {table} text(s) longer than "
+            f"{LONG_TEXT:,} characters (longest {longest:,}), kept unchanged (tokenize reads "
+            "only their first tokenize.max_tokens tokens); a missing field separator?",
+            file=sys.stderr,
+            flush=True,
+        )
+    return n
+
+
+def keep_bad(bad: pl.DataFrame, opts: PrepareOptions) -> pl.DataFrame:
+    """The bad rows of a chunk that `settle` may need: all of them to quarantine them, else the
+    first duplicate event and the first other bad row."""
+    if opts.on_bad_rows == "quarantine":
+        return bad
+    dup = pl.col("reason") == DUPLICATE
+    return pl.concat([bad.filter(dup).head(1), bad.filter(~dup).head(1)]).sort("line")
 
 
 def _recode(codes: np.ndarray, values: pl.Series) -> tuple[np.ndarray, pl.Series]:
@@ -167,13 +263,13 @@ def no_table() -> dict:
 
 
 def read_labels(
-    path: Path | None, opts: PrepareOptions, qdir: Path, user_enum: pl.Enum, report: dict
+    source: Source | None, opts: PrepareOptions, qdir: Path, user_enum: pl.Enum, report: dict
 ) -> tuple[pl.DataFrame, list[str]]:
     """The valid labels (user_id, <label columns>) and the label columns."""
-    if path is None:
+    if source is None:
         report["labels"] = no_table()
         return pl.DataFrame(schema={"user_id": pl.String}), []
     labels, report["labels"], label_cols, _ = validate_table(
-        path, "labels", opts, qdir, known_users=user_enum
+        source, "labels", opts, qdir, known_users=user_enum
     )
     return labels.drop("line"), label_cols
