@@ -13,8 +13,8 @@ serving layout, and on a shared machine multi-threaded OpenMP (torch) collapses 
 load, which would flatter onnxruntime. Batch-1 calls are timed round-robin so background load
 hits the engines alike (batch-256 calls one engine after another, for memory); warm-up is 10
 calls at batch 1 and 1 at batch 256 per engine; torch runs under torch.inference_mode. The ONNX model is written by
-`ptum.export.export`, the same path `ptum export` takes: by default the folded serving graph
-(`ptum.export.serving_model`: embedding x qkv and attention-out x pooling multiplied out) at
+`ptum.serving.export.export`, the same path `ptum export` takes: by default the folded serving graph
+(`ptum.serving.fold.serving_model`: embedding x qkv and attention-out x pooling multiplied out) at
 params.yaml's opset, where (>= 23) each self-attention is one ONNX Attention node; --opset 18
 gives the graphs without it. Rows:
     torch eager              the model as trained, the baseline of the "x torch" column
@@ -46,8 +46,11 @@ sys.path.insert(0, str(ROOT))
 
 from ptum import checkpoint  # noqa: E402
 from ptum.config import load_params, to_dict  # noqa: E402
-from ptum.export import example_inputs, export, file_sha256, serving_model  # noqa: E402
+from ptum.hashing import sha256_file as file_sha256  # noqa: E402
 from ptum.models.user_model import ModelConfig, UserModel  # noqa: E402
+from ptum.serving.export import export  # noqa: E402
+from ptum.serving.fold import serving_model  # noqa: E402
+from ptum.serving.parity import example_inputs  # noqa: E402
 
 
 def configs() -> dict[str, ModelConfig]:

@@ -11,7 +11,7 @@ import polars as pl
 import pytest
 
 from ptum import cli
-from ptum.embed import embed
+from ptum.serving.embed import embed
 
 
 @pytest.mark.slow

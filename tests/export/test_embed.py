@@ -14,11 +14,12 @@ import sentencepiece as spm
 import torch
 
 from ptum.data.errors import DataError
-from ptum.embed import embed, gap_buckets, read_behaviors, text_ids, user_sequences
 from ptum.models.behavior import UNKNOWN_ROW
 from ptum.models.layers import time_gap_bucket
 from ptum.pretrain.data import load_corpus, recency_positions
 from ptum.pretrain.id_vocab import item_texts
+from ptum.serving.embed import embed
+from ptum.serving.sequences import gap_buckets, read_behaviors, text_ids, user_sequences
 from ptum.tokenize import encode
 from tests.conftest import write_tsv
 from tests.export.conftest import AGE_CLASSES, MAX_BEHAVIORS
@@ -26,8 +27,9 @@ from tests.export.conftest import AGE_CLASSES, MAX_BEHAVIORS
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_embed_imports_no_torch() -> None:
-    code = "import ptum.embed, sys; assert 'torch' not in sys.modules, 'torch was imported'"
+@pytest.mark.parametrize("module", ["ptum.serving.embed", "ptum.embed"])
+def test_embed_imports_no_torch(module: str) -> None:
+    code = f"import {module}, sys; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
 
 

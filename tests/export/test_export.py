@@ -18,22 +18,15 @@ import torch
 
 from ptum.checkpoint import CheckpointMismatch
 from ptum.config import ExportConfig
-from ptum.export import (
-    ATTENTION_OPSET,
-    USER_INPUTS,
-    FoldedSelfAttnEncoder,
-    example_inputs,
-    export,
-    export_head,
-    file_sha256,
-    serving_ids,
-    serving_model,
-    static_lengths,
-    user_inputs,
-)
+from ptum.hashing import sha256_file as file_sha256
 from ptum.heads import CtrHead, load_demo_heads
 from ptum.models.layers import MultiHeadSelfAttention
 from ptum.models.user_model import ARCHITECTURES, ModelConfig, UserModel
+from ptum.serving.contract import USER_INPUTS, static_lengths, user_inputs
+from ptum.serving.export import export
+from ptum.serving.fold import ATTENTION_OPSET, FoldedSelfAttnEncoder, serving_ids, serving_model
+from ptum.serving.heads import export_head
+from ptum.serving.parity import example_inputs
 from ptum.tokenize import train
 from tests.export.conftest import AGE_CLASSES, TINY
 

@@ -1,0 +1,176 @@
+"""Model inputs from a behavior log, built as prepare + pretrain build them (NumPy, no torch).
+
+    order       by (timestamp, line) per user; the last max_behaviors are kept
+    gaps        seconds since the user's previous behavior (0 for the first), computed before
+                truncation, bucketed floor(log2(gap + 1)) clamped to [0, 31]
+    positions   recency rank, 0 = most recent
+    tokens      SentencePiece ids of the stripped text (the exported spm.model), first max_tokens
+    item_ids    hybrid behavior encoder only: the text's id in the exported id_vocab.json
+                (texts[i] -> i + 2); a text it does not hold (rare in pre-training, or new) gets
+                the shared UNKNOWN id 1, so a new item is its text vector plus the unknown vector
+
+This module must never import torch (nor a ptum module that does): `ptum embed` runs without it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from ptum.data import generic
+from ptum.data.errors import DataError
+from ptum.tokenize import PAD_ID
+
+NUM_GAP_BUCKETS = 32
+PAD_ID_ROW, UNKNOWN_ID = 0, 1  # ptum.models.behavior.PAD_ROW / UNKNOWN_ROW (no torch import here)
+_THRESHOLDS = 2 ** np.arange(1, NUM_GAP_BUCKETS, dtype=np.int64)  # 2, 4, ..., 2^31
+
+
+def gap_buckets(gaps: np.ndarray) -> np.ndarray:
+    """floor(log2(gap + 1)) clamped to [0, 31], integer-exact (NumPy twin of
+    `ptum.models.layers.time_gap_bucket`): counts the powers of two 2..2^31 not above gap + 1.
+    Negative gaps land in bucket 0."""
+    x = np.clip(np.asarray(gaps, dtype=np.int64), 0, 2**62) + 1
+    return np.searchsorted(_THRESHOLDS, x, side="right").astype(np.int64)
+
+
+def read_behaviors(path: Path) -> pl.DataFrame:
+    """Validated behaviors (line, user_id, timestamp, text); DataError on the first bad row.
+
+    The same checks as `prepare` with on_bad_rows=error: row-level problems from
+    `generic.scan`, then duplicate events; blank lines are skipped.
+    """
+    lf, _ = generic.scan(path, "behaviors")
+    keys = ["user_id", "timestamp", "text"]
+    if "source_item_id" in lf.collect_schema().names():
+        keys.append("source_item_id")
+    df = generic.mark_duplicates(
+        lf.sort("line").collect(engine="streaming"), keys, "duplicate_event"
+    )
+    bad = df.filter(pl.col("reason").is_not_null() & (pl.col("reason") != "blank_line"))
+    if bad.height:
+        counts = {str(k): int(v) for k, v in bad.group_by("reason").len().iter_rows()}
+        try:
+            generic.raise_first(bad, path, counts)
+        except DataError as e:
+            # Same message as prepare, minus its advice to quarantine: embed has no such mode.
+            problem = e.problem.split("; set prepare.on_bad_rows=quarantine")[0]
+            problem += ")" if problem != e.problem else ""
+            unit = "row" if path.suffix == ".parquet" else "line"
+            raise DataError(e.path, e.line, problem, unit) from None
+    good = df.filter(pl.col("reason").is_null())
+    if good.height == 0:
+        raise DataError(path, None, "no valid rows", "row" if path.suffix == ".parquet" else "line")
+    return good.select("line", "user_id", "timestamp", "text")
+
+
+@dataclass(frozen=True)
+class Sequences:
+    """Every user's kept behaviors as flat arrays (rows grouped by user, oldest first).
+
+    user_ids: (U,) sorted; offsets: (U + 1,) row range of each user; texts: distinct texts,
+    item i + 1 = texts[i] (0 = padding); items, gaps, positions: (R,) per kept behavior;
+    n_total: (U,) behaviors before truncation.
+    """
+
+    user_ids: list[str]
+    offsets: np.ndarray
+    texts: list[str]
+    items: np.ndarray
+    gaps: np.ndarray
+    positions: np.ndarray
+    n_total: np.ndarray
+
+
+def user_sequences(behaviors: pl.DataFrame, max_behaviors: int) -> Sequences:
+    """Group, time-order and truncate users like `ptum.data.prepare.sequences` does."""
+    df = behaviors.sort("user_id", "timestamp", "line").with_columns(
+        item=pl.col("text").rank("dense").cast(pl.Int64)
+    )  # 1-based, in sorted-text order
+    users = df["user_id"].to_numpy()
+    ts = df["timestamp"].to_numpy().astype(np.int64)
+    n = len(ts)
+    first = np.ones(n, dtype=bool)
+    first[1:] = users[1:] != users[:-1]
+    starts = np.flatnonzero(first)
+    ends = np.append(starts[1:], n)
+    owner = np.cumsum(first) - 1  # user ordinal of each row
+    gaps = np.zeros(n, dtype=np.int64)
+    gaps[1:] = ts[1:] - ts[:-1]
+    gaps = np.where(first, 0, np.maximum(gaps, 0))  # before truncation: the first kept gap is true
+    recency = ends[owner] - 1 - np.arange(n)  # 0 = most recent
+    keep = recency < max_behaviors
+    kept_per_user = np.minimum(ends - starts, max_behaviors)
+    return Sequences(
+        user_ids=[str(u) for u in users[starts]],
+        offsets=np.concatenate([[0], np.cumsum(kept_per_user)]),
+        texts=df["text"].unique().sort().to_list(),
+        items=df["item"].to_numpy()[keep],
+        gaps=gaps[keep],
+        positions=recency[keep],
+        n_total=ends - starts,
+    )
+
+
+def text_ids(texts: list[str], vocab_texts: list[str]) -> np.ndarray:
+    """(len(texts) + 1,) int64: the exported id of each log item (0 = padding item), i.e.
+    i + 2 where texts[j] == vocab_texts[i], UNKNOWN_ID where the vocabulary lacks the text."""
+    vocab = pl.DataFrame({"text": vocab_texts, "id": np.arange(2, len(vocab_texts) + 2)})
+    found = (
+        pl.DataFrame({"text": texts})
+        .with_row_index("j")
+        .join(vocab, on="text", how="left")
+        .sort("j")  # joins do not promise row order
+    )
+    ids = found["id"].fill_null(UNKNOWN_ID).to_numpy().astype(np.int64)
+    return np.concatenate([[PAD_ID_ROW], ids]).astype(np.int64)
+
+
+def batch_inputs(
+    seqs: Sequences,
+    token_matrix: np.ndarray,
+    token_lengths: np.ndarray,
+    lo: int,
+    hi: int,
+    *,
+    max_behaviors: int | None,
+    max_tokens: int | None,
+    item_ids: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
+    """Model inputs for users lo..hi-1, right-padded.
+
+    max_behaviors / max_tokens: pad L / T to this size (a static dim of the export), or None to
+    pad to the batch's longest.
+    item_ids: (len(texts) + 1,) the exported id of each log item (`text_ids`), for a hybrid
+    encoder's export; None for the others.
+
+    Returns tokens (B, L, T) int64, token_mask (B, L, T) bool, mask (B, L) bool,
+    positions (B, L) int64, gap_buckets (B, L) int64, and with `item_ids` item_ids (B, L) int64.
+    """
+    r0, r1 = seqs.offsets[lo], seqs.offsets[hi]
+    lengths = np.diff(seqs.offsets[lo : hi + 1])  # (B,)
+    B = hi - lo
+    L = max_behaviors or max(int(lengths.max()), 1)
+    owner = np.repeat(np.arange(B), lengths)  # (R,)
+    slot = np.arange(r1 - r0) - (seqs.offsets[lo:hi] - r0)[owner]  # index within the user
+    items = np.zeros((B, L), dtype=np.int64)
+    items[owner, slot] = seqs.items[r0:r1]
+    positions = np.zeros((B, L), dtype=np.int64)
+    positions[owner, slot] = seqs.positions[r0:r1]
+    buckets = np.zeros((B, L), dtype=np.int64)
+    buckets[owner, slot] = gap_buckets(seqs.gaps[r0:r1])
+    T = max_tokens or max(int(token_lengths[items].max()), 1)
+    tokens = token_matrix[items][..., :T].astype(np.int64)  # (B, L, T); item 0 = all pad
+    out = dict(
+        tokens=tokens,
+        token_mask=tokens != PAD_ID,
+        mask=np.arange(L) < lengths[:, None],
+        positions=positions,
+        gap_buckets=buckets,
+    )
+    if item_ids is not None:
+        out["item_ids"] = item_ids[items]  # (B, L); item 0 -> padding id 0
+    return out
