@@ -321,3 +321,34 @@ def test_kth_smallest_of_sorted_parts():
     parts = [np.sort(rng.integers(-50, 50, size)) for size in (0, 1, 7, 30, 100)]
     merged = np.sort(np.concatenate(parts))
     assert [kth_smallest(parts, k) for k in range(len(merged))] == merged.tolist()
+
+
+# ---------------------------------------------------------------- raw files vs the ingest manifest
+
+
+@pytest.mark.parametrize("change", ["delete", "edit", "add"])
+def test_raw_files_are_verified_against_the_ingest_manifest(tiny_pipeline, tmp_path, change):
+    """A raw file deleted, edited or added since `ptum ingest` is a one-line error naming the
+    file and saying to rerun ingest (a deleted impressions file once gave 0 impressions)."""
+    import shutil
+
+    from ptum.hashing import HashMismatch
+
+    raw = tmp_path / "raw"
+    shutil.copytree(tiny_pipeline / "raw", raw)
+    opts = PrepareOptions(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2)
+    if change == "delete":
+        (raw / "impressions.parquet").unlink()
+        error, name = FileNotFoundError, "impressions.parquet"
+    elif change == "edit":
+        df = pl.read_parquet(raw / "behaviors.parquet")
+        df.head(df.height - 1).write_parquet(raw / "behaviors.parquet")
+        error, name = HashMismatch, "behaviors.parquet"
+    else:
+        (raw / "labels.tsv").write_text("user_id\tgender\nu1\tF\n", encoding="utf-8")
+        error, name = ValueError, "labels.tsv"
+    with pytest.raises(error) as err:
+        prepare(raw, tmp_path / "prepared", opts)
+    msg = str(err.value)
+    assert msg.startswith(str(raw / name)) and "ptum ingest" in msg and "\n" not in msg
+    assert not (tmp_path / "prepared").exists()

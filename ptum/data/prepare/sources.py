@@ -1,6 +1,11 @@
-"""The tables `prepare` reads, and where their rows came from: the ingest manifest
-(data/raw/manifest.json) names the file the user gave for each ingested file, so messages point
-at that file and its lines rather than at the copy under data/raw/."""
+"""The tables `prepare` reads, checked against the ingest manifest (data/raw/manifest.json), and
+where their rows came from.
+
+The manifest records the SHA-256 of every file `ptum ingest` wrote: a raw file deleted, edited
+or added since is an error that says to rerun `ptum ingest` (not a run on partial data). It also
+names the file the user gave for each copied or converted file, so that messages point at that
+file and its lines rather than at the copy under data/raw/.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from pathlib import Path
 
 from ptum.data import generic
 from ptum.data.errors import DataError
+from ptum.hashing import verify_file
 
 TABLES = ("behaviors", "labels", "impressions")
 
@@ -29,9 +35,11 @@ class Source:
 
 
 def find_sources(raw_dir: Path) -> dict[str, Source | None]:
-    """Each table's Source in `raw_dir` (None: no such table). Raises if there are no
-    behaviors."""
+    """Each table's Source in `raw_dir` (None: no such table), its files verified against the
+    ingest manifest when there is one. Raises if there are no behaviors."""
     manifest = read_manifest(raw_dir)
+    if manifest is not None:
+        verify_raw(raw_dir, manifest)
     origins = manifest.get("origins", {}) if manifest else {}
     sources: dict[str, Source | None] = {}
     for table in TABLES:
@@ -55,3 +63,22 @@ def read_manifest(raw_dir: Path) -> dict | None:
         raise DataError(
             path, None, f"not a readable ingest manifest ({e}); rerun `ptum ingest`"
         ) from None
+
+
+def verify_raw(raw_dir: Path, manifest: dict) -> None:
+    """Every file the manifest lists has its recorded SHA-256, and every table file in raw_dir
+    is listed; else a one-line error naming the file and saying to rerun `ptum ingest`."""
+    where = raw_dir / "manifest.json"
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise DataError(where, None, "lists no files; rerun `ptum ingest`")
+    for name, digest in sorted(files.items()):
+        verify_file(raw_dir / name, digest, where, "`ptum ingest`")
+    for path in sorted(raw_dir.iterdir()):
+        if path.name.split(".")[0] in TABLES and path.name not in files:
+            raise DataError(
+                path,
+                None,
+                f"not written by `ptum ingest` (not in {where}); rerun `ptum ingest`, or remove "
+                "the file",
+            )
