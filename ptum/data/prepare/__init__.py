@@ -8,7 +8,8 @@ Outputs (in `out_dir`):
     labels.parquet       user_id, <label columns>, split ("train"|"valid"|"test"), train_<r>...
     impressions.parquet  user_id, timestamp, item_id, clicked, window ("train"|"valid"|"test"),
                          train_<r>... (nested training subsets of the train window)
-    report.json          the data report (rows read = kept + dropped per reason, always)
+    report.json          the data report (rows read = kept + dropped per reason, always) and
+                         `tasks`: the downstream tasks the data allows (see tasks.py)
     quarantine/<table>.parquet   bad rows with their line and reason (quarantine mode only)
 
 Sequence views (each time-ordered, the last `max_behaviors` kept, gaps = seconds since the
@@ -30,6 +31,7 @@ Modules, one job each:
     in_memory    the stage on a log that fits in memory
     chunked      the same outputs, streaming a big log in chunks of whole users
     report       the data report
+    tasks        which downstream tasks the prepared data allows (`available_tasks`)
     stage        `prepare`: picks the runner, writes the splits and the report atomically
 """
 
@@ -45,6 +47,7 @@ from ptum.data.prepare.splits import (
     split_labels,
 )
 from ptum.data.prepare.stage import prepare
+from ptum.data.prepare.tasks import available_tasks
 from ptum.data.prepare.views import SEQUENCE_ROW_GROUP, SEQUENCE_SCHEMA, VIEWS, sequences
 
 __all__ = [
@@ -53,6 +56,7 @@ __all__ = [
     "VIEWS",
     "WINDOW_ORDER",
     "PrepareOptions",
+    "available_tasks",
     "build_items",
     "ctr_cutoffs",
     "global_cutoffs",

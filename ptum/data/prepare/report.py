@@ -9,6 +9,7 @@ import polars as pl
 from ptum.data.prepare.in_memory import Core
 from ptum.data.prepare.options import PrepareOptions
 from ptum.data.prepare.splits import ratio_column
+from ptum.data.prepare.tasks import tasks_of
 
 
 def distribution(values: pl.Series) -> dict[str, float]:
@@ -70,6 +71,7 @@ def complete_report(
         "valid_users": int((split == "valid").sum()),
         "behaviors_before_test": int(before_test["n_total"].sum()),
     }
+    report["tasks"] = tasks_of(labels_out, imps_out)
     for t in ("behaviors", "labels", "impressions"):
         r = report[t]
         r["reconciles"] = r["rows_read"] == r["rows_kept"] + sum(r["rows_dropped"].values())
