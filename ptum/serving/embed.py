@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 import polars as pl
 import sentencepiece as spm
 
-from ptum.hashing import sha256_file
+from ptum.data.errors import DataError
+from ptum.serving.artifacts import ExportDir, open_export
 from ptum.serving.sequences import (
     UNKNOWN_ID,
     batch_inputs,
@@ -34,21 +34,34 @@ from ptum.serving.sequences import (
 )
 from ptum.tokenize import encode
 
+SPM, ID_VOCAB = "spm.model", "id_vocab.json"
 
-def read_id_vocab(model_dir: Path, sha256: str) -> list[str]:
-    """The texts of an export's id_vocab.json, checked against the ONNX metadata's hash."""
-    path = model_dir / "id_vocab.json"
-    data = path.read_bytes()
+
+def _id_vocab(export: ExportDir, sha256: str) -> list[str]:
+    """The texts of an export's id_vocab.json, checked against export.json and the ONNX
+    metadata's hash."""
+    data = export.read(ID_VOCAB)
     if hashlib.sha256(data).hexdigest() != sha256:
-        raise ValueError(
-            f"{path}: not the id vocabulary the ONNX model was exported with "
-            "(sha256 differs from its metadata); re-run `ptum export`"
+        raise DataError(
+            export.path / ID_VOCAB,
+            None,
+            "not the id vocabulary the ONNX model was exported with (sha256 differs from its "
+            "metadata); rerun `ptum export`",
         )
     return json.loads(data)["texts"]
 
 
-def _session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+def _tokenizer(export: ExportDir, sha256: str) -> spm.SentencePieceProcessor:
+    """The export's spm.model, checked against export.json and the ONNX metadata's hash."""
+    data = export.read(SPM)
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise DataError(
+            export.path / SPM,
+            None,
+            "not the SentencePiece model the ONNX model was exported with (sha256 differs from "
+            "its metadata); rerun `ptum export`",
+        )
+    return spm.SentencePieceProcessor(model_proto=data)
 
 
 def embed(
@@ -74,37 +87,32 @@ def embed(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     t0 = time.perf_counter()
-    session = _session(model_dir / "user_model.onnx")
+    export = open_export(model_dir)
+    session = export.session("user_model.onnx")
     meta = session.get_modelmeta().custom_metadata_map
     if meta.get("behavior_encoder") == "id":
         raise ValueError(
             f"{model_dir}: an item-id behavior encoder cannot embed new logs (its "
             "ids are the prepare stage's); export a text-encoder model"
         )
-    spm_path = model_dir / "spm.model"
-    if sha256_file(spm_path) != meta["spm_sha256"]:
-        raise ValueError(
-            f"{spm_path}: not the SentencePiece model the ONNX model was exported "
-            "with (sha256 differs from its metadata)"
-        )
+    sp = _tokenizer(export, meta["spm_sha256"])
     max_behaviors, max_tokens = int(meta["max_behaviors"]), int(meta["max_tokens"])
     static_l, static_t = meta["behaviors_dim"] == "static", meta["tokens_dim"] == "static"
     heads = {}
     if demo:
-        for p in sorted(model_dir.glob("demo_*.onnx")):
-            s = _session(p)
-            heads[p.stem.removeprefix("demo_")] = (
+        for name in export.demo_heads():
+            s = export.session(name)
+            heads[name.removeprefix("demo_").removesuffix(".onnx")] = (
                 s,
                 json.loads(s.get_modelmeta().custom_metadata_map["classes"]),
             )
 
     seqs = user_sequences(read_behaviors(behaviors_path), max_behaviors)
     t_read = time.perf_counter()
-    sp = spm.SentencePieceProcessor(model_file=str(spm_path))
     token_matrix, token_lengths, truncated = encode(sp, seqs.texts, max_tokens)
     ids = None
     if meta.get("behavior_encoder") == "hybrid":
-        ids = text_ids(seqs.texts, read_id_vocab(model_dir, meta["id_vocab_sha256"]))
+        ids = text_ids(seqs.texts, _id_vocab(export, meta["id_vocab_sha256"]))
     U = len(seqs.user_ids)
     vectors = np.zeros((U, int(meta["output_dim"])), dtype=np.float32)
     for lo in range(0, U, batch_size):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import sentencepiece as spm
 import torch
 
 from ptum.data.errors import DataError
+from ptum.hashing import sha256_file as file_sha256
 from ptum.models.behavior import UNKNOWN_ROW
 from ptum.models.layers import time_gap_bucket
 from ptum.pretrain.data import load_corpus, recency_positions
@@ -158,10 +160,17 @@ def test_embed_hybrid_gives_unseen_texts_the_unknown_id(
 
 
 def test_embed_hybrid_refuses_another_id_vocabulary(exported, tmp_path: Path) -> None:
+    """A replaced id_vocab.json is refused by its export.json hash, and, where export.json was
+    edited to match, by the hash in the ONNX metadata."""
     model_dir = tmp_path / "model"
     shutil.copytree(exported("hsa+hybrid").onnx, model_dir)
     (model_dir / "id_vocab.json").write_text('{"texts": []}')
-    with pytest.raises(ValueError, match="id_vocab.json: not the id vocabulary"):
+    with pytest.raises(DataError, match="id_vocab.json: sha256 differs from the one export.json"):
+        embed(_log(tmp_path), model_dir, tmp_path / "out.parquet")
+    report = json.loads((model_dir / "export.json").read_text())
+    report["files"]["id_vocab.json"] = file_sha256(model_dir / "id_vocab.json")
+    (model_dir / "export.json").write_text(json.dumps(report))
+    with pytest.raises(DataError, match="id_vocab.json: not the id vocabulary"):
         embed(_log(tmp_path), model_dir, tmp_path / "out.parquet")
 
 
