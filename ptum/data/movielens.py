@@ -1,4 +1,4 @@
-"""MovieLens-100K and MovieLens-1M readers, and the checksummed GroupLens download.
+"""MovieLens-100K and MovieLens-1M readers, and the checksummed GroupLens download (100K only).
 
 Behaviors are rated movies ordered by time; a behavior's text is the movie title plus its genres
 ("Toy Story (1995) | Animation, Children's, Comedy"). Labels are gender and an age bucket
@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import io
 import shutil
+import tempfile
+import time
 import urllib.request
 import zipfile
 from pathlib import Path
@@ -62,6 +64,11 @@ SHA256_100K = {
     "u.item": "553841ebc7de3a0fd0d6b62a204ea30c1e651aacfb2814c7a6584ac52f2c5701",
     "u.user": "f120e114da2e8cf314fd28f99417c94ae9ddf1cb6db8ce0e4b5995d40e90e62c",
 }
+# Pinned SHA-256 of the member files a download is checked against. ml-1m has none yet (they
+# could not be computed here, offline), so ml-1m is never downloaded: the user unpacks it.
+SHA256 = {"ml-100k": SHA256_100K, "ml-1m": {}}
+MEMBERS = {"ml-100k": tuple(SHA256_100K), "ml-1m": ("ratings.dat", "movies.dat", "users.dat")}
+DOWNLOAD_TIMEOUT_S = 120.0
 
 
 def detect_variant(path: Path) -> str:
@@ -228,33 +235,82 @@ def verify_100k(path: Path) -> None:
             )
 
 
-def download(variant: str, dest: Path, url: str | None = None) -> Path:
-    """Download and unpack a GroupLens zip into dest/<variant>, verifying checksums.
+def download(
+    variant: str,
+    dest: Path,
+    url: str | None = None,
+    *,
+    timeout_s: float = DOWNLOAD_TIMEOUT_S,
+) -> Path:
+    """Download a GroupLens zip and unpack its verified member files into dest/<variant>.
 
-    ml-100k is verified against the SHA-256 of its member files (pinned above). ml-1m is verified
-    against the MD5 that GroupLens publishes next to the zip (`<url>.md5`).
+    The zip is read into memory (within `timeout_s` seconds in all) and its members are
+    unpacked into a temporary directory beside the target; only once every pinned member has
+    its SHA-256 (SHA256[variant]) are they moved into place, replacing an earlier copy. Nothing
+    else from the zip is kept. A variant without pinned hashes (ml-1m: GroupLens publishes an
+    MD5 only, served by the same server as the zip, which proves nothing) is refused: unpack
+    it yourself and set data.path.
     """
+    pinned = SHA256.get(variant)
     url = url or URLS[variant]
+    if not pinned:
+        raise DataError(
+            url,
+            None,
+            f"{variant} is not downloaded: ptum has no pinned SHA-256 for its files to check "
+            f"the download against; download and unpack it yourself and set data.path to the "
+            f"directory with {', '.join(MEMBERS[variant])}",
+        )
+    dest.mkdir(parents=True, exist_ok=True)
     target = dest / variant
-    if target.exists():
-        shutil.rmtree(target)
-    with urllib.request.urlopen(url) as r:  # noqa: S310 - fixed https URL or a test's file:// URL
-        blob = r.read()
-    if variant == "ml-1m":
-        with urllib.request.urlopen(url + ".md5") as r:  # noqa: S310
-            # The .md5 file reads "MD5 (ml-1m.zip) = <hex>" or "<hex>  ml-1m.zip".
-            words = r.read().decode().split()
-        expected = words[-1] if "=" in words else words[0]
-        got = hashlib.md5(blob).hexdigest()  # noqa: S324 - GroupLens publishes MD5 only
-        if got != expected:
-            raise DataError(url, None, f"MD5 {got} does not match the published {expected}")
-    with zipfile.ZipFile(io.BytesIO(blob)) as z:
-        for member in z.namelist():
-            name = Path(member).name
-            if not name or member.endswith("/"):
-                continue
-            target.mkdir(parents=True, exist_ok=True)
-            (target / name).write_bytes(z.read(member))
-    if variant == "ml-100k":
-        verify_100k(target)
+    blob = _fetch(url, timeout_s)
+    with tempfile.TemporaryDirectory(dir=dest, prefix=f".{variant}-") as tmp:
+        unpacked = Path(tmp) / variant
+        _unpack_verified(blob, url, pinned, unpacked)
+        if target.exists():
+            shutil.rmtree(target)
+        unpacked.rename(target)
     return target
+
+
+def _fetch(url: str, timeout_s: float) -> bytes:
+    """The bytes at `url`, read within `timeout_s` seconds in all (a DataError if not)."""
+    deadline = time.monotonic() + timeout_s
+    parts = []
+    try:
+        # A fixed https URL, or a file:// URL in tests.
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:  # noqa: S310
+            while block := r.read(1 << 20):
+                parts.append(block)
+                if time.monotonic() > deadline:
+                    raise TimeoutError
+    except (TimeoutError, OSError) as e:
+        why = f"timed out after {timeout_s:g} s" if isinstance(e, TimeoutError) else str(e)
+        raise DataError(url, None, f"download failed ({why}); retry, or set data.path") from None
+    return b"".join(parts)
+
+
+def _unpack_verified(blob: bytes, url: str, pinned: dict[str, str], out: Path) -> None:
+    """Write the pinned members of the zip `blob` into `out`, each checked against its SHA-256
+    before it is written (a DataError naming the member otherwise)."""
+    try:
+        z = zipfile.ZipFile(io.BytesIO(blob))
+    except zipfile.BadZipFile:
+        raise DataError(url, None, "not a zip file") from None
+    with z:
+        # Member names are reduced to their base name: no path in the zip reaches the disk.
+        members = {Path(m).name: m for m in z.namelist() if not m.endswith("/")}
+        out.mkdir(parents=True)
+        for name, expected in pinned.items():
+            if name not in members:
+                raise DataError(url, None, f"the zip has no member {name}")
+            data = z.read(members[name])
+            got = hashlib.sha256(data).hexdigest()
+            if got != expected:
+                raise DataError(
+                    f"{url}:{name}",
+                    None,
+                    f"SHA-256 {got} does not match the GroupLens release ({expected}): the "
+                    "download is corrupt or modified; nothing was written",
+                )
+            (out / name).write_bytes(data)

@@ -135,3 +135,78 @@ def test_download_verifies_checksums(tmp_path):
             z.write(bad / name, f"ml-100k/{name}")
     with pytest.raises(DataError, match="u.data: SHA-256 .* does not match the GroupLens release"):
         movielens.download("ml-100k", tmp_path / "dl2", url=zbad.as_uri())
+
+
+# ---------------------------------------------------------------- download (a fake fetch: no network)
+
+
+def _zip_of(members: dict[str, bytes]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for name, data in members.items():
+            z.writestr(f"ml-100k/{name}", data)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def fake_grouplens(monkeypatch):
+    """ml-100k pinned to three small fake members; fetch returns what the test puts in `served`
+    and records its calls."""
+    import hashlib
+
+    members = {"u.data": b"1\t1\t5\t100\n", "u.item": b"1|Toy|x|y|z\n", "u.user": b"1|24|M|x|1\n"}
+    pins = {n: hashlib.sha256(b).hexdigest() for n, b in members.items()}
+    monkeypatch.setitem(movielens.SHA256, "ml-100k", pins)
+    served = {"blob": _zip_of(members | {"README": b"extra"}), "calls": []}
+
+    def fetch(url, timeout_s):
+        served["calls"].append((url, timeout_s))
+        return served["blob"]
+
+    monkeypatch.setattr(movielens, "_fetch", fetch)
+    return members, served
+
+
+def test_download_unpacks_only_verified_members(tmp_path, fake_grouplens):
+    members, served = fake_grouplens
+    out = movielens.download("ml-100k", tmp_path / "dl", timeout_s=7)
+    assert out == tmp_path / "dl" / "ml-100k"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == members  # README not kept
+    assert served["calls"] == [(movielens.URLS["ml-100k"], 7)]
+    assert [p.name for p in (tmp_path / "dl").iterdir()] == ["ml-100k"]  # no temp dir left
+
+
+def test_a_corrupt_download_writes_nothing(tmp_path, fake_grouplens):
+    members, served = fake_grouplens
+    good = movielens.download("ml-100k", tmp_path / "dl")
+    served["blob"] = _zip_of(members | {"u.user": b"1|24|F|x|1\n"})
+    with pytest.raises(DataError, match=r"u.user: SHA-256 .* nothing was written"):
+        movielens.download("ml-100k", tmp_path / "dl")
+    # The earlier good copy is untouched and no partial directory is left.
+    assert {p.name: p.read_bytes() for p in good.iterdir()} == members
+    assert [p.name for p in (tmp_path / "dl").iterdir()] == ["ml-100k"]
+    served["blob"] = b"not a zip"
+    with pytest.raises(DataError, match="not a zip file"):
+        movielens.download("ml-100k", tmp_path / "dl")
+
+
+def test_ml_1m_download_is_refused_without_pinned_hashes(tmp_path, fake_grouplens):
+    _, served = fake_grouplens
+    with pytest.raises(DataError, match=r"ml-1m is not downloaded: .* set data.path") as err:
+        movielens.download("ml-1m", tmp_path / "dl")
+    assert "ratings.dat, movies.dat, users.dat" in str(err.value)
+    assert served["calls"] == [] and not (tmp_path / "dl").exists()
+
+
+def test_fetch_has_a_timeout(tmp_path, monkeypatch):
+    """The real fetch passes its timeout to urlopen and turns a timeout into a DataError."""
+
+    def urlopen(url, timeout):
+        assert timeout == 3
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(movielens.urllib.request, "urlopen", urlopen)
+    with pytest.raises(DataError, match=r"download failed \(timed out after 3 s\)"):
+        movielens._fetch("https://example.invalid/ml-100k.zip", 3)
