@@ -39,7 +39,7 @@ from ptum.heads import CtrHead, DemoHead, load_demo_heads
 from ptum.models.user_model import ModelConfig, UserModel
 from ptum.serving.contract import metadata, static_lengths, user_inputs
 from ptum.serving.fold import ATTENTION_OPSET, serving_ids, serving_model
-from ptum.serving.heads import export_head
+from ptum.serving.heads import check_label, export_head
 from ptum.serving.onnx_io import check_dims, input_dims, to_onnx
 from ptum.serving.parity import example_inputs, parity
 
@@ -219,6 +219,8 @@ def export(
     arch = str(loaded.meta.get("architecture", f"{config.behavior_encoder}+{config.user_encoder}"))
     if demo_heads is None:
         demo_heads = load_demo_heads(checkpoint_dir)
+    for label in demo_heads:  # before any work: each becomes a file name
+        check_label(label)
     meta = metadata(
         config,
         architecture=arch,

@@ -13,10 +13,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ptum.heads import CtrHead, DemoHead
+from ptum.heads import CtrHead, DemoHead, _check_label
 from ptum.serving.fold import ATTENTION_OPSET
 from ptum.serving.onnx_io import check_dims, to_onnx
 from ptum.serving.parity import parity
+
+# Columns `ptum embed` writes besides <label> and <label>_probs: a label must not overwrite them.
+EMBED_COLUMNS = ("user_id", "vector")
 
 
 def export_head(
@@ -64,3 +67,21 @@ def export_head(
     )
     check_dims(out_path, {n: [None, dim] for n in names})
     return max(parity(out_path, head, inputs(b)) for b in (1, example_batch + 4))
+
+
+def check_label(label: str) -> None:
+    """Refuse a demographic label that cannot name demo_<label>.onnx (the name check of
+    `ptum.heads.save_demo_head`) or that would overwrite a column of `ptum embed`'s output."""
+    try:
+        _check_label(label)
+    except ValueError as e:
+        raise ValueError(
+            f"cannot export demographic head {label!r}: {e}; rename that label column in the "
+            "source data"
+        ) from None
+    if label in EMBED_COLUMNS or label.endswith("_probs"):
+        raise ValueError(
+            f"cannot export demographic head {label!r}: `ptum embed` writes the columns "
+            f"{', '.join(EMBED_COLUMNS)} and <label>_probs; rename that label column in the "
+            "source data"
+        )

@@ -19,7 +19,7 @@ import torch
 from ptum.checkpoint import CheckpointMismatch
 from ptum.config import ExportConfig
 from ptum.hashing import sha256_file as file_sha256
-from ptum.heads import CtrHead, load_demo_heads
+from ptum.heads import CtrHead, DemoHead, load_demo_heads
 from ptum.models.layers import MultiHeadSelfAttention
 from ptum.models.user_model import ARCHITECTURES, ModelConfig, UserModel
 from ptum.serving.contract import USER_INPUTS, static_lengths, user_inputs
@@ -330,3 +330,34 @@ def test_export_below_attention_opset_matches_pytorch(exported, tmp_path, tiny_p
         None, {k: x[k].numpy() for k in USER_INPUTS}
     )[0]
     np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize(
+    "label, problem",
+    [
+        ("../../etc/x", "must match"),
+        ("a/b", "must match"),
+        ("age group", "must match"),
+        ("", "must match"),
+        ("vector", "`ptum embed` writes the columns"),
+        ("user_id", "`ptum embed` writes the columns"),
+        ("age_probs", "`ptum embed` writes the columns"),
+    ],
+)
+def test_export_refuses_a_label_that_cannot_name_a_file(
+    label: str, problem: str, exported, tmp_path
+) -> None:
+    """A label becomes demo_<label>.onnx and an embed column: a bad one is refused up front."""
+    ex = exported("hsa")
+    head = DemoHead(dim=ex.model.config.dim, hidden=4, classes=2)
+    with pytest.raises(ValueError, match=f"cannot export demographic head .*{problem}") as e:
+        export(
+            ex.checkpoint,
+            tmp_path / "out",
+            spm_model=ex.onnx / "spm.model",
+            data_version="x",
+            params={},
+            demo_heads={label: (head, ["a", "b"])},
+        )
+    assert "rename that label column" in str(e.value)
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even the staging directory
