@@ -21,6 +21,7 @@ RAW_MANIFEST = RAW / "manifest.json"
 PREPARED = Path("data/prepared")
 PREPARED_TABLES = ("items", "sequences", "users", "labels", "impressions")
 PREPARED_REPORT = PREPARED / "report.json"
+PREPARED_METRICS = PREPARED / "metrics.json"  # its dozen headline numbers (a DVC metric)
 
 
 def prepared_table(name: str) -> Path:

@@ -352,3 +352,43 @@ def test_raw_files_are_verified_against_the_ingest_manifest(tiny_pipeline, tmp_p
     msg = str(err.value)
     assert msg.startswith(str(raw / name)) and "ptum ingest" in msg and "\n" not in msg
     assert not (tmp_path / "prepared").exists()
+
+
+def test_headline_metrics_are_a_dozen_numbers(tiny_pipeline):
+    """metrics.json (what `dvc metrics show` lists) holds at most 12 numbers, taken from the
+    detailed report.json."""
+    import json
+
+    prepared = tiny_pipeline / "prepared"
+    metrics = json.loads((prepared / "metrics.json").read_text())
+    report = json.loads((prepared / "report.json").read_text())
+    assert len(metrics) <= 12
+    assert all(isinstance(v, int | float) and not isinstance(v, bool) for v in metrics.values())
+    windows = report["impressions"]["windows"]
+    assert metrics == {
+        "users": 300,
+        "behaviors": 5461,
+        "items": 116,
+        "labeled_users": 131,
+        "ctr_impressions": windows["train"] + windows["valid"] + windows["test"],
+        "ctr_test_click_rate": report["impressions"]["click_rate"]["test"],
+        "pretrain_users": report["pretrain"]["users"],
+        "duplicates_dropped": 0,
+        "bad_rows_dropped": 0,
+        "long_texts": 0,
+        "demo_tasks": 2,
+        "ctr_task": 1,
+    }
+    assert metrics["ctr_impressions"] == 1000
+
+
+def test_headline_metrics_count_duplicates_and_bad_rows(tmp_path):
+    import json
+
+    raw = tmp_path / "raw"
+    _bad_log(raw)
+    opts = PrepareOptions(max_behaviors=5, ctr_train_frac=0.3, ctr_test_frac=0.3)
+    prepare(raw, tmp_path / "out", PrepareOptions(**{**opts.__dict__, "on_bad_rows": "quarantine"}))
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    # behaviors: 1 duplicate, 1 bad timestamp, 1 empty text; impressions: 1 duplicate, 1 unknown
+    assert (metrics["duplicates_dropped"], metrics["bad_rows_dropped"]) == (2, 3)

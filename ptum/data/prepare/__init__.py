@@ -10,6 +10,7 @@ Outputs (in `out_dir`):
                          train_<r>... (nested training subsets of the train window)
     report.json          the data report (rows read = kept + dropped per reason, always) and
                          `tasks`: the downstream tasks the data allows (see tasks.py)
+    metrics.json         the report's dozen headline numbers (the stage's DVC metric)
     quarantine/<table>.parquet   bad rows with their line and reason (quarantine mode only)
 
 Sequence views (each time-ordered, the last `max_behaviors` kept, gaps = seconds since the

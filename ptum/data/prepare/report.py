@@ -1,6 +1,7 @@
 """The data report (report.json): rows read = kept + dropped per reason for every table (the
 validation counts), then what the stage built: users, items, CTR windows, label splits and
-balance, the pre-training corpus."""
+balance, the pre-training corpus, the tasks the data allows. Its headline numbers, a dozen, go
+to metrics.json (the stage's DVC metric)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from ptum.data.prepare.in_memory import Core
 from ptum.data.prepare.options import PrepareOptions
 from ptum.data.prepare.splits import ratio_column
 from ptum.data.prepare.tasks import tasks_of
+from ptum.data.prepare.validate import DUPLICATE
 
 
 def distribution(values: pl.Series) -> dict[str, float]:
@@ -83,4 +85,26 @@ def _counts(df: pl.DataFrame, column: str) -> dict[str, int]:
     return {
         str(k): int(v)
         for k, v in sorted(df.group_by(column).len().iter_rows(), key=lambda kv: str(kv[0]))
+    }
+
+
+def headline_metrics(report: dict) -> dict[str, float | int]:
+    """The dozen numbers of the data report that `dvc metrics show` lists (metrics.json); the
+    rest stays in report.json."""
+    tables = [report[t] for t in ("behaviors", "labels", "impressions")]
+    windows = report["impressions"].get("windows", {})
+    dropped = [(r, n) for t in tables for r, n in t["rows_dropped"].items()]
+    return {
+        "users": report["behaviors"]["users"],
+        "behaviors": report["behaviors"]["rows_kept"],
+        "items": report["behaviors"]["items"],
+        "labeled_users": report["labels"]["rows_kept"],
+        "ctr_impressions": sum(windows.get(w, 0) for w in ("train", "valid", "test")),
+        "ctr_test_click_rate": report["impressions"].get("click_rate", {}).get("test", 0.0),
+        "pretrain_users": report["pretrain"]["users"],
+        "duplicates_dropped": sum(n for r, n in dropped if r == DUPLICATE),
+        "bad_rows_dropped": sum(n for r, n in dropped if r != DUPLICATE),
+        "long_texts": sum(report[t].get("long_texts", 0) for t in ("behaviors", "impressions")),
+        "demo_tasks": len(report["tasks"]["demo"]),
+        "ctr_task": int(report["tasks"]["ctr"]),
     }

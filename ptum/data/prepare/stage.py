@@ -15,7 +15,7 @@ import polars as pl
 from ptum.data.prepare.chunked import prepare_chunked
 from ptum.data.prepare.in_memory import Core, prepare_in_memory
 from ptum.data.prepare.options import PrepareOptions
-from ptum.data.prepare.report import complete_report
+from ptum.data.prepare.report import complete_report, headline_metrics
 from ptum.data.prepare.sources import find_sources
 from ptum.data.prepare.splits import shuffled_rank, split_impressions, split_labels
 
@@ -58,7 +58,8 @@ def _row_count(path: Path) -> int:
 
 
 def _finish(core: Core, tmp: Path, opts: PrepareOptions, report: dict) -> None:
-    """Splits, users.parquet, impressions.parquet, labels.parquet and the data report."""
+    """Splits, users.parquet, impressions.parquet, labels.parquet, the data report and its
+    headline metrics."""
     imps_out = split_impressions(core.windowed, opts.ctr_valid_frac, opts.label_ratios, opts.seed)
     imps_out = (
         imps_out.sort("user_id", "timestamp", "line")
@@ -76,6 +77,8 @@ def _finish(core: Core, tmp: Path, opts: PrepareOptions, report: dict) -> None:
     outputs = {"impressions": imps_out, "labels": labels_out, "users": users_out}
     complete_report(report, core, outputs, opts)
     (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    metrics = headline_metrics(report)
+    (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 
 def _users(core: Core, opts: PrepareOptions) -> pl.DataFrame:
