@@ -392,3 +392,25 @@ def test_headline_metrics_count_duplicates_and_bad_rows(tmp_path):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     # behaviors: 1 duplicate, 1 bad timestamp, 1 empty text; impressions: 1 duplicate, 1 unknown
     assert (metrics["duplicates_dropped"], metrics["bad_rows_dropped"]) == (2, 3)
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_chunk_passes_show_progress_only_on_a_terminal(tiny_pipeline, tmp_path, monkeypatch, tty):
+    import io
+    import sys
+
+    class Stderr(io.StringIO):
+        def isatty(self) -> bool:
+            return tty
+
+    err = Stderr()
+    monkeypatch.setattr(sys, "stderr", err)
+    opts = PrepareOptions(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2, chunk_rows=2000)
+    prepare(tiny_pipeline / "raw", tmp_path / "out", opts)
+    text = err.getvalue()
+    bars = ("validating behaviors", "validating impressions", "windows and view sizes", "sequences")
+    for bar in bars:
+        assert (f"prepare: {bar}: " in text) == tty, (bar, text)
+    assert ("chunk/s" in text or "s/chunk" in text) == tty
+    # The step lines are there either way (logs show which pass a long run is in).
+    assert "chunks of whole users: validating" in text

@@ -14,13 +14,14 @@ impressions (the CTR samples written to impressions.parquet).
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 from polars.io.plugins import register_io_source
+from tqdm import tqdm
 
 from ptum.data import generic
 from ptum.data.prepare import views
@@ -56,33 +57,18 @@ def prepare_chunked(
 ) -> Core:
     """`prepare_in_memory`'s outputs, holding about 1/n_chunks of the behaviors at a time (see
     the module docstring). Writes items.parquet and sequences.parquet into `tmp`; its scratch
-    files go to tmp/chunks."""
+    files go to tmp/chunks. Each pass over the chunks shows a progress bar on a terminal."""
     work, qdir = tmp / "chunks", tmp / "quarantine"
 
     def say(step: str) -> None:
         print(f"prepare: {n_chunks} chunks of whole users: {step}", file=sys.stderr, flush=True)
 
     say("splitting behaviors and impressions by user range")
-    ranges = _user_ranges(sources["behaviors"].path, n_chunks)
     # The chunk files' user_id and text codes: a mapping of this run's own, kept alive by
     # `codes_in_use` until every chunk is validated.
     categorical = pl.Categorical(pl.Categories.random())
     codes_in_use = pl.Series(dtype=categorical)
-    beh_chunks = _partition(
-        sources["behaviors"].path, "behaviors", ranges, work / "behaviors", n_chunks, categorical
-    )
-    imp_chunks = (
-        _partition(
-            sources["impressions"].path,
-            "impressions",
-            ranges,
-            work / "impressions",
-            n_chunks,
-            categorical,
-        )
-        if sources["impressions"] is not None
-        else [None] * n_chunks
-    )
+    beh_chunks, imp_chunks = _split_by_user(sources, work, n_chunks, categorical)
     say("validating")
     chunks = _validate_behaviors(beh_chunks, sources["behaviors"], work, opts, qdir, report)
     users = pl.concat(chunks.users_of)  # consecutive ranges of sorted ids: still sorted
@@ -92,46 +78,81 @@ def prepare_chunked(
     )
     del codes_in_use
     labels, label_cols = read_labels(sources["labels"], opts, qdir, user_enum, report)
-
-    texts = pl.DataFrame(
-        {"text": pl.concat(chunks.texts_of), "n": np.concatenate(chunks.text_counts)}
-    )
-    texts = texts.group_by("text").agg(pl.col("n").sum())  # a text may occur in many chunks
-    items, item_enum = item_table(texts["text"], texts["n"].to_numpy(), imp_texts)
+    items, item_enum = _items(chunks, imp_texts)
     items.write_parquet(tmp / "items.parquet")
-    del texts, imp_texts
+    del imp_texts
     # Global CTR windows: cut-offs over every chunk's impressions.
     sorted_ts = [np.load(f, mmap_mode="r") for f in stamps]
-    t_train, t_test = global_cutoffs(
+    cutoffs = global_cutoffs(
         sum(len(a) for a in sorted_ts),
         lambda k: kth_smallest(sorted_ts, k),
         opts.ctr_train_frac,
         opts.ctr_test_frac,
     )
-
     say("sequences")
     labeled = users.is_in(labels["user_id"].implode()).to_numpy()
     totals, windowed, n_history = _windows_and_totals(
-        chunks, user_enum, item_enum, (t_train, t_test), labeled
+        chunks, user_enum, item_enum, cutoffs, labeled
     )
     _write_sequences(chunks, totals, tmp / "sequences.parquet", opts.max_behaviors)
+    n_total = np.concatenate([t["before_test"] for t in totals if t]).astype(np.uint32)
     return Core(
         items=items,
         users=users,
         n_behaviors=np.concatenate(chunks.n_behaviors),
-        before_test=pl.DataFrame(
-            {
-                "user_id": users,
-                "n_total": np.concatenate([t["before_test"] for t in totals if t]).astype(
-                    np.uint32
-                ),
-            }
-        ).filter(pl.col("n_total") > 0),
+        before_test=pl.DataFrame({"user_id": users, "n_total": n_total}).filter(
+            pl.col("n_total") > 0
+        ),
         windowed=pl.concat(windowed).sort(*WINDOW_ORDER),
         n_history=n_history,
         labels=labels,
         label_cols=label_cols,
     )
+
+
+def _progress(items: Iterable, desc: str, total: int | None = None) -> Iterable:
+    """`items`, with a tqdm bar on stderr when it is a terminal (nothing in logs and pipes)."""
+    return tqdm(
+        items,
+        desc=f"prepare: {desc}",
+        total=total,
+        unit="chunk",
+        file=sys.stderr,
+        leave=False,
+        disable=not sys.stderr.isatty(),
+    )
+
+
+def _split_by_user(
+    sources: dict[str, Source | None], work: Path, n_chunks: int, categorical: pl.Categorical
+) -> tuple[list[pl.LazyFrame | None], list[pl.LazyFrame | None]]:
+    """The behaviors and impressions, each split on disk into n_chunks ranges of whole users
+    (see _partition); None for a chunk without rows (every chunk without an impressions table)."""
+    ranges = _user_ranges(sources["behaviors"].path, n_chunks)
+    beh_chunks = _partition(
+        sources["behaviors"].path, "behaviors", ranges, work / "behaviors", n_chunks, categorical
+    )
+    if sources["impressions"] is None:
+        return beh_chunks, [None] * n_chunks
+    imp_chunks = _partition(
+        sources["impressions"].path,
+        "impressions",
+        ranges,
+        work / "impressions",
+        n_chunks,
+        categorical,
+    )
+    return beh_chunks, imp_chunks
+
+
+def _items(chunks: _Chunks, imp_texts: pl.Series) -> tuple[pl.DataFrame, pl.Enum]:
+    """The item table (see items.item_table) from every chunk's distinct behavior texts and
+    their counts, and the distinct impression texts."""
+    texts = pl.DataFrame(
+        {"text": pl.concat(chunks.texts_of), "n": np.concatenate(chunks.text_counts)}
+    )
+    texts = texts.group_by("text").agg(pl.col("n").sum())  # a text may occur in many chunks
+    return item_table(texts["text"], texts["n"].to_numpy(), imp_texts)
 
 
 def _validate_behaviors(
@@ -145,7 +166,7 @@ def _validate_behaviors(
     """Pass 1: validate each chunk's behaviors and store its timeline as integer codes on disk;
     report["behaviors"] gets the counts. Raises on bad rows (on_bad_rows=error) or none valid."""
     chunks, parts = _Chunks(work), []
-    for c, chunk in enumerate(beh_chunks):
+    for c, chunk in enumerate(_progress(beh_chunks, "validating behaviors")):
         if chunk is None:  # a range emptied by one big user before it
             chunks.users_of.append(pl.Series("user_id", [], pl.String))
             chunks.n_behaviors.append(np.zeros(0, dtype=np.int64))
@@ -188,7 +209,7 @@ def _validate_impressions(
     gets the counts. Returns the distinct impression texts and the timestamp files."""
     imp_texts, stamps, parts = [pl.Series("text", [], pl.String)], [], []
     work = chunks.work
-    for c, chunk in enumerate(imp_chunks):
+    for c, chunk in enumerate(_progress(imp_chunks, "validating impressions")):
         if chunk is None:
             continue
         good, counts, bad, codes = check_rows(
@@ -223,7 +244,7 @@ def _windows_and_totals(
     )
     first = np.cumsum([0] + [len(u) for u in chunks.users_of])
     totals, windowed, n_history = [], [], 0
-    for c, users_c in enumerate(chunks.users_of):
+    for c, users_c in enumerate(_progress(chunks.users_of, "windows and view sizes")):
         imp_file = work / f"impressions_{c}.parquet"
         imps = (
             pl.read_parquet(imp_file) if imp_file.exists() else pl.DataFrame(schema=NO_IMPRESSIONS)
@@ -255,21 +276,20 @@ def _write_sequences(
     """Pass 2, second half: the sequences view by view (the file is sorted by view, then user),
     each chunk's rows appended as they come, cut from its memory-mapped timelines."""
     work = chunks.work
+    present = [c for c, users_c in enumerate(chunks.users_of) if len(users_c)]
+    steps = [(view, c) for view in sorted(views.VIEWS) for c in present]
 
     def chunk_sequences(*_) -> Iterator[pl.DataFrame]:
-        for view in sorted(views.VIEWS):
-            for c, users_c in enumerate(chunks.users_of):
-                if len(users_c) == 0:
-                    continue
-                yield views.view_rows(
-                    view,
-                    users_c,
-                    totals[c][view],
-                    np.load(work / f"ts_{c}.npy", mmap_mode="r"),
-                    np.load(work / f"item_{c}.npy", mmap_mode="r"),
-                    chunks.n_behaviors[c],
-                    max_behaviors,
-                )
+        for view, c in _progress(steps, "sequences"):
+            yield views.view_rows(
+                view,
+                chunks.users_of[c],
+                totals[c][view],
+                np.load(work / f"ts_{c}.npy", mmap_mode="r"),
+                np.load(work / f"item_{c}.npy", mmap_mode="r"),
+                chunks.n_behaviors[c],
+                max_behaviors,
+            )
 
     # Polars writes what the generator yields, in order, compressing on its own threads.
     register_io_source(chunk_sequences, schema=views.SEQUENCE_SCHEMA).sink_parquet(
