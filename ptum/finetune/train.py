@@ -25,7 +25,7 @@ from ptum.finetune.metrics import accuracy, average_precision, macro_f1, roc_auc
 from ptum.heads import BiasedCtrHead, CtrHead, DemoHead, log_popularity
 from ptum.models.layers import time_gap_bucket
 from ptum.models.user_model import UserModel
-from ptum.pretrain.data import Corpus, recency_positions
+from ptum.pretrain.data import Corpus, bucketed_order, recency_positions
 from ptum.pretrain.tasks import encode_ids
 
 MODES = ("scratch", "frozen", "finetune")
@@ -58,11 +58,13 @@ def user_vectors(
     model: UserModel, corpus: Corpus, rows: np.ndarray, device: torch.device
 ) -> Tensor:
     """(len(rows), D) user vectors of corpus rows (grad flows if the model is training)."""
-    items = torch.from_numpy(corpus.items[rows]).to(device)
     lengths = corpus.lengths[rows]
+    # Only up to the longest sequence of these rows: the rest is padding, masked anyway.
+    width = max(int(lengths.max()) if len(rows) else 1, 1)
+    items = torch.from_numpy(corpus.items[rows, :width]).to(device)
     mask = torch.from_numpy(np.arange(items.shape[1])[None, :] < lengths[:, None]).to(device)
     positions = torch.from_numpy(recency_positions(lengths, items.shape[1])).to(device)
-    gaps = time_gap_bucket(torch.from_numpy(corpus.gaps[rows])).to(device)
+    gaps = time_gap_bucket(torch.from_numpy(corpus.gaps[rows, :width])).to(device)
     (vecs,) = encode_ids(model, corpus.tokens, [items])
     return model.encode_users(vecs, mask, positions, gaps)
 
@@ -210,7 +212,7 @@ def run_demo(
     stopper, epochs = _BestOnValid(opts.patience, model, head), 0
     for epoch in range(opts.max_epochs):
         model.train(not frozen), head.train()
-        order = rng.permutation(train_rows)
+        order = train_rows[bucketed_order(corpus.lengths[train_rows], opts.batch_size, rng)]
         for start in range(0, len(order), opts.batch_size):
             batch = order[start : start + opts.batch_size]
             loss = F.cross_entropy(head.logits(vectors(batch)), y_t[batch], weight=weight)
@@ -340,11 +342,12 @@ def run_ctr(
     sorted_idx = train_idx[by_user]
     users, starts = np.unique(data.row[sorted_idx], return_index=True)
     groups = np.split(sorted_idx, starts[1:]) if len(users) else []
+    group_lengths = data.hist_train.lengths[users]
     rng = np.random.default_rng(seed)
     stopper, epochs = _BestOnValid(opts.patience, model, head), 0
     for epoch in range(opts.max_epochs):
         model.train(not frozen), head.train()
-        order = rng.permutation(len(groups))
+        order = bucketed_order(group_lengths, opts.ctr_users_per_batch, rng)
         for start in range(0, len(order), opts.ctr_users_per_batch):
             batch = np.concatenate(
                 [groups[g] for g in order[start : start + opts.ctr_users_per_batch]]

@@ -10,7 +10,13 @@ also takes the items' ids: `forward(tokens, token_mask, item_ids (N,) long)`.
 import torch
 from torch import Tensor, nn
 
-from ptum.models.layers import AdditiveAttention, BiLstm, MaskedConv1d, MultiHeadSelfAttention
+from ptum.models.layers import (
+    AdditiveAttention,
+    BiLstm,
+    Dropout,
+    MaskedConv1d,
+    MultiHeadSelfAttention,
+)
 
 
 class SelfAttnBehaviorEncoder(nn.Module):
@@ -35,7 +41,7 @@ class SelfAttnBehaviorEncoder(nn.Module):
         self.words = nn.Embedding(vocab_size, word_dim, padding_idx=0)
         self.positions = nn.Embedding(max_tokens, word_dim)
         nn.init.normal_(self.positions.weight, std=0.02)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         # Attention output stays heads * head_dim wide (the NRMS word representation); the
         # pooled vector is projected to out_dim once, at the end.
         self.attn = MultiHeadSelfAttention(
@@ -77,7 +83,7 @@ class CnnBehaviorEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.words = nn.Embedding(vocab_size, word_dim, padding_idx=0)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.conv = MaskedConv1d(in_dim=word_dim, out_dim=filters, window=window)
         self.pool = AdditiveAttention(dim=filters, hidden=attn_hidden)
         # ReLU features are non-negative; a final linear map lets behavior vectors (and so the
@@ -114,7 +120,7 @@ class LstmBehaviorEncoder(nn.Module):
     ) -> None:
         super().__init__()
         self.words = nn.Embedding(vocab_size, word_dim, padding_idx=0)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.lstm = BiLstm(in_dim=word_dim, hidden=hidden)
         self.pool = AdditiveAttention(dim=2 * hidden, hidden=attn_hidden)
         self.proj = nn.Linear(2 * hidden, out_dim)

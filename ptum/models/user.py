@@ -18,6 +18,7 @@ from ptum.models.layers import (
     NUM_GAP_BUCKETS,
     AdditiveAttention,
     BiLstm,
+    Dropout,
     MaskedConv1d,
     MultiHeadSelfAttention,
 )
@@ -33,7 +34,7 @@ class BehaviorContext(nn.Module):
         # Small init so the context nudges, rather than swamps, the behavior vectors.
         nn.init.normal_(self.positions.weight, std=0.02)
         nn.init.normal_(self.gaps.weight, std=0.02)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, vecs: Tensor, positions: Tensor, gap_buckets: Tensor) -> Tensor:
         """(B, L, D), (B, L) long in [0, max_len), (B, L) long in [0, 32) -> (B, L, D)."""
@@ -63,7 +64,7 @@ class HsaUserEncoder(nn.Module):
         self.attn = MultiHeadSelfAttention(
             dim=dim, heads=heads, head_dim=head_dim, dropout=dropout, out_dim=inner
         )
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.pool = AdditiveAttention(dim=inner, hidden=attn_hidden)
         self.proj = nn.Linear(inner, dim)
 
@@ -93,7 +94,7 @@ class HanUserEncoder(nn.Module):
         super().__init__()
         self.context = BehaviorContext(dim=dim, max_len=max_len, dropout=dropout)
         self.lstm = BiLstm(in_dim=dim, hidden=hidden)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.pool = AdditiveAttention(dim=2 * hidden, hidden=attn_hidden)
         self.proj = nn.Linear(2 * hidden, dim)
 
@@ -123,7 +124,7 @@ class HuraUserEncoder(nn.Module):
         super().__init__()
         self.context = BehaviorContext(dim=dim, max_len=max_len, dropout=dropout)
         self.conv = MaskedConv1d(in_dim=dim, out_dim=filters, window=window)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.pool = AdditiveAttention(dim=filters, hidden=attn_hidden)
         self.proj = nn.Linear(filters, dim)
 
@@ -147,7 +148,7 @@ class Gru4RecUserEncoder(nn.Module):
         super().__init__()
         self.context = BehaviorContext(dim=dim, max_len=max_len, dropout=dropout)
         self.gru = nn.GRU(dim, hidden, batch_first=True)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
         self.proj = nn.Linear(hidden, dim)
 
     def forward(self, vecs: Tensor, mask: Tensor, positions: Tensor, gap_buckets: Tensor) -> Tensor:
@@ -193,7 +194,7 @@ class TransformerBlock(nn.Module):
         self.ffn = nn.Sequential(
             nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Linear(ffn_mult * dim, dim)
         )
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: Tensor, mask: Tensor) -> Tensor:
         """(B, L, D), (B, L) bool -> (B, L, D)."""

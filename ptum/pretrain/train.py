@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from ptum import checkpoint
 from ptum.models.user_model import ModelConfig, UserModel
-from ptum.pretrain.data import Batch, Corpus, epoch_order, make_batch, step_rng
+from ptum.pretrain.data import Batch, Corpus, bucketed_order, make_batch, step_rng
 from ptum.pretrain.id_vocab import IdVocab
 from ptum.pretrain.tasks import ptum_step
 
@@ -352,7 +352,8 @@ def _pretrain(
     batch_bar = tqdm(total=steps_per_epoch, unit="batch", leave=False, disable=disable)
     try:
         while epoch < opts.epochs:
-            order = eligible[epoch_order(len(eligible), opts.seed, epoch)]
+            rng = np.random.default_rng([opts.seed, epoch, 2**31 - 1])
+            order = eligible[bucketed_order(train.lengths[eligible], opts.batch_size, rng)]
             t0, ran = time.perf_counter(), 0
             sums, seen = dict(partial["sums"]), partial["seen"]
             batch_bar.reset(total=steps_per_epoch)

@@ -199,8 +199,11 @@ def test_two_process_ddp_matches_one_process(tmp_path, tiny_pipeline):
     assert p2.returncode == 0, out
     h1 = json.loads((one / "reports/pretrain/hsa/history.json").read_text())
     h2 = json.loads((two / "reports/pretrain/hsa/history.json").read_text())
+    # Not bit-equal: each rank averages its masked MBP/NBP losses over its own valid samples, so
+    # a rank with fewer valid NBP targets (short sequences; batches are length-bucketed) weighs
+    # them a little more than one process averaging the global batch does.
     for a, b in zip(h1, h2, strict=True):
-        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=2e-3)
-        assert b["valid_loss"] == pytest.approx(a["valid_loss"], rel=2e-3)
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=5e-3)
+        assert b["valid_loss"] == pytest.approx(a["valid_loss"], rel=5e-3)
     # And the losses moved: the comparison is between real training curves.
     assert h1[-1]["valid_loss"] < h1[0]["valid_loss"] or h1[-1]["train_loss"] < h1[0]["train_loss"]
