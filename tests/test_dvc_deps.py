@@ -18,53 +18,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+from ptum.codedeps import ROOT, closure, imported_files
+
 PKG = ROOT / "ptum"
-
-
-def _module_file(name: str) -> Path | None:
-    """ptum.a.b -> ptum/a/b.py or ptum/a/b/__init__.py; None outside ptum."""
-    if name != "ptum" and not name.startswith("ptum."):
-        return None
-    base = ROOT / Path(*name.split("."))
-    if base.with_suffix(".py").is_file():
-        return base.with_suffix(".py")
-    if (base / "__init__.py").is_file():
-        return base / "__init__.py"
-    return None
-
-
-def _imports(nodes: list[ast.AST]) -> set[Path]:
-    """ptum files imported anywhere within `nodes`."""
-    found: set[Path] = set()
-    for node in (n for top in nodes for n in ast.walk(top)):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            # `from ptum.finetune import sensitivity` imports the module ptum.finetune.sensitivity;
-            # `from ptum.models import build` a name defined in ptum/models/__init__.py.
-            names = [
-                f"{node.module}.{a.name}"
-                if _module_file(f"{node.module}.{a.name}") is not None
-                else node.module
-                for a in node.names
-            ]
-        else:
-            continue
-        found.update(p for p in map(_module_file, names) if p is not None)
-    return found
-
-
-def _closure(start: set[Path]) -> set[Path]:
-    seen: set[Path] = set()
-    todo = list(start)
-    while todo:
-        path = todo.pop()
-        if path in seen:
-            continue
-        seen.add(path)
-        todo += _imports([ast.parse(path.read_text(encoding="utf-8"))])
-    return seen
 
 
 def stage_code(stage: str) -> set[str]:
@@ -82,7 +38,7 @@ def stage_code(stage: str) -> set[str]:
         for node in ast.walk(funcs[name]):
             if isinstance(node, ast.Name) and node.id in funcs:
                 todo.append(node.id)
-    files = _closure(_imports(top + [funcs[n] for n in reached])) | {cli}
+    files = closure(imported_files(top + [funcs[n] for n in reached])) | {cli}
     return {p.relative_to(ROOT).as_posix() for p in files}
 
 

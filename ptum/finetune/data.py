@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ptum.data.prepare import ratio_column, split_impressions, split_labels
+from ptum.data.prepare.splits import ratio_column, split_impressions, split_labels
 from ptum.finetune.train import CtrData
 from ptum.pretrain.data import Corpus, load_corpus
 

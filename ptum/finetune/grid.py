@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ptum import checkpoint
+from ptum.codedeps import module_closure
 from ptum.finetune.baselines import (
     CTR_BASELINES,
     DEMO_BASELINES,
@@ -67,30 +68,12 @@ DEFAULT_SPLIT = SplitSpec()
 
 
 def _code_digest() -> str:
-    """Hash of the code a cell's result depends on, so a code change never reuses old cells."""
-    import ptum.data.prepare
-    import ptum.finetune.baselines
-    import ptum.finetune.data
-    import ptum.finetune.metrics
-    import ptum.finetune.train
-    import ptum.heads
-    import ptum.models
-    import ptum.pretrain.data
-    import ptum.pretrain.tasks
-
-    mods = (
-        ptum.finetune.train,
-        ptum.finetune.metrics,
-        ptum.finetune.baselines,
-        ptum.finetune.data,
-        ptum.data.prepare,
-        ptum.heads,
-        ptum.pretrain.data,
-        ptum.pretrain.tasks,
+    """Hash of the code a cell's result depends on (the import closure of the cell runners:
+    training, baselines, task data and splits, heads, models), so a code change never reuses
+    old cells."""
+    return file_digest(
+        module_closure("ptum.finetune.train", "ptum.finetune.baselines", "ptum.finetune.data")
     )
-    files = [Path(m.__file__) for m in mods]
-    files += sorted(Path(ptum.models.__file__).parent.glob("*.py"))
-    return file_digest(files)
 
 
 # ---------------------------------------------------------------- workers
