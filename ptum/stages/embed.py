@@ -1,0 +1,35 @@
+"""Command `embed`: user vectors from a behavior log with onnxruntime, no torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ptum import paths
+from ptum.config import Params
+from ptum.data.generic import find_table
+from ptum.embed import embed
+
+
+def run(
+    p: Params,
+    *,
+    arch: str | None = None,
+    src: Path = paths.RAW,
+    model: Path | None = None,
+    out: Path | None = None,
+) -> dict:
+    """Embed every user of `src` (a behaviors file, or a directory holding one) with the
+    exported model `model` (default models/onnx/ARCH) into `out` (data/embeddings/ARCH.parquet)."""
+    arch = arch or p.pretrain.architectures[0]
+    if src.is_dir():
+        found = find_table(src, "behaviors")
+        if found is None:
+            raise FileNotFoundError(f"{src}: no behaviors.parquet / behaviors.tsv")
+        src = found
+    return embed(
+        src,
+        model or paths.onnx_model(arch),
+        out or paths.embeddings(arch),
+        batch_size=p.embed.batch_size,
+        demo=p.embed.demo,
+    )
