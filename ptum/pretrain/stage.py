@@ -1,8 +1,7 @@
-"""Stage `pretrain`: load the corpus, build the model config, train, write metrics and plots.
+"""Stage `pretrain`: the options from params.yaml (or the tuned ones), train, write metrics and plots.
 
-With `pretrain.behavior_encoder: hybrid` the architecture's own text encoder is combined with an
-item-id embedding whose vocabulary (items with >= id_min_count training behaviors) is built here
-from the training users and saved with the checkpoint.
+The corpora, model config and (hybrid encoder) item-id vocabulary come from
+`ptum.pretrain.setup.load_inputs`, which each tuning trial calls too.
 """
 
 from __future__ import annotations
@@ -15,11 +14,10 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ptum.config import PretrainConfig, to_dict
-from ptum.models.behavior import ID_MIN_COUNT
-from ptum.models.user_model import ARCHITECTURES, ModelConfig
-from ptum.pretrain.data import Corpus, file_digest, load_corpus, tokenizer_digest
-from ptum.pretrain.id_vocab import IdVocab, build_id_vocab, item_table_digest, item_texts
+from ptum.pretrain.setup import corpus_id_vocab, load_inputs
 from ptum.pretrain.train import TIMING_KEYS, TrainOptions, pick_device, pretrain
+
+__all__ = ["corpus_id_vocab", "run_stage", "train_options"]
 
 
 def train_options(cfg: PretrainConfig, tuned: dict | None = None) -> TrainOptions:
@@ -27,38 +25,6 @@ def train_options(cfg: PretrainConfig, tuned: dict | None = None) -> TrainOption
     if tuned:
         fields.update({k: v for k, v in tuned.items() if k in ("k", "lam", "p", "lr")})
     return TrainOptions(**fields)
-
-
-def model_config(
-    cfg: PretrainConfig,
-    arch: str,
-    *,
-    vocab_size: int,
-    max_tokens: int,
-    max_behaviors: int,
-    num_items: int,
-    id_vocab: int = 0,
-) -> ModelConfig:
-    """The model of `arch` with pretrain.model's sizes; id_vocab = rows of the hybrid encoder's
-    id embedding (`IdVocab.size`), ignored by the other encoders."""
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}")
-    hybrid = {"id_vocab": id_vocab} if cfg.behavior_encoder == "hybrid" else {}
-    return ModelConfig.for_architecture(
-        arch,
-        behavior_encoder=cfg.behavior_encoder,
-        vocab_size=vocab_size,
-        max_tokens=max_tokens,
-        max_behaviors=max_behaviors,
-        num_items=num_items,
-        **hybrid,
-        **to_dict(cfg.model),
-    )
-
-
-def corpus_id_vocab(prepared: Path, train: Corpus, min_count: int) -> IdVocab:
-    """The id vocabulary of the pre-training corpus `train` (training users only)."""
-    return build_id_vocab(train.items, item_texts(prepared), train.tokens, min_count)
 
 
 def run_stage(
@@ -99,53 +65,29 @@ def run_stage(
     opts = train_options(cfg, tuned)
     if deterministic is not None:
         opts = replace(opts, deterministic=deterministic)
-    train = load_corpus(prepared, tokenized, "train", max_behaviors)
-    valid = load_corpus(prepared, tokenized, "valid", max_behaviors)
-    tok_report = json.loads((tokenized / "report.json").read_text())
-    sizes = dict(
-        vocab_size=int(tok_report["vocab_size"]),
-        max_tokens=int(train.tokens.shape[1]),
-        max_behaviors=max_behaviors,
-        num_items=train.num_items + 1,
+    inputs = load_inputs(
+        prepared,
+        tokenized,
+        max_behaviors,
+        arch=arch,
+        behavior_encoder=cfg.behavior_encoder,
+        model_sizes=to_dict(cfg.model),
     )
-    id_vocab = None
-    if cfg.behavior_encoder == "hybrid":
-        min_count = to_dict(cfg.model).get("id_min_count", ID_MIN_COUNT)
-        id_vocab = corpus_id_vocab(prepared, train, min_count)
-    config = model_config(cfg, arch, **sizes, id_vocab=id_vocab.size if id_vocab else 0)
-    tokens = train.tokens
-    if config.behavior_encoder == "id":
-        # The id encoder reads the item id itself as its single "token".
-        import torch
-
-        ids = torch.arange(train.num_items + 1).unsqueeze(1)
-        train = type(train)(**{**train.__dict__, "tokens": ids})
-        valid = type(valid)(**{**valid.__dict__, "tokens": ids})
-    meta = {
-        "architecture": arch,
-        "tokenizer_sha256": tokenizer_digest(tokenized),
-        "data_sha256": file_digest(
-            [prepared / "sequences.parquet", prepared / "users.parquet", tokenized / "tokens.npy"]
-        ),
-        "max_behaviors": max_behaviors,
-        "pretrain_params": to_dict(cfg),
-        # What item id i means; fine-tuning refuses the checkpoint against another tokens.npy.
-        "item_table_sha256": item_table_digest(tokens),
-    }
+    meta = {**inputs.meta, "pretrain_params": to_dict(cfg)}
     timings: dict[int, dict] = {}
 
     def keep_timing(epoch: int, _model, metrics: dict) -> None:
         timings[epoch] = {k: metrics[k] for k in TIMING_KEYS if k in metrics}
 
     final = pretrain(
-        train=train,
-        valid=valid,
-        config=config,
+        train=inputs.train,
+        valid=inputs.valid,
+        config=inputs.config,
         opts=opts,
         out_dir=out_dir,
         meta=meta,
         device=device,
-        id_vocab=id_vocab,
+        id_vocab=inputs.id_vocab,
         on_epoch=keep_timing,
         threads=threads,
     )

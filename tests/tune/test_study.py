@@ -16,8 +16,8 @@ import pytest
 import sqlalchemy.exc
 from optuna.trial import TrialState
 
-import ptum.tune as tune
 from ptum.tune import DONE, StudySpec, open_study, run_trials
+from ptum.tune.storage import retry_race
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -126,7 +126,7 @@ def test_a_lost_creation_race_is_retried_and_other_errors_are_not():
             )
         return "storage"
 
-    assert tune._retry_race(lost_once) == "storage" and len(calls) == 2
+    assert retry_race(lost_once) == "storage" and len(calls) == 2
 
     calls.clear()
 
@@ -135,7 +135,7 @@ def test_a_lost_creation_race_is_retried_and_other_errors_are_not():
         raise sqlalchemy.exc.OperationalError("connect", {}, Exception("password failed"))
 
     with pytest.raises(sqlalchemy.exc.OperationalError):
-        tune._retry_race(wrong_password)
+        retry_race(wrong_password)
     assert len(calls) == 1
 
 

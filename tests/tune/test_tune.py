@@ -252,25 +252,27 @@ _CHILD = """
 import pickle, sys, time
 from pathlib import Path
 import torch
-import ptum.tune as tune
+import ptum.tune.objective as objective
+from ptum.tune import run_worker
 torch.set_num_threads(1)
 setup, spec, marker = pickle.loads(Path(sys.argv[1]).read_bytes())
-pretrain = tune.pretrain
+pretrain = objective.pretrain
 def slow_second_trial(**kw):
     out = pretrain(**kw)
     if kw["meta"]["tune_trial"] == 1:  # pre-trained; now hang until killed
         Path(marker).touch()
         time.sleep(300)
     return out
-tune.pretrain = slow_second_trial
-tune.run_worker(spec, setup, spec.n_trials)
+objective.pretrain = slow_second_trial
+run_worker(spec, setup, spec.n_trials)
 """
 
 
 @pytest.mark.slow
 def test_killed_study_resumes_and_marks_the_killed_trial_failed(tiny_pipeline, tmp_path):
     setup = _setup(tiny_pipeline, tmp_path, demo_labels=("gender",))
-    spec = _spec(tmp_path, n_trials=3, heartbeat_interval=1, grace_period=2)
+    # No pruner: whether a resumed trial would be pruned depends on the values, not on resuming.
+    spec = _spec(tmp_path, n_trials=3, heartbeat_interval=1, grace_period=2, pruner="none")
     marker = tmp_path / "trial1_running"
     (tmp_path / "job.pkl").write_bytes(pickle.dumps((setup, spec, str(marker))))
     (tmp_path / "child.py").write_text(_CHILD)

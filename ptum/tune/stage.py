@@ -1,0 +1,111 @@
+"""Stage `tune`: run (or resume) the study with one or several local workers, then write outputs.
+
+The study lives in an RDB storage (`ptum.tune.storage`), so a rerun resumes it and workers on
+other machines may join it (`ptum tune --worker I` with the same storage URL and study name).
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from ptum.tune.budget import DONE, Progress, run_trials
+from ptum.tune.objective import load_data, make_objective
+from ptum.tune.outputs import write_outputs
+from ptum.tune.study import StudySpec, open_setup_study
+from ptum.tune.trial import TrialSetup, objective_names
+
+
+def run_worker(
+    spec: StudySpec,
+    setup: TrialSetup,
+    n_trials: int,
+    worker: int = 0,
+    threads: int = 0,
+    *,
+    progress: bool = False,
+) -> None:
+    """Run up to `n_trials` trials in this process; stops early once the study's budget of
+    `spec.n_trials` complete or pruned trials is taken, whoever ran them."""
+    if threads:
+        torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+    data = load_data(setup)
+    study = open_setup_study(spec, setup, worker=worker)
+    run_trials(
+        study,
+        make_objective(data, setup),
+        n_trials=spec.n_trials,
+        max_trials=n_trials,
+        progress=progress,
+    )
+
+
+def tune(
+    *,
+    setup: TrialSetup,
+    spec: StudySpec,
+    best_params_path: Path,
+    reports_dir: Path,
+    n_workers: int = 1,
+) -> dict[str, Any]:
+    """Run (or resume) the study until it holds `spec.n_trials` complete or pruned trials.
+
+    `n_workers` > 1 runs that many processes against the same storage, each with its own
+    sampler seed, taking trials until the budget is taken (a fast worker runs more). Then
+    writes `best_params_path` (k, lam, p, lr, value, trial number; in multi-objective mode the
+    Pareto trial with the best mean of the objectives, plus the whole front) and PNG plots into
+    `reports_dir`. Returns a summary: trial counts per state and the best trial.
+    """
+    if n_workers < 1:
+        raise ValueError("tune: n_workers must be >= 1")
+    study = open_setup_study(spec, setup)
+    remaining = max(0, spec.n_trials - len(study.get_trials(deepcopy=False, states=DONE)))
+    t0 = time.perf_counter()
+    if remaining and n_workers == 1:
+        run_worker(spec, setup, remaining, spec.worker, progress=True)
+    elif remaining:
+        _run_workers(spec, setup, remaining, n_workers, study)
+    summary = write_outputs(
+        study,
+        best_params_path=best_params_path,
+        reports_dir=reports_dir,
+        objective_names=objective_names(setup),
+    )
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    return summary
+
+
+def _run_workers(
+    spec: StudySpec, setup: TrialSetup, remaining: int, n_workers: int, study: optuna.Study
+) -> None:
+    """Up to `n_workers` spawned processes on the study, sharing the machine's CPUs; one bar,
+    fed from the storage, follows them all."""
+    threads = max(1, (os.cpu_count() or 1) // n_workers)
+    # spawn, not fork: a forked child of a process that already ran torch can deadlock.
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(
+            target=run_worker,
+            args=(spec, setup, remaining, spec.worker * n_workers + i, threads),
+            name=f"tune-worker-{i}",
+        )
+        for i in range(min(n_workers, remaining))
+    ]
+    for p in procs:
+        p.start()
+    bar = Progress(study, spec.n_trials)  # one bar for all workers, fed from the storage
+    for p in procs:
+        while p.is_alive():
+            p.join(timeout=1.0)
+            bar.refresh()  # a no-op when stderr is not a terminal
+    bar.close()
+    failed = [p.name for p in procs if p.exitcode != 0]
+    if failed:
+        raise RuntimeError(f"tune: worker(s) {failed} failed; rerun to resume the study")

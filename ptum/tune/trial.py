@@ -1,0 +1,95 @@
+"""What one trial is: the search space it samples and the set-up it trains and scores with.
+
+A trial pre-trains a user model with sampled K (next behaviors predicted), λ (NBP loss weight;
+0 = MBP only), P (negatives per positive) and learning rate, then fine-tunes it briefly on the
+demographic task (see `ptum.tune.objective`). `TrialSetup` holds everything else; a study's
+name and identity are derived from it (`ptum.tune.study`).
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+from tqdm import tqdm
+
+from ptum.finetune.train import CellOptions
+from ptum.pretrain.train import TrainOptions
+
+
+def log(msg: str) -> None:
+    """A line on stderr, through tqdm: a progress bar on the terminal is cleared, and redrawn
+    below the line."""
+    tqdm.write(msg, file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What a trial samples: integer ranges are inclusive, lr is sampled log-uniformly."""
+
+    k: tuple[int, int] = (1, 5)
+    lam: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+    p: tuple[int, int] = (1, 16)
+    lr: tuple[float, float] = (1e-4, 1e-2)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.k[0] <= self.k[1]:
+            raise ValueError(f"tune: k range {self.k} must satisfy 1 <= low <= high")
+        if not 1 <= self.p[0] <= self.p[1]:
+            raise ValueError(f"tune: p range {self.p} must satisfy 1 <= low <= high")
+        if not 0 < self.lr[0] < self.lr[1]:
+            raise ValueError(f"tune: lr range {self.lr} must satisfy 0 < low < high")
+        if not self.lam or min(self.lam) < 0:
+            raise ValueError(f"tune: lam choices {self.lam} must be non-empty and >= 0")
+
+    def suggest(self, trial: optuna.Trial) -> dict[str, Any]:
+        # Choices as floats: a study reloaded with [0, 1] from YAML must see the same
+        # categorical distribution as one created with [0.0, 1.0].
+        return {
+            "k": trial.suggest_int("k", *self.k),
+            "lam": trial.suggest_categorical("lam", [float(v) for v in self.lam]),
+            "p": trial.suggest_int("p", *self.p),
+            "lr": trial.suggest_float("lr", *self.lr, log=True),
+        }
+
+
+@dataclass(frozen=True)
+class TrialSetup:
+    """Everything a trial trains and scores except the sampled hyper-parameters.
+
+    `base` holds the pre-training options that are not tuned (batch size, negatives, ...); its
+    k / lam / p / lr / seed are replaced per trial and its `epochs` is the (short) pre-training
+    length of a trial. `finetune` is the brief fine-tuning that gives the trial's value.
+    """
+
+    prepared: Path
+    tokenized: Path
+    max_behaviors: int
+    arch: str = "hsa"
+    behavior_encoder: str = ""  # "" = the architecture's own
+    model_sizes: Mapping[str, int | float] = field(default_factory=dict)  # word_dim, dim, ...
+    base: TrainOptions = field(default_factory=lambda: TrainOptions(epochs=2))
+    space: SearchSpace = field(default_factory=SearchSpace)
+    finetune: CellOptions = field(default_factory=lambda: CellOptions(max_epochs=3))
+    demo_select: str = "acc"  # acc | macro_f1
+    demo_labels: tuple[str, ...] = ()  # () = every label column of the data
+    ratio: float = 1.0  # label ratio of the fine-tuning (a prepare.label_ratios entry)
+    prune_head_epochs: int = 5  # epochs of the frozen-vector head behind the pruning metric
+    multi_objective: bool = False
+    device: str = "auto"
+    work_dir: Path | None = None  # parent of the per-trial checkpoint dirs (None = system tmp)
+
+
+def directions(s: TrialSetup) -> list[str]:
+    """Optuna directions of the study's objectives (all maximised)."""
+    return ["maximize", "maximize"] if s.multi_objective else ["maximize"]
+
+
+def objective_names(s: TrialSetup) -> list[str]:
+    """demo_valid_METRIC (+ ctr_valid_auc in multi-objective mode)."""
+    demo = f"demo_valid_{s.demo_select}"
+    return [demo, "ctr_valid_auc"] if s.multi_objective else [demo]
