@@ -1,8 +1,11 @@
-"""What a finished study leaves behind: the best trial's parameters and the study's counts.
+"""What a finished study leaves behind: headline metrics, the detailed summary, the figures.
 
-`best_params.json`: the best trial's k, lam, p, lr, its value, its number, the study name and
-the trial counts per state; in multi-objective mode the Pareto trial with the best mean of the
-objectives, plus the whole front.
+- `best_params.json` (the stage's DVC metric, at most a dozen numbers): the best trial's k, lam,
+  p, lr, its number and value (multi-objective: the Pareto trial with the best mean of the
+  objectives, and its value per objective), and the complete / pruned / failed trial counts.
+  `pretrain.use_tuned: true` pre-trains with its k, lam, p, lr.
+- `study.json` beside the figures (a plain output): the same best trial with the study name,
+  the objectives, the counts of every trial state, and in multi-objective mode the whole front.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ptum.tune.plots import write_plots
+
+STUDY_JSON = "study.json"  # the detailed summary, written beside the figures
 
 
 def _best(study: optuna.Study) -> tuple[FrozenTrial, list[FrozenTrial]]:
@@ -39,7 +44,9 @@ def _entry(t: FrozenTrial, names: list[str]) -> dict[str, Any]:
 def write_outputs(
     study: optuna.Study, *, best_params_path: Path, reports_dir: Path, objective_names: list[str]
 ) -> dict[str, Any]:
-    """best_params.json and the history / importance (/ Pareto) PNGs of a finished study."""
+    """best_params.json (headline), reports_dir/study.json (detail) and the history /
+    importance (/ Pareto or intermediate values) PNGs of a finished study; returns the detail
+    with the figures written."""
     counts = {
         s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
         for s in (
@@ -56,18 +63,33 @@ def write_outputs(
             f"({counts}); rerun to add trials"
         )
     best, front = _best(study)
-    out = {
+    detail = {
         **_entry(best, objective_names),
         "study": study.study_name,
         "trials": counts,
         "objectives": objective_names,
     }
     if len(objective_names) > 1:
-        out["pareto_front"] = [_entry(t, objective_names) for t in front]
-    best_params_path.parent.mkdir(parents=True, exist_ok=True)
-    # Atomic: two `ptum tune` processes on one study may finish at the same time.
-    tmp = best_params_path.with_name(f".{best_params_path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(out, indent=1) + "\n")
-    os.replace(tmp, best_params_path)
-    out["plots"] = write_plots(study, reports_dir, objective_names)
-    return out
+        detail["pareto_front"] = [_entry(t, objective_names) for t in front]
+    _write_json(best_params_path, headline(detail))
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(reports_dir / STUDY_JSON, detail)
+    return {**detail, "plots": write_plots(study, reports_dir, objective_names)}
+
+
+def headline(detail: dict[str, Any]) -> dict[str, Any]:
+    """The numbers `dvc metrics show` lists for the stage: the best trial's parameters, number
+    and value (per objective too when there are several), and the trial counts."""
+    out = {k: detail[k] for k in ("trial", "k", "lam", "p", "lr", "value")}
+    if len(detail["values"]) > 1:
+        out["values"] = detail["values"]
+    counts = detail["trials"]
+    return {**out, **{state: counts[state] for state in ("complete", "pruned", "fail")}}
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomic: two `ptum tune` processes on one study may finish at the same time."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)

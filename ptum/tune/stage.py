@@ -59,9 +59,9 @@ def tune(
 
     `n_workers` > 1 runs that many processes against the same storage, each with its own
     sampler seed, taking trials until the budget is taken (a fast worker runs more). Then
-    writes `best_params_path` (k, lam, p, lr, value, trial number; in multi-objective mode the
-    Pareto trial with the best mean of the objectives, plus the whole front) and PNG plots into
-    `reports_dir`. Returns a summary: trial counts per state and the best trial.
+    writes `best_params_path` (the headline metrics: the best k, lam, p, lr, trial and value,
+    trial counts), and into `reports_dir` study.json (the detail; in multi-objective mode the
+    whole Pareto front) and PNG plots (`ptum.tune.outputs`). Returns the detail.
     """
     if n_workers < 1:
         raise ValueError("tune: n_workers must be >= 1")

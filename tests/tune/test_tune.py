@@ -113,13 +113,33 @@ def test_study_scores_validation_metrics_and_writes_outputs(finished):
     assert 1 <= best["k"] <= 5 and 1 <= best["p"] <= 16 and best["lam"] in SPACE.lam
     assert 1e-4 <= best["lr"] <= 1e-2
     assert {k: best[k] for k in ("k", "lam", "p", "lr")} == top.params
-    assert best["trials"]["complete"] == 3 and summary["trial"] == top.number
+    assert best["complete"] == 3 and best["pruned"] == best["fail"] == 0
+    assert summary["trial"] == top.number
+    # The detail (study name, every state's count) beside the figures, not among the metrics.
+    detail = json.loads((tmp / "reports" / "study.json").read_text())
+    assert detail["study"] == spec.study_name and detail["trials"]["complete"] == 3
+    assert {k: detail[k] for k in best if k not in ("complete", "pruned", "fail")} == {
+        k: v for k, v in best.items() if k not in ("complete", "pruned", "fail")
+    }
     for name in ("optimization_history", "intermediate_values"):
         assert (tmp / "reports" / f"{name}.png").read_bytes()[:8] == PNG, name
     # Importances: a plot, or a note saying why 3 trials were too few (see the test below).
     imp = tmp / "reports" / "param_importances"
     assert imp.with_suffix(".png").exists() != imp.with_suffix(".txt").exists()
     assert not list((tmp / "trials").iterdir()), "per-trial checkpoints must be removed"
+
+
+def _numbers(metrics: dict) -> int:
+    """How many values `dvc metrics show` lists for a metrics file (nested dicts flattened)."""
+    return sum(_numbers(v) if isinstance(v, dict) else 1 for v in metrics.values())
+
+
+def test_headline_metrics_are_a_dozen_numbers(finished):
+    tmp, _, _ = finished
+    best = json.loads((tmp / "best_params.json").read_text())
+    assert list(best) == ["trial", "k", "lam", "p", "lr", "value", "complete", "pruned", "fail"]
+    assert all(isinstance(v, int | float) for v in best.values())
+    assert _numbers(best) <= 12
 
 
 def test_a_pruned_trial_stops_after_the_epoch_it_was_pruned_at(tiny_pipeline, tmp_path):
@@ -227,9 +247,12 @@ def test_multi_objective_reports_the_pareto_front(tiny_pipeline, tmp_path):
         assert not t.intermediate_values  # no pruning (nor reports) with two objectives
     front = {t.number for t in study.best_trials}
     best = json.loads((tmp_path / "best.json").read_text())
-    assert {e["trial"] for e in best["pareto_front"]} == front and best["trial"] in front
+    detail = json.loads((tmp_path / "reports" / "study.json").read_text())
+    assert {e["trial"] for e in detail["pareto_front"]} == front and best["trial"] in front
     assert set(best["values"]) == {"demo_valid_acc", "ctr_valid_auc"}
-    assert summary["trials"]["complete"] == 2
+    assert best["value"] == pytest.approx(sum(best["values"].values()) / 2)
+    assert summary["trials"]["complete"] == 2 and best["complete"] == 2
+    assert _numbers(best) <= 12, "dvc metrics show: at most a dozen numbers"
     assert (tmp_path / "reports" / "pareto_front.png").read_bytes()[:8] == PNG
 
 
