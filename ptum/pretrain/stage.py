@@ -17,14 +17,41 @@ from ptum.config import PretrainConfig, to_dict
 from ptum.pretrain.setup import corpus_id_vocab, load_inputs
 from ptum.pretrain.train import TIMING_KEYS, TrainOptions, pick_device, pretrain
 
-__all__ = ["corpus_id_vocab", "run_stage", "train_options"]
+__all__ = ["TUNED_KEYS", "corpus_id_vocab", "read_tuned", "run_stage", "train_options"]
+
+
+# What `pretrain.use_tuned: true` takes from the tune stage's best_params.json (dvc.yaml's
+# pretrain stage declares exactly these keys of that file; tests/tune/test_use_tuned.py).
+TUNED_KEYS = ("k", "lam", "p", "lr")
 
 
 def train_options(cfg: PretrainConfig, tuned: dict | None = None) -> TrainOptions:
+    """The loop's options from pretrain's section, with TUNED_KEYS taken from `tuned` if given."""
     fields = {k: v for k, v in to_dict(cfg).items() if k in TrainOptions.__dataclass_fields__}
     if tuned:
-        fields.update({k: v for k, v in tuned.items() if k in ("k", "lam", "p", "lr")})
+        fields.update({k: tuned[k] for k in TUNED_KEYS if k in tuned})
     return TrainOptions(**fields)
+
+
+def read_tuned(path: Path | None) -> dict[str, int | float]:
+    """k, lam, p, lr from the tune stage's best_params.json; a clear error when it is missing or
+    lacks one of them."""
+    if path is None or not path.is_file():
+        raise FileNotFoundError(
+            f"pretrain.use_tuned is true but {path} does not exist; run the tune stage first "
+            "(`dvc repro tune` or `ptum tune`), or set pretrain.use_tuned: false"
+        )
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"{path}: not JSON ({e}); rerun the tune stage") from e
+    for key in TUNED_KEYS:
+        value = data.get(key) if isinstance(data, dict) else None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(
+                f"{path}: key {key!r} is {value!r}, expected a number; rerun the tune stage"
+            )
+    return {key: data[key] for key in TUNED_KEYS}
 
 
 def run_stage(
@@ -45,7 +72,8 @@ def run_stage(
     `deterministic` (None: the config's `pretrain.deterministic` where it has one, else off)
     runs with deterministic kernels and `threads` torch threads: two runs write byte-equal
     checkpoints. Per-epoch timings go to report_dir/history.json and metrics.json, never into
-    out_dir.
+    out_dir. With `pretrain.use_tuned`, k / lam / p / lr come from `tuned_path` (the tune
+    stage's best_params.json, see `read_tuned`).
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(cfg.device)
@@ -54,15 +82,7 @@ def run_stage(
         dist.init_process_group(backend)
         if device.type == "cuda":
             device = pick_device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-    tuned = None
-    if cfg.use_tuned:
-        if tuned_path is None or not tuned_path.exists():
-            raise FileNotFoundError(
-                f"pretrain.use_tuned is true but {tuned_path} does not exist; "
-                "run the tune stage first"
-            )
-        tuned = json.loads(tuned_path.read_text())
-    opts = train_options(cfg, tuned)
+    opts = train_options(cfg, read_tuned(tuned_path) if cfg.use_tuned else None)
     if deterministic is not None:
         opts = replace(opts, deterministic=deterministic)
     inputs = load_inputs(
