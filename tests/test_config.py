@@ -1,8 +1,11 @@
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
+import yaml
 
-from ptum.config import ConfigError, DataConfig, build, load_params
+from ptum.config import SECTIONS, ConfigError, DataConfig, Params, build, load_params, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -94,3 +97,49 @@ def test_out_of_range_params_name_the_key_value_and_range(override, key):
 def test_override_below_a_scalar_is_a_clear_error():
     with pytest.raises(ConfigError, match=r"pretrain.lr is a value .* not a section"):
         load_params(ROOT / "params.yaml", ["pretrain.lr.x=1"])
+
+
+def _keys(cls: type, prefix: str = "") -> set[str]:
+    """Every key of a config dataclass, nested sections as dotted paths."""
+    keys = set()
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            keys |= _keys(hint, f"{prefix}{f.name}.")
+        else:
+            keys.add(prefix + f.name)
+    return keys
+
+
+def _flat(raw: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k, v in raw.items():
+        keys |= _flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k}
+    return keys
+
+
+def test_params_yaml_sets_every_key():
+    """The root params.yaml is where every default is chosen (and documented): it lists every
+    key of every section, so none silently takes a value from code."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text(encoding="utf-8"))
+    for section, cls in SECTIONS.items():
+        missing = _keys(cls) - _flat(raw.get(section) or {})
+        assert not missing, f"params.yaml: {section} lacks {sorted(missing)}"
+
+
+def test_dataclass_defaults_equal_params_yaml():
+    """The dataclass defaults (what library code and tests get without a params file) are the
+    values of the root params.yaml, key by key: one default per key, not two."""
+    shipped = to_dict(load_params(ROOT / "params.yaml"))
+    defaults = to_dict(Params())
+    differ = {
+        f"{s}.{k}": (defaults[s][k], shipped[s][k])
+        for s in shipped
+        for k in shipped[s]
+        if defaults[s][k] != shipped[s][k]
+    }
+    assert not differ, f"ptum/config.py default vs params.yaml: {differ}"
+
+
+def test_a_missing_params_file_means_the_shipped_defaults(tmp_path):
+    assert load_params(tmp_path / "missing.yaml") == load_params(ROOT / "params.yaml")
