@@ -143,3 +143,10 @@ def test_dataclass_defaults_equal_params_yaml():
 
 def test_a_missing_params_file_means_the_shipped_defaults(tmp_path):
     assert load_params(tmp_path / "missing.yaml") == load_params(ROOT / "params.yaml")
+
+
+def test_invalid_yaml_names_the_file_and_line(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("data:\n  source: synthetic\n  size: [tiny\n")
+    with pytest.raises(ConfigError, match=r"params.yaml: not valid YAML: .*line 4"):
+        load_params(f)

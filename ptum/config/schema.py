@@ -1,39 +1,15 @@
-"""Typed configuration: one frozen dataclass per `params.yaml` section.
+"""The schema: one frozen dataclass per `params.yaml` section, with its range checks.
 
-Only stage entry points (`ptum.stages`) read configuration; library functions take explicit
-arguments. Loading rejects unknown keys and wrong types with a message naming the section and
-key, so a typo in `params.yaml` or in a `--set section.key=value` override fails loudly instead of
-being ignored.
-
-Defaults: the root `params.yaml` chooses every default and lists every key; the dataclass
-defaults here are the same values (tests/test_config.py compares them key by key), so library
-code and tests that build a config without a file get what the pipeline gets.
+Each field's comment documents the key. The defaults are the root params.yaml's values
+(tests/test_config.py checks that key by key): params.yaml is where a default is chosen.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import re
-import types
-import typing
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
-import yaml
-
-_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
-
-
-class ConfigError(ValueError):
-    """A params file or override that does not match the expected schema."""
-
-
-def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
-    """Raise ConfigError naming the key, its value and the allowed range unless `ok`."""
-    if not ok:
-        raise ConfigError(f"{key} = {value!r} is out of range: must be {allowed}")
+from ptum.config.errors import require
 
 
 @dataclass(frozen=True)
@@ -118,8 +94,8 @@ class ModelParams:
     def __post_init__(self) -> None:
         for name in ("word_dim", "dim", "heads", "head_dim", "attn_hidden", "layers"):
             v = getattr(self, name)
-            _require(v >= 1, f"pretrain.model.{name}", v, "an integer >= 1")
-        _require(0 <= self.dropout < 1, "pretrain.model.dropout", self.dropout, "in [0, 1)")
+            require(v >= 1, f"pretrain.model.{name}", v, "an integer >= 1")
+        require(0 <= self.dropout < 1, "pretrain.model.dropout", self.dropout, "in [0, 1)")
 
 
 @dataclass(frozen=True)
@@ -155,19 +131,19 @@ class PretrainConfig:
     use_tuned: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.k >= 1, "pretrain.k", self.k, "an integer >= 1")
-        _require(self.p >= 1, "pretrain.p", self.p, "an integer >= 1 (negatives per positive)")
-        _require(self.lam >= 0, "pretrain.lam", self.lam, ">= 0")
-        _require(self.lr > 0, "pretrain.lr", self.lr, "> 0")
-        _require(self.weight_decay >= 0, "pretrain.weight_decay", self.weight_decay, ">= 0")
-        _require(self.batch_size >= 1, "pretrain.batch_size", self.batch_size, "an integer >= 1")
-        _require(self.epochs >= 1, "pretrain.epochs", self.epochs, "an integer >= 1")
-        _require(self.grad_clip > 0, "pretrain.grad_clip", self.grad_clip, "> 0")
-        _require(self.processes >= 1, "pretrain.processes", self.processes, "an integer >= 1")
-        _require(
+        require(self.k >= 1, "pretrain.k", self.k, "an integer >= 1")
+        require(self.p >= 1, "pretrain.p", self.p, "an integer >= 1 (negatives per positive)")
+        require(self.lam >= 0, "pretrain.lam", self.lam, ">= 0")
+        require(self.lr > 0, "pretrain.lr", self.lr, "> 0")
+        require(self.weight_decay >= 0, "pretrain.weight_decay", self.weight_decay, ">= 0")
+        require(self.batch_size >= 1, "pretrain.batch_size", self.batch_size, "an integer >= 1")
+        require(self.epochs >= 1, "pretrain.epochs", self.epochs, "an integer >= 1")
+        require(self.grad_clip > 0, "pretrain.grad_clip", self.grad_clip, "> 0")
+        require(self.processes >= 1, "pretrain.processes", self.processes, "an integer >= 1")
+        require(
             self.mbp or self.nbp, "pretrain.mbp/nbp", (self.mbp, self.nbp), "at least one task on"
         )
-        _require(
+        require(
             len(self.architectures) >= 1,
             "pretrain.architectures",
             self.architectures,
@@ -210,28 +186,28 @@ class FinetuneConfig:
     bootstrap: int = 1000
 
     def __post_init__(self) -> None:
-        _require(self.repeats >= 1, "finetune.repeats", self.repeats, "an integer >= 1")
-        _require(self.lr > 0, "finetune.lr", self.lr, "> 0")
-        _require(self.batch_size >= 1, "finetune.batch_size", self.batch_size, "an integer >= 1")
-        _require(self.max_epochs >= 1, "finetune.max_epochs", self.max_epochs, "an integer >= 1")
-        _require(self.patience >= 1, "finetune.patience", self.patience, "an integer >= 1")
-        _require(self.head_hidden >= 1, "finetune.head_hidden", self.head_hidden, ">= 1")
-        _require(self.weight_decay >= 0, "finetune.weight_decay", self.weight_decay, ">= 0")
-        _require(self.workers >= 1, "finetune.workers", self.workers, "an integer >= 1")
-        _require(
+        require(self.repeats >= 1, "finetune.repeats", self.repeats, "an integer >= 1")
+        require(self.lr > 0, "finetune.lr", self.lr, "> 0")
+        require(self.batch_size >= 1, "finetune.batch_size", self.batch_size, "an integer >= 1")
+        require(self.max_epochs >= 1, "finetune.max_epochs", self.max_epochs, "an integer >= 1")
+        require(self.patience >= 1, "finetune.patience", self.patience, "an integer >= 1")
+        require(self.head_hidden >= 1, "finetune.head_hidden", self.head_hidden, ">= 1")
+        require(self.weight_decay >= 0, "finetune.weight_decay", self.weight_decay, ">= 0")
+        require(self.workers >= 1, "finetune.workers", self.workers, "an integer >= 1")
+        require(
             self.encoder_lr_scale >= 0, "finetune.encoder_lr_scale", self.encoder_lr_scale, ">= 0"
         )
-        _require(self.bootstrap >= 100, "finetune.bootstrap", self.bootstrap, ">= 100")
-        _require(
+        require(self.bootstrap >= 100, "finetune.bootstrap", self.bootstrap, ">= 100")
+        require(
             self.ctr_bias_lr_scale > 0, "finetune.ctr_bias_lr_scale", self.ctr_bias_lr_scale, "> 0"
         )
-        _require(
+        require(
             len(self.class_weights) >= 1 and set(self.class_weights) <= {"none", "balanced"},
             "finetune.class_weights",
             self.class_weights,
             "a non-empty list of none | balanced",
         )
-        _require(
+        require(
             len(self.ratios) >= 1 and all(0 < r <= 1 for r in self.ratios),
             "finetune.ratios",
             self.ratios,
@@ -335,19 +311,19 @@ class Params:
     def __post_init__(self) -> None:
         """Constraints between sections."""
         ratios = set(self.prepare.label_ratios)
-        _require(
+        require(
             set(self.finetune.ratios) <= ratios,
             "finetune.ratios",
             self.finetune.ratios,
             f"among prepare.label_ratios {list(self.prepare.label_ratios)}",
         )
-        _require(
+        require(
             self.sensitivity.ratio in ratios,
             "sensitivity.ratio",
             self.sensitivity.ratio,
             f"one of prepare.label_ratios {list(self.prepare.label_ratios)}",
         )
-        _require(
+        require(
             self.pretrain.k < self.prepare.max_behaviors,
             "pretrain.k",
             self.pretrain.k,
@@ -367,127 +343,3 @@ SECTIONS: dict[str, type] = {
     "export": ExportConfig,
     "embed": EmbedConfig,
 }
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check `value` against a type hint, converting lists to tuples; raise ConfigError."""
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return value
-    if origin is Literal:
-        allowed = typing.get_args(hint)
-        if value not in allowed:
-            raise ConfigError(f"{where}: {value!r} is not one of {list(allowed)}")
-        return value
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(hint):
-            if option is type(None) and value is None:
-                return None
-            try:
-                return _coerce(value, option, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: {value!r} does not match {hint}")
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__} {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if len(args) != len(value):
-            raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true/false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str) and _FLOAT.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads "1e-3" as a string; accept it as a number
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    if dataclasses.is_dataclass(hint):
-        return build(hint, value, where)
-    raise ConfigError(f"{where}: unsupported type {hint}")  # pragma: no cover - schema bug
-
-
-def build(cls: type, raw: Any, where: str) -> Any:
-    """Build frozen dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - names)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in raw.items()}
-    return cls(**kwargs)
-
-
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """Parse `section.key=value` (value in YAML syntax) into (["section", "key"], value)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r}: expected section.key=value")
-    key, _, value = text.partition("=")
-    parts = key.strip().split(".")
-    if len(parts) < 2 or not all(parts):
-        raise ConfigError(f"override {text!r}: expected section.key=value")
-    return parts, yaml.safe_load(value) if value.strip() else ""
-
-
-def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
-    """Load params.yaml (missing file = all defaults), apply overrides, validate every section.
-
-    Unknown sections are rejected like unknown keys: a misspelt section must not silently fall
-    back to defaults.
-    """
-    path = Path(path)
-    raw: dict[str, Any] = {}
-    if path.exists():
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at top level")
-        raw = dict(loaded or {})
-    for text in overrides or []:
-        parts, value = parse_override(text)
-        if parts[0] not in SECTIONS:
-            raise ConfigError(
-                f"override {text!r}: unknown section {parts[0]!r}; known: {sorted(SECTIONS)}"
-            )
-        node = raw.setdefault(parts[0], {}) or {}
-        raw[parts[0]] = node
-        for i, p in enumerate(parts[1:-1], start=1):
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(
-                    f"override {text!r}: {'.'.join(parts[: i + 1])} is a value ({node!r}), "
-                    "not a section with keys; set it directly"
-                )
-        node[parts[-1]] = value
-    unknown = sorted(set(raw) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"{path.name}: unknown section(s) {unknown}; known: {sorted(SECTIONS)}")
-    sections = {
-        name: build(cls, raw.get(name), f"{path.name}:{name}") for name, cls in SECTIONS.items()
-    }
-    return Params(**sections)
-
-
-def to_dict(obj: Any) -> Any:
-    """Dataclass -> plain JSON-able dict (tuples become lists)."""
-    if dataclasses.is_dataclass(obj):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, tuple | list):
-        return [to_dict(v) for v in obj]
-    return obj

@@ -1,0 +1,55 @@
+"""Typed configuration: one frozen dataclass per `params.yaml` section.
+
+Only stage entry points (`ptum.stages`) read configuration; library functions take explicit
+arguments. Loading rejects unknown keys and wrong types with a message naming the section and
+key, so a typo in `params.yaml` or in a `--set section.key=value` override fails loudly instead of
+being ignored.
+
+Defaults: the root `params.yaml` chooses every default and lists every key; the dataclass
+defaults are the same values (tests/test_config.py compares them key by key), so library code
+and tests that build a config without a file get what the pipeline gets.
+
+Modules, one job each:
+    schema     the dataclasses (one per section, each key documented) and their range checks
+    load       `load_params`: YAML -> checked dataclasses; `build`, `to_dict`
+    overrides  `--set section.key=value` parsing and application
+    errors     `ConfigError`
+"""
+
+from ptum.config.errors import ConfigError
+from ptum.config.load import build, load_params, to_dict
+from ptum.config.overrides import parse_override
+from ptum.config.schema import (
+    SECTIONS,
+    DataConfig,
+    EmbedConfig,
+    ExportConfig,
+    FinetuneConfig,
+    ModelParams,
+    Params,
+    PrepareConfig,
+    PretrainConfig,
+    SensitivityConfig,
+    TokenizeConfig,
+    TuneConfig,
+)
+
+__all__ = [
+    "SECTIONS",
+    "ConfigError",
+    "DataConfig",
+    "EmbedConfig",
+    "ExportConfig",
+    "FinetuneConfig",
+    "ModelParams",
+    "Params",
+    "PrepareConfig",
+    "PretrainConfig",
+    "SensitivityConfig",
+    "TokenizeConfig",
+    "TuneConfig",
+    "build",
+    "load_params",
+    "parse_override",
+    "to_dict",
+]
