@@ -12,12 +12,13 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 from ptum import paths
-from ptum.config import ConfigError, Params, load_params
-from ptum.data.errors import DataError
+from ptum.config import Params, load_params
+from ptum.stages import errors
 
 
 def _given(**kwargs: Any) -> dict[str, Any]:
@@ -206,15 +207,27 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
+    errors.track_json_reads()
+    t0 = time.perf_counter()
     try:
         params = load_params(args.params, args.overrides)
         run, _ = STAGES[args.stage]
-        t0 = time.perf_counter()
         result = run(params, args)
-    except (ConfigError, DataError, ValueError, FileNotFoundError) as e:
+    except KeyboardInterrupt:
+        print(f"ptum {args.stage}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        line = errors.explain(exc)
+        if line is None:
+            traceback.print_exc()
+            print(
+                f"ptum {args.stage}: unexpected error ({type(exc).__name__}): {errors.REPORT_TO}",
+                file=sys.stderr,
+            )
+            return 1
         if os.environ.get("PTUM_DEBUG"):
             raise
-        print(f"ptum {args.stage}: error: {e}", file=sys.stderr)
+        print(f"ptum {args.stage}: error: {line}", file=sys.stderr)
         return 2
     summary = json.dumps(result, indent=1, sort_keys=True, default=str)
     print(summary if len(summary) < 4000 else summary[:4000] + "\n...")

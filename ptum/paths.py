@@ -133,3 +133,39 @@ def embeddings(arch: str) -> Path:
 # --- stage report and the Prefect flow --------------------------------------------------------
 RESULTS_MD = REPORTS / "results.md"
 FLOW_LOGS = Path("logs/flows")  # one log file per flow run (not a DVC output)
+
+
+# --- which stage writes a path ----------------------------------------------------------------
+_PRODUCERS: tuple[tuple[Path, str], ...] = (
+    (RAW, "ingest"),
+    (PREPARED, "prepare"),
+    (TOKENIZED, "tokenize"),
+    (PRETRAIN_MODELS, "pretrain"),
+    (PRETRAIN_REPORTS, "pretrain"),
+    (FINETUNE_CACHE / "sensitivity", "sensitivity"),
+    (FINETUNE_CACHE, "finetune"),
+    (FINETUNE_REPORTS, "finetune"),
+    (SENSITIVITY_MODELS, "sensitivity"),
+    (SENSITIVITY_JSON, "sensitivity"),
+    (REPORTS / "sensitivity", "sensitivity"),
+    (FIGURES, "sensitivity"),
+    (PLOTS, "sensitivity"),
+    (TUNE_DATA, "tune"),
+    (TUNE_REPORTS, "tune"),
+    (ONNX, "export"),
+    (RESULTS_MD, "report"),
+)
+
+
+def producer(path: Path | str) -> str | None:
+    """The stage that writes `path` (a pipeline path, relative or under the cwd), or None."""
+    path = Path(path)
+    if path.is_absolute():
+        try:
+            path = path.relative_to(Path.cwd())
+        except ValueError:
+            return None
+    for root, stage in _PRODUCERS:
+        if path == root or root in path.parents:
+            return stage
+    return None

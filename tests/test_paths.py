@@ -75,7 +75,11 @@ def module_paths() -> set[Path]:
     for obj in vars(paths).values():
         if isinstance(obj, Path):
             found.add(obj)
-        elif inspect.isfunction(obj) and obj.__module__ == paths.__name__:
+        elif (
+            inspect.isfunction(obj)
+            and obj.__module__ == paths.__name__
+            and obj is not paths.producer
+        ):
             args = list(inspect.signature(obj).parameters)
             found.update(obj(*combo) for combo in itertools.product(*(values[a] for a in args)))
     return found
@@ -102,6 +106,18 @@ def test_every_ptum_path_is_in_dvc_yaml():
 def test_finetune_runs_every_task():
     spec = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))
     assert tuple(spec["stages"]["finetune"]["foreach"]) == paths.TASKS
+
+
+def test_producer_names_the_stage_that_writes_each_dvc_output():
+    spec = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))
+    for name, stage in spec["stages"].items():
+        body = stage.get("do", stage)
+        for item in _architectures() if name in ("pretrain", "export") else paths.TASKS:
+            for text in _entries(body, ("outs", "metrics", "plots")):
+                out = Path(re.sub(r"\$\{\s*item\s*\}", str(item), text))
+                assert paths.producer(out) == name, f"{out}: producer {paths.producer(out)}"
+    assert paths.producer(Path.cwd() / "data/prepared/items.parquet") == "prepare"
+    assert paths.producer("elsewhere/items.parquet") is None
 
 
 def test_a_renamed_path_is_caught(monkeypatch):

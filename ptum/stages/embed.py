@@ -8,6 +8,7 @@ from ptum import paths
 from ptum.config import Params
 from ptum.data.generic import find_table
 from ptum.embed import embed
+from ptum.stages.errors import reading
 
 
 def run(
@@ -26,10 +27,12 @@ def run(
         if found is None:
             raise FileNotFoundError(f"{src}: no behaviors.parquet / behaviors.tsv")
         src = found
-    return embed(
-        src,
-        model or paths.onnx_model(arch),
-        out or paths.embeddings(arch),
-        batch_size=p.embed.batch_size,
-        demo=p.embed.demo,
-    )
+    model = model or paths.onnx_model(arch)
+    with reading(src, model):
+        return embed(
+            src,
+            model,
+            out or paths.embeddings(arch),
+            batch_size=p.embed.batch_size,
+            demo=p.embed.demo,
+        )

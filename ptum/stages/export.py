@@ -8,6 +8,7 @@ from ptum import paths
 from ptum.checkpoint import read_meta
 from ptum.config import Params, to_dict
 from ptum.export import export
+from ptum.stages.errors import reading
 
 
 def run(
@@ -15,9 +16,15 @@ def run(
 ) -> dict:
     """Export checkpoint `ckpt` (default models/pretrain/ARCH) into `out` (models/onnx/ARCH);
     with export.heads, serving heads trained on its frozen user vectors go along."""
-    e = p.export
     arch = arch or p.pretrain.architectures[0]
     ckpt = ckpt or paths.pretrain_model(arch)
+    with reading(ckpt, paths.PREPARED, paths.TOKENIZED):
+        return _export(p, arch, ckpt, out)
+
+
+def _export(p: Params, arch: str, ckpt: Path, out: Path | None) -> dict:
+    """Serving heads (export.heads), then the ONNX files and export.json."""
+    e = p.export
     meta = read_meta(ckpt)
     demo_heads, ctr_head = None, None
     if e.heads:

@@ -8,6 +8,7 @@ from ptum import paths
 from ptum.config import Params
 from ptum.finetune.grid import SplitSpec
 from ptum.finetune.stage import run_stage
+from ptum.stages.errors import reading
 
 
 def split_spec(p: Params) -> SplitSpec:
@@ -25,14 +26,16 @@ def run(
     out: Path | None = None,
 ) -> dict:
     """Run (or finish from the cell cache) the grid of `task`; return its headline metrics."""
-    return run_stage(
-        p.finetune,
-        task,
-        prepared=prepared,
-        tokenized=paths.TOKENIZED,
-        max_behaviors=p.prepare.max_behaviors,
-        ckpt_root=paths.PRETRAIN_MODELS,
-        split=split_spec(p),
-        cache_dir=paths.finetune_cache(task),
-        out=out or paths.finetune_result(task),
-    )
+    cache = paths.finetune_cache(task)
+    with reading(prepared, paths.TOKENIZED, paths.PRETRAIN_MODELS, cache):
+        return run_stage(
+            p.finetune,
+            task,
+            prepared=prepared,
+            tokenized=paths.TOKENIZED,
+            max_behaviors=p.prepare.max_behaviors,
+            ckpt_root=paths.PRETRAIN_MODELS,
+            split=split_spec(p),
+            cache_dir=cache,
+            out=out or paths.finetune_result(task),
+        )

@@ -7,6 +7,7 @@ from pathlib import Path
 from ptum import paths
 from ptum.config import Params, to_dict
 from ptum.data.prepare import PrepareOptions, prepare
+from ptum.stages.errors import reading
 
 
 def run(p: Params, *, raw: Path = paths.RAW, out: Path = paths.PREPARED) -> dict:
@@ -16,4 +17,5 @@ def run(p: Params, *, raw: Path = paths.RAW, out: Path = paths.PREPARED) -> dict
         **to_dict(p.prepare)
         | {"demo_split": p.prepare.demo_split, "label_ratios": p.prepare.label_ratios}
     )
-    return prepare(raw, out, opts)
+    with reading(raw):
+        return prepare(raw, out, opts)

@@ -15,6 +15,7 @@ from pathlib import Path
 from ptum import paths
 from ptum.config import Params
 from ptum.stages import launch
+from ptum.stages.errors import reading
 
 
 def report_dir(arch: str, out: Path | None) -> Path:
@@ -45,13 +46,15 @@ def run(
         return json.loads((report / "metrics.json").read_text(encoding="utf-8"))
     from ptum.pretrain.stage import run_stage
 
-    return run_stage(
-        p.pretrain,
-        arch,
-        prepared=prepared,
-        tokenized=paths.TOKENIZED,
-        max_behaviors=p.prepare.max_behaviors,
-        out_dir=out or paths.pretrain_model(arch),
-        report_dir=report,
-        tuned_path=paths.BEST_PARAMS,
-    )
+    ckpt = out or paths.pretrain_model(arch)
+    with reading(prepared, paths.TOKENIZED, ckpt, paths.BEST_PARAMS):
+        return run_stage(
+            p.pretrain,
+            arch,
+            prepared=prepared,
+            tokenized=paths.TOKENIZED,
+            max_behaviors=p.prepare.max_behaviors,
+            out_dir=ckpt,
+            report_dir=report,
+            tuned_path=paths.BEST_PARAMS,
+        )

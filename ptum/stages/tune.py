@@ -9,6 +9,7 @@ from ptum import paths
 from ptum.config import Params, to_dict
 from ptum.finetune.stage import cell_options
 from ptum.pretrain.stage import train_options
+from ptum.stages.errors import reading
 from ptum.tune import SearchSpace, StudySpec, TrialSetup, default_study_name, tune
 
 
@@ -53,11 +54,12 @@ def run(
         retry_killed=t.retry_killed,
         worker=worker,
     )
-    summary = tune(
-        setup=setup,
-        spec=spec,
-        best_params_path=out / paths.BEST_PARAMS.name,
-        reports_dir=out / paths.TUNE_FIGURES.name,
-        n_workers=workers or t.workers,
-    )
+    with reading(prepared, paths.TOKENIZED):
+        summary = tune(
+            setup=setup,
+            spec=spec,
+            best_params_path=out / paths.BEST_PARAMS.name,
+            reports_dir=out / paths.TUNE_FIGURES.name,
+            n_workers=workers or t.workers,
+        )
     return {k: v for k, v in summary.items() if k != "pareto_front"}
