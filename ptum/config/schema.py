@@ -182,6 +182,9 @@ class FinetuneConfig:
     ctr_scoring: Literal["dot", "bias"] = "bias"
     # "bias" head: the per-user / per-item offsets learn at lr * this.
     ctr_bias_lr_scale: float = 10.0
+    # Demo heads also get the out-of-fold TF-IDF logistic-regression log-probabilities of the
+    # user's bag of items (a "wide" input, the same in every mode).
+    demo_wide: bool = False
     # Bootstrap replicates (over test users) of each cell's 95% CI.
     bootstrap: int = 1000
 
