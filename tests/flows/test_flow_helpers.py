@@ -16,22 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flows.pipeline import (
-    Experiment,
-    StageError,
-    effective_params,
-    experiment_name,
-    flatten_metrics,
-    hydra_value,
-    is_retryable,
-    metrics_markdown,
-    overrides_for,
-    params_rows,
-    parse_overrides,
-    select_stages,
-    set_args,
-    stage_plan,
-)
+from flows.artifacts import flatten_metrics, metrics_markdown, params_rows
+from flows.experiment import Experiment, StageError, experiment_name, is_retryable
+from flows.params import effective_params, hydra_value, overrides_for, parse_overrides, set_args
+from flows.plan import select_stages, stage_plan
 from ptum.config import load_params
 from ptum.presets import QUICK
 
@@ -259,3 +247,23 @@ def test_experiment_name_is_a_hash_of_what_it_computes():
     assert a != experiment_name("c0ffee", "diff", {"data.size": "tiny"}, [])
     assert a != experiment_name("c0ffee", "", {"data.size": "small"}, [])
     assert a != experiment_name("c0ffee", "", {"data.size": "tiny"}, ["tokenize"])
+
+
+def test_a_params_file_written_by_a_stage_orders_the_plan():
+    """`pretrain` reads tune's best_params.json as a params file: tune runs first (a flow task
+    waits only for tasks submitted before it, so the order must be a run order)."""
+    dvc_yaml = {
+        "stages": {
+            "b": {"cmd": "b", "params": ["x.k", {"out/best.json": ["k"]}, {"params.yaml": None}]},
+            "a": {"cmd": "a", "metrics": [{"out/best.json": {"cache": False}}]},
+            "c": {"cmd": "c"},
+        }
+    }
+    plan = stage_plan(dvc_yaml, {})
+    assert plan.upstream == {"b": ["a"], "a": [], "c": []}
+    assert plan.order == ["a", "b", "c"]
+    real = stage_plan(
+        yaml.safe_load((ROOT / "dvc.yaml").read_text()), effective_params(ROOT / "params.yaml", {})
+    )
+    for i, stage in enumerate(real.order):
+        assert set(real.upstream[stage]) <= set(real.order[:i]), stage
