@@ -133,16 +133,51 @@ STAGES = {
 }
 
 
+_ARCH = "architecture (default: the first of pretrain.architectures)"
+# Options beyond --params/--set/--input/--out: (flags, add_argument keywords) per stage.
+_OPTIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "finetune": [("--task", dict(choices=paths.TASKS, help="downstream task (default: demo)"))],
+    "pretrain": [
+        ("--arch", dict(help=_ARCH)),
+        (
+            "--nproc",
+            dict(
+                type=int,
+                default=0,
+                help="data-parallel processes on this machine (default: pretrain.processes)",
+            ),
+        ),
+    ],
+    "tune": [
+        (
+            "--workers",
+            dict(type=int, default=0, help="local worker processes (default: tune.workers)"),
+        ),
+        (
+            "--worker",
+            dict(
+                type=int,
+                default=0,
+                help="this machine's index among machines running "
+                "one study by hand (offsets the sampler seed)",
+            ),
+        ),
+    ],
+    "export": [("--arch", dict(help=_ARCH))],
+    "embed": [
+        ("--arch", dict(help=_ARCH)),
+        ("--model", dict(type=Path, help="exported model directory (default: models/onnx/ARCH)")),
+    ],
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ptum", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="stage", required=True, metavar="STAGE")
     for name, (_, help_text) in STAGES.items():
         s = sub.add_parser(name, help=help_text, description=help_text)
         s.add_argument(
-            "--params",
-            type=Path,
-            default=paths.PARAMS,
-            help="params file (default: params.yaml)",
+            "--params", type=Path, default=paths.PARAMS, help="params file (default: params.yaml)"
         )
         s.add_argument(
             "--set",
@@ -154,52 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
         )
         s.add_argument("--input", type=Path, default=None, help="input directory override")
         s.add_argument("--out", type=Path, default=None, help="output directory override")
-        if name == "finetune":
-            s.add_argument(
-                "--task",
-                choices=paths.TASKS,
-                default=None,
-                help="downstream task (default: demo)",
-            )
-        if name in ("export", "embed"):
-            s.add_argument(
-                "--arch",
-                default=None,
-                help="architecture (default: the first of pretrain.architectures)",
-            )
-        if name == "embed":
-            s.add_argument(
-                "--model",
-                type=Path,
-                default=None,
-                help="exported model directory (default: models/onnx/ARCH)",
-            )
-        if name == "tune":
-            s.add_argument(
-                "--workers",
-                type=int,
-                default=0,
-                help="local worker processes (default: tune.workers)",
-            )
-            s.add_argument(
-                "--worker",
-                type=int,
-                default=0,
-                help="this machine's index among "
-                "machines running one study by hand (offsets the sampler seed)",
-            )
-        if name == "pretrain":
-            s.add_argument(
-                "--arch",
-                default=None,
-                help="architecture (default: the first of pretrain.architectures)",
-            )
-            s.add_argument(
-                "--nproc",
-                type=int,
-                default=0,
-                help="data-parallel processes (default: pretrain.processes)",
-            )
+        for flag, kwargs in _OPTIONS.get(name, []):
+            s.add_argument(flag, **kwargs)
     return parser
 
 
