@@ -184,7 +184,7 @@ class FinetuneConfig:
     ctr_bias_lr_scale: float = 10.0
     # Demo heads also get the out-of-fold TF-IDF logistic-regression log-probabilities of the
     # user's bag of items (a "wide" input, the same in every mode).
-    demo_wide: bool = False
+    demo_wide: bool = True
     # Bootstrap replicates (over test users) of each cell's 95% CI.
     bootstrap: int = 1000
 
