@@ -86,12 +86,19 @@ class Sequences:
 
 
 def user_sequences(behaviors: pl.DataFrame, max_behaviors: int) -> Sequences:
-    """Group, time-order and truncate users like `ptum.data.prepare.sequences` does."""
-    df = behaviors.sort("user_id", "timestamp", "line").with_columns(
-        item=pl.col("text").rank("dense").cast(pl.Int64)
-    )  # 1-based, in sorted-text order
-    users = df["user_id"].to_numpy()
-    ts = df["timestamp"].to_numpy().astype(np.int64)
+    """Group, time-order and truncate users like `ptum.data.prepare.sequences` does.
+
+    Users and texts become integer ranks before the sort, so no per-row string is sorted or
+    copied into Python (a few hundred MB for a log of millions of behaviors).
+    """
+    df = behaviors.select(
+        user=pl.col("user_id").rank("dense").cast(pl.Int64),  # in sorted-id order
+        item=pl.col("text").rank("dense").cast(pl.Int64),  # 1-based, in sorted-text order
+        timestamp=pl.col("timestamp").cast(pl.Int64),
+        line=pl.col("line"),
+    ).sort("user", "timestamp", "line")
+    users = df["user"].to_numpy()
+    ts = df["timestamp"].to_numpy()
     n = len(ts)
     first = np.ones(n, dtype=bool)
     first[1:] = users[1:] != users[:-1]
@@ -105,9 +112,9 @@ def user_sequences(behaviors: pl.DataFrame, max_behaviors: int) -> Sequences:
     keep = recency < max_behaviors
     kept_per_user = np.minimum(ends - starts, max_behaviors)
     return Sequences(
-        user_ids=[str(u) for u in users[starts]],
+        user_ids=behaviors["user_id"].cast(pl.String).unique().sort().to_list(),
         offsets=np.concatenate([[0], np.cumsum(kept_per_user)]),
-        texts=df["text"].unique().sort().to_list(),
+        texts=behaviors["text"].unique().sort().to_list(),
         items=df["item"].to_numpy()[keep],
         gaps=gaps[keep],
         positions=recency[keep],
@@ -174,3 +181,45 @@ def batch_inputs(
     if item_ids is not None:
         out["item_ids"] = item_ids[items]  # (B, L); item 0 -> padding id 0
     return out
+
+
+def call_ranges(
+    seqs: Sequences,
+    token_lengths: np.ndarray,
+    *,
+    batch_size: int,
+    max_token_slots: int,
+    max_behaviors: int | None,
+    max_tokens: int | None,
+) -> list[tuple[int, int]]:
+    """User ranges [lo, hi) of the model calls: consecutive users, at most `batch_size` each,
+    and at most `max_token_slots` padded token slots (users x L x T as `batch_inputs` pads them)
+    unless one user alone needs more. Memory of an onnxruntime call grows with its slots, so
+    this bounds it whatever the users' lengths.
+
+    max_behaviors / max_tokens: the static L / T of the export, or None where the dim is dynamic
+    (padded to the call's longest, as in `batch_inputs`).
+    """
+    lengths = np.diff(seqs.offsets)  # (U,)
+    if max_behaviors is not None:
+        rows = np.full(len(lengths), max_behaviors)
+    else:
+        rows = np.maximum(lengths, 1)
+    if max_tokens is not None:
+        width = np.full(len(lengths), max_tokens)
+    else:
+        item_len = token_lengths[seqs.items] if len(seqs.items) else np.zeros(0, np.int64)
+        width = np.ones(len(lengths), dtype=np.int64)  # an empty user pads to T = 1
+        has = lengths > 0
+        if has.any():
+            width[has] = np.maximum(np.maximum.reduceat(item_len, seqs.offsets[:-1][has]), 1)
+    ranges, lo, top_l, top_t = [], 0, 0, 0
+    for u in range(len(lengths)):
+        new_l, new_t = max(top_l, int(rows[u])), max(top_t, int(width[u]))
+        if u > lo and ((u - lo + 1) * new_l * new_t > max_token_slots or u - lo == batch_size):
+            ranges.append((lo, u))
+            lo, new_l, new_t = u, int(rows[u]), int(width[u])
+        top_l, top_t = new_l, new_t
+    if len(lengths):
+        ranges.append((lo, len(lengths)))
+    return ranges

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 import sentencepiece as spm
 import torch
@@ -21,7 +22,14 @@ from ptum.models.layers import time_gap_bucket
 from ptum.pretrain.data import load_corpus, recency_positions
 from ptum.pretrain.id_vocab import item_texts
 from ptum.serving.embed import embed
-from ptum.serving.sequences import gap_buckets, read_behaviors, text_ids, user_sequences
+from ptum.serving.sequences import (
+    batch_inputs,
+    call_ranges,
+    gap_buckets,
+    read_behaviors,
+    text_ids,
+    user_sequences,
+)
 from ptum.tokenize import encode
 from tests.conftest import write_tsv
 from tests.export.conftest import AGE_CLASSES, MAX_BEHAVIORS
@@ -228,3 +236,60 @@ def test_embed_refuses_another_tokenizer(exported, tmp_path: Path) -> None:
     (model_dir / "spm.model").write_bytes(b"not the tokenizer")
     with pytest.raises(ValueError, match="sha256"):
         embed(_log(tmp_path), model_dir, tmp_path / "out.parquet")
+
+
+def test_call_ranges_bound_users_and_token_slots(tiny_pipeline: Path) -> None:
+    seqs = user_sequences(read_behaviors(tiny_pipeline / "raw" / "behaviors.parquet"), 20)
+    lengths = np.random.default_rng(0).integers(1, 17, len(seqs.texts) + 1)
+    lengths[0] = 0
+    for static, budget, batch in [(False, 500, 256), (False, 1, 256), (True, 3000, 7)]:
+        L, T = (20, 16) if static else (None, None)
+        ranges = call_ranges(
+            seqs,
+            lengths,
+            batch_size=batch,
+            max_token_slots=budget,
+            max_behaviors=L,
+            max_tokens=T,
+        )
+        assert [lo for lo, _ in ranges] == [0] + [hi for _, hi in ranges[:-1]]
+        assert ranges[-1][1] == len(seqs.user_ids)
+        for lo, hi in ranges:
+            feed = batch_inputs(
+                seqs, np.zeros((len(lengths), 16)), lengths, lo, hi, max_behaviors=L, max_tokens=T
+            )
+            slots = feed["tokens"].size  # B x L x T as served
+            assert hi - lo <= batch and (slots <= budget or hi - lo == 1)
+        if budget == 1:
+            assert all(hi - lo == 1 for lo, hi in ranges)
+
+
+def test_embed_streams_bounded_calls_to_row_groups(
+    exported, tiny_pipeline: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """Small calls and small row groups give the same file content as one big call."""
+    ex, log = exported("hsa"), tiny_pipeline / "raw" / "behaviors.parquet"
+    embed(log, ex.onnx, tmp_path / "big.parquet", batch_size=10_000, max_token_slots=10**9)
+    seen: list[int] = []
+
+    def spy(*args, **kwargs):
+        feed = batch_inputs(*args, **kwargs)
+        seen.append(feed["tokens"].size)
+        return feed
+
+    monkeypatch.setattr("ptum.serving.embed.batch_inputs", spy)
+    monkeypatch.setattr("ptum.serving.embed.ROWS_PER_GROUP", 64)
+    report = embed(log, ex.onnx, tmp_path / "small.parquet", max_token_slots=2_000, demo=True)
+    assert max(seen) <= 2_000 and len(seen) > 10
+    assert pq.ParquetFile(tmp_path / "small.parquet").num_row_groups > 2
+    big, small = (
+        pl.read_parquet(tmp_path / "big.parquet"),
+        pl.read_parquet(tmp_path / "small.parquet"),
+    )
+    assert small.height == report["users"] == big.height
+    assert small["user_id"].to_list() == big["user_id"].to_list()
+    assert small.schema["vector"] == pl.List(pl.Float32) and small.schema["age"] == pl.String
+    np.testing.assert_allclose(
+        np.stack(small["vector"].to_numpy()), np.stack(big["vector"].to_numpy()), atol=1e-6
+    )
+    assert not list(tmp_path.glob("*.tmp"))
