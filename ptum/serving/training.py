@@ -1,0 +1,127 @@
+"""Serving heads for export, trained for the tasks the prepared data allows.
+
+The fine-tuning grid measures; it does not keep models. For serving, one user model must feed
+every head, so the exported heads are trained in `frozen` mode (the "+PTUM (no finetune)"
+setting) on all training labels, selected on validation like every grid cell.
+
+A source without demographic labels or CTR impressions (the original PTUM behavior.tsv, a log of
+behaviors only) still exports its user model: each head that cannot be trained is skipped with
+one line on stderr saying why (`ptum.data.prepare.available_tasks`), instead of failing on the
+empty tables.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from ptum import checkpoint
+from ptum.config import FinetuneConfig
+from ptum.data.prepare import available_tasks
+from ptum.finetune.data import load_ctr, load_demo
+from ptum.finetune.stage import cell_options
+from ptum.finetune.train import CellOptions, run_ctr, run_demo
+from ptum.heads import CtrHead, DemoHead
+from ptum.models.user_model import UserModel
+from ptum.pretrain.data import read_tokens
+from ptum.pretrain.id_vocab import item_table_digest
+
+DemoHeads = dict[str, tuple[DemoHead, list[str]]]
+_SKIPPED = {"demo": "demographic heads", "ctr": "CTR head (ctr_head.onnx is the bare dot product)"}
+
+
+def _demo_heads(
+    model: UserModel,
+    labels: list[str],
+    *,
+    prepared: Path,
+    tokenized: Path,
+    max_behaviors: int,
+    opts: CellOptions,
+    select: str,
+    seed: int,
+) -> DemoHeads:
+    """One frozen-mode DemoHead per label column in `labels` (all training labels)."""
+    demo: DemoHeads = {}
+    task = load_demo(prepared, tokenized, max_behaviors, [1.0])
+    for label, (y, classes) in task.labels.items():
+        rows = np.flatnonzero(task.subsets[1.0] & (y >= 0))
+        if label not in labels or len(rows) == 0 or len(classes) < 2:
+            continue
+        res = run_demo(
+            pretrained=model,
+            corpus=task.corpus,
+            y=y,
+            split=task.split,
+            train_rows=rows,
+            n_classes=len(classes),
+            mode="frozen",
+            seed=seed,
+            opts=opts,
+            select=select,
+            return_models=True,
+        )
+        demo[label] = (res["head"].eval(), [str(c) for c in classes])
+    return demo
+
+
+def _ctr_head(
+    model: UserModel,
+    *,
+    prepared: Path,
+    tokenized: Path,
+    max_behaviors: int,
+    opts: CellOptions,
+    seed: int,
+) -> CtrHead | None:
+    """The frozen-mode CtrHead on every CTR-train impression (None without any)."""
+    imps = load_ctr(prepared, tokenized, max_behaviors, [1.0])
+    train_idx = np.flatnonzero(imps.subsets[1.0])
+    if not len(train_idx):
+        return None
+    res = run_ctr(
+        pretrained=model,
+        data=imps.data,
+        train_idx=train_idx,
+        mode="frozen",
+        seed=seed,
+        opts=opts,
+        return_models=True,
+    )
+    return res["head"].eval()
+
+
+def serving_heads(
+    ckpt: Path,
+    *,
+    prepared: Path,
+    tokenized: Path,
+    max_behaviors: int,
+    cfg: FinetuneConfig,
+    seed: int,
+) -> tuple[DemoHeads, CtrHead | None]:
+    """Demo heads (one per usable label column) and the CTR head on frozen vectors of `ckpt`,
+    for the tasks `available_tasks(prepared)` allows; each one left out is one stderr line."""
+    tasks = available_tasks(prepared)
+    for task, why in sorted(tasks["why_not"].items()):
+        label = task.partition(":")[2]
+        what = f"demographic head {label!r}" if label else _SKIPPED[task]
+        print(f"export: no {what}: {why}", file=sys.stderr, flush=True)
+    if not tasks["demo"] and not tasks["ctr"]:
+        return {}, None
+    items = item_table_digest(read_tokens(tokenized))
+    model = checkpoint.load(ckpt, item_table_sha256=items).model
+    # The exported CTR head is the paper's dot product (ctr_head.onnx takes user and candidate
+    # vectors only); the "bias" head needs item ids and popularity that serving does not have.
+    opts = replace(cell_options(cfg), ctr_scoring="dot")
+    data = {"prepared": prepared, "tokenized": tokenized, "max_behaviors": max_behaviors}
+    demo = (
+        _demo_heads(model, tasks["demo"], opts=opts, select=cfg.demo_select, seed=seed, **data)
+        if tasks["demo"]
+        else {}
+    )
+    ctr = _ctr_head(model, opts=opts, seed=seed, **data) if tasks["ctr"] else None
+    return demo, ctr

@@ -1,0 +1,133 @@
+"""Serving heads: trained for the tasks the data allows, skipped with one line otherwise."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from ptum import checkpoint
+from ptum.config import FinetuneConfig
+from ptum.data.ingest import ingest
+from ptum.data.prepare import PrepareOptions, prepare
+from ptum.models.user_model import ModelConfig, UserModel
+from ptum.serving.embed import embed
+from ptum.serving.export import export
+from ptum.serving.training import serving_heads
+from ptum.tokenize import tokenize
+from tests.export.conftest import MAX_BEHAVIORS, TINY
+
+CFG = replace(FinetuneConfig(), max_epochs=2, patience=1)
+
+
+def _pipeline(root: Path, raw: Path, tables: tuple[str, ...]) -> Path:
+    """ingest (generic, only `tables` of the tiny raw data) -> prepare -> tokenize, then a random
+    HSA checkpoint on that tokenizer; returns root."""
+    src = root / "src"
+    src.mkdir(parents=True)
+    for t in tables:
+        shutil.copyfile(raw / f"{t}.parquet", src / f"{t}.parquet")
+    ingest(source="generic", path=str(src), out_dir=root / "raw")
+    opts = PrepareOptions(max_behaviors=MAX_BEHAVIORS, ctr_train_frac=0.3, ctr_test_frac=0.2)
+    prepare(root / "raw", root / "prepared", opts)
+    tokenize(
+        root / "prepared" / "items.parquet",
+        root / "tokenized",
+        vocab_size=300,
+        model_type="unigram",
+        byte_fallback=True,
+        max_tokens=16,
+        character_coverage=1.0,
+        seed=1,
+    )
+    rep = json.loads((root / "tokenized" / "report.json").read_text())
+    cfg = ModelConfig.for_architecture(
+        "hsa",
+        vocab_size=rep["vocab_size"],
+        max_tokens=rep["max_tokens"],
+        max_behaviors=MAX_BEHAVIORS,
+        **TINY,
+    )
+    torch.manual_seed(0)
+    meta = {"architecture": "hsa", "tokenizer_sha256": rep["spm_sha256"]}
+    checkpoint.save(root / "ckpt", UserModel(config=cfg), meta | {"model_config": cfg.to_dict()})
+    return root
+
+
+def _heads(root: Path, seed: int = 0):
+    return serving_heads(
+        root / "ckpt",
+        prepared=root / "prepared",
+        tokenized=root / "tokenized",
+        max_behaviors=MAX_BEHAVIORS,
+        cfg=CFG,
+        seed=seed,
+    )
+
+
+@pytest.mark.parametrize(
+    "tables, demo, ctr",
+    [
+        (("behaviors",), [], False),
+        (("behaviors", "labels"), ["age", "gender"], False),
+        (("behaviors", "impressions"), [], True),
+    ],
+)
+def test_export_without_labels_or_impressions(
+    tables: tuple[str, ...], demo: list[str], ctr: bool, tiny_pipeline: Path, tmp_path, capsys
+) -> None:
+    """The user model is exported and embeds; a head the data cannot train is skipped with one
+    stderr line (was: polars SchemaError)."""
+    root = _pipeline(tmp_path, tiny_pipeline / "raw", tables)
+    demo_heads, ctr_head = _heads(root)
+    lines = capsys.readouterr().err.splitlines()
+    assert sorted(demo_heads) == demo and (ctr_head is not None) == ctr
+    skipped = [ln for ln in lines if ln.startswith("export: no ")]
+    assert len(skipped) == (not demo) + (not ctr), lines
+    if not demo:
+        assert any(ln.startswith("export: no demographic heads: no label columns") for ln in lines)
+    if not ctr:
+        assert any(ln.startswith("export: no CTR head") and "impressions" in ln for ln in lines)
+    report = export(
+        root / "ckpt",
+        root / "onnx",
+        spm_model=root / "tokenized" / "spm.model",
+        data_version="t",
+        params={},
+        demo_heads=demo_heads,
+        ctr_head=ctr_head,
+    )
+    assert sorted(k for k in report["parity"] if k.startswith("demo_")) == [
+        f"demo_{d}" for d in demo
+    ]
+    out = embed(
+        root / "raw" / "behaviors.parquet", root / "onnx", tmp_path / "u.parquet", demo=True
+    )
+    assert out["users"] > 50 and out["demographic_labels"] == demo
+
+
+def test_serving_heads_equal_the_finetune_ones_on_full_data(tiny_pipeline: Path, tmp_path) -> None:
+    """Where every task is available, the heads are those of ptum.finetune.serving (which the
+    export stage called before; the two must not drift while both exist)."""
+    train_serving_heads = pytest.importorskip("ptum.finetune.serving").train_serving_heads
+    root = _pipeline(tmp_path, tiny_pipeline / "raw", ("behaviors", "labels", "impressions"))
+    kw = dict(
+        prepared=root / "prepared",
+        tokenized=root / "tokenized",
+        max_behaviors=MAX_BEHAVIORS,
+        cfg=CFG,
+        seed=3,
+    )
+    demo, ctr = serving_heads(root / "ckpt", **kw)
+    want_demo, want_ctr = train_serving_heads(root / "ckpt", **kw)
+    assert sorted(demo) == sorted(want_demo) == ["age", "gender"]
+    for label, (head, classes) in demo.items():
+        assert classes == want_demo[label][1]
+        want = want_demo[label][0].state_dict()
+        assert all(torch.equal(v, want[k]) for k, v in head.state_dict().items())
+    want = want_ctr.state_dict()
+    assert all(torch.equal(v, want[k]) for k, v in ctr.state_dict().items())
