@@ -1,5 +1,6 @@
-"""SHA-256 of a file, streamed, and the check of a file against its recorded hash (torch-free:
-`ptum embed` uses it too)."""
+"""SHA-256 of bytes, of a file (streamed) and of the files of a directory, and the check of a
+file against its recorded hash. The one place ptum hashes its outputs; torch-free (`ptum embed`
+uses it too)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,21 @@ class HashMismatch(ValueError):
     """A file whose bytes are not the ones recorded when it was written (one-line message)."""
 
 
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with Path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sha256_files(directory: Path) -> dict[str, str]:
+    """{name: SHA-256} of every file directly in `directory`, in name order (a manifest)."""
+    return {p.name: sha256_file(p) for p in sorted(Path(directory).iterdir()) if p.is_file()}
 
 
 def verify_file(path: Path, expected: str, recorded_in: Path | str, rerun: str) -> None:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ import polars as pl
 import sentencepiece as spm
 
 from ptum.hashing import sha256_file
+from ptum.io import atomic_dir
 
 PAD_ID = 0
 UNK_ID = 1
@@ -110,43 +110,37 @@ def tokenize(
     if not np.array_equal(ids, np.arange(1, len(ids) + 1)):
         raise ValueError(f"{items_path}: item_id must be 1..N without gaps")
     texts = items["text"].to_list()
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    model = train(
-        texts,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        byte_fallback=byte_fallback,
-        character_coverage=character_coverage,
-        seed=seed,
-    )
-    (tmp / "spm.model").write_bytes(model)
-    sp = spm.SentencePieceProcessor(model_proto=model)
-    pieces = list(range(sp.get_piece_size()))  # one call per column, not per piece
-    (tmp / "spm.vocab").write_text(
-        "".join(f"{p}\t{s}\n" for p, s in zip(sp.id_to_piece(pieces), sp.get_score(pieces))),
-        encoding="utf-8",
-    )
-    tokens, lengths, truncated = encode(sp, texts, max_tokens)
-    np.save(tmp / "tokens.npy", tokens)
-    np.save(tmp / "lengths.npy", lengths)
-    real = lengths[1:]
-    report = {
-        "items": len(texts),
-        "vocab_size": sp.get_piece_size(),
-        "vocab_size_requested": vocab_size,
-        "max_tokens": max_tokens,
-        "tokens_per_item_mean": round(float(real.mean()), 3) if len(real) else 0.0,
-        "tokens_per_item_max": int(real.max()) if len(real) else 0,
-        "truncated_share": round(truncated / max(len(texts), 1), 5),
-        "unk_share": round(float((tokens[1:] == UNK_ID).sum() / max(real.sum(), 1)), 6),
-        "spm_sha256": sha256_file(tmp / "spm.model"),
-        "tokens_sha256": sha256_file(tmp / "tokens.npy"),  # verified by every reader
-    }
-    (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model = train(
+            texts,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            byte_fallback=byte_fallback,
+            character_coverage=character_coverage,
+            seed=seed,
+        )
+        (tmp / "spm.model").write_bytes(model)
+        sp = spm.SentencePieceProcessor(model_proto=model)
+        pieces = list(range(sp.get_piece_size()))  # one call per column, not per piece
+        (tmp / "spm.vocab").write_text(
+            "".join(f"{p}\t{s}\n" for p, s in zip(sp.id_to_piece(pieces), sp.get_score(pieces))),
+            encoding="utf-8",
+        )
+        tokens, lengths, truncated = encode(sp, texts, max_tokens)
+        np.save(tmp / "tokens.npy", tokens)
+        np.save(tmp / "lengths.npy", lengths)
+        real = lengths[1:]
+        report = {
+            "items": len(texts),
+            "vocab_size": sp.get_piece_size(),
+            "vocab_size_requested": vocab_size,
+            "max_tokens": max_tokens,
+            "tokens_per_item_mean": round(float(real.mean()), 3) if len(real) else 0.0,
+            "tokens_per_item_max": int(real.max()) if len(real) else 0,
+            "truncated_share": round(truncated / max(len(texts), 1), 5),
+            "unk_share": round(float((tokens[1:] == UNK_ID).sum() / max(real.sum(), 1)), 6),
+            "spm_sha256": sha256_file(tmp / "spm.model"),
+            "tokens_sha256": sha256_file(tmp / "tokens.npy"),  # verified by every reader
+        }
+        (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     return report

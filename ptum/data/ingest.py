@@ -23,7 +23,8 @@ import polars as pl
 from ptum.data import generic, movielens, synthetic
 from ptum.data.errors import DataError
 from ptum.data.generic import SOURCE_LINE
-from ptum.hashing import sha256_file
+from ptum.hashing import sha256_files
+from ptum.io import atomic_dir
 
 PTUM_SEP = "#|NTABN|#"
 
@@ -88,58 +89,71 @@ def ingest(
     root: Path = Path("."),
 ) -> dict:
     """Write the generic tables of `source` into out_dir (replaced atomically); return manifest."""
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    src = (root / path).resolve() if path else None
-    info: dict = {"source": source, "path": path}
-    if source == "synthetic":
-        spec = synthetic.spec_for(size)
-        beh, labels, imps = synthetic.generate(spec, seed)
-        info.update(size=size, seed=seed)
-        frames = {"behaviors": beh, "labels": labels, "impressions": imps}
-    elif source == "movielens":
-        if src is None:
-            src = movielens.download(movielens_variant, root / "data" / "download")
-        elif not src.is_dir():
-            raise DataError(src, None, "data.path must be a MovieLens directory")
-        variant = movielens.detect_variant(src)
-        if variant == "ml-100k":
-            movielens.verify_100k(src)
-        beh, labels, imps = movielens.read(src, click_threshold, age_edges)
-        info.update(variant=variant, click_threshold=click_threshold, age_edges=list(age_edges))
-        frames = {"behaviors": beh, "labels": labels, "impressions": imps}
-    elif source == "ptum_tsv":
-        if src is None or not src.is_file():
-            raise DataError(
-                src or "data.path", None, "ptum_tsv needs data.path = a behavior.tsv file"
-            )
-        frames = {"behaviors": read_ptum_tsv(src)}
-        info["origins"] = {"behaviors.parquet": str(src)}
-    elif source == "generic":
-        if src is None or not src.is_dir():
-            raise DataError(
-                src or "data.path",
-                None,
-                "generic needs data.path = a directory with "
-                "behaviors(.tsv|.parquet), optional labels and impressions",
-            )
-        frames, info["origins"] = {}, {}
-        for table in ("behaviors", "labels", "impressions"):
-            found = generic.find_table(src, table)
-            if found is not None:
-                shutil.copyfile(found, tmp / found.name)
-                info["origins"][found.name] = str(found)
-        if generic.find_table(tmp, "behaviors") is None:
-            raise DataError(src, None, "no behaviors.tsv or behaviors.parquet in this directory")
-    else:
-        raise ValueError(f"unknown data.source {source!r}")
-    for name, df in frames.items():
-        df.write_parquet(tmp / f"{name}.parquet")
-    info["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-    (tmp / "manifest.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        info: dict = {"source": source, "path": path}
+        src = (root / path).resolve() if path else None
+        if source == "synthetic":
+            spec = synthetic.spec_for(size)
+            beh, labels, imps = synthetic.generate(spec, seed)
+            info.update(size=size, seed=seed)
+            frames = {"behaviors": beh, "labels": labels, "impressions": imps}
+        elif source == "movielens":
+            frames = _read_movielens(src, root, movielens_variant, click_threshold, age_edges, info)
+        elif source == "ptum_tsv":
+            if src is None or not src.is_file():
+                raise DataError(
+                    src or "data.path", None, "ptum_tsv needs data.path = a behavior.tsv file"
+                )
+            frames = {"behaviors": read_ptum_tsv(src)}
+            info["origins"] = {"behaviors.parquet": str(src)}
+        elif source == "generic":
+            frames, info["origins"] = {}, _copy_generic(src, tmp)
+        else:
+            raise ValueError(f"unknown data.source {source!r}")
+        for name, df in frames.items():
+            df.write_parquet(tmp / f"{name}.parquet")
+        info["files"] = sha256_files(tmp)
+        (tmp / "manifest.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return info
+
+
+def _read_movielens(
+    src: Path | None,
+    root: Path,
+    variant: str,
+    click_threshold: int,
+    age_edges: tuple[int, ...],
+    info: dict,
+) -> dict[str, pl.DataFrame]:
+    """The three tables of a MovieLens directory (downloaded into data/download when `src` is
+    None); records the variant and the label parameters in `info`."""
+    if src is None:
+        src = movielens.download(variant, root / "data" / "download")
+    elif not src.is_dir():
+        raise DataError(src, None, "data.path must be a MovieLens directory")
+    found = movielens.detect_variant(src)
+    if found == "ml-100k":
+        movielens.verify_100k(src)
+    beh, labels, imps = movielens.read(src, click_threshold, age_edges)
+    info.update(variant=found, click_threshold=click_threshold, age_edges=list(age_edges))
+    return {"behaviors": beh, "labels": labels, "impressions": imps}
+
+
+def _copy_generic(src: Path | None, out: Path) -> dict[str, str]:
+    """Copy the user's generic tables unchanged into `out`; returns {file name: its origin}."""
+    if src is None or not src.is_dir():
+        raise DataError(
+            src or "data.path",
+            None,
+            "generic needs data.path = a directory with "
+            "behaviors(.tsv|.parquet), optional labels and impressions",
+        )
+    origins = {}
+    for table in ("behaviors", "labels", "impressions"):
+        found = generic.find_table(src, table)
+        if found is not None:
+            shutil.copyfile(found, out / found.name)
+            origins[found.name] = str(found)
+    if generic.find_table(out, "behaviors") is None:
+        raise DataError(src, None, "no behaviors.tsv or behaviors.parquet in this directory")
+    return origins

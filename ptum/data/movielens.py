@@ -18,10 +18,7 @@ ingest writes to data/raw/ (ignored by git, versioned by DVC locally).
 
 from __future__ import annotations
 
-import hashlib
 import io
-import shutil
-import tempfile
 import time
 import urllib.request
 import zipfile
@@ -30,7 +27,8 @@ from pathlib import Path
 import polars as pl
 
 from ptum.data.errors import DataError
-from ptum.hashing import sha256_file
+from ptum.hashing import sha256_bytes, sha256_file
+from ptum.io import atomic_dir
 
 GENRES_100K = (
     "unknown",
@@ -264,12 +262,8 @@ def download(
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / variant
     blob = _fetch(url, timeout_s)
-    with tempfile.TemporaryDirectory(dir=dest, prefix=f".{variant}-") as tmp:
-        unpacked = Path(tmp) / variant
-        _unpack_verified(blob, url, pinned, unpacked)
-        if target.exists():
-            shutil.rmtree(target)
-        unpacked.rename(target)
+    with atomic_dir(target) as tmp:
+        _unpack_verified(blob, url, pinned, tmp)
     return target
 
 
@@ -300,12 +294,11 @@ def _unpack_verified(blob: bytes, url: str, pinned: dict[str, str], out: Path) -
     with z:
         # Member names are reduced to their base name: no path in the zip reaches the disk.
         members = {Path(m).name: m for m in z.namelist() if not m.endswith("/")}
-        out.mkdir(parents=True)
         for name, expected in pinned.items():
             if name not in members:
                 raise DataError(url, None, f"the zip has no member {name}")
             data = z.read(members[name])
-            got = hashlib.sha256(data).hexdigest()
+            got = sha256_bytes(data)
             if got != expected:
                 raise DataError(
                     f"{url}:{name}",

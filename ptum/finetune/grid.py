@@ -36,6 +36,7 @@ from ptum.finetune.baselines import (
 )
 from ptum.finetune.data import CtrTask, DemoTask, load_ctr, load_demo
 from ptum.finetune.train import CellOptions, run_ctr, run_demo
+from ptum.io import atomic_write_text
 from ptum.pretrain.data import file_digest, read_tokens, tokenizer_digest
 from ptum.pretrain.id_vocab import item_table_digest
 
@@ -337,9 +338,7 @@ def run_grid(
     def store(c: Cell, res: dict) -> None:
         body = json.dumps(res, sort_keys=True)
         entry = {"key": key(c), "sha256": hashlib.sha256(body.encode()).hexdigest()}
-        tmp = cache_dir / f"{key(c)}.json.tmp"
-        tmp.write_text(json.dumps(entry) + "\n" + body)
-        tmp.replace(cache_dir / f"{key(c)}.json")
+        atomic_write_text(cache_dir / f"{key(c)}.json", json.dumps(entry) + "\n" + body)
         results[c.name] = res
         _progress(len(results), len(cells), t0, cached)
 

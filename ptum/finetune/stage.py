@@ -8,7 +8,6 @@ Outputs (TASK = demo | ctr):
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from ptum.config import FinetuneConfig
 from ptum.finetune.grid import SplitSpec, load_ctr, load_demo, run_grid
 from ptum.finetune.summary import METRICS, predictions_frame, summarize
 from ptum.finetune.train import MODES, CellOptions
+from ptum.io import atomic_path, atomic_write_json
 
 
 def cell_options(cfg: FinetuneConfig) -> CellOptions:
@@ -79,9 +79,8 @@ def run_stage(
     summary = summarize(task, runs, preds, n_classes=n_classes, n_boot=cfg.bootstrap, seed=cfg.seed)
     pred_path = out.with_name(out.stem + "_predictions.parquet")
     pred_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = pred_path.with_name(pred_path.name + ".tmp")
-    preds.write_parquet(tmp)
-    tmp.replace(pred_path)
+    with atomic_path(pred_path) as tmp:
+        preds.write_parquet(tmp)
     result = {
         "task": task,
         "options": asdict(cell_options(cfg)),
@@ -123,6 +122,4 @@ def headline(task: str, summary: dict) -> dict:
 
 def _write_json(path: Path, obj: object) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, allow_nan=True) + "\n")
-    tmp.replace(path)
+    atomic_write_json(path, obj, indent=1, sort_keys=True, allow_nan=True)

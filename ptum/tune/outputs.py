@@ -10,8 +10,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +17,7 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from ptum.io import atomic_write_json
 from ptum.tune.plots import write_plots
 
 STUDY_JSON = "study.json"  # the detailed summary, written beside the figures
@@ -90,6 +89,4 @@ def headline(detail: dict[str, Any]) -> dict[str, Any]:
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     """Atomic: two `ptum tune` processes on one study may finish at the same time."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write_json(path, data, indent=1)

@@ -18,6 +18,7 @@ from ptum.data.prepare.options import PrepareOptions
 from ptum.data.prepare.report import complete_report, headline_metrics
 from ptum.data.prepare.sources import find_sources
 from ptum.data.prepare.splits import shuffled_rank, split_impressions, split_labels
+from ptum.io import atomic_dir
 
 
 def prepare(raw_dir: Path, out_dir: Path, opts: PrepareOptions) -> dict:
@@ -27,22 +28,16 @@ def prepare(raw_dir: Path, out_dir: Path, opts: PrepareOptions) -> dict:
     streams through in chunks of whole users (`prepare_chunked`), with the same outputs.
     """
     sources = find_sources(raw_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     report: dict = {}
     n_chunks = max(1, math.ceil(_row_count(sources["behaviors"].path) / opts.chunk_rows))
-    if n_chunks == 1:
-        core = prepare_in_memory(sources, tmp, opts, report)
-    else:
-        core = prepare_chunked(sources, tmp, opts, report, n_chunks)
-        shutil.rmtree(tmp / "chunks")
-    _finish(core, tmp, opts, report)
-    # Replace the previous output only once everything is written: no half-written outputs.
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    # The previous output is replaced only once everything is written: no half-written outputs.
+    with atomic_dir(out_dir) as tmp:
+        if n_chunks == 1:
+            core = prepare_in_memory(sources, tmp, opts, report)
+        else:
+            core = prepare_chunked(sources, tmp, opts, report, n_chunks)
+            shutil.rmtree(tmp / "chunks")
+        _finish(core, tmp, opts, report)
     return report
 
 
