@@ -95,6 +95,7 @@ SENSITIVITY_MODELS = Path("models/sensitivity")
 SENSITIVITY_CACHE = FINETUNE_CACHE / "sensitivity"
 # What the stage writes under REPORTS:
 SENSITIVITY_JSON = REPORTS / "sensitivity.json"
+SENSITIVITY_METRICS = REPORTS / "sensitivity" / "metrics.json"  # the DVC metrics (headline)
 SENSITIVITY_PRETRAIN_REPORTS = REPORTS / "sensitivity" / "pretrain"
 FIGURES = REPORTS / "figures"
 PLOTS = REPORTS / "plots"

@@ -73,6 +73,62 @@ def _demo_scores(y: np.ndarray, pred: np.ndarray, n_classes: int) -> dict[str, f
     return {"acc": accuracy(y, pred), "macro_f1": macro_f1(y, pred, n_classes)}
 
 
+def _tfidf_lr(
+    task: DemoTask,
+    y: np.ndarray,
+    train: np.ndarray,
+    valid: np.ndarray,
+    k: int,
+    select: str,
+    seed: int,
+) -> tuple[sparse.csr_matrix, LogisticRegression, dict]:
+    """TF-IDF features of every row (IDF from the training rows) and the logistic regression
+    whose C and class weighting score best on the validation rows by `select`."""
+    tfidf = TfidfTransformer(sublinear_tf=True).fit(bag_of_items(task.corpus)[train])
+    x = tfidf.transform(bag_of_items(task.corpus))
+    best = None
+    for c in C_GRID:
+        for weight in (None, "balanced"):
+            model = _fit(_logreg(c, weight, seed), x[train], y[train])
+            s = _demo_scores(y[valid], model.predict(x[valid]), k)[select]
+            if best is None or s > best[0]:
+                best = (s, model, {"C": c, "class_weight": weight or "none"})
+    _, model, chosen = best
+    return x, model, chosen
+
+
+def _log_proba(model: LogisticRegression, x, k: int) -> np.ndarray:
+    """(rows, k) log-probabilities; a class the model never saw gets log(1e-6)."""
+    out = np.full((x.shape[0], k), np.log(1e-6))
+    out[:, model.classes_] = np.log(np.clip(model.predict_proba(x), 1e-6, None))
+    return out
+
+
+def tfidf_lr_logits(
+    task: DemoTask, label: str, ratio: float, *, select: str, seed: int
+) -> np.ndarray:
+    """The "wide" input of the neural Demo heads (finetune.demo_wide): (rows, classes)
+    log-probabilities of the `tfidf_lr` baseline chosen on validation exactly as that baseline
+    is. A training row gets its out-of-fold value (5 folds, the chosen C and weighting), so
+    the head never sees a prediction fitted on its own label; every other row (valid, test,
+    unlabeled) gets the model fitted on the whole training subset."""
+    y, classes = task.labels[label]
+    k = len(classes)
+    train = np.flatnonzero(task.subsets[ratio] & (y >= 0))
+    valid = np.flatnonzero((task.split == "valid") & (y >= 0))
+    x, model, chosen = _tfidf_lr(task, y, train, valid, k, select, seed)
+    out = _log_proba(model, x, k)
+    weight = None if chosen["class_weight"] == "none" else chosen["class_weight"]
+    folds = np.random.default_rng(seed).permutation(len(train)) % _OOF_FOLDS
+    for f in range(_OOF_FOLDS):
+        fit, held = train[folds != f], train[folds == f]
+        if len(held) == 0 or len(np.unique(y[fit])) < 2:
+            continue  # too few labels for a fold model: keep the full-fit value
+        fold_model = _fit(_logreg(chosen["C"], weight, seed), x[fit], y[fit])
+        out[held] = _log_proba(fold_model, x[held], k)
+    return out.astype(np.float32)
+
+
 def run_demo_baseline(
     name: str, task: DemoTask, label: str, ratio: float, *, select: str, seed: int
 ) -> dict:
@@ -90,16 +146,7 @@ def run_demo_baseline(
 
         chosen: dict = {"class": classes[majority]}
     elif name == "tfidf_lr":
-        tfidf = TfidfTransformer(sublinear_tf=True).fit(bag_of_items(task.corpus)[train])
-        x = tfidf.transform(bag_of_items(task.corpus))
-        best = None
-        for c in C_GRID:
-            for weight in (None, "balanced"):
-                model = _fit(_logreg(c, weight, seed), x[train], y[train])
-                s = _demo_scores(y[valid], model.predict(x[valid]), k)[select]
-                if best is None or s > best[0]:
-                    best = (s, model, {"C": c, "class_weight": weight or "none"})
-        _, model, chosen = best
+        x, model, chosen = _tfidf_lr(task, y, train, valid, k, select, seed)
 
         def predict(rows: np.ndarray) -> np.ndarray:
             return model.predict(x[rows]) if len(rows) else np.zeros(0, dtype=np.int64)

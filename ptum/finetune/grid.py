@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from ptum import checkpoint
 from ptum.codedeps import module_closure
@@ -33,6 +34,7 @@ from ptum.finetune.baselines import (
     DEMO_BASELINES,
     run_ctr_baseline,
     run_demo_baseline,
+    tfidf_lr_logits,
 )
 from ptum.finetune.data import CtrTask, DemoTask, load_ctr, load_demo
 from ptum.finetune.train import CellOptions, run_ctr, run_demo
@@ -146,6 +148,11 @@ def _run_cell(
     elif cell.task == "demo":
         y, classes = task.labels[cell.label]
         train_rows = (task.subsets[cell.ratio] & (y >= 0)).nonzero()[0]
+        wide = (
+            tfidf_lr_logits(task, cell.label, cell.ratio, select=demo_select, seed=cell.seed)
+            if opts.demo_wide
+            else None
+        )
         runs = []
         for weight in class_weights:
             r = run_demo(
@@ -159,6 +166,7 @@ def _run_cell(
                 seed=cell.seed,
                 opts=replace(opts, class_weight=weight),
                 select=demo_select,
+                wide=wide,
             )
             runs.append((r["valid"][demo_select], weight, r))
         # First best on validation wins (ties keep the earlier entry of class_weights).
@@ -176,21 +184,11 @@ def _run_cell(
     return {**asdict(cell), **res, "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _progress(done: int, total: int, t0: float, cached: int) -> None:
-    """A progress line: redrawn in place on a terminal, every 10% of the cells otherwise."""
-    tty = sys.stderr.isatty()
-    if not tty and done not in (cached, total) and done * 10 // total == (done - 1) * 10 // total:
-        return
-    elapsed = time.perf_counter() - t0
-    rate = (done - cached) / elapsed if elapsed > 0 and done > cached else 0.0
-    eta = f"ETA {(total - done) / rate:.0f}s" if rate else ("done" if done == total else "ETA ?")
-    bar = "#" * int(30 * done / max(total, 1))
-    print(
-        f"\r[{bar:<30}] {done}/{total} cells ({cached} cached), {elapsed:.0f}s elapsed, {eta}",
-        end="" if tty else "\n",
-        file=sys.stderr,
-        flush=True,
-    )
+def _progress_bar(total: int, cached: int, desc: str) -> tqdm:
+    """tqdm over the grid's cells (with ETA) on a terminal; off a terminal (CI, `dvc repro`
+    logs) only a line at the start and one at the end (see run_grid)."""
+    # disable=None: tqdm turns itself off when stderr is not a terminal.
+    return tqdm(total=total, initial=cached, unit="cell", desc=desc, disable=None, leave=False)
 
 
 class CacheEntryCorrupt(ValueError):
@@ -323,7 +321,8 @@ def run_grid(
         else:
             todo.append(c)
     t0, cached = time.perf_counter(), len(results)
-    _progress(len(results), len(cells), t0, cached)
+    print(f"{task} grid: {len(cells)} cells, {cached} cached", file=sys.stderr, flush=True)
+    bar = _progress_bar(len(cells), cached, f"{task} grid")
     init = (
         task,
         str(prepared),
@@ -340,7 +339,7 @@ def run_grid(
         entry = {"key": key(c), "sha256": hashlib.sha256(body.encode()).hexdigest()}
         atomic_write_text(cache_dir / f"{key(c)}.json", json.dumps(entry) + "\n" + body)
         results[c.name] = res
-        _progress(len(results), len(cells), t0, cached)
+        bar.update()
 
     if todo and workers > 1:
         # spawn, not fork: a fork after torch has run (e.g. pre-training in this process) can
@@ -356,6 +355,7 @@ def run_grid(
         _init_worker(*init)
         for c in todo:
             store(c, _run_cell(c, *args))
-    if sys.stderr.isatty():
-        print(file=sys.stderr)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    print(f"{task} grid: {len(todo)} cells run in {seconds:.0f}s", file=sys.stderr, flush=True)
     return [results[c.name] for c in cells]

@@ -96,6 +96,30 @@ def run(
     """Run every variant of every task; writes reports/sensitivity.json and figures."""
     experiments = plan(pre, opts)
     results: dict[str, dict] = {}
+
+    def grid(task: str, model: str, mode: str, ckpt_root: Path) -> list[dict]:
+        """The `mode` cells of `model` at the sensitivity ratio, checkpoints under ckpt_root."""
+        return run_grid(
+            task=task,
+            labels=None,
+            models=[model],
+            modes=[mode],
+            ratios=[opts.ratio],
+            repeats=opts.repeats,
+            seed=ft.seed,
+            opts=cell_options(ft),
+            demo_select=ft.demo_select,
+            prepared=prepared,
+            tokenized=tokenized,
+            max_len=max_behaviors,
+            ckpt_root=ckpt_root,
+            cache_dir=cache_dir,
+            workers=ft.workers,
+            class_weights=ft.class_weights,
+            split=split,
+            baselines=False,
+        )
+
     for task in opts.tasks:
         model = opts.demo_model if task == "demo" else opts.ctr_model
         metric = "acc" if task == "demo" else "auc"
@@ -118,47 +142,9 @@ def run(
                         out_dir=ckpt_root / model,
                         report_dir=reports / "sensitivity" / "pretrain" / key / model,
                     )
-                done[key] = run_grid(
-                    task=task,
-                    labels=None,
-                    models=[model],
-                    modes=["finetune"],
-                    ratios=[opts.ratio],
-                    repeats=opts.repeats,
-                    seed=ft.seed,
-                    opts=cell_options(ft),
-                    demo_select=ft.demo_select,
-                    prepared=prepared,
-                    tokenized=tokenized,
-                    max_len=max_behaviors,
-                    ckpt_root=ckpt_root,
-                    cache_dir=cache_dir,
-                    workers=ft.workers,
-                    class_weights=ft.class_weights,
-                    split=split,
-                    baselines=False,
-                )
+                done[key] = grid(task, model, "finetune", ckpt_root)
             per_exp[name] = {**exp, **_aggregate(done[key], metric)}
-        scratch = run_grid(
-            task=task,
-            labels=None,
-            models=[model],
-            modes=["scratch"],
-            ratios=[opts.ratio],
-            repeats=opts.repeats,
-            seed=ft.seed,
-            opts=cell_options(ft),
-            demo_select=ft.demo_select,
-            prepared=prepared,
-            tokenized=tokenized,
-            max_len=max_behaviors,
-            ckpt_root=main_ckpts,
-            cache_dir=cache_dir,
-            workers=ft.workers,
-            class_weights=ft.class_weights,
-            split=split,
-            baselines=False,
-        )
+        scratch = grid(task, model, "scratch", main_ckpts)
         per_exp["none"] = {
             "group": "ablation",
             "x": "none",
@@ -200,6 +186,14 @@ def write_outputs(results: dict, reports: Path) -> None:
 
     reports.mkdir(parents=True, exist_ok=True)
     (reports / "sensitivity.json").write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
+    # The stage's DVC metrics: one number per variant and task (the mean over labels of the
+    # test metric); the per-label means and stds stay in sensitivity.json.
+    headline = {
+        task: {name: round(e["mean"], 4) for name, e in res["experiments"].items()}
+        for task, res in results.items()
+    }
+    (reports / "sensitivity").mkdir(exist_ok=True)
+    (reports / "sensitivity" / "metrics.json").write_text(json.dumps(headline, indent=1) + "\n")
     figs = reports / "figures"
     figs.mkdir(exist_ok=True)
     plots = reports / "plots"
@@ -208,6 +202,8 @@ def write_outputs(results: dict, reports: Path) -> None:
     for task, res in results.items():
         for group, title in titles.items():
             exps = [e for e in res["experiments"].values() if e["group"] == group]
+            if not exps:  # e.g. sensitivity.lams: [] (no λ sweep)
+                continue
             if group == "ablation":
                 order = ["none", "MBP", "NBP", "MBP+NBP"]
                 exps = sorted(exps, key=lambda e: order.index(e["x"]))

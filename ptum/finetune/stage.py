@@ -29,6 +29,7 @@ def cell_options(cfg: FinetuneConfig) -> CellOptions:
         encoder_lr_scale=cfg.encoder_lr_scale,
         ctr_scoring=cfg.ctr_scoring,
         bias_lr_scale=cfg.ctr_bias_lr_scale,
+        demo_wide=cfg.demo_wide,
     )
 
 

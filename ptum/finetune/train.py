@@ -52,6 +52,9 @@ class CellOptions:
     ctr_scoring: str = "dot"
     # "bias" head: its per-user / per-item offsets learn at lr * this (see _optimizer).
     bias_lr_scale: float = 1.0
+    # Demo: add the out-of-fold TF-IDF logistic-regression log-probabilities of the user's bag of
+    # items to the head's logits (a wide input, the same in every mode; see run_demo's `wide`).
+    demo_wide: bool = False
 
 
 def user_vectors(
@@ -168,11 +171,14 @@ def run_demo(
     select: str = "acc",
     device: torch.device | None = None,
     return_models: bool = False,
+    wide: np.ndarray | None = None,
 ) -> dict:
     """Train one demographic cell; returns validation-selected test metrics.
 
     corpus rows align with y / split; y = class index, -1 = label missing (row unused).
     train_rows: the rows of the training subset (ratio) with a label.
+    wide: optional (rows, n_classes) logits added to the head's (a fixed "wide" input, e.g.
+        baselines.tfidf_lr_logits); the head then learns a correction from the user vector.
     """
     device = device or torch.device("cpu")
     model = _init_model(pretrained, mode, seed).to(device)
@@ -184,6 +190,7 @@ def run_demo(
     cached = all_user_vectors(model, corpus, device) if frozen else None
     opt = _optimizer(model, head, mode, opts)
     y_t = torch.from_numpy(y).to(device)
+    wide_t = torch.from_numpy(wide).to(device) if wide is not None else None
     weight = None
     if opts.class_weight == "balanced":
         counts = np.bincount(y[train_rows], minlength=n_classes).astype(np.float64)
@@ -195,13 +202,14 @@ def run_demo(
     def vectors(rows: np.ndarray) -> Tensor:
         return cached[rows] if frozen else user_vectors(model, corpus, rows, device)
 
+    def logits(rows: np.ndarray) -> Tensor:
+        out = head.logits(vectors(rows))  # (B, C)
+        return out + wide_t[torch.from_numpy(rows)] if wide_t is not None else out
+
     @torch.no_grad()
     def predict(rows: np.ndarray) -> np.ndarray:
         model.eval(), head.eval()
-        out = [
-            head.logits(vectors(rows[i : i + 256])).argmax(-1).cpu()
-            for i in range(0, len(rows), 256)
-        ]
+        out = [logits(rows[i : i + 256]).argmax(-1).cpu() for i in range(0, len(rows), 256)]
         return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
 
     def score(rows: np.ndarray) -> dict[str, float]:
@@ -210,12 +218,17 @@ def run_demo(
 
     rng = np.random.default_rng(seed)
     stopper, epochs = _BestOnValid(opts.patience, model, head), 0
+    if wide_t is not None:
+        # Start from the wide model exactly (the head's output layer at zero) and let early
+        # stopping keep it if no epoch of learning from the user vector improves validation.
+        torch.nn.init.zeros_(head.out.weight), torch.nn.init.zeros_(head.out.bias)
+        stopper.update(score(valid_rows)[select])
     for epoch in range(opts.max_epochs):
         model.train(not frozen), head.train()
         order = train_rows[bucketed_order(corpus.lengths[train_rows], opts.batch_size, rng)]
         for start in range(0, len(order), opts.batch_size):
             batch = order[start : start + opts.batch_size]
-            loss = F.cross_entropy(head.logits(vectors(batch)), y_t[batch], weight=weight)
+            loss = F.cross_entropy(logits(batch), y_t[batch], weight=weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -14,6 +14,7 @@ from ptum.finetune.baselines import (
     ctr_features,
     run_ctr_baseline,
     run_demo_baseline,
+    tfidf_lr_logits,
 )
 from ptum.finetune.data import load_ctr, load_demo
 from ptum.finetune.grid import SplitSpec, run_grid
@@ -165,3 +166,29 @@ def test_a_baseline_cell_is_recomputed_when_the_selection_metric_changes(tiny_pi
     assert len(list((tmp_path / "cache").glob("*.json"))) == n  # same key: cached
     run_grid(demo_select="macro_f1", **kw)
     assert len(list((tmp_path / "cache").glob("*.json"))) == 2 * n  # new key per cell
+
+
+def test_wide_logits_never_use_test_labels_or_a_training_rows_own_label(demo):
+    task = demo.resplit(100, (0.8, 0.1, 0.1))
+    y, classes = task.labels["gender"]
+    a = tfidf_lr_logits(task, "gender", 1.0, select="macro_f1", seed=0)
+    assert a.shape == (len(y), len(classes)) and np.isfinite(a).all()
+    # Test labels flipped: no wide value moves.
+    y_test = np.where(task.split == "test", (y + 1) % len(classes), y)
+    flipped = replace(task, labels={**task.labels, "gender": (y_test, classes)})
+    assert np.array_equal(a, tfidf_lr_logits(flipped, "gender", 1.0, select="macro_f1", seed=0))
+    # One training row's label flipped: its own (out-of-fold) value does not move, as long as
+    # the flip does not change the hyper-parameters chosen on validation.
+    train = np.flatnonzero(task.subsets[1.0] & (y >= 0))
+    i = train[0]
+    y_one = y.copy()
+    y_one[i] = (y[i] + 1) % len(classes)
+    one = replace(task, labels={**task.labels, "gender": (y_one, classes)})
+    same_choice = (
+        run_demo_baseline("tfidf_lr", task, "gender", 1.0, select="macro_f1", seed=0)["chosen"]
+        == run_demo_baseline("tfidf_lr", one, "gender", 1.0, select="macro_f1", seed=0)["chosen"]
+    )
+    assert same_choice
+    b = tfidf_lr_logits(one, "gender", 1.0, select="macro_f1", seed=0)
+    assert np.array_equal(a[i], b[i])
+    assert not np.array_equal(a, b)  # the other rows' models did see the flipped label

@@ -24,3 +24,28 @@ def test_sensitivity_plan_shares_identical_pretrainings():
     v = _variant_config(pre, p["nbp_only"]["variant"])
     assert (v.mbp, v.nbp, v.k) == (False, True, 2)
     assert _variant_config(pre, p["lam=4"]["variant"]).lam == 4.0
+
+
+def test_outputs_hold_a_small_headline_metrics_file(tmp_path):
+    import json
+
+    from ptum.finetune.sensitivity import write_outputs
+
+    exp = {"group": "ablation", "variant": "v", "gender_mean": 0.61, "gender_std": 0.02}
+    results = {
+        "demo": {
+            "model": "hsa",
+            "metric": "acc",
+            "ratio": 0.2,
+            "experiments": {
+                x: exp | {"x": x, "mean": 0.6 + i / 100}
+                for i, x in enumerate(["none", "MBP", "NBP", "MBP+NBP"])
+            },
+        }
+    }
+    write_outputs(results, tmp_path)
+    headline = json.loads((tmp_path / "sensitivity" / "metrics.json").read_text())
+    assert headline == {"demo": {"none": 0.6, "MBP": 0.61, "NBP": 0.62, "MBP+NBP": 0.63}}
+    full = json.loads((tmp_path / "sensitivity.json").read_text())
+    assert full["demo"]["experiments"]["MBP"]["gender_std"] == 0.02
+    assert (tmp_path / "figures" / "demo_ablation.png").stat().st_size > 0

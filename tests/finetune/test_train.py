@@ -166,3 +166,29 @@ def test_ctr_cell_runs_every_mode(pretrained, tiny_pipeline):
             assert _same(res["model"], pretrained)
             # ... but the CTR head did train.
             assert not torch.equal(res["head"].proj.weight, torch.eye(8))
+
+
+def test_a_demo_head_with_a_wide_input_starts_from_it_exactly(pretrained, demo):
+    y, classes = demo.labels["gender"]
+    rng = np.random.default_rng(0)
+    wide = rng.normal(size=(len(y), len(classes))).astype(np.float32) * 5
+    # lr ~ 0: nothing learns, so the cell predicts the wide input's argmax on every test row.
+    opts = OPTS.__class__(**{**OPTS.__dict__, "lr": 1e-12, "max_epochs": 2})
+    rows = np.flatnonzero(demo.subsets[1.0] & (y >= 0))
+    r = ft.run_demo(
+        pretrained=pretrained,
+        corpus=demo.corpus,
+        y=y,
+        split=demo.split,
+        train_rows=rows,
+        n_classes=len(classes),
+        mode="frozen",
+        seed=1,
+        opts=opts,
+        wide=wide,
+    )
+    test = np.array(r["pred"]["row"])
+    assert r["pred"]["pred"] == wide[test].argmax(1).tolist()
+    # Without it, the same cell predicts from the (random-head) user vectors instead.
+    r0 = _demo(pretrained, demo, "frozen")
+    assert r0["pred"]["pred"] != r["pred"]["pred"]
