@@ -154,6 +154,13 @@ def _swap_dir(new: Path, path: Path) -> None:
     old = path.with_name(path.name + ".old")
     if old.exists():
         shutil.rmtree(old)
+    # The directory's .gitignore is not the stage's: DVC writes it to keep the outputs it tracks
+    # inside (e.g. data/prepared/*.parquet) out of git, and does not write it again on a rerun.
+    # Losing it would let `git add` pick up data files (MovieLens may not be redistributed).
+    keep = path / ".gitignore"
+    if keep.is_file() and not (new / ".gitignore").exists():
+        shutil.copy2(keep, new / ".gitignore")
+        fsync_path(new / ".gitignore")
     if path.exists():
         os.rename(path, old)
     try:

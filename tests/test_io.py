@@ -130,3 +130,20 @@ def test_atomic_dir_creates_missing_parents(tmp_path):
     with io.atomic_dir(tmp_path / "x" / "y") as tmp:
         (tmp / "f").write_text("1")
     assert (tmp_path / "x" / "y" / "f").read_text() == "1"
+
+
+def test_atomic_dir_keeps_the_directorys_gitignore(tmp_path):
+    # DVC keeps its outputs inside data/prepared out of git with data/prepared/.gitignore and does
+    # not write it again on a rerun: a swapped-in directory must carry it over.
+    out = tmp_path / "prepared"
+    out.mkdir()
+    (out / ".gitignore").write_text("/sequences.parquet\n")
+    (out / "sequences.parquet").write_bytes(b"old")
+    with io.atomic_dir(out) as staging:
+        (staging / "sequences.parquet").write_bytes(b"new")
+    assert (out / ".gitignore").read_text() == "/sequences.parquet\n"
+    assert (out / "sequences.parquet").read_bytes() == b"new"
+    # A stage that writes its own .gitignore keeps its own.
+    with io.atomic_dir(out) as staging:
+        (staging / ".gitignore").write_text("/x\n")
+    assert (out / ".gitignore").read_text() == "/x\n"
