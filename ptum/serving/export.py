@@ -32,10 +32,12 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from ptum import checkpoint
 from ptum.hashing import sha256_file
 from ptum.heads import CtrHead, DemoHead, load_demo_heads
+from ptum.io import atomic_dir
 from ptum.models.user_model import ModelConfig, UserModel
 from ptum.serving.contract import metadata, static_lengths, user_inputs
 from ptum.serving.fold import ATTENTION_OPSET, serving_ids, serving_model
@@ -145,8 +147,10 @@ def _export_heads(
     opset: int,
     meta: dict,
     example_batch: int,
+    bar: tqdm,
 ) -> dict[str, float]:
     """ctr_head.onnx and demo_<label>.onnx in `out`; returns each file stem's parity diff."""
+    bar.set_postfix_str("ctr_head")
     diffs = {
         "ctr_head": export_head(
             (ctr_head or CtrHead()).eval(),
@@ -163,6 +167,8 @@ def _export_heads(
                 f"demographic head {label!r}: {len(classes)} class names for {head.classes} classes"
             )
         head_meta = meta | {"label": label, "classes": json.dumps([str(c) for c in classes])}
+        bar.update(1)
+        bar.set_postfix_str(f"demo_{label}")
         diffs[f"demo_{label}"] = export_head(
             head.eval(),
             out / f"demo_{label}.onnx",
@@ -171,7 +177,51 @@ def _export_heads(
             meta=head_meta,
             example_batch=example_batch,
         )
+    bar.update(1)
     return diffs
+
+
+def _export_graphs(
+    model: UserModel,
+    served: UserModel,
+    out: Path,
+    shapes: _Shapes,
+    ctr_head: CtrHead | None,
+    demo_heads: Mapping[str, tuple[DemoHead, list[str]]],
+    *,
+    opset: int,
+    meta: dict,
+    example_batch: int,
+    progress: bool,
+) -> dict[str, float]:
+    """Every ONNX file into `out`, with a tqdm bar over them; returns each file stem's parity."""
+    # disable=None: tqdm turns itself off when stderr is not a terminal (logs, dvc repro).
+    bar = tqdm(
+        total=3 + len(demo_heads), desc="export", unit="graph", disable=None if progress else True
+    )
+    with bar:
+        bar.set_postfix_str("user_model")
+        parity = {
+            "user_model": _export_user_model(
+                model, served, out / "user_model.onnx", shapes, opset=opset, meta=meta
+            )
+        }
+        bar.update(1)
+        bar.set_postfix_str("behavior_encoder")
+        parity["behavior_encoder"] = _export_behavior_encoder(
+            model, served, out / "behavior_encoder.onnx", shapes, opset=opset, meta=meta
+        )
+        bar.update(1)
+        return parity | _export_heads(
+            out,
+            ctr_head,
+            demo_heads,
+            dim=model.config.dim,
+            opset=opset,
+            meta=meta,
+            example_batch=example_batch,
+            bar=bar,
+        )
 
 
 def export(
@@ -188,12 +238,14 @@ def export(
     demo_heads: Mapping[str, tuple[DemoHead, list[str]]] | None = None,
     ctr_head: CtrHead | None = None,
     fold: bool = True,
+    progress: bool = True,
 ) -> dict:
     """Export the checkpoint's user model, behavior encoder and heads to ONNX in `out_dir`.
 
     Args:
         checkpoint_dir: a `ptum.checkpoint` directory (the model is rebuilt from its config).
-        out_dir: replaced atomically once everything is written and checked.
+        out_dir: replaced atomically (`ptum.io.atomic_dir`) once everything is written and
+            checked; a failed export leaves the previous one in place.
         opset: ONNX opset of every graph.
         spm_model: the SentencePiece model the checkpoint was trained with (hash-checked, copied).
         data_version: stored in metadata (e.g. the checkpoint's data_sha256 or a DVC revision).
@@ -206,6 +258,7 @@ def export(
         fold: export `serving_model(model)` (linear maps multiplied out, `FoldedSelfAttnEncoder`)
             rather than the model as trained (fused attention still applies at opset >= 23);
             parity is checked against the model as trained either way.
+        progress: a tqdm bar over the graphs on stderr (only when stderr is a terminal).
 
     Returns:
         The export report: files and their SHA-256, input dims, parity diffs (out_dir/export.json
@@ -232,10 +285,6 @@ def export(
     )
     shapes = _shapes(config, example_batch, example_behaviors, example_tokens)
 
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
     report: dict[str, Any] = {
         "architecture": arch,
         "opset": opset,
@@ -247,33 +296,27 @@ def export(
         "parity": {},
     }
     served = serving_model(model, fold=fold, fused_attention=opset >= ATTENTION_OPSET)
-    report["parity"]["user_model"] = _export_user_model(
-        model, served, tmp / "user_model.onnx", shapes, opset=opset, meta=meta
-    )
-    report["parity"]["behavior_encoder"] = _export_behavior_encoder(
-        model, served, tmp / "behavior_encoder.onnx", shapes, opset=opset, meta=meta
-    )
-    report["parity"] |= _export_heads(
-        tmp,
-        ctr_head,
-        demo_heads,
-        dim=config.dim,
-        opset=opset,
-        meta=meta,
-        example_batch=example_batch,
-    )
-
-    shutil.copyfile(spm_model, tmp / "spm.model")
-    if loaded.id_vocab is not None:
-        (tmp / "id_vocab.json").write_bytes(loaded.id_vocab.to_json())
-    report["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-    report["input_dims"] = {
-        p.stem: {k: "(" + ", ".join(map(str, v)) + ")" for k, v in input_dims(p).items()}
-        for p in sorted(tmp.glob("*.onnx"))
-    }
-    full = report | {"metadata": meta}
-    (tmp / "export.json").write_text(json.dumps(full, indent=1, sort_keys=True) + "\n")
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        report["parity"] = _export_graphs(
+            model,
+            served,
+            tmp,
+            shapes,
+            ctr_head,
+            demo_heads,
+            opset=opset,
+            meta=meta,
+            example_batch=example_batch,
+            progress=progress,
+        )
+        shutil.copyfile(spm_model, tmp / "spm.model")
+        if loaded.id_vocab is not None:
+            (tmp / "id_vocab.json").write_bytes(loaded.id_vocab.to_json())
+        report["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        report["input_dims"] = {
+            p.stem: {k: "(" + ", ".join(map(str, v)) + ")" for k, v in input_dims(p).items()}
+            for p in sorted(tmp.glob("*.onnx"))
+        }
+        full = report | {"metadata": meta}
+        (tmp / "export.json").write_text(json.dumps(full, indent=1, sort_keys=True) + "\n")
     return report

@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from ptum import checkpoint
 from ptum.config import FinetuneConfig
@@ -43,6 +44,7 @@ def _demo_heads(
     opts: CellOptions,
     select: str,
     seed: int,
+    bar: tqdm,
 ) -> DemoHeads:
     """One frozen-mode DemoHead per label column in `labels` (all training labels)."""
     demo: DemoHeads = {}
@@ -65,6 +67,7 @@ def _demo_heads(
             return_models=True,
         )
         demo[label] = (res["head"].eval(), [str(c) for c in classes])
+        bar.update(1)
     return demo
 
 
@@ -118,10 +121,16 @@ def serving_heads(
     # vectors only); the "bias" head needs item ids and popularity that serving does not have.
     opts = replace(cell_options(cfg), ctr_scoring="dot")
     data = {"prepared": prepared, "tokenized": tokenized, "max_behaviors": max_behaviors}
-    demo = (
-        _demo_heads(model, tasks["demo"], opts=opts, select=cfg.demo_select, seed=seed, **data)
-        if tasks["demo"]
-        else {}
-    )
-    ctr = _ctr_head(model, opts=opts, seed=seed, **data) if tasks["ctr"] else None
+    # disable=None: tqdm turns itself off when stderr is not a terminal (logs, dvc repro).
+    total = len(tasks["demo"]) + int(tasks["ctr"])
+    with tqdm(total=total, desc="export heads", unit="head", disable=None) as bar:
+        demo = (
+            _demo_heads(
+                model, tasks["demo"], opts=opts, select=cfg.demo_select, seed=seed, bar=bar, **data
+            )
+            if tasks["demo"]
+            else {}
+        )
+        ctr = _ctr_head(model, opts=opts, seed=seed, **data) if tasks["ctr"] else None
+        bar.update(int(tasks["ctr"]))
     return demo, ctr

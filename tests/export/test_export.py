@@ -8,7 +8,9 @@ of torch.export).
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 
 import numpy as np
 import onnx
@@ -361,3 +363,27 @@ def test_export_refuses_a_label_that_cannot_name_a_file(
         )
     assert "rename that label column" in str(e.value)
     assert list(tmp_path.iterdir()) == []  # nothing written, not even the staging directory
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_export_progress_only_on_a_terminal(tty: bool, exported, tmp_path, monkeypatch) -> None:
+    """A tqdm bar over the graphs on a terminal's stderr; nothing in a log (dvc repro)."""
+    ex = exported("hsa")
+    err = _Terminal() if tty else io.StringIO()
+    monkeypatch.setattr(sys, "stderr", err)
+    export(
+        ex.checkpoint,
+        tmp_path / "out",
+        spm_model=ex.onnx / "spm.model",
+        data_version="x",
+        params={},
+    )
+    if tty:  # user model, behavior encoder, CTR head and the checkpoint's one demo head
+        assert "export: 100%" in err.getvalue() and "4/4" in err.getvalue()
+    else:
+        assert err.getvalue() == ""
