@@ -1,0 +1,91 @@
+"""One flipped byte in an artifact: the next command that reads it refuses with one line naming
+the file (exit code 2), instead of using it (issue 18, item 8). A corrupt live checkpoint with
+an earlier complete one beside it falls back with a warning: tests/faults/test_faults.py."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.faults.harness import (
+    ARCH,
+    CKPT,
+    PRETRAIN,
+    copy_project,
+    error_line,
+    flip_byte,
+    ptum,
+)
+
+pytestmark = pytest.mark.slow
+
+TOKENS = Path("data/tokenized/tokens.npy")
+CACHE = Path("models/finetune_cache/demo")
+
+
+def refused(proj: Path, corrupt: Path, *args: str) -> str:
+    """Run `ptum *args`; it must refuse with one line naming `corrupt`."""
+    line = error_line(ptum(proj, *args), args[0])
+    assert str(corrupt) in line, line
+    return line
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "meta.json"])
+def test_a_corrupt_checkpoint_file_is_refused_by_name(name, pretrained, tmp_path):
+    proj = copy_project(pretrained.proj, tmp_path / "proj")
+    live = (proj / CKPT / "LATEST").read_text().strip()
+    corrupt = CKPT / live / name
+    flip_byte(proj / corrupt)
+    # The only checkpoint: nothing to fall back to; the line says what to rerun.
+    line = refused(proj, corrupt, *PRETRAIN)
+    assert f"ptum pretrain --arch {ARCH}" in line
+
+
+# Both readers of the token matrix (export reads it only to train serving heads, off here).
+@pytest.mark.parametrize(
+    "args", [PRETRAIN, ("finetune", "--task", "demo")], ids=["pretrain", "finetune"]
+)
+def test_a_corrupt_token_matrix_is_refused_by_name(args, pretrained, tmp_path):
+    proj = copy_project(pretrained.proj, tmp_path / "proj")
+    flip_byte(proj / TOKENS)
+    assert "ptum tokenize" in refused(proj, TOKENS, *args)
+
+
+def test_a_corrupt_onnx_file_is_refused_by_name(exported, tmp_path):
+    proj = copy_project(exported.proj, tmp_path / "proj")
+    corrupt = Path("models/onnx") / ARCH / "user_model.onnx"
+    flip_byte(proj / corrupt)
+    assert "ptum export" in refused(proj, corrupt, "embed", "--arch", ARCH)
+
+
+def _first_entry(proj: Path) -> Path:
+    return min(p for p in (proj / CACHE).glob("*.json")).relative_to(proj)
+
+
+def test_a_corrupt_fine_tuning_cache_entry_is_refused_by_name(finetuned, tmp_path):
+    proj = copy_project(finetuned.proj, tmp_path / "proj")
+    corrupt = _first_entry(proj)
+    flip_byte(proj / corrupt)  # stays ASCII
+    refused(proj, corrupt, "finetune", "--task", "demo")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="a cache entry that is not valid UTF-8 ends finetune with \"'utf-8' codec can't "
+    'decode byte ...", naming neither the file nor the fix: path.read_text() runs before the '
+    "try that turns a bad entry into CacheEntryCorrupt (ptum/finetune/grid.py:_read_entry)",
+)
+def test_a_fine_tuning_cache_entry_with_invalid_utf8_is_refused_by_name(finetuned, tmp_path):
+    proj = copy_project(finetuned.proj, tmp_path / "proj")
+    corrupt = _first_entry(proj)
+    flip_byte(proj / corrupt, mask=0x80)
+    refused(proj, corrupt, "finetune", "--task", "demo")
+
+
+@pytest.mark.parametrize("name", ["behaviors.parquet", "impressions.parquet", "labels.parquet"])
+def test_a_corrupt_raw_file_is_refused_by_name(name, base, tmp_path):
+    proj = copy_project(base.proj, tmp_path / "proj")
+    corrupt = Path("data/raw") / name
+    flip_byte(proj / corrupt)
+    assert "ptum ingest" in refused(proj, corrupt, "prepare")
