@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save as save_tensor_bytes
 
 from ptum.hashing import sha256_bytes
+from ptum.models.user_model import UserModel
 from ptum.pretrain import id_vocab as ids
 
 POINTER = "LATEST"
@@ -63,6 +64,13 @@ def meta_digest(meta: dict[str, Any]) -> str:
     """SHA-256 of meta's canonical JSON without its own `meta_sha256`."""
     body = {k: v for k, v in meta.items() if k != "meta_sha256"}
     return sha256_bytes(json.dumps(body, sort_keys=True, separators=(",", ":")).encode())
+
+
+def matches_id_vocab(model: UserModel, vocab: ids.IdVocab) -> bool:
+    """Whether a hybrid model's id_index buffer is the one `vocab` builds (save and load both
+    refuse a pair that is not)."""
+    index = model.behavior_encoder.id_index  # a registered buffer (nn.Module types it loosely)
+    return isinstance(index, torch.Tensor) and torch.equal(index.cpu(), vocab.id_index())
 
 
 def meta_bytes(meta: dict[str, Any]) -> bytes:

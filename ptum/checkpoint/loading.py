@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load as load_tensor_bytes
 
 from ptum.checkpoint.errors import CheckpointMismatch, CorruptCheckpoint
-from ptum.checkpoint.layout import MODEL, OPTIMIZER
+from ptum.checkpoint.layout import MODEL, OPTIMIZER, matches_id_vocab
 from ptum.checkpoint.verify import Verified, resolve
 from ptum.models.user_model import ModelConfig, UserModel
 from ptum.pretrain import id_vocab as ids
@@ -68,9 +68,7 @@ def load(
     device = str(map_location)
     model = UserModel(config=config)
     model.load_state_dict(_tensors(found, MODEL, device))
-    if vocab is not None and not torch.equal(
-        model.behavior_encoder.id_index.cpu(), vocab.id_index()
-    ):
+    if vocab is not None and not matches_id_vocab(model, vocab):
         raise CorruptCheckpoint(
             f"{found.path / MODEL}: id_index does not match {found.path / ids.FILE}"
         )

@@ -24,6 +24,7 @@ from ptum.checkpoint.layout import (
     STAGING,
     WRITTEN_KEYS,
     checkpoint_name,
+    matches_id_vocab,
     meta_bytes,
     meta_digest,
     read_pointer,
@@ -84,7 +85,7 @@ def _check_id_vocab(model: torch.nn.Module, id_vocab: ids.IdVocab | None) -> Non
     if isinstance(model, UserModel) and model.uses_item_ids:
         if id_vocab is None:
             raise ValueError("a hybrid model's checkpoint needs its id_vocab")
-        if not torch.equal(model.behavior_encoder.id_index.cpu(), id_vocab.id_index()):
+        if not matches_id_vocab(model, id_vocab):
             raise ValueError("the model's id_index is not the one of the id_vocab being saved")
 
 

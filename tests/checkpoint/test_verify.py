@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
+import torch
 
 from ptum import checkpoint
+from ptum.models.user_model import UserModel
+from ptum.pretrain.id_vocab import IdVocab, build_id_vocab
 from tests.checkpoint.common import TINY, flip, same, save_tiny, tiny_model
 
 
@@ -99,3 +104,34 @@ def test_the_fallback_warning_points_at_the_caller(tmp_path):
         with pytest.warns(checkpoint.CheckpointFallbackWarning) as record:
             read(tmp_path)
         assert record[0].filename == __file__, read.__name__
+
+
+def _hybrid(vocab: IdVocab) -> UserModel:
+    config = replace(
+        TINY, behavior_encoder="hybrid", hybrid_text="selfattn", num_items=6, id_vocab=vocab.size
+    )
+    torch.manual_seed(0)
+    model = UserModel(config=config)
+    model.behavior_encoder.set_id_index(vocab.id_index())
+    return model
+
+
+def test_a_hybrid_model_and_its_id_vocabulary_must_agree(tmp_path):
+    seqs = np.array([[1, 1, 2, 3, 0], [1, 2, 5, 0, 0]])
+    tokens, texts = torch.arange(6 * 4).reshape(6, 4), ["a", "b", "c", "d", "e"]
+    vocab = build_id_vocab(seqs, texts, tokens, min_count=2)
+    other = build_id_vocab(seqs, texts, tokens, min_count=1)
+    model = _hybrid(vocab)
+    meta = {"model_config": model.config.to_dict()}
+    with pytest.raises(ValueError, match="id_index is not the one of the id_vocab"):
+        checkpoint.save(tmp_path, model, meta, id_vocab=other)
+    where = checkpoint.save(tmp_path, model, meta, id_vocab=vocab)
+    assert checkpoint.load(tmp_path).id_vocab == vocab
+    # Another vocabulary put in with every hash re-signed: the weights' id_index still differs.
+    (where / "id_vocab.json").write_bytes(other.to_json())
+    saved = json.loads((where / "meta.json").read_text())
+    saved["id_vocab_sha256"] = other.sha256
+    saved["meta_sha256"] = checkpoint._meta_digest(saved)
+    (where / "meta.json").write_text(json.dumps(saved))
+    with pytest.raises(checkpoint.CorruptCheckpoint, match="id_index does not match"):
+        checkpoint.load(tmp_path)
