@@ -4,7 +4,8 @@ Writes into `out_dir`:
     user_model.onnx        tokens (B, L, T) int64, token_mask (B, L, T) bool, mask (B, L) bool,
                            positions (B, L) int64, gap_buckets (B, L) int64 -> user (B, D)
     behavior_encoder.onnx  tokens (N, T) int64, token_mask (N, T) bool -> behavior (N, D)
-    ctr_head.onnx          user (B, D), candidate (B, D) -> score (B,) = sigmoid(user . candidate)
+    ctr_head.onnx          user (B, D), candidate (B, D) -> score (B,) = sigmoid(user . candidate);
+                           a bias head also takes item_id (B,), log_pop (B,) (ptum.serving.heads)
     demo_<label>.onnx      user (B, D) -> probs (B, C), one per fine-tuned demographic head
     spm.model              the SentencePiece model the token ids come from
     id_vocab.json          hybrid behavior encoder only: its id vocabulary (texts[i] has id i + 2)
@@ -36,7 +37,7 @@ from tqdm import tqdm
 
 from ptum import checkpoint
 from ptum.hashing import sha256_file
-from ptum.heads import CtrHead, DemoHead, load_demo_heads
+from ptum.heads import BiasedCtrHead, CtrHead, DemoHead, load_demo_heads
 from ptum.io import atomic_dir
 from ptum.models.user_model import ModelConfig, UserModel
 from ptum.serving.contract import metadata, static_lengths, user_inputs
@@ -140,7 +141,7 @@ def _export_behavior_encoder(
 
 def _export_heads(
     out: Path,
-    ctr_head: CtrHead | None,
+    ctr_head: CtrHead | BiasedCtrHead | None,
     demo_heads: Mapping[str, tuple[DemoHead, list[str]]],
     *,
     dim: int,
@@ -186,7 +187,7 @@ def _export_graphs(
     served: UserModel,
     out: Path,
     shapes: _Shapes,
-    ctr_head: CtrHead | None,
+    ctr_head: CtrHead | BiasedCtrHead | None,
     demo_heads: Mapping[str, tuple[DemoHead, list[str]]],
     *,
     opset: int,
@@ -236,7 +237,7 @@ def export(
     example_behaviors: int = 5,
     example_tokens: int = 7,
     demo_heads: Mapping[str, tuple[DemoHead, list[str]]] | None = None,
-    ctr_head: CtrHead | None = None,
+    ctr_head: CtrHead | BiasedCtrHead | None = None,
     fold: bool = True,
     progress: bool = True,
 ) -> dict:
@@ -254,7 +255,8 @@ def export(
             must be >= 2 (a size-1 dim would be fixed in the graph).
         demo_heads: label -> (DemoHead, class names); default: the `demo_<label>` heads saved in
             `checkpoint_dir` (`ptum.heads.save_demo_head`).
-        ctr_head: a fine-tuned CtrHead; default the paper's bare sigmoid(user . candidate).
+        ctr_head: a fine-tuned CtrHead or BiasedCtrHead (`ptum.serving.heads`); default the
+            paper's bare sigmoid(user . candidate).
         fold: export `serving_model(model)` (linear maps multiplied out, `FoldedSelfAttnEncoder`)
             rather than the model as trained (fused attention still applies at opset >= 23);
             parity is checked against the model as trained either way.

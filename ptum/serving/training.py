@@ -25,7 +25,7 @@ from ptum.data.prepare import available_tasks
 from ptum.finetune.data import load_ctr, load_demo
 from ptum.finetune.stage import cell_options
 from ptum.finetune.train import CellOptions, run_ctr, run_demo
-from ptum.heads import CtrHead, DemoHead
+from ptum.heads import BiasedCtrHead, CtrHead, DemoHead
 from ptum.models.user_model import UserModel
 from ptum.pretrain.data import read_tokens
 from ptum.pretrain.id_vocab import item_table_digest
@@ -79,8 +79,9 @@ def _ctr_head(
     max_behaviors: int,
     opts: CellOptions,
     seed: int,
-) -> CtrHead | None:
-    """The frozen-mode CtrHead on every CTR-train impression (None without any)."""
+) -> CtrHead | BiasedCtrHead | None:
+    """The frozen-mode CTR head (opts.ctr_scoring) on every CTR-train impression (None without
+    any)."""
     imps = load_ctr(prepared, tokenized, max_behaviors, [1.0])
     train_idx = np.flatnonzero(imps.subsets[1.0])
     if not len(train_idx):
@@ -105,9 +106,14 @@ def serving_heads(
     max_behaviors: int,
     cfg: FinetuneConfig,
     seed: int,
-) -> tuple[DemoHeads, CtrHead | None]:
+    ctr_scoring: str | None = None,
+) -> tuple[DemoHeads, CtrHead | BiasedCtrHead | None]:
     """Demo heads (one per usable label column) and the CTR head on frozen vectors of `ckpt`,
-    for the tasks `available_tasks(prepared)` allows; each one left out is one stderr line."""
+    for the tasks `available_tasks(prepared)` allows; each one left out is one stderr line.
+
+    ctr_scoring: the CTR head, "dot" (`CtrHead`) or "bias" (`BiasedCtrHead`, served with its
+    item biases and popularity fallback: `ptum.serving.heads`); None = cfg.ctr_scoring.
+    """
     tasks = available_tasks(prepared)
     for task, why in sorted(tasks["why_not"].items()):
         label = task.partition(":")[2]
@@ -117,9 +123,7 @@ def serving_heads(
         return {}, None
     items = item_table_digest(read_tokens(tokenized))
     model = checkpoint.load(ckpt, item_table_sha256=items).model
-    # The exported CTR head is the paper's dot product (ctr_head.onnx takes user and candidate
-    # vectors only); the "bias" head needs item ids and popularity that serving does not have.
-    opts = replace(cell_options(cfg), ctr_scoring="dot")
+    opts = replace(cell_options(cfg), ctr_scoring=ctr_scoring or cfg.ctr_scoring)
     data = {"prepared": prepared, "tokenized": tokenized, "max_behaviors": max_behaviors}
     # disable=None: tqdm turns itself off when stderr is not a terminal (logs, dvc repro).
     total = len(tasks["demo"]) + int(tasks["ctr"])

@@ -21,7 +21,7 @@ import torch
 from ptum.checkpoint import CheckpointMismatch
 from ptum.config import ExportConfig
 from ptum.hashing import sha256_file as file_sha256
-from ptum.heads import CtrHead, DemoHead, load_demo_heads
+from ptum.heads import BiasedCtrHead, CtrHead, DemoHead, load_demo_heads
 from ptum.models.layers import MultiHeadSelfAttention
 from ptum.models.user_model import ARCHITECTURES, ModelConfig, UserModel
 from ptum.serving.contract import USER_INPUTS, static_lengths, user_inputs
@@ -387,3 +387,34 @@ def test_export_progress_only_on_a_terminal(tty: bool, exported, tmp_path, monke
         assert "export: 100%" in err.getvalue() and "4/4" in err.getvalue()
     else:
         assert err.getvalue() == ""
+
+
+def test_bias_ctr_head_exports_item_biases_with_popularity_fallback(tmp_path) -> None:
+    """The bias head serves item biases by item id, and for an id it does not know (0, above
+    num_items) only the popularity term, as PyTorch gives an item without training impressions;
+    no per-user offset (serving users are new)."""
+    torch.manual_seed(0)
+    head = BiasedCtrHead(dim=16, num_items=30, num_users=5)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+        head.item_bias.weight[0] = 0.0  # no item has id 0: its row never trains
+        head.user_bias.weight[4] = 0.0  # a user without an offset: the new user of serving
+    diff = export_head(head.eval(), tmp_path / "ctr.onnx", dim=16)
+    assert diff < 1e-5
+    session = _session(tmp_path / "ctr.onnx")
+    meta = session.get_modelmeta().custom_metadata_map
+    assert meta["ctr_scoring"] == "bias" and meta["num_items"] == "30"
+    assert [i.name for i in session.get_inputs()] == ["user", "candidate", "item_id", "log_pop"]
+    known = torch.tensor([1, 7, 30, 12, 30])
+    unknown = torch.tensor([0, 31, 99, -3, 0])
+    user, cand, lp = torch.randn(5, 16), torch.randn(5, 16), -torch.rand(5) * 8
+    feed = {"user": user.numpy(), "candidate": cand.numpy(), "log_pop": lp.numpy()}
+    with torch.no_grad():
+        want = head(user, cand, torch.full((5,), 4), known, lp).numpy()
+        no_bias = head(user, cand, torch.full((5,), 4), torch.zeros(5, dtype=torch.long), lp)
+    got = session.run(None, feed | {"item_id": known.numpy()})[0]
+    np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
+    got = session.run(None, feed | {"item_id": unknown.numpy()})[0]
+    np.testing.assert_allclose(got, no_bias.numpy(), rtol=RTOL, atol=ATOL)
+    assert np.abs(want - no_bias.numpy()).max() > 1e-2  # the item biases do matter

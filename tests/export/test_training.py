@@ -7,6 +7,9 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
+import polars as pl
 import pytest
 import torch
 
@@ -14,6 +17,7 @@ from ptum import checkpoint
 from ptum.config import FinetuneConfig
 from ptum.data.ingest import ingest
 from ptum.data.prepare import PrepareOptions, prepare
+from ptum.heads import BiasedCtrHead
 from ptum.models.user_model import ModelConfig, UserModel
 from ptum.serving.embed import embed
 from ptum.serving.export import export
@@ -112,7 +116,8 @@ def test_export_without_labels_or_impressions(
 
 def test_serving_heads_equal_the_finetune_ones_on_full_data(tiny_pipeline: Path, tmp_path) -> None:
     """Where every task is available, the heads are those of ptum.finetune.serving (which the
-    export stage called before; the two must not drift while both exist)."""
+    export stage called before, with the dot CTR head; the two must not drift while both
+    exist)."""
     train_serving_heads = pytest.importorskip("ptum.finetune.serving").train_serving_heads
     root = _pipeline(tmp_path, tiny_pipeline / "raw", ("behaviors", "labels", "impressions"))
     kw = dict(
@@ -122,7 +127,7 @@ def test_serving_heads_equal_the_finetune_ones_on_full_data(tiny_pipeline: Path,
         cfg=CFG,
         seed=3,
     )
-    demo, ctr = serving_heads(root / "ckpt", **kw)
+    demo, ctr = serving_heads(root / "ckpt", ctr_scoring="dot", **kw)
     want_demo, want_ctr = train_serving_heads(root / "ckpt", **kw)
     assert sorted(demo) == sorted(want_demo) == ["age", "gender"]
     for label, (head, classes) in demo.items():
@@ -131,3 +136,45 @@ def test_serving_heads_equal_the_finetune_ones_on_full_data(tiny_pipeline: Path,
         assert all(torch.equal(v, want[k]) for k, v in head.state_dict().items())
     want = want_ctr.state_dict()
     assert all(torch.equal(v, want[k]) for k, v in ctr.state_dict().items())
+
+
+def test_trained_bias_head_serves_like_pytorch(tiny_pipeline: Path, tmp_path) -> None:
+    """finetune.ctr_scoring bias: the exported ctr_head.onnx scores real impressions' items
+    (and unknown ones) as the trained head does for a user without an offset."""
+    root = _pipeline(tmp_path, tiny_pipeline / "raw", ("behaviors", "labels", "impressions"))
+    _, head = _heads(root)
+    assert isinstance(head, BiasedCtrHead)
+    export(
+        root / "ckpt",
+        root / "onnx",
+        spm_model=root / "tokenized" / "spm.model",
+        data_version="t",
+        params={},
+        demo_heads={},
+        ctr_head=head,
+    )
+    session = ort.InferenceSession(str(root / "onnx" / "ctr_head.onnx"))
+    items = torch.from_numpy(
+        pl.read_parquet(root / "prepared" / "impressions.parquet")["item_id"].to_numpy()[:64].copy()
+    ).long()
+    ids = torch.cat([items, torch.tensor([0, head.item_bias.num_embeddings + 2])])
+    b = len(ids)
+    user, cand, lp = torch.randn(b, 16), torch.randn(b, 16), -torch.rand(b) * 8
+    # PyTorch for a user without an offset (minus row 0's), an unknown id as row 0 (no
+    # impression has item id 0, so its bias never trained: the popularity term alone).
+    assert head.item_bias.weight[0, 0] == 0
+    safe = torch.where((ids >= 1) & (ids < head.item_bias.num_embeddings), ids, 0)
+    zero = torch.zeros(b, dtype=torch.long)
+    with torch.no_grad():
+        logit = head.logits(user, cand, zero, safe, lp) - head.user_bias.weight[0, 0]
+    got = session.run(
+        None,
+        {
+            "user": user.numpy(),
+            "candidate": cand.numpy(),
+            "item_id": ids.numpy(),
+            "log_pop": lp.numpy(),
+        },
+    )[0]
+    np.testing.assert_allclose(got, torch.sigmoid(logit).numpy(), rtol=1e-4, atol=1e-5)
+    assert head.item_bias.weight[items].abs().max() > 0  # trained item biases are served
