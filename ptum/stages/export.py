@@ -28,9 +28,9 @@ def _export(p: Params, arch: str, ckpt: Path, out: Path | None) -> dict:
     meta = read_meta(ckpt)
     demo_heads, ctr_head = None, None
     if e.heads:
-        from ptum.finetune.serving import train_serving_heads
+        from ptum.serving.training import serving_heads
 
-        demo_heads, ctr_head = train_serving_heads(
+        demo_heads, ctr_head = serving_heads(
             ckpt,
             prepared=paths.PREPARED,
             tokenized=paths.TOKENIZED,

@@ -114,30 +114,6 @@ def test_export_without_labels_or_impressions(
     assert out["users"] > 50 and out["demographic_labels"] == demo
 
 
-def test_serving_heads_equal_the_finetune_ones_on_full_data(tiny_pipeline: Path, tmp_path) -> None:
-    """Where every task is available, the heads are those of ptum.finetune.serving (which the
-    export stage called before, with the dot CTR head; the two must not drift while both
-    exist)."""
-    train_serving_heads = pytest.importorskip("ptum.finetune.serving").train_serving_heads
-    root = _pipeline(tmp_path, tiny_pipeline / "raw", ("behaviors", "labels", "impressions"))
-    kw = dict(
-        prepared=root / "prepared",
-        tokenized=root / "tokenized",
-        max_behaviors=MAX_BEHAVIORS,
-        cfg=CFG,
-        seed=3,
-    )
-    demo, ctr = serving_heads(root / "ckpt", ctr_scoring="dot", **kw)
-    want_demo, want_ctr = train_serving_heads(root / "ckpt", **kw)
-    assert sorted(demo) == sorted(want_demo) == ["age", "gender"]
-    for label, (head, classes) in demo.items():
-        assert classes == want_demo[label][1]
-        want = want_demo[label][0].state_dict()
-        assert all(torch.equal(v, want[k]) for k, v in head.state_dict().items())
-    want = want_ctr.state_dict()
-    assert all(torch.equal(v, want[k]) for k, v in ctr.state_dict().items())
-
-
 def test_trained_bias_head_serves_like_pytorch(tiny_pipeline: Path, tmp_path) -> None:
     """finetune.ctr_scoring bias: the exported ctr_head.onnx scores real impressions' items
     (and unknown ones) as the trained head does for a user without an offset."""
