@@ -44,10 +44,21 @@ def fsync_path(path: Path) -> None:
 def write_durable(path: Path, data: bytes) -> None:
     """Write `path` and fsync it, without a rename: for files inside a staging directory that
     is renamed as a whole (the caller fsyncs the directories)."""
-    with Path(path).open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with Path(path).open("wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as exc:
+        raise _named(exc, path) from exc
+
+
+def _named(exc: OSError, path: Path) -> OSError:
+    """`exc` with `path` as its filename when it has none (a failed write() — disk full, file
+    size limit — names no file), so the CLI's one-line error can say which file."""
+    if exc.filename is not None:
+        return exc
+    return type(exc)(exc.errno, exc.strerror or str(exc), str(path))
 
 
 def temp_target(name: str) -> str | None:
@@ -85,8 +96,13 @@ def atomic_path(path: Path) -> Iterator[Path]:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Replace `path` by `data` atomically and durably (see the module docstring)."""
-    with _replacing(Path(path), synced=True) as tmp:
-        write_durable(tmp, data)
+    try:
+        with _replacing(Path(path), synced=True) as tmp:
+            write_durable(tmp, data)
+    except OSError as exc:
+        if exc.filename is not None and Path(exc.filename).name.endswith(TEMP_SUFFIX):
+            raise type(exc)(exc.errno, exc.strerror, str(path)) from exc  # the target, not the temp
+        raise
 
 
 @contextmanager

@@ -112,7 +112,7 @@ def test_invalid_json_names_the_file(tmp_path, capsys, monkeypatch, inside_a_sta
 
 
 class _no_wrapper:
-    def __init__(self, *inputs):
+    def __init__(self, *inputs, **kw):
         pass
 
     def __enter__(self):
@@ -130,7 +130,7 @@ class _no_wrapper:
     [
         (
             OSError(errno.ENOSPC, "No space left on device", "data/prepared/items.parquet"),
-            "data/prepared/items.parquet: no space left on the device",
+            "data/prepared/items.parquet: cannot write (No space left on device): the device is full",
         ),
         (
             PermissionError(errno.EACCES, "Permission denied", "data/raw/behaviors.parquet"),

@@ -41,11 +41,12 @@ from ptum.checkpoint.errors import (
 from ptum.checkpoint.layout import META, MODEL, OPTIMIZER, POINTER, meta_digest, tensor_bytes
 from ptum.checkpoint.loading import Loaded, live, load, read_meta
 from ptum.checkpoint.optimizer import load_optimizer, optimizer_tensors
-from ptum.checkpoint.saving import save
+from ptum.checkpoint.saving import save, tidy
 from ptum.checkpoint.verify import exists
 from ptum.io import write_durable
 
 __all__ = [
+    "tidy",
     "META",
     "MODEL",
     "OPTIMIZER",

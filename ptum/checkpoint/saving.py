@@ -133,6 +133,16 @@ def _commit(directory: Path, staging: Path, name: str, live: str | None) -> None
     atomic_write_bytes(directory / POINTER, f"{name}\n".encode())
 
 
+def tidy(directory: Path) -> None:
+    """Finish what a save killed during its clean-up left: remove everything `_remove_stale`
+    would beside the live checkpoint (older checkpoints, staging, temp files). Call it only when
+    the live checkpoint is known good — just saved, or just loaded and verified — since the
+    older ones are what a load falls back to."""
+    live = read_pointer(directory)
+    if live is not None and (directory / live).is_dir():
+        _remove_stale(directory, keep=live)
+
+
 def _remove_stale(directory: Path, keep: str) -> None:
     """Remove every checkpoint but `keep`: older ones, staging leftovers of killed saves, temp
     files of killed pointer writes and the flat layout's files. Files this module did not write

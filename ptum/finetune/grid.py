@@ -197,8 +197,8 @@ class CacheEntryCorrupt(ValueError):
 
 def _read_entry(path: Path, key: str) -> dict:
     """A cached cell result, verified: line 1 holds its key and the SHA-256 of line 2."""
-    head, _, body = path.read_text().partition("\n")
     try:
+        head, _, body = path.read_bytes().decode("utf-8").partition("\n")
         entry = json.loads(head)
         ok = entry["key"] == key and entry["sha256"] == hashlib.sha256(body.encode()).hexdigest()
     except (ValueError, KeyError, TypeError):

@@ -426,6 +426,11 @@ def _pretrain(
             break  # max_steps reached
         if opts.max_steps and epoch < opts.epochs:
             save(epoch, opts.max_steps - epoch * steps_per_epoch)
+        if rank == 0:
+            # The live checkpoint was just saved or loaded (verified): remove what a kill during
+            # a save's clean-up may have left beside it, so the output equals an uninterrupted
+            # run's.
+            checkpoint.tidy(out_dir)
     finally:
         batch_bar.close()
         epoch_bar.close()

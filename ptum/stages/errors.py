@@ -63,9 +63,11 @@ def rebuild_hint(files: list[Path]) -> str:
 
 
 @contextmanager
-def reading(*inputs: Path) -> Iterator[None]:
+def reading(*inputs: Path, writing: Path | None = None) -> Iterator[None]:
     """Turn an error from reading a damaged or foreign input (polars, safetensors, onnxruntime,
-    invalid JSON) raised inside the block into a StageError naming `inputs` and the fix."""
+    invalid JSON) raised inside the block into a StageError naming `inputs` and the fix; a
+    full disk while writing is named as such (`writing`: the output, when the error has no
+    file name)."""
     try:
         yield
     except json.JSONDecodeError as exc:
@@ -75,6 +77,13 @@ def reading(*inputs: Path) -> Iterator[None]:
         kind = _native_kind(exc)
         if kind is None:
             raise
+        # A failed *write* inside the block (polars reports "... (os error 28): PATH") is not
+        # a damaged input: say what it is.
+        found = re.search(r"\(os error (\d+)\)(?:: (.+))?", str(exc))
+        if found and int(found.group(1)) in DISK_FULL:
+            n = int(found.group(1))
+            name = found.group(2) or (str(writing) if writing is not None else None)
+            raise StageError(_os_message(OSError(n, os.strerror(n), name))) from exc
         where = ", ".join(str(p) for p in inputs) or "the stage's inputs"
         raise StageError(
             f"{kind} while reading {where}: {_first_line(exc)}; the input is damaged or does "
@@ -115,15 +124,19 @@ def _json_message(exc: json.JSONDecodeError, files: list[Path]) -> str:
 # --- the policy -------------------------------------------------------------------------------
 
 
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
 def _os_message(exc: OSError) -> str:
     # polars puts the path in the message only: "No such file or directory (os error 2): PATH"
     found = re.search(r"\(os error \d+\): (.+)$", str(exc))
     filename = exc.filename or (found.group(1).strip() if found else None)
     name = filename or "a file"
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    if exc.errno in DISK_FULL:
         return (
-            f"{name}: no space left on the device (or quota exceeded); free some space "
-            "(`dvc gc` drops unused cache entries) and rerun: the stage starts over cleanly"
+            f"{name}: cannot write ({exc.strerror}): the device is full, a quota is exceeded or "
+            "a file size limit (ulimit -f) is reached; free some space (`dvc gc` drops unused "
+            "cache entries) or raise the limit and rerun: the stage starts over cleanly"
         )
     if isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
         return (

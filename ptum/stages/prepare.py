@@ -17,5 +17,5 @@ def run(p: Params, *, raw: Path = paths.RAW, out: Path = paths.PREPARED) -> dict
         **to_dict(p.prepare)
         | {"demo_split": p.prepare.demo_split, "label_ratios": p.prepare.label_ratios}
     )
-    with reading(raw):
+    with reading(raw, writing=out):
         return prepare(raw, out, opts)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,7 @@ def tune(
         run_worker(spec, setup, remaining, spec.worker, progress=True)
     elif remaining:
         _run_workers(spec, setup, remaining, n_workers, study)
+    _sweep_trial_dirs(study, setup.work_dir)
     summary = write_outputs(
         study,
         best_params_path=best_params_path,
@@ -80,6 +82,23 @@ def tune(
     )
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     return summary
+
+
+def _sweep_trial_dirs(study: optuna.Study, work_dir: Path | None) -> None:
+    """Remove the work directories (`trial<N>-*`, pre-training checkpoints) of trials that are
+    no longer running. A trial removes its own when it ends; a killed one cannot, and its
+    directory would otherwise stay in the stage's output for good."""
+    if work_dir is None or not work_dir.is_dir():
+        return
+    running = {
+        t.number
+        for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    }
+    for d in work_dir.iterdir():
+        number = d.name.removeprefix("trial").partition("-")[0]
+        if d.is_dir() and d.name.startswith("trial") and number.isdigit():
+            if int(number) not in running:
+                shutil.rmtree(d, ignore_errors=True)
 
 
 def _run_workers(

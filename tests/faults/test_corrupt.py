@@ -70,12 +70,6 @@ def test_a_corrupt_fine_tuning_cache_entry_is_refused_by_name(finetuned, tmp_pat
     refused(proj, corrupt, "finetune", "--task", "demo")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a cache entry that is not valid UTF-8 ends finetune with \"'utf-8' codec can't "
-    'decode byte ...", naming neither the file nor the fix: path.read_text() runs before the '
-    "try that turns a bad entry into CacheEntryCorrupt (ptum/finetune/grid.py:_read_entry)",
-)
 def test_a_fine_tuning_cache_entry_with_invalid_utf8_is_refused_by_name(finetuned, tmp_path):
     proj = copy_project(finetuned.proj, tmp_path / "proj")
     corrupt = _first_entry(proj)

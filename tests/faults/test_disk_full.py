@@ -68,13 +68,6 @@ def test_disk_full_in_a_checkpoint_save_keeps_the_last_one_and_rerun_is_byte_equ
     assert_pretrain_equal(full_save.proj, pretrained.proj)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a write that fails with EFBIG (a file-size limit) in a checkpoint save is reported "
-    "as the bare '[Errno 27] File too large', naming neither the file nor the fix: the OSError "
-    "of f.write carries no filename and only ENOSPC/EDQUOT get the disk-full message "
-    "(ptum/stages/errors.py:_os_message; ptum/checkpoint.py:_write_durable)",
-)
 def test_disk_full_in_a_checkpoint_save_names_the_file_and_the_fix(full_save):
     line = error_line(full_save.run, "pretrain")
     assert f"{CKPT}/" in line, line
@@ -116,14 +109,6 @@ def test_disk_full_in_prepare_leaves_the_previous_output_or_none(full_prepare, b
     assert tree(full_prepare.proj / PREPARED) == tree(base.proj / PREPARED)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a full disk while prepare writes its parquet files is reported as 'polars "
-    "ComputeError while reading data/raw ... the input is damaged ... rebuild it: (ptum "
-    "ingest)': the stage wraps all of its work, writes included, in reading(raw) and polars "
-    "turns the write's EFBIG/ENOSPC into a ComputeError (ptum/stages/prepare.py:run, "
-    "ptum/stages/errors.py:reading)",
-)
 def test_disk_full_in_prepare_says_so_and_does_not_blame_the_input(full_prepare):
     line = error_line(full_prepare.fresh, "prepare")
     assert "damaged" not in line and "ptum ingest" not in line, line

@@ -105,14 +105,6 @@ def test_killed_before_the_old_checkpoint_is_removed_a_corrupt_live_one_falls_ba
     assert_pretrain_equal(proj, pretrained.proj)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a kill during the final save's removal of the previous checkpoint leaves that torn "
-    "checkpoint (ckpt-<step>/ without some files) in models/pretrain/ARCH for good: the rerun "
-    "resumes a finished run and never saves, so nothing removes it and the DVC output differs "
-    "from an uninterrupted run's (ptum/pretrain/train.py:pretrain; only "
-    "ptum/checkpoint.py:save calls _remove_stale)",
-)
 def test_sigkill_in_the_final_saves_clean_up_then_rerun_is_byte_equal(base, pretrained, tmp_path):
     proj = copy_project(base.proj, tmp_path / "proj")
     at = _first_removal_after(pretrained, _last_switch(pretrained)) + 1
@@ -221,13 +213,6 @@ def test_sigkill_tune_at_a_time_then_rerun_completes_the_study(base, tuned, tmp_
     assert_study_complete(proj, tuned, first)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a killed trial's work directory (data/tune/trials/trialN-*, its pre-training "
-    "checkpoints) stays in the DVC output data/tune for good: it is removed only in the "
-    "trial's own `finally`, and no later run sweeps the directories of trials that are no "
-    "longer running (ptum/tune/objective.py, tempfile.mkdtemp + shutil.rmtree)",
-)
 def test_a_killed_trial_leaves_no_work_behind(tune_killed_in_a_trial):
     proj, _ = tune_killed_in_a_trial
     assert not list((proj / "data/tune/trials").iterdir())
