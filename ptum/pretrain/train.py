@@ -21,7 +21,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ptum import checkpoint
+from ptum.models.behavior import HybridBehaviorEncoder
 from ptum.models.user_model import ModelConfig, UserModel
 from ptum.pretrain.data import Batch, Corpus, bucketed_order, make_batch, step_rng
 from ptum.pretrain.id_vocab import IdVocab
@@ -263,14 +264,65 @@ def _pretrain(
     id_vocab: IdVocab | None,
     progress: bool | None,
 ) -> dict[str, Any]:
+    """Set up (model, optimiser, resume, DDP), then run `_train_loop` under signal handling."""
     rank, world = _dist_info()
+    _check_inputs(train, valid, opts, world)
+    model, id_vocab = _build_model(config, opts, device, id_vocab)
+    opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
+    eligible = np.flatnonzero(train.lengths >= 2)
+    steps_per_epoch = math.ceil(len(eligible) / opts.batch_size)
+    if steps_per_epoch == 0:
+        raise ValueError("no pre-training user has 2 or more behaviors")
+    pos = _Position()
+    if resume and checkpoint.exists(out_dir):
+        pos = _resume(out_dir, model, opt, meta, config, opts, id_vocab, steps_per_epoch, log)
+    run = _Run(
+        model=model,
+        opt=opt,
+        objective=_objective(model, opts, world),
+        tokens=train.tokens.to(device),
+        train=train,
+        valid=valid,
+        eligible=eligible,
+        steps_per_epoch=steps_per_epoch,
+        opts=opts,
+        device=device,
+        rank=rank,
+        world=world,
+        out_dir=out_dir,
+        save_meta={**meta, "model_config": config.to_dict(), "train_options": asdict(opts)},
+        id_vocab=id_vocab,
+    )
+    # disable=None: tqdm turns itself off when stderr is not a terminal (CI logs stay short).
+    disable = True if rank != 0 or progress is False else (None if progress is None else False)
+    with (
+        _stop_signals() as stop,
+        _progress_bars(opts.epochs, pos.epoch, steps_per_epoch, disable) as bars,
+    ):
+        last = _train_loop(run, pos, stop, bars, log, on_epoch)
+    # The last epoch run here carries its timing; a run that only loaded a finished checkpoint
+    # reports the checkpoint's last epoch without one.
+    if pos.history and last.get("epoch") == pos.history[-1]["epoch"]:
+        return last
+    return dict(pos.history[-1]) if pos.history else {}
+
+
+def _check_inputs(train: Corpus, valid: Corpus, opts: TrainOptions, world: int) -> None:
+    """Refuse a batch that does not split over the processes, or a `p` a corpus cannot serve."""
     if opts.batch_size % world:
         raise ValueError(f"pretrain.batch_size {opts.batch_size} must divide by {world} processes")
     check_negatives(train, opts)
     check_negatives(valid, opts, "held-out")
+
+
+def _build_model(
+    config: ModelConfig, opts: TrainOptions, device: torch.device, id_vocab: IdVocab | None
+) -> tuple[UserModel, IdVocab | None]:
+    """A freshly initialised model (seeded by opts.seed) on `device`, and the id vocabulary it
+    uses: `id_vocab` for the hybrid behavior encoder (checked against the config), else None."""
     torch.manual_seed(opts.seed)
     model = UserModel(config=config)
-    if model.uses_item_ids:
+    if isinstance(model.behavior_encoder, HybridBehaviorEncoder):  # model.uses_item_ids
         if id_vocab is None or id_vocab.size != config.id_vocab:
             raise ValueError(
                 "the hybrid behavior encoder needs the id_vocab its config was sized by"
@@ -278,169 +330,241 @@ def _pretrain(
         model.behavior_encoder.set_id_index(id_vocab.id_index())
     else:
         id_vocab = None
-    model = model.to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=opts.lr, weight_decay=opts.weight_decay)
-    eligible = np.flatnonzero(train.lengths >= 2)
-    steps_per_epoch = math.ceil(len(eligible) / opts.batch_size)
-    if steps_per_epoch == 0:
-        raise ValueError("no pre-training user has 2 or more behaviors")
-    epoch, step_in_epoch, history = 0, 0, []
+    return model.to(device), id_vocab
+
+
+@dataclass
+class _Position:
+    """Where training stands, as a checkpoint records it besides weights and optimiser state."""
+
+    epoch: int = 0
+    step_in_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
     # The running sums of the epoch in progress, saved with a mid-epoch checkpoint so that a
     # resumed epoch reports the same training loss as an uninterrupted one.
-    partial: dict[str, Any] = {"seen": 0, "sums": {}}
-    if resume and checkpoint.exists(out_dir):
-        loaded = checkpoint.load(
-            out_dir,
-            tokenizer_sha256=meta.get("tokenizer_sha256"),
-            expect_config=config,
-            with_optimizer=True,
-            id_vocab_sha256=id_vocab.sha256 if id_vocab is not None else None,
-        )
-        saved = loaded.meta
-        if saved.get("train_options") != asdict(opts) or saved.get("data_sha256") != meta.get(
-            "data_sha256"
-        ):
-            log(f"{out_dir}: checkpoint is from other options or data; starting over")
-        else:
-            _check_position(saved, steps_per_epoch, opts)
-            model.load_state_dict(loaded.model.state_dict())
-            if loaded.optimizer_tensors is not None:
-                checkpoint.load_optimizer(opt, loaded.optimizer_tensors, saved["optimizer_scalars"])
-            epoch, step_in_epoch, history = saved["epoch"], saved["step_in_epoch"], saved["history"]
-            partial = saved.get("partial_epoch", partial)
-            log(f"resuming from epoch {epoch} step {step_in_epoch} ({loaded.path})")
-    ddp = world > 1
+    partial: dict[str, Any] = field(default_factory=lambda: {"seen": 0, "sums": {}})
+
+
+def _resume(
+    out_dir: Path,
+    model: UserModel,
+    opt: torch.optim.Optimizer,
+    meta: dict[str, Any],
+    config: ModelConfig,
+    opts: TrainOptions,
+    id_vocab: IdVocab | None,
+    steps_per_epoch: int,
+    log: Callable[[str], None],
+) -> _Position:
+    """Load the checkpoint in out_dir into `model` and `opt` and return its position; a
+    checkpoint of other options or data is ignored (training starts over at epoch 0)."""
+    loaded = checkpoint.load(
+        out_dir,
+        tokenizer_sha256=meta.get("tokenizer_sha256"),
+        expect_config=config,
+        with_optimizer=True,
+        id_vocab_sha256=id_vocab.sha256 if id_vocab is not None else None,
+    )
+    saved = loaded.meta
+    if saved.get("train_options") != asdict(opts) or saved.get("data_sha256") != meta.get(
+        "data_sha256"
+    ):
+        log(f"{out_dir}: checkpoint is from other options or data; starting over")
+        return _Position()
+    _check_position(saved, steps_per_epoch, opts)
+    model.load_state_dict(loaded.model.state_dict())
+    if loaded.optimizer_tensors is not None:
+        checkpoint.load_optimizer(opt, loaded.optimizer_tensors, saved["optimizer_scalars"])
+    pos = _Position(saved["epoch"], saved["step_in_epoch"], saved["history"])
+    pos.partial = saved.get("partial_epoch", pos.partial)
+    log(f"resuming from epoch {pos.epoch} step {pos.step_in_epoch} ({loaded.path})")
+    return pos
+
+
+def _objective(model: UserModel, opts: TrainOptions, world: int) -> torch.nn.Module:
+    """The objective module a step calls: wrapped in DDP when several processes train."""
     objective: torch.nn.Module = Objective(model, opts)
-    if ddp:
+    if world > 1:
         # A switched-off task leaves parameters (e.g. mask_vector) without gradients.
         objective = torch.nn.parallel.DistributedDataParallel(
             objective, find_unused_parameters=not (opts.mbp and opts.nbp)
         )
-    tokens = train.tokens.to(device)
+    return objective
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What the loop of one pre-training run reads; fixed once set up (a record, not a trainer:
+    the loop itself is `_train_loop`)."""
+
+    model: UserModel
+    opt: torch.optim.Optimizer
+    objective: torch.nn.Module  # the model's loss, DDP-wrapped when world > 1
+    tokens: torch.Tensor  # (num_items, max_tokens) on device
+    train: Corpus
+    valid: Corpus
+    eligible: np.ndarray  # training rows with 2 or more behaviors
+    steps_per_epoch: int
+    opts: TrainOptions
+    device: torch.device
+    rank: int
+    world: int
+    out_dir: Path
+    save_meta: dict[str, Any]  # what every checkpoint of the run stores besides its position
+    id_vocab: IdVocab | None
+
+
+@contextmanager
+def _stop_signals() -> Iterator[_StopFlag]:
+    """A flag SIGTERM/SIGINT set inside the block (the previous handlers are restored after)."""
     stop = _StopFlag()
     old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
 
-    def save(ep: int, st: int) -> None:
-        if rank == 0:
-            checkpoint.save(
-                out_dir,
-                model,
-                {
-                    **meta,
-                    "model_config": config.to_dict(),
-                    "train_options": asdict(opts),
-                    "epoch": ep,
-                    "step_in_epoch": st,
-                    "global_step": ep * steps_per_epoch + st,
-                    "history": history,
-                    "partial_epoch": partial,
-                    "complete": ep >= opts.epochs,
-                },
-                opt,
-                id_vocab=id_vocab,
-            )
-        if ddp:
-            dist.barrier()
 
-    model.train()
-    last: dict[str, Any] = {}
-    # disable=None: tqdm turns itself off when stderr is not a terminal (CI logs stay short).
-    disable = True if rank != 0 or progress is False else (None if progress is None else False)
-    epoch_bar = tqdm(
-        total=opts.epochs, initial=epoch, unit="epoch", desc="pretrain", disable=disable
-    )
+@contextmanager
+def _progress_bars(
+    epochs: int, initial: int, steps_per_epoch: int, disable: bool | None
+) -> Iterator[tuple[tqdm, tqdm]]:
+    """The (epochs, batches of the epoch) tqdm bars, closed after the block."""
+    epoch_bar = tqdm(total=epochs, initial=initial, unit="epoch", desc="pretrain", disable=disable)
     batch_bar = tqdm(total=steps_per_epoch, unit="batch", leave=False, disable=disable)
     try:
-        while epoch < opts.epochs:
-            rng = np.random.default_rng([opts.seed, epoch, 2**31 - 1])
-            order = eligible[bucketed_order(train.lengths[eligible], opts.batch_size, rng)]
-            t0, ran = time.perf_counter(), 0
-            sums, seen = dict(partial["sums"]), partial["seen"]
-            batch_bar.reset(total=steps_per_epoch)
-            batch_bar.update(step_in_epoch)
-            batch_bar.set_description(f"epoch {epoch + 1}")
-            for step in range(step_in_epoch, steps_per_epoch):
-                global_step = epoch * steps_per_epoch + step
-                if opts.max_steps and global_step >= opts.max_steps:
-                    break
-                rows = order[step * opts.batch_size : (step + 1) * opts.batch_size]
-                batch = make_batch(
-                    train,
-                    rows,
-                    step_rng(opts.seed, epoch, step),
-                    k=opts.k,
-                    p=opts.p,
-                    negatives=opts.negatives,
-                )
-                batch = batch.shard(rank, world).to(device)
-                torch.manual_seed(opts.seed * 1_000_003 + global_step * 101 + rank)
-                with _autocast(device):
-                    out = objective(tokens, batch)
-                opt.zero_grad(set_to_none=True)
-                out["loss"].backward()
-                if opts.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), opts.grad_clip)
-                opt.step()
-                for key, v in out.items():
-                    sums[key] = sums.get(key, 0.0) + float(v.detach())
-                seen, ran = seen + 1, ran + 1
-                partial = {"seen": seen, "sums": sums}
-                batch_bar.update()
-                if batch_bar.n % 10 == 0:
-                    batch_bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", refresh=False)
-                if stop.signum is not None and step + 1 < steps_per_epoch:
-                    save(epoch, step + 1)
-                    raise Interrupted(stop.signum)
-                # (A signal during an epoch's last step: the epoch is finished and saved first.)
-            else:
-                # The epoch ran to its end: evaluate, log, checkpoint.
-                seconds = time.perf_counter() - t0
-                metrics = {
-                    "epoch": epoch + 1,
-                    **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
-                }
-                metrics.update(evaluate(model, tokens, valid, opts, device))
-                history.append(metrics)
-                timing = {
-                    "users_per_s": ran * opts.batch_size / max(seconds, 1e-9),
-                    "epoch_seconds": seconds,
-                }
-                log(
-                    json.dumps(
-                        {
-                            k: round(v, 4) if isinstance(v, float) else v
-                            for k, v in (metrics | timing).items()
-                        }
-                    )
-                )
-                epoch, step_in_epoch = epoch + 1, 0
-                partial = {"seen": 0, "sums": {}}
-                save(epoch, 0)
-                epoch_bar.update()
-                if on_epoch is not None:
-                    on_epoch(epoch, model, metrics | timing)
-                if stop.signum is not None and epoch < opts.epochs:
-                    raise Interrupted(stop.signum)
-                last = metrics | timing
-                continue
-            break  # max_steps reached
-        if opts.max_steps and epoch < opts.epochs:
-            save(epoch, opts.max_steps - epoch * steps_per_epoch)
-        if rank == 0:
-            # The live checkpoint was just saved or loaded (verified): remove what a kill during
-            # a save's clean-up may have left beside it, so the output equals an uninterrupted
-            # run's.
-            checkpoint.tidy(out_dir)
+        yield epoch_bar, batch_bar
     finally:
         batch_bar.close()
         epoch_bar.close()
-        for s, h in old.items():
-            signal.signal(s, h)
-    # The last epoch run here carries its timing; a run that only loaded a finished checkpoint
-    # reports the checkpoint's last epoch without one.
-    if history and last.get("epoch") == history[-1]["epoch"]:
-        return last
-    return dict(history[-1]) if history else {}
+
+
+def _save(run: _Run, pos: _Position, epoch: int, step: int) -> None:
+    """Checkpoint the run at (epoch, step) (rank 0 writes; every rank waits for it)."""
+    if run.rank == 0:
+        checkpoint.save(
+            run.out_dir,
+            run.model,
+            {
+                **run.save_meta,
+                "epoch": epoch,
+                "step_in_epoch": step,
+                "global_step": epoch * run.steps_per_epoch + step,
+                "history": pos.history,
+                "partial_epoch": pos.partial,
+                "complete": epoch >= run.opts.epochs,
+            },
+            run.opt,
+            id_vocab=run.id_vocab,
+        )
+    if run.world > 1:
+        dist.barrier()
+
+
+def _train_loop(
+    run: _Run,
+    pos: _Position,
+    stop: _StopFlag,
+    bars: tuple[tqdm, tqdm],
+    log: Callable[[str], None],
+    on_epoch: Callable[[int, UserModel, dict], None] | None,
+) -> dict[str, Any]:
+    """Train from `pos` to the last epoch (or opts.max_steps), checkpointing after each epoch
+    and on a stop signal; returns the metrics of the last epoch run here ({} if none ran)."""
+    opts, (epoch_bar, batch_bar) = run.opts, bars
+    run.model.train()
+    last: dict[str, Any] = {}
+    while pos.epoch < opts.epochs:
+        t0 = time.perf_counter()
+        ran = _train_epoch(run, pos, stop, batch_bar)
+        if ran is None:
+            break  # max_steps reached
+        # The epoch ran to its end: evaluate, log, checkpoint.
+        seconds = time.perf_counter() - t0
+        sums, seen = pos.partial["sums"], pos.partial["seen"]
+        metrics = {
+            "epoch": pos.epoch + 1,
+            **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()},
+        }
+        metrics.update(evaluate(run.model, run.tokens, run.valid, opts, run.device))
+        pos.history.append(metrics)
+        timing = {
+            "users_per_s": ran * opts.batch_size / max(seconds, 1e-9),
+            "epoch_seconds": seconds,
+        }
+        log(_log_line(metrics | timing))
+        pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
+        pos.partial = {"seen": 0, "sums": {}}
+        _save(run, pos, pos.epoch, 0)
+        epoch_bar.update()
+        if on_epoch is not None:
+            on_epoch(pos.epoch, run.model, metrics | timing)
+        if stop.signum is not None and pos.epoch < opts.epochs:
+            raise Interrupted(stop.signum)
+        last = metrics | timing
+    if opts.max_steps and pos.epoch < opts.epochs:
+        _save(run, pos, pos.epoch, opts.max_steps - pos.epoch * run.steps_per_epoch)
+    if run.rank == 0:
+        # The live checkpoint was just saved or loaded (verified): remove what a kill during
+        # a save's clean-up may have left beside it, so the output equals an uninterrupted
+        # run's.
+        checkpoint.tidy(run.out_dir)
+    return last
+
+
+def _log_line(values: dict[str, Any]) -> str:
+    """An epoch's figures as one JSON line, floats rounded to 4 places."""
+    return json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in values.items()})
+
+
+def _train_epoch(run: _Run, pos: _Position, stop: _StopFlag, batch_bar: tqdm) -> int | None:
+    """Run the steps of epoch pos.epoch from pos.step_in_epoch, keeping the running loss sums in
+    pos.partial; returns how many steps ran, or None when opts.max_steps stopped the epoch.
+
+    A stop signal checkpoints the next step and raises Interrupted (one during the epoch's last
+    step lets the epoch finish, so that it is evaluated and saved as a whole)."""
+    opts, epoch = run.opts, pos.epoch
+    rng = np.random.default_rng([opts.seed, epoch, 2**31 - 1])
+    order = run.eligible[bucketed_order(run.train.lengths[run.eligible], opts.batch_size, rng)]
+    sums, seen, ran = dict(pos.partial["sums"]), pos.partial["seen"], 0
+    batch_bar.reset(total=run.steps_per_epoch)
+    batch_bar.update(pos.step_in_epoch)
+    batch_bar.set_description(f"epoch {epoch + 1}")
+    for step in range(pos.step_in_epoch, run.steps_per_epoch):
+        global_step = epoch * run.steps_per_epoch + step
+        if opts.max_steps and global_step >= opts.max_steps:
+            return None
+        rows = order[step * opts.batch_size : (step + 1) * opts.batch_size]
+        batch = make_batch(
+            run.train,
+            rows,
+            step_rng(opts.seed, epoch, step),
+            k=opts.k,
+            p=opts.p,
+            negatives=opts.negatives,
+        )
+        batch = batch.shard(run.rank, run.world).to(run.device)
+        # Dropout noise: a function of (seed, step, rank), so a resumed run draws the same.
+        torch.manual_seed(opts.seed * 1_000_003 + global_step * 101 + run.rank)
+        with _autocast(run.device):
+            out = run.objective(run.tokens, batch)
+        run.opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        if opts.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(run.model.parameters(), opts.grad_clip)
+        run.opt.step()
+        for key, v in out.items():
+            sums[key] = sums.get(key, 0.0) + float(v.detach())
+        seen, ran = seen + 1, ran + 1
+        pos.partial = {"seen": seen, "sums": sums}
+        batch_bar.update()
+        if batch_bar.n % 10 == 0:
+            batch_bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", refresh=False)
+        if stop.signum is not None and step + 1 < run.steps_per_epoch:
+            _save(run, pos, epoch, step + 1)
+            raise Interrupted(stop.signum)
+    return ran
 
 
 class Objective(torch.nn.Module):
