@@ -29,6 +29,7 @@ Same preset + seed -> identical tables.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -163,29 +164,94 @@ def generate(
     If `latent` is a dict, it receives the hidden variables (interest, topics, click
     probabilities), so analyses can measure what an ideal model could reach.
     """
+    # One generator drawn in a fixed order (vocabulary, items, users, behaviors, labels, ads,
+    # impressions): the order is part of "same preset + seed -> identical tables".
     rng = np.random.default_rng(seed)
+    topic_words, general, ad_words = _vocabulary(rng, spec)
+    item_topic, titles = _items(rng, spec, topic_words, general)
+    gender, age, interest = _users(rng, spec)
+    seq = _sequences(rng, spec, interest)
+
+    user_ids = np.array([f"u{u:07d}" for u in range(spec.n_users)])
+    title_series = pl.Series("text", titles, dtype=pl.String)
+    behaviors = pl.DataFrame(
+        {
+            "user_id": user_ids[seq.owner],
+            "timestamp": seq.timestamp.astype(np.int64),
+            "text": title_series.gather(seq.item),
+        }
+    )
+
+    labels = _labels(rng, spec, user_ids, gender, age)
+
+    ad_topic, ad_titles, ad_quality = _ads(rng, spec, ad_words, topic_words, general)
+    imp_user, imp_ad, imp_ts = _impression_events(rng, spec, seq)
+    logit = -2.5 + 12.0 * interest[imp_user, ad_topic[imp_ad]] + ad_quality[imp_ad]
+    click_prob = 1 / (1 + np.exp(-logit))
+    clicked = (rng.random(len(imp_user)) < click_prob).astype(np.int8)
+    if latent is not None:
+        latent.update(
+            interest=interest,
+            item_topic=item_topic,
+            ad_topic=ad_topic,
+            impression_user=imp_user,
+            impression_ad=imp_ad,
+            click_prob=click_prob,
+            gender=gender,
+            age=age,
+            titles=titles,
+            ad_titles=ad_titles,
+        )
+    impressions = pl.DataFrame(
+        {
+            "user_id": user_ids[imp_user],
+            "timestamp": imp_ts,
+            "text": pl.Series(ad_titles, dtype=pl.String).gather(imp_ad),
+            "clicked": clicked,
+        }
+    )
+    return behaviors, labels, impressions
+
+
+def _vocabulary(
+    rng: np.random.Generator, spec: SyntheticSpec
+) -> tuple[list[list[str]], list[str], list[str]]:
+    """(words of each topic, general words, ad words): distinct pseudo-words."""
     taken: set[str] = set()
-    T = spec.n_topics
-    topic_words = [_words(rng, spec.words_per_topic, taken) for _ in range(T)]
+    topic_words = [_words(rng, spec.words_per_topic, taken) for _ in range(spec.n_topics)]
     general = _words(rng, spec.n_general_words, taken)
     ad_words = _words(rng, 40, taken)
+    return topic_words, general, ad_words
 
-    # Items: topic-major layout, popularity rank = position within topic.
-    n_items = T * spec.n_items_per_topic
-    item_topic = np.repeat(np.arange(T), spec.n_items_per_topic)
+
+def _items(
+    rng: np.random.Generator,
+    spec: SyntheticSpec,
+    topic_words: list[list[str]],
+    general: list[str],
+) -> tuple[np.ndarray, list[str]]:
+    """(topic of each item (n_items,), titles). Topic-major layout: item i of topic t is
+    t * n_items_per_topic + i, its popularity rank within the topic i."""
+    n_items = spec.n_topics * spec.n_items_per_topic
+    item_topic = np.repeat(np.arange(spec.n_topics), spec.n_items_per_topic)
     titles: list[str] = []
     for i in range(n_items):
         n_words = int(rng.integers(4, 13))
         titles.append(_title(rng, topic_words[item_topic[i]], general, n_words, 0.7))
     shared = rng.random(n_items) < spec.shared_title_frac
-    for i in np.flatnonzero(shared):
-        t = item_topic[i]
+    for dup in np.flatnonzero(shared):
+        t = item_topic[dup]
         j = int(rng.integers(t * spec.n_items_per_topic, (t + 1) * spec.n_items_per_topic))
-        titles[i] = titles[j]
-    item_cdf = _zipf_cdf(spec.n_items_per_topic)
+        titles[dup] = titles[j]
+    return item_topic, titles
 
-    # Users, labels and interests.
-    U = spec.n_users
+
+def _users(
+    rng: np.random.Generator, spec: SyntheticSpec
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(gender (U,), age bucket (U,), interest (U, T)): each user's labels and the topic
+    interest drawn around the affinities of those labels."""
+    U, T = spec.n_users, spec.n_topics
     gender = rng.choice(2, size=U, p=[0.42, 0.58])
     age = rng.choice(4, size=U, p=[0.08, 0.32, 0.35, 0.25])
     aff_gender = rng.dirichlet(np.ones(T) * 0.3, size=2)
@@ -194,10 +260,45 @@ def generate(
     mean = (1 - sig) / T + sig / 2 * (aff_gender[gender] + aff_age[age])  # (U, T)
     alpha = np.maximum(spec.interest_concentration * T * mean, 1e-3)
     interest = np.stack([rng.dirichlet(a) for a in alpha])  # (U, T)
+    return gender, age, interest
+
+
+def _labels(
+    rng: np.random.Generator,
+    spec: SyntheticSpec,
+    user_ids: np.ndarray,
+    gender: np.ndarray,
+    age: np.ndarray,
+) -> pl.DataFrame:
+    """The labels table: the `labeled_frac` of users (drawn at random) who publish theirs."""
+    labeled = rng.random(spec.n_users) < spec.labeled_frac
+    return pl.DataFrame(
+        {
+            "user_id": user_ids[labeled],
+            "gender": np.array(GENDERS)[gender[labeled]],
+            "age": np.array(AGE_BUCKETS)[age[labeled]],
+        }
+    )
+
+
+@dataclass(frozen=True)
+class _Sequences:
+    """Every user's behaviors, user-major (N = total behaviors)."""
+
+    lengths: np.ndarray  # (U,) behaviors per user
+    starts: np.ndarray  # (U,) index of each user's first behavior
+    owner: np.ndarray  # (N,) user of each behavior
+    item: np.ndarray  # (N,) item of each behavior
+    timestamp: np.ndarray  # (N,) seconds, increasing within a user
+
+
+def _sequences(rng: np.random.Generator, spec: SyntheticSpec, interest: np.ndarray) -> _Sequences:
+    """Behaviors, vectorised over all users at once: a sticky Markov chain over topics, items
+    by popularity within the topic, some revisits, timestamps in sessions."""
+    U, T = spec.n_users, spec.n_topics
     interest_cdf = np.cumsum(interest, axis=1)
     interest_cdf[:, -1] = 1.0
-
-    # Behaviors, vectorised over all users at once.
+    item_cdf = _zipf_cdf(spec.n_items_per_topic)
     lengths = np.clip(
         rng.lognormal(np.log(spec.mean_behaviors) - 0.32, 0.8, size=U), 3, 8 * spec.mean_behaviors
     ).astype(np.int64)
@@ -215,34 +316,32 @@ def generate(
     lag = rng.geometric(0.3, size=n)
     repeat = (rng.random(n) < spec.repeat_prob) & (lag <= pos)
     item = np.where(repeat, item[np.arange(n) - np.where(repeat, lag, 0)], item)
-    # Sessions: short gaps inside, long gaps between.
+    ts = _session_times(rng, pos, starts, lengths)
+    return _Sequences(lengths=lengths, starts=starts, owner=owner, item=item, timestamp=ts)
+
+
+def _session_times(
+    rng: np.random.Generator, pos: np.ndarray, starts: np.ndarray, lengths: np.ndarray
+) -> np.ndarray:
+    """Timestamps (N,) of behaviors at positions `pos` within their user's sequence: short gaps
+    (minutes) inside a session, long gaps (hours to days) between, a random first day."""
+    n = len(pos)
     in_session = rng.random(n) < 0.75
     gaps = np.where(in_session, rng.exponential(120.0, n), rng.exponential(20 * 3600.0, n))
     gaps = np.where(pos == 0, rng.uniform(0, 10 * 86400.0, n), gaps).astype(np.int64) + 1
     cum = np.cumsum(gaps)
-    ts = EPOCH0 + cum - np.repeat(cum[starts] - gaps[starts], lengths)
+    return EPOCH0 + cum - np.repeat(cum[starts] - gaps[starts], lengths)
 
-    user_ids = np.array([f"u{u:07d}" for u in range(U)])
-    title_series = pl.Series("text", titles, dtype=pl.String)
-    behaviors = pl.DataFrame(
-        {
-            "user_id": user_ids[owner],
-            "timestamp": ts.astype(np.int64),
-            "text": title_series.gather(item),
-        }
-    )
 
-    labeled = rng.random(U) < spec.labeled_frac
-    labels = pl.DataFrame(
-        {
-            "user_id": user_ids[labeled],
-            "gender": np.array(GENDERS)[gender[labeled]],
-            "age": np.array(AGE_BUCKETS)[age[labeled]],
-        }
-    )
-
-    # Ads and impressions.
-    ad_topic = rng.integers(T, size=spec.n_ads)
+def _ads(
+    rng: np.random.Generator,
+    spec: SyntheticSpec,
+    ad_words: list[str],
+    topic_words: list[list[str]],
+    general: list[str],
+) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """(topic (n_ads,), title, quality (n_ads,)) of each ad: two ad words, then topic words."""
+    ad_topic = rng.integers(spec.n_topics, size=spec.n_ads)
     ad_titles = [
         " ".join([ad_words[int(rng.integers(len(ad_words)))] for _ in range(2)]).capitalize()
         + " "
@@ -250,38 +349,23 @@ def generate(
         for t in ad_topic
     ]
     ad_quality = rng.normal(0.0, 0.3, spec.n_ads)
-    audience = np.flatnonzero(rng.random(U) < spec.audience_frac)
+    return ad_topic, ad_titles, ad_quality
+
+
+def _impression_events(
+    rng: np.random.Generator, spec: SyntheticSpec, seq: _Sequences
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(user, ad, timestamp) of each impression (M,): the audience's users see random ads at
+    random times within their active span (no two on the same user, ad and second)."""
+    audience = np.flatnonzero(rng.random(spec.n_users) < spec.audience_frac)
     n_imp = rng.poisson(spec.mean_impressions, size=len(audience)) + 1
     imp_user = np.repeat(audience, n_imp)
+    ts, starts, lengths = seq.timestamp, seq.starts, seq.lengths
     first = ts[starts[imp_user]]
     last = ts[starts[imp_user] + lengths[imp_user] - 1]
     imp_ts = (first + rng.random(len(imp_user)) * (last - first + 3600)).astype(np.int64)
     imp_ad = rng.integers(spec.n_ads, size=len(imp_user))
-    imp_ts = _distinct_events(imp_user, imp_ad, imp_ts)
-    logit = -2.5 + 12.0 * interest[imp_user, ad_topic[imp_ad]] + ad_quality[imp_ad]
-    clicked = (rng.random(len(imp_user)) < 1 / (1 + np.exp(-logit))).astype(np.int8)
-    if latent is not None:
-        latent.update(
-            interest=interest,
-            item_topic=item_topic,
-            ad_topic=ad_topic,
-            impression_user=imp_user,
-            impression_ad=imp_ad,
-            click_prob=1 / (1 + np.exp(-logit)),
-            gender=gender,
-            age=age,
-            titles=titles,
-            ad_titles=ad_titles,
-        )
-    impressions = pl.DataFrame(
-        {
-            "user_id": user_ids[imp_user],
-            "timestamp": imp_ts,
-            "text": pl.Series(ad_titles, dtype=pl.String).gather(imp_ad),
-            "clicked": clicked,
-        }
-    )
-    return behaviors, labels, impressions
+    return imp_user, imp_ad, _distinct_events(imp_user, imp_ad, imp_ts)
 
 
 def _distinct_events(user: np.ndarray, ad: np.ndarray, ts: np.ndarray) -> np.ndarray:
@@ -298,7 +382,7 @@ def _distinct_events(user: np.ndarray, ad: np.ndarray, ts: np.ndarray) -> np.nda
         ts[order[1:][same]] += 1
 
 
-def spec_for(size: str, **overrides: float | int) -> SyntheticSpec:
+def spec_for(size: str, **overrides: Any) -> SyntheticSpec:
     """Look up a preset by name (clear error on unknown names), optionally overriding fields."""
     if size not in PRESETS:
         raise ValueError(f"unknown synthetic size {size!r}; presets: {sorted(PRESETS)}")
