@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -139,13 +140,13 @@ def _run_cell(
     t0 = time.perf_counter()
     task = _split(cell.seed, spec)
     if cell.mode == "baseline":
-        if cell.task == "demo":
+        if isinstance(task, DemoTask):  # cell.task == "demo"
             res = run_demo_baseline(
                 cell.model, task, cell.label, cell.ratio, select=demo_select, seed=cell.seed
             )
         else:
             res = run_ctr_baseline(cell.model, task, cell.ratio, seed=cell.seed)
-    elif cell.task == "demo":
+    elif isinstance(task, DemoTask):
         y, classes = task.labels[cell.label]
         train_rows = (task.subsets[cell.ratio] & (y >= 0)).nonzero()[0]
         wide = (
@@ -186,7 +187,7 @@ def _run_cell(
 
 def _progress_bar(total: int, cached: int, desc: str) -> tqdm:
     """tqdm over the grid's cells (with ETA) on a terminal; off a terminal (CI, `dvc repro`
-    logs) only a line at the start and one at the end (see run_grid)."""
+    logs) only a line at the start and one at the end (see _run_cells)."""
     # disable=None: tqdm turns itself off when stderr is not a terminal.
     return tqdm(total=total, initial=cached, unit="cell", desc=desc, disable=None, leave=False)
 
@@ -210,6 +211,13 @@ def _read_entry(path: Path, key: str) -> dict:
             "the cell is recomputed"
         )
     return json.loads(body)
+
+
+def _write_entry(path: Path, key: str, res: dict) -> None:
+    """Cache a cell result as `_read_entry` reads it: its key and hash, then the result."""
+    body = json.dumps(res, sort_keys=True)
+    entry = {"key": key, "sha256": hashlib.sha256(body.encode()).hexdigest()}
+    atomic_write_text(path, json.dumps(entry) + "\n" + body)
 
 
 def grid_cells(
@@ -269,9 +277,70 @@ def run_grid(
     if repeats < 1:
         raise ValueError(f"finetune.repeats must be >= 1, got {repeats}")
     if labels is None:
-        report = json.loads((prepared / "report.json").read_text())
-        labels = report["labels"].get("label_columns", []) if task == "demo" else ["click"]
+        labels = _task_labels(task, prepared)
     ckpts = {m: ckpt_root / m for m in models}
+    keys = _CellKeys(
+        opts=opts,
+        demo_select=demo_select,
+        class_weights=tuple(class_weights),
+        split=split,
+        model_hashes=_checkpoint_hashes(ckpts, tokenized),
+        data_hash=_data_digest(prepared, tokenized),
+        code_hash=_code_digest(),
+    )
+    cells = grid_cells(
+        task=task,
+        labels=labels,
+        models=models,
+        modes=modes,
+        ratios=ratios,
+        repeats=repeats,
+        seed=seed,
+        baselines=baselines,
+    )
+    results, todo = _from_cache(cells, cache_dir, keys)
+    init = _worker_init(task, prepared, tokenized, max_len, ratios, ckpts, workers)
+    args = (opts, demo_select, tuple(class_weights), split)
+
+    def store(c: Cell, res: dict) -> None:
+        _write_entry(cache_dir / f"{keys.key(c)}.json", keys.key(c), res)
+        results[c.name] = res
+
+    _run_cells(f"{task} grid", len(cells), len(results), todo, workers, init, args, store)
+    return [results[c.name] for c in cells]
+
+
+def _worker_init(
+    task: str,
+    prepared: Path,
+    tokenized: Path,
+    max_len: int,
+    ratios: list[float],
+    ckpts: dict[str, Path],
+    workers: int,
+) -> tuple:
+    """The arguments of `_init_worker` (picklable, for a spawned pool's initializer): one torch
+    thread per worker process, all the cores when the cells run in this process."""
+    return (
+        task,
+        str(prepared),
+        str(tokenized),
+        max_len,
+        ratios,
+        {m: str(d) for m, d in ckpts.items()},
+        1 if workers > 1 else (os.cpu_count() or 1),
+    )
+
+
+def _task_labels(task: str, prepared: Path) -> list[str]:
+    """The task's label columns: Demo's from prepare's report, ["click"] for CTR."""
+    report = json.loads((prepared / "report.json").read_text())
+    return report["labels"].get("label_columns", []) if task == "demo" else ["click"]
+
+
+def _checkpoint_hashes(ckpts: dict[str, Path], tokenized: Path) -> dict[str, str]:
+    """The weights hash of each architecture's checkpoint, refusing one pre-trained with
+    another tokenizer or holding another architecture."""
     tok_hash = tokenizer_digest(tokenized)
     hashes = {}
     for m, d in ckpts.items():
@@ -283,64 +352,83 @@ def run_grid(
         if meta.get("architecture") != m:
             raise checkpoint.CheckpointMismatch(f"{d}: holds {meta.get('architecture')}, not {m}")
         hashes[m] = meta["model_sha256"]
-    data_hash = file_digest(
+    return hashes
+
+
+def _data_digest(prepared: Path, tokenized: Path) -> str:
+    """Hash of the data files a cell reads."""
+    return file_digest(
         [prepared / f for f in ("labels.parquet", "impressions.parquet", "sequences.parquet")]
         + [tokenized / "tokens.npy"]
     )
-    code_hash = _code_digest()
-    cells = grid_cells(
-        task=task,
-        labels=labels,
-        models=models,
-        modes=modes,
-        ratios=ratios,
-        repeats=repeats,
-        seed=seed,
-        baselines=baselines,
-    )
 
-    def key(c: Cell) -> str:
+
+@dataclass(frozen=True)
+class _CellKeys:
+    """Everything a cell's result depends on besides the cell itself: its cache key's inputs."""
+
+    opts: CellOptions
+    demo_select: str
+    class_weights: tuple[str, ...]
+    split: SplitSpec
+    model_hashes: dict[str, str]  # architecture -> checkpoint weights hash
+    data_hash: str
+    code_hash: str
+
+    def key(self, c: Cell) -> str:
+        """The cell's cache key (24 hex digits)."""
         # Baselines depend on the selection metric (Demo) but not on the neural options.
         if c.mode == "baseline":
-            setup: list = [demo_select]
+            setup: list = [self.demo_select]
         else:
-            setup = [asdict(opts), demo_select, list(class_weights)]
+            setup = [asdict(self.opts), self.demo_select, list(self.class_weights)]
         blob = json.dumps(
-            [asdict(c), setup, asdict(split), hashes.get(c.model, ""), data_hash, code_hash],
+            [
+                asdict(c),
+                setup,
+                asdict(self.split),
+                self.model_hashes.get(c.model, ""),
+                self.data_hash,
+                self.code_hash,
+            ],
             sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
+
+def _from_cache(
+    cells: list[Cell], cache_dir: Path, keys: _CellKeys
+) -> tuple[dict[str, dict], list[Cell]]:
+    """(results of the cached cells by name, the cells still to run); creates cache_dir."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict] = {}
     todo = []
     for c in cells:
-        f = cache_dir / f"{key(c)}.json"
+        f = cache_dir / f"{keys.key(c)}.json"
         if f.exists():
-            results[c.name] = _read_entry(f, key(c))
+            results[c.name] = _read_entry(f, keys.key(c))
         else:
             todo.append(c)
-    t0, cached = time.perf_counter(), len(results)
-    print(f"{task} grid: {len(cells)} cells, {cached} cached", file=sys.stderr, flush=True)
-    bar = _progress_bar(len(cells), cached, f"{task} grid")
-    init = (
-        task,
-        str(prepared),
-        str(tokenized),
-        max_len,
-        ratios,
-        {m: str(d) for m, d in ckpts.items()},
-        1 if workers > 1 else (os.cpu_count() or 1),
-    )
-    args = (opts, demo_select, tuple(class_weights), split)
+    return results, todo
 
-    def store(c: Cell, res: dict) -> None:
-        body = json.dumps(res, sort_keys=True)
-        entry = {"key": key(c), "sha256": hashlib.sha256(body.encode()).hexdigest()}
-        atomic_write_text(cache_dir / f"{key(c)}.json", json.dumps(entry) + "\n" + body)
-        results[c.name] = res
-        bar.update()
 
+def _run_cells(
+    desc: str,
+    total: int,
+    cached: int,
+    todo: list[Cell],
+    workers: int,
+    init: tuple,
+    args: tuple,
+    store: Callable[[Cell, dict], None],
+) -> None:
+    """Run the cells of `todo` (those of the grid's `total` not `cached`) in `workers`
+    spawned processes (or in this one), passing each result to `store` as it comes, with
+    progress on stderr. `init` sets up a worker (`_init_worker`), `args` follow the cell in
+    `_run_cell`."""
+    t0 = time.perf_counter()
+    print(f"{desc}: {total} cells, {cached} cached", file=sys.stderr, flush=True)
+    bar = _progress_bar(total, cached, desc)
     if todo and workers > 1:
         # spawn, not fork: a fork after torch has run (e.g. pre-training in this process) can
         # deadlock the child on OpenMP's thread pool.
@@ -349,13 +437,14 @@ def run_grid(
             max_workers=workers, initializer=_pool_worker, initargs=init, mp_context=ctx
         ) as pool:
             futures = {pool.submit(_run_cell, c, *args): c for c in todo}
-            for f in as_completed(futures):
-                store(futures[f], f.result())
+            for future in as_completed(futures):
+                store(futures[future], future.result())
+                bar.update()
     elif todo:
         _init_worker(*init)
         for c in todo:
             store(c, _run_cell(c, *args))
+            bar.update()
     bar.close()
     seconds = time.perf_counter() - t0
-    print(f"{task} grid: {len(todo)} cells run in {seconds:.0f}s", file=sys.stderr, flush=True)
-    return [results[c.name] for c in cells]
+    print(f"{desc}: {len(todo)} cells run in {seconds:.0f}s", file=sys.stderr, flush=True)
