@@ -239,6 +239,17 @@ def _git_rev() -> str:
         return "unknown"
 
 
+# Per fine-tuning task: the metrics of its tables with their column names, and its section title.
+TASK_METRICS = {
+    "demo": (["acc", "macro_f1"], ["Acc.", "Macro-F"]),
+    "ctr": (["auc", "ap"], ["AUC", "AP"]),
+}
+TASK_TITLES = {
+    "demo": "Demographic prediction (cf. paper Table 2)",
+    "ctr": "CTR prediction (cf. paper Table 3)",
+}
+
+
 def build(
     *,
     finetune: dict[str, Path],
@@ -249,7 +260,8 @@ def build(
     params: dict,
     out: Path,
 ) -> str:
-    """Write results.md; returns its text."""
+    """Write results.md; returns its text. A missing finetune result, pre-training metrics file
+    or sensitivity file leaves its section out."""
     lines = [
         "# Results",
         "",
@@ -258,10 +270,34 @@ def build(
         "model selection on the validation split.",
         "",
     ]
+    lines += _data_section(data_report, raw_manifest)
+    if pretrain:
+        lines += _pretrain_section(pretrain)
+    for task, path in finetune.items():
+        if path.exists():
+            lines += _task_section(task, json.loads(path.read_text()))
+    if sensitivity is not None and sensitivity.exists():
+        lines += _sensitivity_section(json.loads(sensitivity.read_text()))
+    lines += [
+        "## Parameters",
+        "",
+        "```json",
+        json.dumps(params, indent=1, sort_keys=True),
+        "```",
+        "",
+    ]
+    text = "\n".join(lines)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return text
+
+
+def _data_section(data_report: Path, raw_manifest: Path) -> list[str]:
+    """Source, sizes, data version (raw file hashes) and git revision."""
     manifest = json.loads(raw_manifest.read_text()) if raw_manifest.exists() else {}
     data = json.loads(data_report.read_text())
     b = data["behaviors"]
-    lines += [
+    return [
         "## Data",
         "",
         f"- source: `{manifest.get('source', '?')}` "
@@ -279,72 +315,59 @@ def build(
         f"- git revision: `{_git_rev()}`",
         "",
     ]
-    if pretrain:
-        lines += [
-            "## Pre-training (held-out users)",
-            "",
-            "| model | epochs | MBP acc | NBP acc | chance | valid loss | users/s |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for arch, path in pretrain.items():
-            if not path.exists():
-                continue
-            m = json.loads(path.read_text())
-            lines.append(
-                f"| {MODEL_NAMES.get(arch, arch)} | {m.get('epochs')} | "
-                f"{m.get('valid_mbp_acc', float('nan')):.3f} | "
-                f"{m.get('valid_nbp_acc', float('nan')):.3f} | {m['chance_acc']:.3f} | "
-                f"{m.get('valid_loss', float('nan')):.3f} | "
-                f"{m.get('users_per_s', float('nan')):.0f} |"
-            )
-        lines.append("")
-        lines += learning_curves({a: p.with_name("history.json") for a, p in pretrain.items()})
-    names = {
-        "demo": (["acc", "macro_f1"], ["Acc.", "Macro-F"]),
-        "ctr": (["auc", "ap"], ["AUC", "AP"]),
-    }
-    titles = {
-        "demo": "Demographic prediction (cf. paper Table 2)",
-        "ctr": "CTR prediction (cf. paper Table 3)",
-    }
-    for task, path in finetune.items():
+
+
+def _pretrain_section(pretrain: dict[str, Path]) -> list[str]:
+    """Held-out MBP/NBP figures of each architecture's metrics.json, then learning curves."""
+    lines = [
+        "## Pre-training (held-out users)",
+        "",
+        "| model | epochs | MBP acc | NBP acc | chance | valid loss | users/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for arch, path in pretrain.items():
         if not path.exists():
             continue
-        res = json.loads(path.read_text())
-        metrics, heads = names[task]
-        lines += [f"## {titles[task]}", "", "### Against the strongest baseline", ""]
-        lines += versus_baselines(res)
-        lines += ["### All methods", ""] + _table(res, metrics, heads)
-        lines += [f"### The paper's claims on this data ({task})", ""] + claims(res)
-        lines += [f"### Paired comparisons with scratch, over repeats ({task})", ""]
-        lines += _tests(res["tests"])
-    if sensitivity is not None and sensitivity.exists():
-        sens = json.loads(sensitivity.read_text())
-        lines += ["## Ablation and sensitivity (cf. paper Figs. 3-5)", ""]
-        for task, res in sens.items():
-            lines.append(
-                f"{MODEL_NAMES.get(res['model'], res['model'])} on {task}, "
-                f"{round(res['ratio'] * 100)}% labels, test {res['metric']} "
-                f"(mean over labels and seeds):\n"
-            )
-            lines += ["| experiment | mean | n |", "|---|---|---|"]
-            for name, e in res["experiments"].items():
-                lines.append(f"| {name} | {100 * e['mean']:.2f} | {e['n']} |")
-            lines += [
-                "",
-                f"![ablation](figures/{task}_ablation.png) "
-                f"![lambda](figures/{task}_lambda.png) ![K](figures/{task}_k.png)",
-                "",
-            ]
-    lines += [
-        "## Parameters",
-        "",
-        "```json",
-        json.dumps(params, indent=1, sort_keys=True),
-        "```",
-        "",
-    ]
-    text = "\n".join(lines)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
-    return text
+        m = json.loads(path.read_text())
+        lines.append(
+            f"| {MODEL_NAMES.get(arch, arch)} | {m.get('epochs')} | "
+            f"{m.get('valid_mbp_acc', float('nan')):.3f} | "
+            f"{m.get('valid_nbp_acc', float('nan')):.3f} | {m['chance_acc']:.3f} | "
+            f"{m.get('valid_loss', float('nan')):.3f} | "
+            f"{m.get('users_per_s', float('nan')):.0f} |"
+        )
+    lines.append("")
+    return lines + learning_curves({a: p.with_name("history.json") for a, p in pretrain.items()})
+
+
+def _task_section(task: str, res: dict) -> list[str]:
+    """One fine-tuning task (demo | ctr): against the strongest baseline, all methods, the
+    paper's claims, paired comparisons with scratch."""
+    metrics, heads = TASK_METRICS[task]
+    lines = [f"## {TASK_TITLES[task]}", "", "### Against the strongest baseline", ""]
+    lines += versus_baselines(res)
+    lines += ["### All methods", ""] + _table(res, metrics, heads)
+    lines += [f"### The paper's claims on this data ({task})", ""] + claims(res)
+    lines += [f"### Paired comparisons with scratch, over repeats ({task})", ""]
+    return lines + _tests(res["tests"])
+
+
+def _sensitivity_section(sens: dict) -> list[str]:
+    """Per task of reports/sensitivity.json: the ablation and sweep means, and its figures."""
+    lines = ["## Ablation and sensitivity (cf. paper Figs. 3-5)", ""]
+    for task, res in sens.items():
+        lines.append(
+            f"{MODEL_NAMES.get(res['model'], res['model'])} on {task}, "
+            f"{round(res['ratio'] * 100)}% labels, test {res['metric']} "
+            f"(mean over labels and seeds):\n"
+        )
+        lines += ["| experiment | mean | n |", "|---|---|---|"]
+        for name, e in res["experiments"].items():
+            lines.append(f"| {name} | {100 * e['mean']:.2f} | {e['n']} |")
+        lines += [
+            "",
+            f"![ablation](figures/{task}_ablation.png) "
+            f"![lambda](figures/{task}_lambda.png) ![K](figures/{task}_k.png)",
+            "",
+        ]
+    return lines
