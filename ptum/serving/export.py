@@ -265,41 +265,24 @@ def export(
     Returns:
         The export report: files and their SHA-256, input dims, parity diffs (out_dir/export.json
         holds it plus the metadata).
+
+    Long only for its signature and this documentation: the steps are `_metadata`, `_shapes`,
+    `_export_graphs` and `_report`.
     """
     if min(example_batch, example_behaviors, example_tokens) < 2:
         raise ValueError("example sizes must be >= 2: a size-1 example dim becomes static")
     spm_sha = sha256_file(spm_model)
     loaded = checkpoint.load(checkpoint_dir, tokenizer_sha256=spm_sha)
-    model, config = loaded.model.eval(), loaded.model.config
-    arch = str(loaded.meta.get("architecture", f"{config.behavior_encoder}+{config.user_encoder}"))
+    model = loaded.model.eval()
     if demo_heads is None:
         demo_heads = load_demo_heads(checkpoint_dir)
     for label in demo_heads:  # before any work: each becomes a file name
         check_label(label)
-    meta = metadata(
-        config,
-        architecture=arch,
-        spm_sha256=spm_sha,
-        data_version=data_version,
-        params=params,
-        opset=opset,
-        id_vocab_sha256=loaded.id_vocab.sha256 if loaded.id_vocab is not None else "",
-    )
-    shapes = _shapes(config, example_batch, example_behaviors, example_tokens)
-
-    report: dict[str, Any] = {
-        "architecture": arch,
-        "opset": opset,
-        "exporter": "dynamo",
-        "folded": fold,
-        "behaviors_dim": meta["behaviors_dim"],
-        "tokens_dim": meta["tokens_dim"],
-        "files": {},
-        "parity": {},
-    }
+    meta = _metadata(loaded, spm_sha, data_version=data_version, params=params, opset=opset)
+    shapes = _shapes(model.config, example_batch, example_behaviors, example_tokens)
     served = serving_model(model, fold=fold, fused_attention=opset >= ATTENTION_OPSET)
     with atomic_dir(out_dir) as tmp:
-        report["parity"] = _export_graphs(
+        parity = _export_graphs(
             model,
             served,
             tmp,
@@ -314,11 +297,46 @@ def export(
         shutil.copyfile(spm_model, tmp / "spm.model")
         if loaded.id_vocab is not None:
             (tmp / "id_vocab.json").write_bytes(loaded.id_vocab.to_json())
-        report["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
-        report["input_dims"] = {
-            p.stem: {k: "(" + ", ".join(map(str, v)) + ")" for k, v in input_dims(p).items()}
-            for p in sorted(tmp.glob("*.onnx"))
-        }
+        report = _report(tmp, meta, opset=opset, fold=fold, parity=parity)
         full = report | {"metadata": meta}
         (tmp / "export.json").write_text(json.dumps(full, indent=1, sort_keys=True) + "\n")
     return report
+
+
+def _metadata(
+    loaded: checkpoint.Loaded, spm_sha: str, *, data_version: str, params: dict, opset: int
+) -> dict[str, str]:
+    """The metadata every exported file carries (`ptum.serving.contract.metadata`) for the
+    loaded checkpoint; its architecture is the checkpoint's, else encoder+encoder."""
+    config = loaded.model.config
+    arch = str(loaded.meta.get("architecture", f"{config.behavior_encoder}+{config.user_encoder}"))
+    return metadata(
+        config,
+        architecture=arch,
+        spm_sha256=spm_sha,
+        data_version=data_version,
+        params=params,
+        opset=opset,
+        id_vocab_sha256=loaded.id_vocab.sha256 if loaded.id_vocab is not None else "",
+    )
+
+
+def _report(
+    out: Path, meta: dict[str, str], *, opset: int, fold: bool, parity: dict[str, float]
+) -> dict[str, Any]:
+    """The export report of the files written in `out`: their SHA-256 and input dims, and
+    each graph's parity diff."""
+    return {
+        "architecture": meta["architecture"],
+        "opset": opset,
+        "exporter": "dynamo",
+        "folded": fold,
+        "behaviors_dim": meta["behaviors_dim"],
+        "tokens_dim": meta["tokens_dim"],
+        "files": {p.name: sha256_file(p) for p in sorted(out.iterdir())},
+        "parity": parity,
+        "input_dims": {
+            p.stem: {k: "(" + ", ".join(map(str, v)) + ")" for k, v in input_dims(p).items()}
+            for p in sorted(out.glob("*.onnx"))
+        },
+    }
