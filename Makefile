@@ -26,6 +26,7 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check ptum flows tests benchmarks
 	$(BIN)/ruff format --check ptum flows tests benchmarks
+	$(BIN)/mypy ptum
 
 format: $(STAMP)
 	$(BIN)/ruff format ptum flows tests benchmarks
@@ -35,7 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/preprocess.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .mypy_cache
 
 # The whole pipeline on the tiny preset (minutes), as a DVC experiment: params.yaml untouched.
 quick: $(STAMP)

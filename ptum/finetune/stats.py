@@ -177,13 +177,13 @@ def interaction_test(
 
 def holm(p: Sequence[float]) -> np.ndarray:
     """Holm's step-down adjusted p-values (nan stays nan and is not counted)."""
-    p = np.asarray(p, dtype=float)
-    out = np.full(len(p), np.nan)
-    ok = np.flatnonzero(~np.isnan(p))
+    ps = np.asarray(p, dtype=float)
+    out = np.full(len(ps), np.nan)
+    ok = np.flatnonzero(~np.isnan(ps))
     m = len(ok)
-    order = ok[np.argsort(p[ok], kind="mergesort")]
+    order = ok[np.argsort(ps[ok], kind="mergesort")]
     running = 0.0
     for i, j in enumerate(order):
-        running = max(running, min(1.0, (m - i) * p[j]))
+        running = max(running, min(1.0, (m - i) * ps[j]))
         out[j] = running
     return out

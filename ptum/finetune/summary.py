@@ -10,6 +10,7 @@ Holm-corrected verdict. The report stage renders this; a test recomputes a cell 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import cast
 
 import numpy as np
 import polars as pl
@@ -107,8 +108,9 @@ def summarize(
             for _, s in sub.group_by("seed", maintain_order=True)
         ]
         for m in metrics:
-            row[f"{m}_mean"] = _nan(float(g[m].mean()))
-            row[f"{m}_std"] = _nan(float(g[m].std())) if g.height > 1 else 0.0
+            # Polars types a column's mean and std as any Python value; these are floats.
+            row[f"{m}_mean"] = _nan(float(cast(float, g[m].mean())))
+            row[f"{m}_std"] = _nan(float(cast(float, g[m].std()))) if g.height > 1 else 0.0
             lo, hi = bootstrap_ci(
                 reps, m, n_classes=n_classes.get(row["label"], 0), n_boot=n_boot, seed=seed
             )

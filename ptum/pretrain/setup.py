@@ -65,7 +65,8 @@ def load_inputs(
     vocab_size = int(json.loads((tokenized / "report.json").read_text())["vocab_size"])
     id_vocab = None
     if behavior_encoder == "hybrid":
-        id_vocab = corpus_id_vocab(prepared, train, sizes.get("id_min_count", ID_MIN_COUNT))
+        min_count = int(sizes.get("id_min_count", ID_MIN_COUNT))
+        id_vocab = corpus_id_vocab(prepared, train, min_count)
         sizes["id_vocab"] = id_vocab.size
     config = ModelConfig.for_architecture(
         arch,

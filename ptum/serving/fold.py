@@ -14,6 +14,8 @@ trained one reads pre-training item ids through its `id_index`.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -58,7 +60,10 @@ def _attention_3d_onnx(q, k, v, mask, heads: int, scale: float):  # onnxscript v
     return opset23.Attention(q, k, v, mask, q_num_heads=heads, kv_num_heads=heads, scale=scale)[0]
 
 
-ONNX_TRANSLATIONS = {torch.ops.ptum.attention_3d.default: _attention_3d_onnx}
+# torch.onnx.export's custom_translation_table: op overload -> onnxscript function.
+ONNX_TRANSLATIONS: dict[Callable[..., Any], Callable[..., Any]] = {
+    torch.ops.ptum.attention_3d.default: _attention_3d_onnx
+}
 
 
 def _key_mask(mask: Tensor) -> Tensor:
@@ -91,22 +96,32 @@ class FoldedSelfAttnEncoder(nn.Module):
     exported at opset >= ATTENTION_OPSET) instead of matmul / mask add / softmax / matmul.
     """
 
+    # Buffers registered in __init__, declared for the type checker.
+    words_qkv: Tensor
+    pos_qkv: Tensor
+    score_w: Tensor
+    score_b: Tensor
+    query: Tensor
+    out_w: Tensor
+    out_b: Tensor
+    proj_b: Tensor
+
     def __init__(self, enc: SelfAttnBehaviorEncoder, *, fused_attention: bool = False) -> None:
         super().__init__()
         attn, pool = enc.attn, enc.pool
         H, hd = attn.heads, attn.head_dim
         self.heads, self.head_dim = H, hd
         self.fused_attention = fused_attention
-        f64 = {"dtype": torch.float64}
+        f64 = torch.float64
         with torch.no_grad():
-            w_qkv, b_qkv = attn.qkv.weight.to(**f64), attn.qkv.bias.to(**f64)  # (3Hhd, word_dim)
-            words = enc.words.weight.to(**f64) @ w_qkv.T  # (V, 3Hhd)
-            pos = enc.positions.weight.to(**f64) @ w_qkv.T + b_qkv  # (max_tokens, 3Hhd)
-            scale = torch.tensor([hd**-0.5, 1.0, 1.0], **f64).repeat_interleave(H * hd)
+            w_qkv, b_qkv = attn.qkv.weight.to(f64), attn.qkv.bias.to(f64)  # (3Hhd, word_dim)
+            words = enc.words.weight.to(f64) @ w_qkv.T  # (V, 3Hhd)
+            pos = enc.positions.weight.to(f64) @ w_qkv.T + b_qkv  # (max_tokens, 3Hhd)
+            scale = torch.tensor([hd**-0.5, 1.0, 1.0], dtype=f64).repeat_interleave(H * hd)
             words, pos = words * scale, pos * scale
-            w_out, b_out = attn.out.weight.to(**f64), attn.out.bias.to(**f64)  # (Hhd, Hhd)
-            w_pool, b_pool = pool.proj.weight.to(**f64), pool.proj.bias.to(**f64)
-            w_proj, b_proj = enc.proj.weight.to(**f64), enc.proj.bias.to(**f64)
+            w_out, b_out = attn.out.weight.to(f64), attn.out.bias.to(f64)  # (Hhd, Hhd)
+            w_pool, b_pool = pool.proj.weight.to(f64), pool.proj.bias.to(f64)
+            w_proj, b_proj = enc.proj.weight.to(f64), enc.proj.bias.to(f64)
             # float32; one lookup gives a token's q, k and v in every head at once (a lookup per
             # head or per q / k / v gathers many short rows, which onnxruntime does slowly).
             self.register_buffer("words_qkv", words.float())  # (V, 3Hhd)
@@ -204,4 +219,6 @@ def serving_ids(model: UserModel, inputs: dict[str, Tensor]) -> dict[str, Tensor
     pre-training item_ids become ids of the exported vocabulary (its `id_index` rows)."""
     if "item_ids" not in inputs:
         return inputs
-    return inputs | {"item_ids": model.behavior_encoder.id_index[inputs["item_ids"]]}
+    index = model.behavior_encoder.id_index  # a registered buffer (nn.Module types it loosely)
+    assert isinstance(index, Tensor)
+    return inputs | {"item_ids": index[inputs["item_ids"]]}

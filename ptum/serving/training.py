@@ -124,17 +124,35 @@ def serving_heads(
     items = item_table_digest(read_tokens(tokenized))
     model = checkpoint.load(ckpt, item_table_sha256=items).model
     opts = replace(cell_options(cfg), ctr_scoring=ctr_scoring or cfg.ctr_scoring)
-    data = {"prepared": prepared, "tokenized": tokenized, "max_behaviors": max_behaviors}
     # disable=None: tqdm turns itself off when stderr is not a terminal (logs, dvc repro).
     total = len(tasks["demo"]) + int(tasks["ctr"])
     with tqdm(total=total, desc="export heads", unit="head", disable=None) as bar:
         demo = (
             _demo_heads(
-                model, tasks["demo"], opts=opts, select=cfg.demo_select, seed=seed, bar=bar, **data
+                model,
+                tasks["demo"],
+                prepared=prepared,
+                tokenized=tokenized,
+                max_behaviors=max_behaviors,
+                opts=opts,
+                select=cfg.demo_select,
+                seed=seed,
+                bar=bar,
             )
             if tasks["demo"]
             else {}
         )
-        ctr = _ctr_head(model, opts=opts, seed=seed, **data) if tasks["ctr"] else None
+        ctr = (
+            _ctr_head(
+                model,
+                prepared=prepared,
+                tokenized=tokenized,
+                max_behaviors=max_behaviors,
+                opts=opts,
+                seed=seed,
+            )
+            if tasks["ctr"]
+            else None
+        )
         bar.update(int(tasks["ctr"]))
     return demo, ctr

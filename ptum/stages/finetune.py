@@ -13,9 +13,7 @@ from ptum.stages.errors import reading
 
 def split_spec(p: Params) -> SplitSpec:
     """How each repeat of a fine-tuning grid re-draws its split: prepare's shares."""
-    return SplitSpec(
-        demo_fractions=tuple(p.prepare.demo_split), ctr_valid_frac=p.prepare.ctr_valid_frac
-    )
+    return SplitSpec(demo_fractions=p.prepare.demo_split, ctr_valid_frac=p.prepare.ctr_valid_frac)
 
 
 def run(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +52,7 @@ def write_plots(study: optuna.Study, reports_dir: Path, objective_names: list[st
         tgt = target if multi else None
         save(
             f"optimization_history{suffix}",
-            lambda tgt=tgt, obj=obj: ovm.plot_optimization_history(
-                study, target=tgt, target_name=obj
-            ),
+            partial(ovm.plot_optimization_history, study, target=tgt, target_name=obj),
         )
         # With a `target`, PED-ANOVA (Optuna's default evaluator) explains *low* target values,
         # whatever the study's direction; our objectives are maximised, so it gets -value.
@@ -63,9 +62,7 @@ def write_plots(study: optuna.Study, reports_dir: Path, objective_names: list[st
             (reports_dir / f"param_importances{suffix}.txt").unlink(missing_ok=True)
             save(
                 f"param_importances{suffix}",
-                lambda t=imp_tgt, n=imp_name: ovm.plot_param_importances(
-                    study, target=t, target_name=n
-                ),
+                partial(ovm.plot_param_importances, study, target=imp_tgt, target_name=imp_name),
             )
         else:
             (reports_dir / f"param_importances{suffix}.txt").write_text(note + "\n")

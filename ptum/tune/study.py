@@ -34,7 +34,7 @@ from optuna.exceptions import ExperimentalWarning
 
 from ptum.pretrain.data import file_digest
 from ptum.tune.storage import creation_lock, rdb_storage, retry_race
-from ptum.tune.trial import TrialSetup, directions, log, objective_names
+from ptum.tune.trial import Direction, TrialSetup, directions, log, objective_names
 
 PRUNERS = ("median", "hyperband", "none")
 
@@ -197,7 +197,7 @@ def _pruner(
 def open_study(
     spec: StudySpec,
     *,
-    directions: list[str],
+    directions: list[Direction],
     attrs: Mapping[str, Any],
     epochs: int,
     worker: int | None = None,

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 from tqdm import tqdm
@@ -84,7 +84,10 @@ class TrialSetup:
     work_dir: Path | None = None  # parent of the per-trial checkpoint dirs (None = system tmp)
 
 
-def directions(s: TrialSetup) -> list[str]:
+Direction = Literal["minimize", "maximize"]
+
+
+def directions(s: TrialSetup) -> list[Direction]:
     """Optuna directions of the study's objectives (all maximised)."""
     return ["maximize", "maximize"] if s.multi_objective else ["maximize"]
 

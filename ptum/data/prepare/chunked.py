@@ -28,7 +28,7 @@ from ptum.data.prepare import views
 from ptum.data.prepare.in_memory import Core
 from ptum.data.prepare.items import NO_IMPRESSIONS, ctr_columns, item_table
 from ptum.data.prepare.options import PrepareOptions
-from ptum.data.prepare.sources import Source
+from ptum.data.prepare.sources import Source, Sources
 from ptum.data.prepare.splits import WINDOW_ORDER, global_cutoffs, global_windows, user_cut
 from ptum.data.prepare.validate import (
     check_rows,
@@ -53,7 +53,7 @@ class _Chunks:
 
 
 def prepare_chunked(
-    sources: dict[str, Source | None], tmp: Path, opts: PrepareOptions, report: dict, n_chunks: int
+    sources: Sources, tmp: Path, opts: PrepareOptions, report: dict, n_chunks: int
 ) -> Core:
     """`prepare_in_memory`'s outputs, holding about 1/n_chunks of the behaviors at a time (see
     the module docstring). Writes items.parquet and sequences.parquet into `tmp`; its scratch
@@ -70,14 +70,14 @@ def prepare_chunked(
     codes_in_use = pl.Series(dtype=categorical)
     beh_chunks, imp_chunks = _split_by_user(sources, work, n_chunks, categorical)
     say("validating")
-    chunks = _validate_behaviors(beh_chunks, sources["behaviors"], work, opts, qdir, report)
+    chunks = _validate_behaviors(beh_chunks, sources.behaviors, work, opts, qdir, report)
     users = pl.concat(chunks.users_of)  # consecutive ranges of sorted ids: still sorted
     user_enum = pl.Enum(users)
     imp_texts, stamps = _validate_impressions(
-        imp_chunks, sources["impressions"], chunks, opts, qdir, report
+        imp_chunks, sources.impressions, chunks, opts, qdir, report
     )
     del codes_in_use
-    labels, label_cols = read_labels(sources["labels"], opts, qdir, user_enum, report)
+    labels, label_cols = read_labels(sources.labels, opts, qdir, user_enum, report)
     items, item_enum = _items(chunks, imp_texts)
     items.write_parquet(tmp / "items.parquet")
     del imp_texts
@@ -124,18 +124,18 @@ def _progress(items: Iterable, desc: str, total: int | None = None) -> Iterable:
 
 
 def _split_by_user(
-    sources: dict[str, Source | None], work: Path, n_chunks: int, categorical: pl.Categorical
+    sources: Sources, work: Path, n_chunks: int, categorical: pl.Categorical
 ) -> tuple[list[pl.LazyFrame | None], list[pl.LazyFrame | None]]:
     """The behaviors and impressions, each split on disk into n_chunks ranges of whole users
     (see _partition); None for a chunk without rows (every chunk without an impressions table)."""
-    ranges = _user_ranges(sources["behaviors"].path, n_chunks)
+    ranges = _user_ranges(sources.behaviors.path, n_chunks)
     beh_chunks = _partition(
-        sources["behaviors"].path, "behaviors", ranges, work / "behaviors", n_chunks, categorical
+        sources.behaviors.path, "behaviors", ranges, work / "behaviors", n_chunks, categorical
     )
-    if sources["impressions"] is None:
+    if sources.impressions is None:
         return beh_chunks, [None] * n_chunks
     imp_chunks = _partition(
-        sources["impressions"].path,
+        sources.impressions.path,
         "impressions",
         ranges,
         work / "impressions",
@@ -207,7 +207,11 @@ def _validate_impressions(
     """Pass 1 on the impressions: validate each chunk against its own users, store its good rows
     (impressions_<c>.parquet) and sorted timestamps (timestamps_<c>.npy); report["impressions"]
     gets the counts. Returns the distinct impression texts and the timestamp files."""
-    imp_texts, stamps, parts = [pl.Series("text", [], pl.String)], [], []
+    no_texts = pl.Series("text", [], pl.String)
+    if source is None:  # no impressions table: every chunk is None
+        report["impressions"] = no_table()
+        return no_texts, []
+    imp_texts, stamps, parts = [no_texts], [], []
     work = chunks.work
     for c, chunk in enumerate(_progress(imp_chunks, "validating impressions")):
         if chunk is None:
@@ -221,9 +225,7 @@ def _validate_impressions(
         imp_texts.append(codes["text"][1])
         parts.append((counts, keep_bad(bad, opts)))
         del good, codes
-    report["impressions"] = (
-        settle(source, "impressions", opts, qdir, parts) if source is not None else no_table()
-    )
+    report["impressions"] = settle(source, "impressions", opts, qdir, parts)
     return pl.concat(imp_texts), stamps
 
 
@@ -243,7 +245,9 @@ def _windows_and_totals(
         schema={"t_train": pl.Int64, "t_test": pl.Int64},
     )
     first = np.cumsum([0] + [len(u) for u in chunks.users_of])
-    totals, windowed, n_history = [], [], 0
+    totals: list[dict[str, np.ndarray]] = []
+    windowed: list[pl.DataFrame] = []
+    n_history = 0
     for c, users_c in enumerate(_progress(chunks.users_of, "windows and view sizes")):
         imp_file = work / f"impressions_{c}.parquet"
         imps = (

@@ -13,7 +13,7 @@ import polars as pl
 from ptum.data.prepare import views
 from ptum.data.prepare.items import NO_IMPRESSIONS, build_items, ctr_columns
 from ptum.data.prepare.options import PrepareOptions
-from ptum.data.prepare.sources import Source
+from ptum.data.prepare.sources import Sources
 from ptum.data.prepare.splits import ctr_cutoffs, user_cut
 from ptum.data.prepare.validate import no_table, read_labels, validate_table
 
@@ -32,24 +32,22 @@ class Core:
     label_cols: list[str]
 
 
-def prepare_in_memory(
-    sources: dict[str, Source | None], tmp: Path, opts: PrepareOptions, report: dict
-) -> Core:
+def prepare_in_memory(sources: Sources, tmp: Path, opts: PrepareOptions, report: dict) -> Core:
     """Validate every table whole, then build the items and sequences."""
     qdir = tmp / "quarantine"
     # Behaviors are needed as codes only (user, item): their strings are not copied.
     behaviors, report["behaviors"], _, codes = validate_table(
-        sources["behaviors"], "behaviors", opts, qdir, good_columns=["line", "timestamp"]
+        sources.behaviors, "behaviors", opts, qdir, good_columns=["line", "timestamp"]
     )
     user_codes, users = codes["user_id"]
     user_enum = pl.Enum(users)
-    if sources["impressions"] is not None:
+    if sources.impressions is not None:
         imps, report["impressions"], _, _ = validate_table(
-            sources["impressions"], "impressions", opts, qdir, known_users=user_enum
+            sources.impressions, "impressions", opts, qdir, known_users=user_enum
         )
     else:
         imps, report["impressions"] = pl.DataFrame(schema=NO_IMPRESSIONS), no_table()
-    labels, label_cols = read_labels(sources["labels"], opts, qdir, user_enum, report)
+    labels, label_cols = read_labels(sources.labels, opts, qdir, user_enum, report)
 
     text_codes, texts = codes["text"]
     items, item_enum = build_items(texts, imps["text"], text_codes)

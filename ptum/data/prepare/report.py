@@ -5,6 +5,8 @@ to metrics.json (the stage's DVC metric)."""
 
 from __future__ import annotations
 
+from typing import cast
+
 import polars as pl
 
 from ptum.data.prepare.in_memory import Core
@@ -14,19 +16,23 @@ from ptum.data.prepare.tasks import tasks_of
 from ptum.data.prepare.validate import DUPLICATE
 
 
+def _num(value: object) -> float:
+    """An aggregate of a numeric column as a float (polars types it as any Python value)."""
+    return float(cast(float, value))
+
+
 def distribution(values: pl.Series) -> dict[str, float]:
     """min, p10, p25, p50, p75, p90, mean and max of `values` ({} when empty)."""
     if values.len() == 0:
         return {}
     q = {
-        f"p{int(p * 100)}": float(values.quantile(p, "nearest"))
-        for p in (0.1, 0.25, 0.5, 0.75, 0.9)
+        f"p{int(p * 100)}": _num(values.quantile(p, "nearest")) for p in (0.1, 0.25, 0.5, 0.75, 0.9)
     }
     return {
-        "min": float(values.min()),
+        "min": _num(values.min()),
         **q,
-        "mean": round(float(values.mean()), 3),
-        "max": float(values.max()),
+        "mean": round(_num(values.mean()), 3),
+        "max": _num(values.max()),
     }
 
 
@@ -54,7 +60,7 @@ def complete_report(
             **{k: int(v) for k, v in sorted(window_counts.items())},
         },
         click_rate={
-            w: round(float(imps_out.filter(pl.col("window") == w)["clicked"].mean() or 0), 4)
+            w: round(_num(imps_out.filter(pl.col("window") == w)["clicked"].mean() or 0), 4)
             for w in ("train", "valid", "test")
         },
         subsets={ratio_column(r): int(imps_out[ratio_column(r)].sum()) for r in opts.label_ratios},

@@ -34,21 +34,30 @@ class Source:
         return f"{file}:{line}" if unit == "line" else f"{file} row {line}"
 
 
-def find_sources(raw_dir: Path) -> dict[str, Source | None]:
+@dataclass(frozen=True)
+class Sources:
+    """The tables of a raw directory: behaviors always, labels and impressions when present."""
+
+    behaviors: Source
+    labels: Source | None
+    impressions: Source | None
+
+
+def find_sources(raw_dir: Path) -> Sources:
     """Each table's Source in `raw_dir` (None: no such table), its files verified against the
     ingest manifest when there is one. Raises if there are no behaviors."""
     manifest = read_manifest(raw_dir)
     if manifest is not None:
         verify_raw(raw_dir, manifest)
     origins = manifest.get("origins", {}) if manifest else {}
-    sources: dict[str, Source | None] = {}
+    found: dict[str, Source | None] = {}
     for table in TABLES:
         path = generic.find_table(raw_dir, table)
-        origin = Path(origins[path.name]) if path is not None and path.name in origins else path
-        sources[table] = Source(path, origin) if path is not None else None
-    if sources["behaviors"] is None:
+        found[table] = None if path is None else Source(path, Path(origins.get(path.name, path)))
+    behaviors = found["behaviors"]
+    if behaviors is None:
         raise DataError(raw_dir, None, "no behaviors table (behaviors.parquet or behaviors.tsv)")
-    return sources
+    return Sources(behaviors, labels=found["labels"], impressions=found["impressions"])
 
 
 def read_manifest(raw_dir: Path) -> dict | None:

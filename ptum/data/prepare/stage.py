@@ -29,7 +29,7 @@ def prepare(raw_dir: Path, out_dir: Path, opts: PrepareOptions) -> dict:
     """
     sources = find_sources(raw_dir)
     report: dict = {}
-    n_chunks = max(1, math.ceil(_row_count(sources["behaviors"].path) / opts.chunk_rows))
+    n_chunks = max(1, math.ceil(_row_count(sources.behaviors.path) / opts.chunk_rows))
     # The previous output is replaced only once everything is written: no half-written outputs.
     with atomic_dir(out_dir) as tmp:
         if n_chunks == 1:

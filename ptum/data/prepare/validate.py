@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -141,7 +142,7 @@ def _counts(df: pl.DataFrame, source: Source) -> dict:
     dropped = {str(k): int(v) for k, v in df["reason"].drop_nulls().value_counts().iter_rows()}
     # Blank lines are not data rows: count them apart so rows_read means data rows.
     blank = dropped.pop("blank_line", 0)
-    counts = {
+    counts: dict[str, Any] = {
         "file": str(source.path),
         "rows_read": kept + sum(dropped.values()),
         "rows_kept": kept,
@@ -182,7 +183,7 @@ def settle(
     events only with on_duplicates=error) or writes the bad rows to the quarantine, each with
     its raw line. Warns (one line) about texts longer than LONG_TEXT characters.
     """
-    counts = {
+    counts: dict[str, Any] = {
         "file": str(source.path),
         "rows_read": 0,
         "rows_kept": 0,

@@ -12,12 +12,12 @@ import pyarrow as pa
 VIEWS = ("full", "before_test", "before_train")
 SEQUENCE_ROW_GROUP = 16_384  # rows of sequences.parquet per row group
 SEQUENCE_SCHEMA = {
-    "user_id": pl.String,
-    "view": pl.String,
+    "user_id": pl.String(),
+    "view": pl.String(),
     "item_ids": pl.List(pl.Int32),
     "timestamps": pl.List(pl.Int64),
     "gaps": pl.List(pl.Int64),
-    "n_total": pl.UInt32,
+    "n_total": pl.UInt32(),
 }
 
 
