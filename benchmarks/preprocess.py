@@ -27,7 +27,8 @@ from pathlib import Path
 CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
-from ptum.data.prepare import PrepareOptions, prepare
+from ptum.config import PrepareConfig
+from ptum.data.prepare import prepare
 from ptum.tokenize import tokenize
 def peak_kib():
     # VmHWM: this process image's own peak. ru_maxrss is not: Linux carries the parent's peak
@@ -39,7 +40,7 @@ def peak_kib():
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 root = Path(sys.argv[1])
-opts = PrepareOptions(**json.loads(sys.argv[2]))
+opts = PrepareConfig(**json.loads(sys.argv[2]))
 t0, c0 = time.perf_counter(), time.process_time()
 rep = prepare(root / "raw", root / "prepared", opts)
 t1 = time.perf_counter()
@@ -117,10 +118,10 @@ def main() -> None:
         help="prepare.chunk_rows (default: the stage's own default)",
     )
     args = ap.parse_args()
-    from ptum.data.prepare import PrepareOptions
+    from ptum.config import PrepareConfig
 
     options = {} if args.chunk_rows is None else {"chunk_rows": args.chunk_rows}
-    chunk_rows = PrepareOptions(**options).chunk_rows
+    chunk_rows = PrepareConfig(**options).chunk_rows
 
     print(
         f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}; best of "

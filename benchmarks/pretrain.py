@@ -130,12 +130,13 @@ def build(args: dict):
 
 
 def prepare_movielens(src: Path, dest: Path) -> None:
+    from ptum.config import PrepareConfig
     from ptum.data.ingest import ingest
-    from ptum.data.prepare import PrepareOptions, prepare
+    from ptum.data.prepare import prepare
     from ptum.tokenize import tokenize
 
     ingest(source="movielens", path=str(src), out_dir=dest / "raw")
-    prepare(dest / "raw", dest / "prepared", PrepareOptions())
+    prepare(dest / "raw", dest / "prepared", PrepareConfig())
     tokenize(
         dest / "prepared" / "items.parquet",
         dest / "tokenized",

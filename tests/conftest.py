@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from ptum.config import PrepareConfig
 from ptum.data.ingest import ingest
-from ptum.data.prepare import PrepareOptions, prepare
+from ptum.data.prepare import prepare
 from ptum.tokenize import tokenize
 
 MOVIELENS_100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "movielens-100k"
@@ -27,7 +28,7 @@ def tiny_pipeline(tmp_path_factory) -> Path:
     prepare(
         root / "raw",
         root / "prepared",
-        PrepareOptions(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2),
+        PrepareConfig(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2),
     )
     tokenize(
         root / "prepared" / "items.parquet",

@@ -86,12 +86,22 @@ def test_configs_are_frozen():
         ("finetune.class_weights=[inverse]", "finetune.class_weights"),
         ("finetune.workers=0", "finetune.workers = 0"),
         ("sensitivity.ratio=0.3", "sensitivity.ratio = 0.3"),
+        ("prepare.max_behaviors=1", "prepare.max_behaviors = 1"),
+        ("prepare.chunk_rows=0", "prepare.chunk_rows = 0"),
+        ("prepare.demo_split=[0.5, 0.5, 0.5]", "prepare.demo_split = (0.5, 0.5, 0.5)"),
+        ("prepare.label_ratios=[0.2, 1.5]", "prepare.label_ratios = (0.2, 1.5)"),
+        ("prepare.ctr_test_frac=0.9", "prepare.ctr_train_frac, ctr_test_frac = (0.15, 0.9)"),
     ],
 )
 def test_out_of_range_params_name_the_key_value_and_range(override, key):
     with pytest.raises(ConfigError, match="out of range: must be") as e:
         load_params(ROOT / "params.yaml", [override])
     assert str(e.value).startswith(key)
+
+
+def test_per_user_ctr_windows_are_refused_when_params_load():
+    with pytest.raises(ConfigError, match="prepare.ctr_windows='per_user' is refused: .* future"):
+        load_params(ROOT / "params.yaml", ["prepare.ctr_windows=per_user"])
 
 
 def test_override_below_a_scalar_is_a_clear_error():

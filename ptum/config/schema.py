@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ptum.config.errors import require
+from ptum.config.errors import ConfigError, require
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class PrepareConfig:
     # report) or error (stop at the first, with file:line).
     on_duplicates: Literal["drop", "error"] = "drop"
     # CTR time windows: global timestamp cut-offs (one for everyone). "per_user" (each user's
-    # own last impressions) is refused by prepare: it puts other users' future in training.
+    # own last impressions) is refused, with the reason: it puts other users' future in training.
     ctr_windows: Literal["global", "per_user"] = "global"
     # Fractions of impressions (by time rank) in the CTR-train and CTR-test windows; impressions
     # before the CTR-train window are history and are not used as CTR samples.
@@ -61,6 +61,48 @@ class PrepareConfig:
     # A behaviors table with more rows is processed in chunks of whole users of about this
     # many rows (same outputs; peak memory set by the chunk, not the log).
     chunk_rows: int = 4_000_000
+
+    def __post_init__(self) -> None:
+        require(self.max_behaviors >= 2, "prepare.max_behaviors", self.max_behaviors, ">= 2")
+        require(
+            self.on_bad_rows in ("error", "quarantine"),
+            "prepare.on_bad_rows",
+            self.on_bad_rows,
+            "error or quarantine",
+        )
+        require(
+            self.on_duplicates in ("drop", "error"),
+            "prepare.on_duplicates",
+            self.on_duplicates,
+            "drop or error",
+        )
+        if self.ctr_windows != "global":
+            raise ConfigError(
+                f"prepare.ctr_windows={self.ctr_windows!r} is refused: per-user windows put "
+                "impressions (and pre-training behaviors) that are later than other users' test "
+                "impressions into training, so the test window is no longer the future; set "
+                "prepare.ctr_windows: global"
+            )
+        require(
+            abs(sum(self.demo_split) - 1.0) <= 1e-6 and min(self.demo_split) >= 0,
+            "prepare.demo_split",
+            self.demo_split,
+            "3 shares >= 0 summing to 1",
+        )
+        require(
+            all(0 < r <= 1 for r in self.label_ratios),
+            "prepare.label_ratios",
+            self.label_ratios,
+            "fractions in (0, 1]",
+        )
+        train, test = self.ctr_train_frac, self.ctr_test_frac
+        require(
+            0 < train < 1 and 0 < test < 1 and train + test <= 1,
+            "prepare.ctr_train_frac, ctr_test_frac",
+            (train, test),
+            "each in (0, 1), summing to <= 1",
+        )
+        require(self.chunk_rows >= 1, "prepare.chunk_rows", self.chunk_rows, "an integer >= 1")
 
 
 @dataclass(frozen=True)

@@ -10,26 +10,15 @@ model trained from scratch. Variants that coincide (λ = 0 is MBP only; the defa
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
-from ptum.config import FinetuneConfig, PretrainConfig
+from ptum.config import FinetuneConfig, PretrainConfig, SensitivityConfig
 from ptum.finetune.grid import DEFAULT_SPLIT, SplitSpec, run_grid
 from ptum.finetune.stage import cell_options
 from ptum.pretrain.stage import run_stage as pretrain_stage
-
-
-@dataclass(frozen=True)
-class SensitivityOptions:
-    tasks: tuple[str, ...]
-    demo_model: str
-    ctr_model: str
-    lams: tuple[float, ...]
-    ks: tuple[int, ...]
-    ratio: float
-    repeats: int
 
 
 def variant_key(mbp: bool, nbp: bool, lam: float, k: int) -> str:
@@ -40,7 +29,7 @@ def variant_key(mbp: bool, nbp: bool, lam: float, k: int) -> str:
     return f"both_lam{lam:g}_k{k}"
 
 
-def plan(pre: PretrainConfig, opts: SensitivityOptions) -> dict[str, dict[str, str]]:
+def plan(pre: PretrainConfig, opts: SensitivityConfig) -> dict[str, dict[str, str]]:
     """Experiment name -> {group, x, variant}; variants are the distinct pre-trainings."""
     out = {
         "mbp_only": {
@@ -82,7 +71,7 @@ def _variant_config(pre: PretrainConfig, key: str) -> PretrainConfig:
 def run(
     pre: PretrainConfig,
     ft: FinetuneConfig,
-    opts: SensitivityOptions,
+    opts: SensitivityConfig,
     *,
     prepared: Path,
     tokenized: Path,

@@ -12,21 +12,11 @@ from ptum.stages.finetune import split_spec
 def run(p: Params) -> dict:
     """Pre-train the variants, fine-tune each; write reports/sensitivity.json, plot tables and
     figures; return the mean test score of every experiment per task."""
-    s = p.sensitivity
-    opts = sens.SensitivityOptions(
-        tasks=s.tasks,
-        demo_model=s.demo_model,
-        ctr_model=s.ctr_model,
-        lams=s.lams,
-        ks=s.ks,
-        ratio=s.ratio,
-        repeats=s.repeats,
-    )
     with reading(paths.PREPARED, paths.TOKENIZED, paths.PRETRAIN_MODELS, paths.SENSITIVITY_CACHE):
         results = sens.run(
             p.pretrain,
             p.finetune,
-            opts,
+            p.sensitivity,
             prepared=paths.PREPARED,
             tokenized=paths.TOKENIZED,
             max_behaviors=p.prepare.max_behaviors,

@@ -7,9 +7,10 @@ import json
 import polars as pl
 import pytest
 
+from ptum.config import PrepareConfig
 from ptum.data.errors import DataError
 from ptum.data.ingest import ingest, read_ptum_tsv
-from ptum.data.prepare import PrepareOptions, prepare
+from ptum.data.prepare import prepare
 from tests.conftest import write_tsv
 
 GOOD = [
@@ -39,7 +40,7 @@ def _write(tmp_path, behaviors=GOOD, labels=None, impressions=None, extra_lines=
 
 
 def _prepare(tmp_path, raw, **kw):
-    opts = PrepareOptions(demo_split=(0.34, 0.33, 0.33), **kw)
+    opts = PrepareConfig(demo_split=(0.34, 0.33, 0.33), **kw)
     return prepare(raw, tmp_path / "prepared", opts)
 
 
@@ -263,8 +264,10 @@ def test_on_duplicates_error_stops_at_the_first_duplicate(tmp_path, on_bad_rows)
 
 
 def test_on_duplicates_is_checked():
-    with pytest.raises(ValueError, match="prepare.on_duplicates must be drop or error"):
-        PrepareOptions(on_duplicates="keep")
+    with pytest.raises(
+        ValueError, match="prepare.on_duplicates = 'keep' is out of range: must be drop or error"
+    ):
+        PrepareConfig(on_duplicates="keep")
 
 
 def test_errors_name_the_file_the_user_gave(tmp_path):
@@ -312,7 +315,7 @@ def test_quarantine_keeps_the_raw_line_verbatim(tmp_path):
     pl.DataFrame(
         {"user_id": ["a", "b"], "timestamp": ["1", "ten"], "text": ["x", "y"]}
     ).write_parquet(pq_raw / "behaviors.parquet")
-    prepare(pq_raw, tmp_path / "pq_out", PrepareOptions(on_bad_rows="quarantine"))
+    prepare(pq_raw, tmp_path / "pq_out", PrepareConfig(on_bad_rows="quarantine"))
     q = pl.read_parquet(tmp_path / "pq_out" / "quarantine" / "behaviors.parquet")
     assert json.loads(q["raw"][0]) == {"user_id": "b", "timestamp": "ten", "text": "y"}
 

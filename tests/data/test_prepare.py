@@ -6,7 +6,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ptum.data.prepare import PrepareOptions, ctr_cutoffs, prepare, split_labels
+from ptum.config import PrepareConfig
+from ptum.data.prepare import ctr_cutoffs, prepare, split_labels
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +117,7 @@ def test_pretrain_valid_split_seeded(prepared):
 
 
 def test_prepare_is_deterministic(tiny_pipeline, tmp_path):
-    opts = PrepareOptions(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2)
+    opts = PrepareConfig(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2)
     prepare(tiny_pipeline / "raw", tmp_path / "again", opts)
     for name in ("items", "sequences", "users", "labels", "impressions"):
         a = pl.read_parquet(tiny_pipeline / "prepared" / f"{name}.parquet")
@@ -132,7 +133,7 @@ def test_sequences_row_groups(tiny_pipeline, tmp_path, monkeypatch):
 
     from ptum.data.prepare import views
 
-    opts = PrepareOptions(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2)
+    opts = PrepareConfig(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2)
     small = tiny_pipeline / "prepared" / "sequences.parquet"
     seqs = pl.read_parquet(small)
     assert seqs.height < views.SEQUENCE_ROW_GROUP
@@ -165,7 +166,7 @@ def test_global_windows_are_the_future_of_every_user():
 
 def test_per_user_windows_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="per-user windows .* no longer the future"):
-        PrepareOptions(ctr_windows="per_user")
+        PrepareConfig(ctr_windows="per_user")
 
 
 def test_split_labels_seed_changes_assignment():
@@ -248,11 +249,11 @@ def test_chunked_prepare_equals_in_memory(tiny_pipeline, tmp_path, monkeypatch):
         .item()
     )
     base = dict(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2)
-    prepare(tiny_pipeline / "raw", tmp_path / "whole", PrepareOptions(**base))
+    prepare(tiny_pipeline / "raw", tmp_path / "whole", PrepareConfig(**base))
     seen = []
     real = stage.prepare_chunked
     monkeypatch.setattr(stage, "prepare_chunked", lambda *a: seen.append(a[-1]) or real(*a))
-    prepare(tiny_pipeline / "raw", tmp_path / "chunked", PrepareOptions(**base, chunk_rows=n // 5))
+    prepare(tiny_pipeline / "raw", tmp_path / "chunked", PrepareConfig(**base, chunk_rows=n // 5))
     assert seen == [6 if n % 5 else 5]
     _same_outputs(tmp_path / "whole", tmp_path / "chunked")
     assert not (tmp_path / "chunked" / "chunks").exists()  # scratch files are removed
@@ -291,14 +292,14 @@ def test_chunked_bad_rows_first_line_and_quarantine(tmp_path):
     for chunk_rows in (10**6, 5):  # in memory; chunks of about one user
         with pytest.raises(DataError) as err:
             prepare(
-                raw, tmp_path / f"err{chunk_rows}", PrepareOptions(**opts, chunk_rows=chunk_rows)
+                raw, tmp_path / f"err{chunk_rows}", PrepareConfig(**opts, chunk_rows=chunk_rows)
             )
         # The first bad line of the file, though its user is in the last chunk.
         assert ":3:" in str(err.value) and "bad_timestamp" in str(err.value)
         assert "duplicate_event: 1" in str(err.value) and "empty_text: 1" in str(err.value)
-    prepare(raw, tmp_path / "whole", PrepareOptions(**opts, on_bad_rows="quarantine"))
+    prepare(raw, tmp_path / "whole", PrepareConfig(**opts, on_bad_rows="quarantine"))
     prepare(
-        raw, tmp_path / "chunked", PrepareOptions(**opts, on_bad_rows="quarantine", chunk_rows=5)
+        raw, tmp_path / "chunked", PrepareConfig(**opts, on_bad_rows="quarantine", chunk_rows=5)
     )
     _same_outputs(tmp_path / "whole", tmp_path / "chunked")
     for table in ("behaviors", "impressions"):
@@ -336,7 +337,7 @@ def test_raw_files_are_verified_against_the_ingest_manifest(tiny_pipeline, tmp_p
 
     raw = tmp_path / "raw"
     shutil.copytree(tiny_pipeline / "raw", raw)
-    opts = PrepareOptions(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2)
+    opts = PrepareConfig(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2)
     if change == "delete":
         (raw / "impressions.parquet").unlink()
         error, name = FileNotFoundError, "impressions.parquet"
@@ -387,8 +388,8 @@ def test_headline_metrics_count_duplicates_and_bad_rows(tmp_path):
 
     raw = tmp_path / "raw"
     _bad_log(raw)
-    opts = PrepareOptions(max_behaviors=5, ctr_train_frac=0.3, ctr_test_frac=0.3)
-    prepare(raw, tmp_path / "out", PrepareOptions(**{**opts.__dict__, "on_bad_rows": "quarantine"}))
+    opts = PrepareConfig(max_behaviors=5, ctr_train_frac=0.3, ctr_test_frac=0.3)
+    prepare(raw, tmp_path / "out", PrepareConfig(**{**opts.__dict__, "on_bad_rows": "quarantine"}))
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     # behaviors: 1 duplicate, 1 bad timestamp, 1 empty text; impressions: 1 duplicate, 1 unknown
     assert (metrics["duplicates_dropped"], metrics["bad_rows_dropped"]) == (2, 3)
@@ -405,7 +406,7 @@ def test_chunk_passes_show_progress_only_on_a_terminal(tiny_pipeline, tmp_path, 
 
     err = Stderr()
     monkeypatch.setattr(sys, "stderr", err)
-    opts = PrepareOptions(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2, chunk_rows=2000)
+    opts = PrepareConfig(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2, chunk_rows=2000)
     prepare(tiny_pipeline / "raw", tmp_path / "out", opts)
     text = err.getvalue()
     bars = ("validating behaviors", "validating impressions", "windows and view sizes", "sequences")

@@ -7,8 +7,9 @@ import json
 
 import polars as pl
 
+from ptum.config import PrepareConfig
 from ptum.data.ingest import ingest
-from ptum.data.prepare import PrepareOptions, available_tasks, prepare
+from ptum.data.prepare import available_tasks, prepare
 from ptum.data.prepare.tasks import tasks_of
 from tests.conftest import write_tsv
 
@@ -34,7 +35,7 @@ def test_ptum_behavior_tsv_allows_pretraining_only(tiny_pipeline, tmp_path):
     src = tmp_path / "behavior.tsv"
     src.write_text("\n".join(lines) + "\n", encoding="utf-8")
     ingest(source="ptum_tsv", path=str(src), out_dir=tmp_path / "raw")
-    report = prepare(tmp_path / "raw", tmp_path / "prepared", PrepareOptions(max_behaviors=4))
+    report = prepare(tmp_path / "raw", tmp_path / "prepared", PrepareConfig(max_behaviors=4))
     tasks = available_tasks(tmp_path / "prepared")
     assert tasks["demo"] == [] and tasks["ctr"] is False
     assert set(tasks["why_not"]) == {"demo", "ctr"}
@@ -62,7 +63,7 @@ def test_labels_without_impressions_allow_demo_only(tmp_path):
     write_tsv(
         raw / "labels.tsv", ["user_id", "gender"], [[u, "MF"[i % 2]] for i, u in enumerate(users)]
     )
-    report = prepare(raw, tmp_path / "prepared", PrepareOptions())
+    report = prepare(raw, tmp_path / "prepared", PrepareConfig())
     assert report["tasks"]["demo"] == ["gender"] and report["tasks"]["ctr"] is False
     assert report["tasks"]["why_not"] == {
         "ctr": "no impressions (the source has no impressions table, or it is empty)"

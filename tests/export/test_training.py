@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from ptum import checkpoint
-from ptum.config import FinetuneConfig
+from ptum.config import FinetuneConfig, PrepareConfig
 from ptum.data.ingest import ingest
-from ptum.data.prepare import PrepareOptions, prepare
+from ptum.data.prepare import prepare
 from ptum.heads import BiasedCtrHead
 from ptum.models.user_model import ModelConfig, UserModel
 from ptum.serving.embed import embed
@@ -36,7 +36,7 @@ def _pipeline(root: Path, raw: Path, tables: tuple[str, ...]) -> Path:
     for t in tables:
         shutil.copyfile(raw / f"{t}.parquet", src / f"{t}.parquet")
     ingest(source="generic", path=str(src), out_dir=root / "raw")
-    opts = PrepareOptions(max_behaviors=MAX_BEHAVIORS, ctr_train_frac=0.3, ctr_test_frac=0.2)
+    opts = PrepareConfig(max_behaviors=MAX_BEHAVIORS, ctr_train_frac=0.3, ctr_test_frac=0.2)
     prepare(root / "raw", root / "prepared", opts)
     tokenize(
         root / "prepared" / "items.parquet",

@@ -1,12 +1,12 @@
 """The sensitivity plan, on small hand-made inputs."""
 
-from ptum.config import PretrainConfig
-from ptum.finetune.sensitivity import SensitivityOptions, _variant_config, plan
+from ptum.config import PretrainConfig, SensitivityConfig
+from ptum.finetune.sensitivity import _variant_config, plan
 
 
 def test_sensitivity_plan_shares_identical_pretrainings():
     pre = PretrainConfig(k=2, lam=1.0)
-    opts = SensitivityOptions(
+    opts = SensitivityConfig(
         tasks=("demo",),
         demo_model="hsa",
         ctr_model="bert4rec",

@@ -23,8 +23,11 @@ previous behavior, computed before truncation so the first kept gap is true):
 So the pre-training corpus never contains a test impression (nor, for MovieLens, where ratings are
 both behaviors and impressions, the test ratings themselves) and never any label.
 
+The stage takes the `prepare:` section of params.yaml as it is loaded and checked
+(`ptum.config.PrepareConfig`).
+
 Modules, one job each:
-    options      PrepareOptions: the stage's explicit arguments, checked
+    sources      the tables of the raw directory, checked against the ingest manifest
     validate     row checks, duplicates, unknown users; error or quarantine; the row counts
     items        the item table (items keyed by text) and impressions as item ids
     views        the sequence views, cut from per-user timelines
@@ -37,7 +40,6 @@ Modules, one job each:
 """
 
 from ptum.data.prepare.items import build_items, item_table
-from ptum.data.prepare.options import PrepareOptions
 from ptum.data.prepare.splits import (
     WINDOW_ORDER,
     ctr_cutoffs,
@@ -56,7 +58,6 @@ __all__ = [
     "SEQUENCE_SCHEMA",
     "VIEWS",
     "WINDOW_ORDER",
-    "PrepareOptions",
     "available_tasks",
     "build_items",
     "ctr_cutoffs",
