@@ -11,6 +11,7 @@ import os
 from dataclasses import replace
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from ptum.config import PretrainConfig, to_dict
@@ -75,13 +76,7 @@ def run_stage(
     out_dir. With `pretrain.use_tuned`, k / lam / p / lr come from `tuned_path` (the tune
     stage's best_params.json, see `read_tuned`).
     """
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    device = pick_device(cfg.device)
-    if world > 1 and not dist.is_initialized():
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend)
-        if device.type == "cuda":
-            device = pick_device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    device = _join_process_group(cfg.device)
     opts = train_options(cfg, read_tuned(tuned_path) if cfg.use_tuned else None)
     if deterministic is not None:
         opts = replace(opts, deterministic=deterministic)
@@ -113,22 +108,43 @@ def run_stage(
     )
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
-        from ptum.checkpoint import read_meta
-
-        history = _with_timings(read_meta(out_dir)["history"], timings, report_dir)
-        report_dir.mkdir(parents=True, exist_ok=True)
-        chance = 1.0 / (opts.p + 1)
-        metrics = {
-            "architecture": arch,
-            "chance_acc": chance,
-            "epochs": len(history),
-            **{k: v for k, v in (history[-1] if history else {}).items() if k != "epoch"},
-        }
-        (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-        (report_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
+        _write_reports(arch, opts, out_dir, report_dir, timings)
     if dist.is_initialized():
         dist.destroy_process_group()
     return final
+
+
+def _join_process_group(device_name: str) -> torch.device:
+    """The device to train on; under torchrun (WORLD_SIZE > 1) first joins the process group
+    (NCCL on GPU, each process on its LOCAL_RANK's GPU; gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = pick_device(device_name)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend)
+        if device.type == "cuda":
+            device = pick_device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    return device
+
+
+def _write_reports(
+    arch: str, opts: TrainOptions, out_dir: Path, report_dir: Path, timings: dict[int, dict]
+) -> None:
+    """report_dir/history.json (the checkpoint's history with timings) and metrics.json (its
+    last epoch, the chance accuracy 1 / (p + 1) and the epoch count)."""
+    from ptum.checkpoint import read_meta
+
+    history = _with_timings(read_meta(out_dir)["history"], timings, report_dir)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    chance = 1.0 / (opts.p + 1)
+    metrics = {
+        "architecture": arch,
+        "chance_acc": chance,
+        "epochs": len(history),
+        **{k: v for k, v in (history[-1] if history else {}).items() if k != "epoch"},
+    }
+    (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    (report_dir / "history.json").write_text(json.dumps(history, indent=1) + "\n")
 
 
 def _with_timings(history: list[dict], timings: dict[int, dict], report_dir: Path) -> list[dict]:
