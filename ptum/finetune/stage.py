@@ -19,6 +19,7 @@ from ptum.io import atomic_path, atomic_write_json
 
 
 def cell_options(cfg: FinetuneConfig) -> CellOptions:
+    """The options of every neural cell, from the finetune section."""
     return CellOptions(
         lr=cfg.lr,
         batch_size=cfg.batch_size,
@@ -45,15 +46,16 @@ def run_stage(
     cache_dir: Path,
     out: Path,
 ) -> dict:
+    """Run the grid of `task` (demo | ctr) and write `out` (TASK.json), its predictions and
+    metrics files beside it; returns the summary (cells, tests, claims, versus_baselines)."""
     bad = sorted(set(cfg.modes) - set(MODES))
     if bad:
         raise ValueError(f"finetune.modes: unknown {bad}; choose from {list(MODES)}")
-    models = list(cfg.demo_models if task == "demo" else cfg.ctr_models)
     ratios = list(cfg.ratios)
     runs = run_grid(
         task=task,
         labels=None,
-        models=models,
+        models=list(cfg.demo_models if task == "demo" else cfg.ctr_models),
         modes=list(cfg.modes),
         ratios=ratios,
         repeats=cfg.repeats,
@@ -69,20 +71,34 @@ def run_stage(
         class_weights=cfg.class_weights,
         split=split,
     )
-    if task == "demo":
-        data = load_demo(prepared, tokenized, max_behaviors, ratios)
-        user_ids = data.corpus.user_ids
-        n_classes = {label: len(classes) for label, (_, classes) in data.labels.items()}
-    else:
-        user_ids = load_ctr(prepared, tokenized, max_behaviors, ratios).users.tolist()
-        n_classes = {}
+    user_ids, n_classes = _test_users(task, prepared, tokenized, max_behaviors, ratios)
     preds = predictions_frame(task, runs, user_ids)
     summary = summarize(task, runs, preds, n_classes=n_classes, n_boot=cfg.bootstrap, seed=cfg.seed)
     pred_path = out.with_name(out.stem + "_predictions.parquet")
     pred_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(pred_path) as tmp:
         preds.write_parquet(tmp)
-    result = {
+    _write_json(out, _result(cfg, task, split, summary, runs))
+    _write_json(out.with_name(out.stem + "_metrics.json"), headline(task, summary))
+    return summary
+
+
+def _test_users(
+    task: str, prepared: Path, tokenized: Path, max_behaviors: int, ratios: list[float]
+) -> tuple[list[str], dict[str, int]]:
+    """(user id of each row the cells' predictions index, classes per Demo label ({} for CTR))."""
+    if task == "demo":
+        data = load_demo(prepared, tokenized, max_behaviors, ratios)
+        n_classes = {label: len(classes) for label, (_, classes) in data.labels.items()}
+        return data.corpus.user_ids, n_classes
+    return load_ctr(prepared, tokenized, max_behaviors, ratios).users.tolist(), {}
+
+
+def _result(
+    cfg: FinetuneConfig, task: str, split: SplitSpec, summary: dict, runs: list[dict]
+) -> dict:
+    """TASK.json: the grid's set-up, its summary and every run without its predictions."""
+    return {
         "task": task,
         "options": asdict(cell_options(cfg)),
         "class_weights": list(cfg.class_weights),
@@ -95,9 +111,6 @@ def run_stage(
         "versus_baselines": summary["versus_baselines"],
         "runs": [{k: v for k, v in r.items() if k != "pred"} for r in runs],
     }
-    _write_json(out, result)
-    _write_json(out.with_name(out.stem + "_metrics.json"), headline(task, summary))
-    return summary
 
 
 def headline(task: str, summary: dict) -> dict:
