@@ -16,63 +16,91 @@ from optuna.trial import FrozenTrial, TrialState
 
 def write_plots(study: optuna.Study, reports_dir: Path, objective_names: list[str]) -> dict:
     """Optimisation history and parameter importances per objective (+ Pareto front, +
-    intermediate values) as PNG; a plot that cannot be drawn yet is skipped with a note."""
+    intermediate values) as PNG; a plot that cannot be drawn yet is skipped with a note.
+    Returns plot name -> its PNG path, or the note of a skipped one."""
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from optuna.visualization import matplotlib as ovm
 
     reports_dir.mkdir(parents=True, exist_ok=True)
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     multi = len(objective_names) > 1
     written: dict[str, str] = {}
-
-    def save(name: str, draw: Callable[[], Any]) -> None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            # Its reminder that a `target` is minimised: `negated` below takes care of that.
-            warnings.filterwarnings("ignore", "PedAnovaImportanceEvaluator computes", UserWarning)
-            ax = draw()
-        fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
-        fig.tight_layout()
-        fig.savefig(reports_dir / f"{name}.png", dpi=110)
-        plt.close(fig)
-        written[name] = str(reports_dir / f"{name}.png")
-
     for i, obj in enumerate(objective_names):
-        suffix = f"_{obj}" if multi else ""
+        written |= _objective_plots(study, reports_dir, complete, i, obj, multi=multi)
+    if multi:
+        written["pareto_front"] = _save(
+            reports_dir / "pareto_front.png",
+            lambda: ovm.plot_pareto_front(study, target_names=objective_names),
+        )
+    elif any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
+        written["intermediate_values"] = _save(
+            reports_dir / "intermediate_values.png", lambda: ovm.plot_intermediate_values(study)
+        )
+    return written
 
-        def target(t: FrozenTrial, i: int = i) -> float:
-            return t.values[i]
 
-        def negated(t: FrozenTrial, i: int = i) -> float:
-            return -t.values[i]
+def _objective_plots(
+    study: optuna.Study,
+    reports_dir: Path,
+    complete: list[FrozenTrial],
+    i: int,
+    obj: str,
+    *,
+    multi: bool,
+) -> dict[str, str]:
+    """Optimisation history and parameter importances (or the note saying why not) of
+    objective `i`, named `obj`; the file names take a `_obj` suffix when there are several."""
+    from optuna.visualization import matplotlib as ovm
 
-        tgt = target if multi else None
-        save(
-            f"optimization_history{suffix}",
+    suffix = f"_{obj}" if multi else ""
+
+    def target(t: FrozenTrial) -> float:
+        return t.values[i]
+
+    def negated(t: FrozenTrial) -> float:
+        return -t.values[i]
+
+    history, importances = f"optimization_history{suffix}", f"param_importances{suffix}"
+    tgt = target if multi else None
+    written = {
+        history: _save(
+            reports_dir / f"{history}.png",
             partial(ovm.plot_optimization_history, study, target=tgt, target_name=obj),
         )
-        # With a `target`, PED-ANOVA (Optuna's default evaluator) explains *low* target values,
-        # whatever the study's direction; our objectives are maximised, so it gets -value.
-        imp_tgt, imp_name = (negated, f"-{obj}") if multi else (None, obj)
-        note = _importances_note(study, complete, imp_tgt)
-        if note is None:
-            (reports_dir / f"param_importances{suffix}.txt").unlink(missing_ok=True)
-            save(
-                f"param_importances{suffix}",
-                partial(ovm.plot_param_importances, study, target=imp_tgt, target_name=imp_name),
-            )
-        else:
-            (reports_dir / f"param_importances{suffix}.txt").write_text(note + "\n")
-            (reports_dir / f"param_importances{suffix}.png").unlink(missing_ok=True)
-            written[f"param_importances{suffix}"] = note
-    if multi:
-        save("pareto_front", lambda: ovm.plot_pareto_front(study, target_names=objective_names))
-    elif any(t.intermediate_values for t in study.get_trials(deepcopy=False)):
-        save("intermediate_values", lambda: ovm.plot_intermediate_values(study))
+    }
+    # With a `target`, PED-ANOVA (Optuna's default evaluator) explains *low* target values,
+    # whatever the study's direction; our objectives are maximised, so it gets -value.
+    imp_tgt, imp_name = (negated, f"-{obj}") if multi else (None, obj)
+    note = _importances_note(study, complete, imp_tgt)
+    if note is None:
+        (reports_dir / f"{importances}.txt").unlink(missing_ok=True)
+        written[importances] = _save(
+            reports_dir / f"{importances}.png",
+            partial(ovm.plot_param_importances, study, target=imp_tgt, target_name=imp_name),
+        )
+    else:
+        (reports_dir / f"{importances}.txt").write_text(note + "\n")
+        (reports_dir / f"{importances}.png").unlink(missing_ok=True)
+        written[importances] = note
     return written
+
+
+def _save(path: Path, draw: Callable[[], Any]) -> str:
+    """Draw one of Optuna's matplotlib plots and write it to `path` (PNG); returns the path."""
+    import matplotlib.pyplot as plt
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        # Its reminder that a `target` is minimised: `negated` above takes care of that.
+        warnings.filterwarnings("ignore", "PedAnovaImportanceEvaluator computes", UserWarning)
+        ax = draw()
+    fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
 
 
 def _importances_note(
