@@ -6,10 +6,10 @@ the id embedding, every other item (rare, never seen, or new at serving time) sh
 row. Rows: 0 = padding, 1 = UNKNOWN, 2 + i = the i-th vocabulary item in item-id order.
 
 The vocabulary travels with the checkpoint as `id_vocab.json` (canonical JSON; its SHA-256 is
-meta.json's `id_vocab_sha256`) and with an ONNX export, where `ptum.embed` maps a log's texts to
-rows through its `texts`. It records the hash of the item table (token matrix) its ids index, so
-a checkpoint is refused against another item table: item ids are text ranks, and one added item
-renumbers the others.
+meta.json's `id_vocab_sha256`) and with an ONNX export, where `ptum.serving.embed` maps a log's
+texts to rows through its `texts`. It records the hash of the item table (token matrix) its ids
+index, so a checkpoint is refused against another item table: item ids are text ranks, and one
+added item renumbers the others.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ from pathlib import Path
 from ptum import paths
 from ptum.config import Params
 from ptum.data.generic import find_table
-from ptum.embed import embed
+from ptum.serving.embed import embed
 from ptum.stages.errors import reading
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from ptum import paths
 from ptum.checkpoint import read_meta
 from ptum.config import Params, to_dict
-from ptum.export import export
+from ptum.serving.export import export
 from ptum.stages.errors import reading
 
 

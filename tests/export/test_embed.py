@@ -37,7 +37,7 @@ from tests.export.conftest import AGE_CLASSES, MAX_BEHAVIORS
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("module", ["ptum.serving.embed", "ptum.embed"])
+@pytest.mark.parametrize("module", ["ptum.serving.embed", "ptum.stages.embed"])
 def test_embed_imports_no_torch(module: str) -> None:
     code = f"import {module}, sys; assert 'torch' not in sys.modules, 'torch was imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
