@@ -246,10 +246,11 @@ def raise_first(
     total: dict[str, int],
     *,
     origin: Path | None = None,
-    advice: str = "set prepare.on_bad_rows=quarantine to drop and count them",
+    advice: str | None = "set prepare.on_bad_rows=quarantine to drop and count them",
 ) -> None:
     """Raise a DataError for the first bad row of `bad` (rows of `path` as `scan` reads them),
-    with the counts per reason; it names `origin` (the file the user gave, default `path`)."""
+    with the counts per reason and `advice` (None: none); it names `origin` (the file the user
+    gave, default `path`)."""
     row = bad.sort("line").row(0, named=True)
     file, line, unit = locate(path, row, origin)
     counts = ", ".join(f"{k}: {v}" for k, v in sorted(total.items()))
@@ -273,7 +274,8 @@ def raise_first(
     raise DataError(
         file,
         line,
-        f"{detail} [{row['reason']}]: {excerpt} (bad rows in this file: {counts}; {advice})",
+        f"{detail} [{row['reason']}]: {excerpt} (bad rows in this file: {counts}"
+        + (f"; {advice})" if advice else ")"),
         unit,
     )
 

@@ -1,9 +1,10 @@
 """Stage `embed`: user vectors (and demographic predictions) from a behavior log, torch-free.
 
 Reads a behaviors table in the generic format (TSV or Parquet, see `ptum.data.generic`), validates
-it like `prepare` does (the first bad row stops the run with a DataError naming file:line),
-builds each user's sequence exactly as prepare + pretrain do (`ptum.serving.sequences`), and runs
-the ONNX export of `ptum.serving.export` with onnxruntime.
+it with `prepare`'s code (the first bad row stops the run with a DataError naming file:line; exact
+duplicate events are dropped and counted, as prepare.on_duplicates=drop does), builds each user's
+sequence with prepare's code too (`ptum.serving.sequences`), and runs the ONNX export of
+`ptum.serving.export` with onnxruntime.
 
 Writes a Parquet file sorted by user_id: user_id, vector list[float32], and for every
 `demo_<label>.onnx` in the model dir: <label> (predicted class) and <label>_probs list[float32].
@@ -221,6 +222,7 @@ def embed(
     batch_size: int = 256,
     demo: bool = False,
     max_token_slots: int = MAX_TOKEN_SLOTS,
+    on_duplicates: str = "drop",
 ) -> dict:
     """Embed every user of `behaviors_path` with the ONNX export in `model_dir`.
 
@@ -233,9 +235,11 @@ def embed(
         demo: also predict every demographic label with a `demo_<label>.onnx` in model_dir.
         max_token_slots: padded token slots (users x L x T) per onnxruntime call, at most (one
             longer user still runs alone): bounds the memory of a call.
+        on_duplicates: exact duplicate events are dropped and counted ("drop") or stop the run
+            ("error"), as prepare.on_duplicates does in `prepare`.
 
     Returns:
-        A report: users, behaviors, truncated users, dim, timings.
+        A report: users, behaviors, rows dropped per reason, truncated users, dim, timings.
     """
     if batch_size < 1 or max_token_slots < 1:
         raise ValueError(
@@ -243,7 +247,8 @@ def embed(
         )
     t0 = time.perf_counter()
     served = load_served(model_dir, demo=demo)
-    seqs = user_sequences(read_behaviors(behaviors_path), served.max_behaviors)
+    behaviors = read_behaviors(behaviors_path, on_duplicates=on_duplicates)
+    seqs = user_sequences(behaviors, served.max_behaviors)
     t_read = time.perf_counter()
     token_matrix, token_lengths, truncated = encode(served.tokenizer, seqs.texts, served.max_tokens)
     ids = None if served.id_vocab is None else text_ids(seqs.texts, served.id_vocab)
@@ -267,6 +272,7 @@ def embed(
     return {
         "users": U,
         "behaviors": int(seqs.n_total.sum()),
+        "rows_dropped": behaviors.rows_dropped,
         "behaviors_used": len(seqs.items),
         "truncated_users": int((seqs.n_total > served.max_behaviors).sum()),
         "distinct_texts": len(seqs.texts),

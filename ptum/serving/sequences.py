@@ -1,5 +1,9 @@
 """Model inputs from a behavior log, built as prepare + pretrain build them (NumPy, no torch).
 
+The log is validated and each user's sequence cut by prepare's own code
+(`ptum.data.prepare.validate`, `ptum.data.prepare.views`): the same rows are refused, the same
+exact duplicate events dropped (or refused, with on_duplicates=error), the same order kept.
+
     order       by (timestamp, line) per user; the last max_behaviors are kept
     gaps        seconds since the user's previous behavior (0 for the first), computed before
                 truncation, bucketed floor(log2(gap + 1)) clamped to [0, 31]
@@ -22,6 +26,9 @@ import polars as pl
 
 from ptum.data import generic
 from ptum.data.errors import DataError
+from ptum.data.prepare import views
+from ptum.data.prepare.sources import Source
+from ptum.data.prepare.validate import DUPLICATE, DUPLICATE_ADVICE, check_rows, first_refused
 from ptum.tokenize import PAD_ID
 
 NUM_GAP_BUCKETS = 32
@@ -37,34 +44,43 @@ def gap_buckets(gaps: np.ndarray) -> np.ndarray:
     return np.searchsorted(_THRESHOLDS, x, side="right").astype(np.int64)
 
 
-def read_behaviors(path: Path) -> pl.DataFrame:
-    """Validated behaviors (line, user_id, timestamp, text); DataError on the first bad row.
+@dataclass(frozen=True)
+class Behaviors:
+    """A validated behavior log as `prepare` holds it: integer codes, strings once each.
 
-    The same checks as `prepare` with on_bad_rows=error: row-level problems from
-    `generic.scan`, then duplicate events; blank lines are skipped.
+    frame: line, timestamp, user (position in `users`), item_id (1 + position in `texts`), one
+    row per kept behavior. users, texts: the distinct user ids and texts, sorted. rows_dropped:
+    rows dropped per reason (duplicate events, with on_duplicates=drop).
     """
+
+    frame: pl.DataFrame
+    users: pl.Series
+    texts: pl.Series
+    rows_dropped: dict[str, int]
+
+
+def read_behaviors(path: Path, *, on_duplicates: str = "drop") -> Behaviors:
+    """The behaviors of `path` checked by prepare's own code (`check_rows`): a DataError at the
+    first bad row, as `prepare` with on_bad_rows=error; exact duplicate events are dropped and
+    counted (on_duplicates=drop, prepare's default) or stop the run (error). Blank lines are
+    skipped."""
     lf, _ = generic.scan(path, "behaviors")
-    keys = ["user_id", "timestamp", "text"]
-    if "source_item_id" in lf.collect_schema().names():
-        keys.append("source_item_id")
-    df = generic.mark_duplicates(
-        lf.sort("line").collect(engine="streaming"), keys, "duplicate_event"
+    good, counts, bad, codes = check_rows(
+        lf, Source(path, path), "behaviors", good_columns=["line", "timestamp"]
     )
-    bad = df.filter(pl.col("reason").is_not_null() & (pl.col("reason") != "blank_line"))
-    if bad.height:
-        counts = {str(k): int(v) for k, v in bad.group_by("reason").len().iter_rows()}
-        try:
-            generic.raise_first(bad, path, counts)
-        except DataError as e:
-            # Same message as prepare, minus its advice to quarantine: embed has no such mode.
-            problem = e.problem.split("; set prepare.on_bad_rows=quarantine")[0]
-            problem += ")" if problem != e.problem else ""
-            unit = "row" if path.suffix == ".parquet" else "line"
-            raise DataError(e.path, e.line, problem, unit) from None
-    good = df.filter(pl.col("reason").is_null())
+    dropped = counts["rows_dropped"]
+    first = first_refused(bad, "error", on_duplicates)
+    if first.height:
+        # Embed has no quarantine: the only advice is for duplicate events.
+        advice = DUPLICATE_ADVICE if first["reason"][0] == DUPLICATE else None
+        generic.raise_first(first, path, dropped, advice=advice)
     if good.height == 0:
         raise DataError(path, None, "no valid rows", "row" if path.suffix == ".parquet" else "line")
-    return good.select("line", "user_id", "timestamp", "text")
+    (user_codes, users), (text_codes, texts) = codes["user_id"], codes["text"]
+    frame = good.select("line", "timestamp").with_columns(
+        user=pl.Series(user_codes, dtype=pl.UInt32), item_id=pl.Series(text_codes + 1)
+    )
+    return Behaviors(frame=frame, users=users, texts=texts, rows_dropped=dropped)
 
 
 @dataclass(frozen=True)
@@ -85,40 +101,21 @@ class Sequences:
     n_total: np.ndarray
 
 
-def user_sequences(behaviors: pl.DataFrame, max_behaviors: int) -> Sequences:
-    """Group, time-order and truncate users like `ptum.data.prepare.sequences` does.
-
-    Users and texts become integer ranks before the sort, so no per-row string is sorted or
-    copied into Python (a few hundred MB for a log of millions of behaviors).
-    """
-    df = behaviors.select(
-        user=pl.col("user_id").rank("dense").cast(pl.Int64),  # in sorted-id order
-        item=pl.col("text").rank("dense").cast(pl.Int64),  # 1-based, in sorted-text order
-        timestamp=pl.col("timestamp").cast(pl.Int64),
-        line=pl.col("line"),
-    ).sort("user", "timestamp", "line")
-    users = df["user"].to_numpy()
-    ts = df["timestamp"].to_numpy()
-    n = len(ts)
-    first = np.ones(n, dtype=bool)
-    first[1:] = users[1:] != users[:-1]
-    starts = np.flatnonzero(first)
-    ends = np.append(starts[1:], n)
-    owner = np.cumsum(first) - 1  # user ordinal of each row
-    gaps = np.zeros(n, dtype=np.int64)
-    gaps[1:] = ts[1:] - ts[:-1]
-    gaps = np.where(first, 0, np.maximum(gaps, 0))  # before truncation: the first kept gap is true
-    recency = ends[owner] - 1 - np.arange(n)  # 0 = most recent
-    keep = recency < max_behaviors
-    kept_per_user = np.minimum(ends - starts, max_behaviors)
+def user_sequences(behaviors: Behaviors, max_behaviors: int) -> Sequences:
+    """Every user's sequence, built by prepare's own code: the `full` view of
+    `ptum.data.prepare.views` (time order, the last max_behaviors, gaps before truncation)
+    for every user, with recency positions as pre-training computes them (0 = most recent)."""
+    ts, item, n_rows = views.timelines(behaviors.frame, len(behaviors.users))
+    k = views.kept_rows(n_rows, ts, n_rows, max_behaviors)
+    kept = np.diff(k.offsets)  # (U,): every user has a behavior
     return Sequences(
-        user_ids=behaviors["user_id"].cast(pl.String).unique().sort().to_list(),
-        offsets=np.concatenate([[0], np.cumsum(kept_per_user)]),
-        texts=behaviors["text"].unique().sort().to_list(),
-        items=df["item"].to_numpy()[keep],
-        gaps=gaps[keep],
-        positions=recency[keep],
-        n_total=ends - starts,
+        user_ids=behaviors.users.to_list(),
+        offsets=k.offsets,
+        texts=behaviors.texts.to_list(),
+        items=item[k.rows].astype(np.int64),
+        gaps=k.gaps.astype(np.int64),
+        positions=np.repeat(k.offsets[1:], kept) - 1 - np.arange(k.offsets[-1]),
+        n_total=n_rows,
     )
 
 

@@ -20,7 +20,8 @@ def run(
     out: Path | None = None,
 ) -> dict:
     """Embed every user of `src` (a behaviors file, or a directory holding one) with the
-    exported model `model` (default models/onnx/ARCH) into `out` (data/embeddings/ARCH.parquet)."""
+    exported model `model` (default models/onnx/ARCH) into `out` (data/embeddings/ARCH.parquet).
+    Exact duplicate events are dropped or refused as prepare.on_duplicates says."""
     arch = arch or p.pretrain.architectures[0]
     if src.is_dir():
         found = find_table(src, "behaviors")
@@ -35,4 +36,5 @@ def run(
             out or paths.embeddings(arch),
             batch_size=p.embed.batch_size,
             demo=p.embed.demo,
+            on_duplicates=p.prepare.on_duplicates,
         )

@@ -15,7 +15,9 @@ import pytest
 import sentencepiece as spm
 import torch
 
+from ptum.config import PrepareConfig
 from ptum.data.errors import DataError
+from ptum.data.prepare import prepare
 from ptum.hashing import sha256_file as file_sha256
 from ptum.models.behavior import UNKNOWN_ROW
 from ptum.models.layers import time_gap_bucket
@@ -211,7 +213,7 @@ def test_embed_tsv_and_parquet_agree(exported, tmp_path: Path) -> None:
     "line, text, reason",
     [
         ("u3\tsoon\tsome title", "behaviors.tsv:4", "bad_timestamp"),
-        ("u1\t10\tfirst title", "behaviors.tsv:7", "duplicate_event"),
+        ("u1\t10\tfirst title", "behaviors.tsv:7", "duplicate_event"),  # on_duplicates=error
         ("u3\t5\t  ", "behaviors.tsv:4", "empty_text"),
         ("u3\t5", "behaviors.tsv:4", "malformed_line"),
     ],
@@ -225,9 +227,70 @@ def test_embed_stops_at_the_first_bad_row(
     lines.insert(at, line)
     path.write_text("\n".join(lines) + "\n")
     with pytest.raises(DataError, match=rf"{text}: .*\[{reason}\]") as e:
-        embed(path, exported("hsa").onnx, tmp_path / "out.parquet")
+        embed(path, exported("hsa").onnx, tmp_path / "out.parquet", on_duplicates="error")
     assert "quarantine" not in str(e.value) and str(e.value).endswith(")")
+    if reason == "duplicate_event":
+        assert str(e.value).endswith("; set prepare.on_duplicates=drop to drop and count them)")
     assert not (tmp_path / "out.parquet").exists()
+
+
+def test_embed_drops_and_counts_duplicate_events_by_default(exported, tmp_path: Path) -> None:
+    """As prepare does: the vectors are those of the log without its duplicate line."""
+    ex = exported("hsa")
+    clean = _log(tmp_path)
+    a = embed(clean, ex.onnx, tmp_path / "a.parquet")
+    dup = tmp_path / "dup" / "behaviors.tsv"
+    dup.parent.mkdir()
+    dup.write_text(clean.read_text() + "u1\t10\tfirst title\n")
+    b = embed(dup, ex.onnx, tmp_path / "b.parquet")
+    assert a["rows_dropped"] == {} and b["rows_dropped"] == {"duplicate_event": 1}
+    assert a["behaviors"] == b["behaviors"] == 5
+    va, vb = (pl.read_parquet(tmp_path / f"{n}.parquet") for n in "ab")
+    assert va.equals(vb)
+
+
+def test_embed_and_prepare_build_the_same_sequences_from_a_log_with_a_duplicate(
+    tmp_path: Path,
+) -> None:
+    """One sequence builder: prepare (on_duplicates=drop, its default) and embed drop the same
+    duplicate row and give every user the same items, timestamps order, gaps and n_total."""
+    rows = [
+        ["u1", 10, "first title"],
+        ["u1", 20, "second title"],
+        ["u2", 5, "first title"],
+        ["u1", 10, "first title"],  # exact duplicate of line 2
+        ["u1", 20, "same second, other title"],
+        ["u2", 9, "third title"],
+        ["u1", 35, "third title"],
+    ]
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    log = write_tsv(raw / "behaviors.tsv", ["user_id", "timestamp", "text"], rows)
+    report = prepare(raw, tmp_path / "prepared", PrepareConfig(max_behaviors=3))
+    assert report["behaviors"]["rows_dropped"] == {"duplicate_event": 1}
+    items = pl.read_parquet(tmp_path / "prepared" / "items.parquet").sort("item_id")["text"]
+    # No impressions: the before_test view holds every behavior of every user.
+    view = (
+        pl.read_parquet(tmp_path / "prepared" / "sequences.parquet")
+        .filter(pl.col("view") == "before_test")
+        .sort("user_id")
+    )
+    behaviors = read_behaviors(log)
+    assert behaviors.rows_dropped == {"duplicate_event": 1}
+    seqs = user_sequences(behaviors, 3)
+    assert seqs.user_ids == view["user_id"].to_list() == ["u1", "u2"]
+    expected = {
+        "u1": (["second title", "same second, other title", "third title"], [10, 0, 15], 4),
+        "u2": (["first title", "third title"], [0, 4], 2),
+    }
+    for i, row in enumerate(view.iter_rows(named=True)):
+        lo, hi = seqs.offsets[i], seqs.offsets[i + 1]
+        texts = [seqs.texts[j - 1] for j in seqs.items[lo:hi]]
+        assert texts == [items[j - 1] for j in row["item_ids"]]
+        assert seqs.gaps[lo:hi].tolist() == row["gaps"]
+        assert seqs.n_total[i] == row["n_total"]
+        assert (texts, row["gaps"], row["n_total"]) == expected[row["user_id"]]
+        assert seqs.positions[lo:hi].tolist() == list(range(hi - lo))[::-1]
 
 
 def test_embed_refuses_another_tokenizer(exported, tmp_path: Path) -> None:

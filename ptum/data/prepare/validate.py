@@ -26,6 +26,7 @@ from ptum.data.prepare.sources import Source
 # it is most likely a field separator missing in the source.
 LONG_TEXT = 10_000
 DUPLICATE = "duplicate_event"
+DUPLICATE_ADVICE = "set prepare.on_duplicates=drop to drop and count them"
 
 
 def _codes(s: pl.Series) -> tuple[np.ndarray, pl.Series]:
@@ -211,20 +212,26 @@ def settle(
 
 
 def _raise_if_strict(source: Source, bad: pl.DataFrame, total: dict, opts: PrepareConfig) -> None:
-    """Raise for the first of the bad rows (sorted by line) the options do not let through:
-    every one with on_bad_rows=error, except duplicate events unless on_duplicates=error."""
+    """Raise for the first of the bad rows (sorted by line) the options do not let through
+    (`first_refused`)."""
+    first = first_refused(bad, opts.on_bad_rows, opts.on_duplicates)
+    if first.height:
+        advice = (
+            DUPLICATE_ADVICE
+            if first["reason"][0] == DUPLICATE
+            else "set prepare.on_bad_rows=quarantine to drop and count them"
+        )
+        generic.raise_first(first, source.path, total, origin=source.origin, advice=advice)
+
+
+def first_refused(bad: pl.DataFrame, on_bad_rows: str, on_duplicates: str) -> pl.DataFrame:
+    """The first of the bad rows (sorted by line) that the settings do not let through, or no
+    row: every bad row with on_bad_rows=error, except duplicate events unless
+    on_duplicates=error."""
     dup = bad["reason"] == DUPLICATE
-    strict = pl.Series([opts.on_bad_rows == "error"] * bad.height, dtype=pl.Boolean)
-    strict = (strict & ~dup) | (dup & (opts.on_duplicates == "error"))
-    if not strict.any():
-        return
-    first = bad.filter(strict).head(1)
-    advice = (
-        "set prepare.on_duplicates=drop to drop and count them"
-        if first["reason"][0] == DUPLICATE
-        else "set prepare.on_bad_rows=quarantine to drop and count them"
-    )
-    generic.raise_first(first, source.path, total, origin=source.origin, advice=advice)
+    strict = pl.Series([on_bad_rows == "error"] * bad.height, dtype=pl.Boolean)
+    strict = (strict & ~dup) | (dup & (on_duplicates == "error"))
+    return bad.filter(strict).head(1)
 
 
 def _warn_long(source: Source, table: str, parts: list[tuple[int, dict | None, int]]) -> int:

@@ -5,6 +5,8 @@ sorts the log again."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import polars as pl
 import pyarrow as pa
@@ -102,6 +104,38 @@ def view_rows(
     """The rows of one view: each user's first n_total behaviors (rows are time-ordered within
     a user, see timelines), the last max_behaviors of them kept; users with none left out.
     ts and item may be memory-mapped: only the kept rows are read."""
+    k = kept_rows(n_total, ts, n_rows, max_behaviors)
+    return pl.DataFrame(
+        {
+            "user_id": users.filter(pl.Series(k.present)),
+            "view": pl.Series([view] * (len(k.offsets) - 1), dtype=pl.String),
+            "item_ids": _lists(k.offsets, item[k.rows]),
+            "timestamps": _lists(k.offsets, k.timestamps),
+            "gaps": _lists(k.offsets, k.gaps),
+            "n_total": n_total[k.present].astype(np.uint32),
+        }
+    )
+
+
+@dataclass(frozen=True)
+class Kept:
+    """What a view keeps of the users' timelines (`kept_rows`). P users have a behavior in the
+    view, R behaviors are kept, user p's in rows offsets[p]:offsets[p + 1], oldest first."""
+
+    present: np.ndarray  # (U,) bool: the user has a behavior in the view
+    offsets: np.ndarray  # (P + 1,) int64
+    rows: np.ndarray  # (R,) int64: rows of the timelines
+    timestamps: np.ndarray  # (R,)
+    gaps: np.ndarray  # (R,) seconds since the user's previous behavior, 0 for the first
+
+
+def kept_rows(n_total: np.ndarray, ts: np.ndarray, n_rows: np.ndarray, max_behaviors: int) -> Kept:
+    """Of each user's first n_total (U,) behaviors, the last max_behaviors: the one sequence
+    rule of prepare's views and of `ptum embed` (n_total = n_rows, every behavior).
+
+    ts: (N,) the users' timelines (`timelines`), n_rows (U,) behaviors each. Gaps are taken
+    before truncation, so the first kept gap is true.
+    """
     present = n_total > 0
     kept = np.minimum(n_total, max_behaviors)[present]
     offsets = np.zeros(len(kept) + 1, dtype=np.int64)
@@ -113,16 +147,7 @@ def view_rows(
     # Gap to the previous behavior, truncated away or not; 0 for a user's first behavior.
     gap = kept_ts - ts[np.maximum(rows - 1, 0)]
     gap[offsets[:-1][first_kept == starts]] = 0
-    return pl.DataFrame(
-        {
-            "user_id": users.filter(pl.Series(present)),
-            "view": pl.Series([view] * len(kept), dtype=pl.String),
-            "item_ids": _lists(offsets, item[rows]),
-            "timestamps": _lists(offsets, kept_ts),
-            "gaps": _lists(offsets, gap),
-            "n_total": n_total[present].astype(np.uint32),
-        }
-    )
+    return Kept(present=present, offsets=offsets, rows=rows, timestamps=kept_ts, gaps=gap)
 
 
 def _count_before(owner: np.ndarray, ts: np.ndarray, starts: np.ndarray):
