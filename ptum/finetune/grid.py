@@ -14,7 +14,6 @@ rerun only computes cells whose inputs changed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing
 import os
@@ -37,13 +36,22 @@ from ptum.finetune.baselines import (
     run_demo_baseline,
     tfidf_lr_logits,
 )
+from ptum.finetune.cache import CacheEntryCorrupt, CellKeys, from_cache, write_entry
 from ptum.finetune.data import CtrTask, DemoTask, load_ctr, load_demo
 from ptum.finetune.train import CellOptions, run_ctr, run_demo
-from ptum.io import atomic_write_text
 from ptum.pretrain.data import file_digest, read_tokens, tokenizer_digest
 from ptum.pretrain.id_vocab import item_table_digest
 
-__all__ = ["Cell", "CtrTask", "DemoTask", "SplitSpec", "load_ctr", "load_demo", "run_grid"]
+__all__ = [
+    "CacheEntryCorrupt",
+    "Cell",
+    "CtrTask",
+    "DemoTask",
+    "SplitSpec",
+    "load_ctr",
+    "load_demo",
+    "run_grid",
+]
 
 
 @dataclass(frozen=True)
@@ -192,34 +200,6 @@ def _progress_bar(total: int, cached: int, desc: str) -> tqdm:
     return tqdm(total=total, initial=cached, unit="cell", desc=desc, disable=None, leave=False)
 
 
-class CacheEntryCorrupt(ValueError):
-    """A cached cell whose content does not match the hash written with it."""
-
-
-def _read_entry(path: Path, key: str) -> dict:
-    """A cached cell result, verified: line 1 holds its key and the SHA-256 of line 2."""
-    try:
-        head, _, body = path.read_bytes().decode("utf-8").partition("\n")
-        entry = json.loads(head)
-        ok = entry["key"] == key and entry["sha256"] == hashlib.sha256(body.encode()).hexdigest()
-    except (ValueError, KeyError, TypeError):
-        ok = False
-    if not ok:
-        raise CacheEntryCorrupt(
-            f"{path}: cached cell does not match the hash recorded with it (edited, truncated or "
-            "from an older ptum); delete the file (or the whole cache directory) and rerun: "
-            "the cell is recomputed"
-        )
-    return json.loads(body)
-
-
-def _write_entry(path: Path, key: str, res: dict) -> None:
-    """Cache a cell result as `_read_entry` reads it: its key and hash, then the result."""
-    body = json.dumps(res, sort_keys=True)
-    entry = {"key": key, "sha256": hashlib.sha256(body.encode()).hexdigest()}
-    atomic_write_text(path, json.dumps(entry) + "\n" + body)
-
-
 def grid_cells(
     *,
     task: str,
@@ -279,7 +259,7 @@ def run_grid(
     if labels is None:
         labels = _task_labels(task, prepared)
     ckpts = {m: ckpt_root / m for m in models}
-    keys = _CellKeys(
+    keys = CellKeys(
         opts=opts,
         demo_select=demo_select,
         class_weights=tuple(class_weights),
@@ -298,12 +278,12 @@ def run_grid(
         seed=seed,
         baselines=baselines,
     )
-    results, todo = _from_cache(cells, cache_dir, keys)
+    results, todo = from_cache(cells, cache_dir, keys)
     init = _worker_init(task, prepared, tokenized, max_len, ratios, ckpts, workers)
     args = (opts, demo_select, tuple(class_weights), split)
 
     def store(c: Cell, res: dict) -> None:
-        _write_entry(cache_dir / f"{keys.key(c)}.json", keys.key(c), res)
+        write_entry(cache_dir / f"{keys.key(c)}.json", keys.key(c), res)
         results[c.name] = res
 
     _run_cells(f"{task} grid", len(cells), len(results), todo, workers, init, args, store)
@@ -361,55 +341,6 @@ def _data_digest(prepared: Path, tokenized: Path) -> str:
         [prepared / f for f in ("labels.parquet", "impressions.parquet", "sequences.parquet")]
         + [tokenized / "tokens.npy"]
     )
-
-
-@dataclass(frozen=True)
-class _CellKeys:
-    """Everything a cell's result depends on besides the cell itself: its cache key's inputs."""
-
-    opts: CellOptions
-    demo_select: str
-    class_weights: tuple[str, ...]
-    split: SplitSpec
-    model_hashes: dict[str, str]  # architecture -> checkpoint weights hash
-    data_hash: str
-    code_hash: str
-
-    def key(self, c: Cell) -> str:
-        """The cell's cache key (24 hex digits)."""
-        # Baselines depend on the selection metric (Demo) but not on the neural options.
-        if c.mode == "baseline":
-            setup: list = [self.demo_select]
-        else:
-            setup = [asdict(self.opts), self.demo_select, list(self.class_weights)]
-        blob = json.dumps(
-            [
-                asdict(c),
-                setup,
-                asdict(self.split),
-                self.model_hashes.get(c.model, ""),
-                self.data_hash,
-                self.code_hash,
-            ],
-            sort_keys=True,
-        )
-        return hashlib.sha256(blob.encode()).hexdigest()[:24]
-
-
-def _from_cache(
-    cells: list[Cell], cache_dir: Path, keys: _CellKeys
-) -> tuple[dict[str, dict], list[Cell]]:
-    """(results of the cached cells by name, the cells still to run); creates cache_dir."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    results: dict[str, dict] = {}
-    todo = []
-    for c in cells:
-        f = cache_dir / f"{keys.key(c)}.json"
-        if f.exists():
-            results[c.name] = _read_entry(f, keys.key(c))
-        else:
-            todo.append(c)
-    return results, todo
 
 
 def _run_cells(
