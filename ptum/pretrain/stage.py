@@ -15,8 +15,9 @@ import torch
 import torch.distributed as dist
 
 from ptum.config import PretrainConfig, to_dict
+from ptum.pretrain.options import TrainOptions, pick_device
 from ptum.pretrain.setup import corpus_id_vocab, load_inputs
-from ptum.pretrain.train import TIMING_KEYS, TrainOptions, pick_device, pretrain
+from ptum.pretrain.train import TIMING_KEYS, pretrain
 
 __all__ = ["TUNED_KEYS", "corpus_id_vocab", "read_tuned", "run_stage", "train_options"]
 

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,45 +34,9 @@ from ptum.models.behavior import HybridBehaviorEncoder
 from ptum.models.user_model import ModelConfig, UserModel
 from ptum.pretrain.data import Batch, Corpus, bucketed_order, make_batch, step_rng
 from ptum.pretrain.id_vocab import IdVocab
+from ptum.pretrain.options import TrainOptions, check_negatives, deterministic_mode, pick_device
+from ptum.pretrain.resume import Position, load_position
 from ptum.pretrain.tasks import ptum_step
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """Explicit arguments of the pre-training loop."""
-
-    mbp: bool = True
-    nbp: bool = True
-    k: int = 2
-    lam: float = 1.0
-    p: int = 4
-    negatives: str = "popularity"  # popularity | uniform
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 64
-    epochs: int = 3
-    seed: int = 42
-    grad_clip: float = 1.0
-    max_steps: int = 0  # stop after this many steps in total (0 = no limit); for tests/tuning
-    # Bit-identical runs: torch.use_deterministic_algorithms and a fixed thread count
-    # (`pretrain(threads=...)`, default 1). Slower on a multi-core CPU.
-    deterministic: bool = False
-
-    def __post_init__(self) -> None:
-        if not (self.mbp or self.nbp):
-            raise ValueError("pretrain: at least one of mbp / nbp must be on")
-        if self.k < 1 or self.p < 1:
-            raise ValueError("pretrain.k and pretrain.p must be >= 1")
-        if self.lam < 0:
-            raise ValueError("pretrain.lam must be >= 0")
-        if self.negatives not in ("popularity", "uniform"):
-            raise ValueError("pretrain.negatives must be 'popularity' or 'uniform'")
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class _StopFlag:
@@ -89,63 +52,6 @@ class _StopFlag:
 # Per-epoch figures that depend on the machine, not on the inputs: logged and reported, never
 # stored in the checkpoint (its bytes must be a function of its inputs).
 TIMING_KEYS = ("users_per_s", "epoch_seconds")
-
-
-def check_negatives(corpus: Corpus, opts: TrainOptions, what: str = "training") -> None:
-    """Refuse a `p` that the corpus cannot serve: P negatives per positive need more than P
-    distinct items to draw from (a user's own items are never drawn)."""
-    if opts.negatives == "popularity":
-        n, source = int(np.unique(corpus.pool).size), "items of its behaviors"
-    else:
-        n, source = corpus.num_items, "items of the item table"
-    if opts.p >= n:
-        raise ValueError(
-            f"pretrain.p = {opts.p}: the {what} corpus has only {n} distinct {source} "
-            f"(pretrain.negatives: {opts.negatives}) to draw negatives from, one of them the "
-            f"positive; use pretrain.p <= {max(n - 1, 1)}"
-        )
-
-
-@contextmanager
-def deterministic_mode(on: bool, threads: int = 1) -> Iterator[None]:
-    """Deterministic kernels and `threads` torch threads inside the block (restored after)."""
-    if not on:
-        yield
-        return
-    before = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-        torch.get_num_threads(),
-    )
-    # cuBLAS needs a fixed workspace to be deterministic (read when CUDA initialises).
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(True)
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
-        torch.set_num_threads(before[2])
-
-
-def _check_position(saved: dict[str, Any], steps_per_epoch: int, opts: TrainOptions) -> None:
-    """A checkpoint's epoch/step must agree with its step count and its history."""
-    epoch, step = saved.get("epoch"), saved.get("step_in_epoch")
-    ok = (
-        isinstance(epoch, int)
-        and isinstance(step, int)
-        and 0 <= epoch <= opts.epochs
-        and 0 <= step < steps_per_epoch
-        and saved.get("global_step") == epoch * steps_per_epoch + step
-        and len(saved.get("history", ())) == epoch
-    )
-    if not ok:
-        raise checkpoint.CorruptCheckpoint(
-            f"checkpoint position epoch {epoch} step {step} (global step "
-            f"{saved.get('global_step')}, {len(saved.get('history', ()))} epochs of history) "
-            f"is inconsistent with {steps_per_epoch} steps per epoch; remove the checkpoint "
-            "directory and re-run pre-training"
-        )
 
 
 class Interrupted(RuntimeError):
@@ -273,9 +179,9 @@ def _pretrain(
     steps_per_epoch = math.ceil(len(eligible) / opts.batch_size)
     if steps_per_epoch == 0:
         raise ValueError("no pre-training user has 2 or more behaviors")
-    pos = _Position()
+    pos = Position()
     if resume and checkpoint.exists(out_dir):
-        pos = _resume(out_dir, model, opt, meta, config, opts, id_vocab, steps_per_epoch, log)
+        pos = load_position(out_dir, model, opt, meta, config, opts, id_vocab, steps_per_epoch, log)
     run = _Run(
         model=model,
         opt=opt,
@@ -331,54 +237,6 @@ def _build_model(
     else:
         id_vocab = None
     return model.to(device), id_vocab
-
-
-@dataclass
-class _Position:
-    """Where training stands, as a checkpoint records it besides weights and optimiser state."""
-
-    epoch: int = 0
-    step_in_epoch: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    # The running sums of the epoch in progress, saved with a mid-epoch checkpoint so that a
-    # resumed epoch reports the same training loss as an uninterrupted one.
-    partial: dict[str, Any] = field(default_factory=lambda: {"seen": 0, "sums": {}})
-
-
-def _resume(
-    out_dir: Path,
-    model: UserModel,
-    opt: torch.optim.Optimizer,
-    meta: dict[str, Any],
-    config: ModelConfig,
-    opts: TrainOptions,
-    id_vocab: IdVocab | None,
-    steps_per_epoch: int,
-    log: Callable[[str], None],
-) -> _Position:
-    """Load the checkpoint in out_dir into `model` and `opt` and return its position; a
-    checkpoint of other options or data is ignored (training starts over at epoch 0)."""
-    loaded = checkpoint.load(
-        out_dir,
-        tokenizer_sha256=meta.get("tokenizer_sha256"),
-        expect_config=config,
-        with_optimizer=True,
-        id_vocab_sha256=id_vocab.sha256 if id_vocab is not None else None,
-    )
-    saved = loaded.meta
-    if saved.get("train_options") != asdict(opts) or saved.get("data_sha256") != meta.get(
-        "data_sha256"
-    ):
-        log(f"{out_dir}: checkpoint is from other options or data; starting over")
-        return _Position()
-    _check_position(saved, steps_per_epoch, opts)
-    model.load_state_dict(loaded.model.state_dict())
-    if loaded.optimizer_tensors is not None:
-        checkpoint.load_optimizer(opt, loaded.optimizer_tensors, saved["optimizer_scalars"])
-    pos = _Position(saved["epoch"], saved["step_in_epoch"], saved["history"])
-    pos.partial = saved.get("partial_epoch", pos.partial)
-    log(f"resuming from epoch {pos.epoch} step {pos.step_in_epoch} ({loaded.path})")
-    return pos
 
 
 def _objective(model: UserModel, opts: TrainOptions, world: int) -> torch.nn.Module:
@@ -440,7 +298,7 @@ def _progress_bars(
         epoch_bar.close()
 
 
-def _save(run: _Run, pos: _Position, epoch: int, step: int) -> None:
+def _save(run: _Run, pos: Position, epoch: int, step: int) -> None:
     """Checkpoint the run at (epoch, step) (rank 0 writes; every rank waits for it)."""
     if run.rank == 0:
         checkpoint.save(
@@ -464,7 +322,7 @@ def _save(run: _Run, pos: _Position, epoch: int, step: int) -> None:
 
 def _train_loop(
     run: _Run,
-    pos: _Position,
+    pos: Position,
     stop: _StopFlag,
     bars: tuple[tqdm, tqdm],
     log: Callable[[str], None],
@@ -518,7 +376,7 @@ def _log_line(values: dict[str, Any]) -> str:
     return json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in values.items()})
 
 
-def _train_epoch(run: _Run, pos: _Position, stop: _StopFlag, batch_bar: tqdm) -> int | None:
+def _train_epoch(run: _Run, pos: Position, stop: _StopFlag, batch_bar: tqdm) -> int | None:
     """Run the steps of epoch pos.epoch from pos.step_in_epoch, keeping the running loss sums in
     pos.partial; returns how many steps ran, or None when opts.max_steps stopped the epoch.
 

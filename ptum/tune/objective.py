@@ -37,8 +37,9 @@ from ptum import checkpoint
 from ptum.finetune.grid import CtrTask, DemoTask, load_ctr, load_demo
 from ptum.finetune.train import CellOptions, run_ctr, run_demo
 from ptum.models.user_model import UserModel
+from ptum.pretrain.options import TrainOptions, pick_device
 from ptum.pretrain.setup import PretrainInputs, load_inputs
-from ptum.pretrain.train import TrainOptions, pick_device, pretrain
+from ptum.pretrain.train import pretrain
 from ptum.tune.trial import TrialSetup, log
 
 Objective = Callable[[optuna.Trial], float | tuple[float, float]]

@@ -18,7 +18,7 @@ import optuna
 from tqdm import tqdm
 
 from ptum.finetune.train import CellOptions
-from ptum.pretrain.train import TrainOptions
+from ptum.pretrain.options import TrainOptions
 
 
 def log(msg: str) -> None:

@@ -14,9 +14,10 @@ from ptum.models.behavior import PAD_ROW, UNKNOWN_ROW
 from ptum.models.user_model import ModelConfig, UserModel
 from ptum.pretrain.data import load_corpus, make_batch, step_rng
 from ptum.pretrain.id_vocab import FILE, IdVocab, build_id_vocab, item_table_digest, item_texts
+from ptum.pretrain.options import TrainOptions
 from ptum.pretrain.stage import corpus_id_vocab, run_stage
 from ptum.pretrain.tasks import ptum_step
-from ptum.pretrain.train import TrainOptions, pretrain
+from ptum.pretrain.train import pretrain
 from tests.pretrain.test_train import TINY_MODEL
 
 

@@ -24,8 +24,9 @@ from ptum.models.user_model import ModelConfig
 from ptum.pretrain import train as train_mod
 from ptum.pretrain.data import load_corpus, read_tokens, tokenizer_digest
 from ptum.pretrain.id_vocab import item_table_digest
+from ptum.pretrain.options import TrainOptions, deterministic_mode
 from ptum.pretrain.stage import run_stage
-from ptum.pretrain.train import TrainOptions, deterministic_mode, pretrain
+from ptum.pretrain.train import pretrain
 from tests.pretrain.test_train import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]

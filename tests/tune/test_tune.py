@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 
 from ptum.finetune.train import CellOptions
 from ptum.pretrain.data import file_digest
-from ptum.pretrain.train import TrainOptions
+from ptum.pretrain.options import TrainOptions
 from ptum.tune import (
     SearchSpace,
     StudySpec,
