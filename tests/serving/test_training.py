@@ -23,7 +23,7 @@ from ptum.serving.embed import embed
 from ptum.serving.export import export
 from ptum.serving.training import serving_heads
 from ptum.tokenize import tokenize
-from tests.export.conftest import MAX_BEHAVIORS, TINY
+from tests.serving.conftest import MAX_BEHAVIORS, TINY
 
 CFG = replace(FinetuneConfig(), max_epochs=2, patience=1)
 

@@ -34,7 +34,7 @@ from ptum.serving.sequences import (
 )
 from ptum.tokenize import encode
 from tests.conftest import write_tsv
-from tests.export.conftest import AGE_CLASSES, MAX_BEHAVIORS
+from tests.serving.conftest import AGE_CLASSES, MAX_BEHAVIORS
 
 ROOT = Path(__file__).resolve().parents[2]
 

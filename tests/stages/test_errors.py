@@ -14,7 +14,7 @@ import pytest
 
 from ptum import cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PARAMS = ["--params", str(ROOT / "params.yaml")]
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from ptum import cli, paths
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_subcommand_has_a_stage_module_with_run():

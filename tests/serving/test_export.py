@@ -30,7 +30,7 @@ from ptum.serving.fold import ATTENTION_OPSET, FoldedSelfAttnEncoder, serving_id
 from ptum.serving.heads import export_head
 from ptum.serving.parity import example_inputs
 from ptum.tokenize import train
-from tests.export.conftest import AGE_CLASSES, TINY
+from tests.serving.conftest import AGE_CLASSES, TINY
 
 FAST = ("hsa", "gru4rec", "hsa+hybrid")
 HYBRID = ["hsa+hybrid", "gru4rec+hybrid", "han+hybrid"]
