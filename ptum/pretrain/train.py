@@ -32,11 +32,11 @@ from tqdm import tqdm
 from ptum import checkpoint
 from ptum.models.behavior import HybridBehaviorEncoder
 from ptum.models.user_model import ModelConfig, UserModel
-from ptum.pretrain.data import Batch, Corpus, bucketed_order, make_batch, step_rng
+from ptum.pretrain.data import Corpus, bucketed_order, make_batch, step_rng
 from ptum.pretrain.id_vocab import IdVocab
+from ptum.pretrain.objective import autocast, evaluate, objective_module
 from ptum.pretrain.options import TrainOptions, check_negatives, deterministic_mode, pick_device
 from ptum.pretrain.resume import Position, load_position
-from ptum.pretrain.tasks import ptum_step
 
 
 class _StopFlag:
@@ -58,45 +58,6 @@ class Interrupted(RuntimeError):
     def __init__(self, signum: int):
         super().__init__(f"interrupted by signal {signum}; checkpoint saved")
         self.signum = signum
-
-
-@torch.no_grad()
-def evaluate(
-    model: UserModel,
-    tokens: torch.Tensor,
-    corpus: Corpus,
-    opts: TrainOptions,
-    device: torch.device,
-    batch_size: int = 256,
-) -> dict[str, float]:
-    """MBP/NBP loss and accuracy on a held-out corpus with fixed samples (seeded by opts.seed)."""
-    model.eval()
-    rows = np.flatnonzero(corpus.lengths >= 2)
-    sums: dict[str, float] = {}
-    n = 0
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        batch = make_batch(
-            corpus,
-            chunk,
-            step_rng(opts.seed, 2**20, start),
-            k=opts.k,
-            p=opts.p,
-            negatives=opts.negatives,
-        ).to(device)
-        with _autocast(device):
-            out = ptum_step(model, tokens, batch, use_mbp=True, use_nbp=True, lam=opts.lam)
-        for key, v in out.items():
-            sums[key] = sums.get(key, 0.0) + float(v) * len(chunk)
-        n += len(chunk)
-    model.train()
-    return {f"valid_{k}": v / max(n, 1) for k, v in sums.items()}
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return torch.autocast("cpu", enabled=False)
 
 
 def _dist_info() -> tuple[int, int]:
@@ -185,7 +146,7 @@ def _pretrain(
     run = _Run(
         model=model,
         opt=opt,
-        objective=_objective(model, opts, world),
+        objective=objective_module(model, opts, world),
         tokens=train.tokens.to(device),
         train=train,
         valid=valid,
@@ -237,17 +198,6 @@ def _build_model(
     else:
         id_vocab = None
     return model.to(device), id_vocab
-
-
-def _objective(model: UserModel, opts: TrainOptions, world: int) -> torch.nn.Module:
-    """The objective module a step calls: wrapped in DDP when several processes train."""
-    objective: torch.nn.Module = Objective(model, opts)
-    if world > 1:
-        # A switched-off task leaves parameters (e.g. mask_vector) without gradients.
-        objective = torch.nn.parallel.DistributedDataParallel(
-            objective, find_unused_parameters=not (opts.mbp and opts.nbp)
-        )
-    return objective
 
 
 @dataclass(frozen=True)
@@ -405,7 +355,7 @@ def _train_epoch(run: _Run, pos: Position, stop: _StopFlag, batch_bar: tqdm) -> 
         batch = batch.shard(run.rank, run.world).to(run.device)
         # Dropout noise: a function of (seed, step, rank), so a resumed run draws the same.
         torch.manual_seed(opts.seed * 1_000_003 + global_step * 101 + run.rank)
-        with _autocast(run.device):
+        with autocast(run.device):
             out = run.objective(run.tokens, batch)
         run.opt.zero_grad(set_to_none=True)
         out["loss"].backward()
@@ -423,17 +373,3 @@ def _train_epoch(run: _Run, pos: Position, stop: _StopFlag, batch_bar: tqdm) -> 
             _save(run, pos, epoch, step + 1)
             raise Interrupted(stop.signum)
     return ran
-
-
-class Objective(torch.nn.Module):
-    """The pre-training objective as a module, so DistributedDataParallel can wrap it (DDP
-    all-reduces gradients of what runs inside its `forward`)."""
-
-    def __init__(self, model: UserModel, opts: TrainOptions):
-        super().__init__()
-        self.model = model
-        self.opts = opts
-
-    def forward(self, tokens: torch.Tensor, batch: Batch) -> dict[str, torch.Tensor]:
-        o = self.opts
-        return ptum_step(self.model, tokens, batch, use_mbp=o.mbp, use_nbp=o.nbp, lam=o.lam)
