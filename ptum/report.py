@@ -317,6 +317,10 @@ def _data_section(data_report: Path, raw_manifest: Path) -> list[str]:
     ]
 
 
+def _speed(users_per_s: float | None) -> str:
+    return "—" if users_per_s is None or users_per_s != users_per_s else f"{users_per_s:.0f}"
+
+
 def _pretrain_section(pretrain: dict[str, Path]) -> list[str]:
     """Held-out MBP/NBP figures of each architecture's metrics.json, then learning curves."""
     lines = [
@@ -334,9 +338,14 @@ def _pretrain_section(pretrain: dict[str, Path]) -> list[str]:
             f"{m.get('valid_mbp_acc', float('nan')):.3f} | "
             f"{m.get('valid_nbp_acc', float('nan')):.3f} | {m['chance_acc']:.3f} | "
             f"{m.get('valid_loss', float('nan')):.3f} | "
-            f"{m.get('users_per_s', float('nan')):.0f} |"
+            f"{_speed(m.get('users_per_s'))} |"
         )
-    lines.append("")
+    lines += [
+        "",
+        "users/s: the last epoch trained in the stage's last run; — when that run only "
+        "loaded a finished checkpoint (nothing was timed).",
+        "",
+    ]
     return lines + learning_curves({a: p.with_name("history.json") for a, p in pretrain.items()})
 
 

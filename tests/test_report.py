@@ -16,3 +16,10 @@ def test_learning_curves_show_epochs_and_the_last_quarter_change(tmp_path):
     assert "1: 0.25 / 0.30" in row and "8: 0.60 / 0.30" in row
     assert row.endswith("| +10.0 |")  # epochs 6 -> 8: +0.10
     assert not any(line.startswith("| HAN") for line in lines)
+
+
+def test_pretraining_speed_not_measured_is_a_dash_not_nan():
+    from ptum.report import _speed
+
+    assert _speed(None) == "—" and _speed(float("nan")) == "—"
+    assert _speed(829.48) == "829"
