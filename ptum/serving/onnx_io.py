@@ -72,11 +72,38 @@ def to_onnx(
             verbose=False,
         )
     model = onnx.load(str(path))
+    strip_stack_traces(model)
     del model.metadata_props[:]
     for k, v in meta.items():
         model.metadata_props.add(key=k, value=v)
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(path))
+
+
+# Node metadata the exporter adds for debugging: the Python stack of each op, with the absolute
+# path of the source file. It would make the bytes of an export depend on where the code is
+# checked out (two clones of one commit: two hashes in dvc.lock).
+_STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
+def strip_stack_traces(model: onnx.ModelProto) -> None:
+    """Remove the exporter's per-node source stack traces, in the graph, its subgraphs and the
+    model's local functions (in place)."""
+
+    def graph_nodes(graph: onnx.GraphProto) -> Iterator[onnx.NodeProto]:
+        for node in graph.node:
+            yield node
+            for attr in node.attribute:
+                subgraphs = [attr.g] if attr.HasField("g") else []
+                for g in [*subgraphs, *attr.graphs]:
+                    yield from graph_nodes(g)
+
+    nodes = [*graph_nodes(model.graph), *(n for f in model.functions for n in f.node)]
+    for node in nodes:
+        keep = [(p.key, p.value) for p in node.metadata_props if p.key != _STACK_TRACE_KEY]
+        del node.metadata_props[:]
+        for k, v in keep:
+            node.metadata_props.add(key=k, value=v)
 
 
 def input_dims(path: Path) -> dict[str, list[int | str]]:

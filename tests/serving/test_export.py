@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -127,6 +128,9 @@ def test_graph_dims_and_metadata(arch: str, exported, tiny_pipeline) -> None:
         assert json.loads(meta["params"]) == {"pretrain": {"model": TINY}}
         for i in model.graph.input:
             assert i.type.tensor_type.shape.dim[0].dim_param, f"{path.name}:{i.name} batch fixed"
+        # Same commit, another checkout directory: same bytes (no source paths inside).
+        checkout = str(Path(__file__).resolve().parents[2]).encode()
+        assert checkout not in path.read_bytes(), f"{path.name} embeds the checkout path"
     dims = {
         i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]
         for i in onnx.load(str(ex.onnx / "user_model.onnx")).graph.input
