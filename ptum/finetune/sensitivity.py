@@ -16,8 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from ptum.config import FinetuneConfig, PretrainConfig, SensitivityConfig
-from ptum.finetune.grid import DEFAULT_SPLIT, SplitSpec, run_grid
-from ptum.finetune.stage import cell_options
+from ptum.finetune.grid import DEFAULT_SPLIT, SplitSpec
+from ptum.finetune.stage import config_grid
 from ptum.pretrain.stage import run_stage as pretrain_stage
 
 
@@ -88,24 +88,19 @@ def run(
 
     def grid(task: str, model: str, mode: str, ckpt_root: Path) -> list[dict]:
         """The `mode` cells of `model` at the sensitivity ratio, checkpoints under ckpt_root."""
-        return run_grid(
-            task=task,
-            labels=None,
+        return config_grid(
+            ft,
+            task,
             models=[model],
             modes=[mode],
             ratios=[opts.ratio],
             repeats=opts.repeats,
-            seed=ft.seed,
-            opts=cell_options(ft),
-            demo_select=ft.demo_select,
             prepared=prepared,
             tokenized=tokenized,
-            max_len=max_behaviors,
+            max_behaviors=max_behaviors,
+            split=split,
             ckpt_root=ckpt_root,
             cache_dir=cache_dir,
-            workers=ft.workers,
-            class_weights=ft.class_weights,
-            split=split,
             baselines=False,
         )
 

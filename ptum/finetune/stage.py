@@ -34,6 +34,47 @@ def cell_options(cfg: FinetuneConfig) -> CellOptions:
     )
 
 
+def config_grid(
+    cfg: FinetuneConfig,
+    task: str,
+    *,
+    models: list[str],
+    modes: list[str],
+    ratios: list[float],
+    repeats: int,
+    prepared: Path,
+    tokenized: Path,
+    max_behaviors: int,
+    split: SplitSpec,
+    ckpt_root: Path,
+    cache_dir: Path,
+    baselines: bool = True,
+) -> list[dict]:
+    """`run_grid` over the given models/modes/ratios/repeats with everything else (cell
+    options, seed, selection metric, class weights, workers) from the finetune section: the one
+    place the finetune and sensitivity stages turn that section into a grid."""
+    return run_grid(
+        task=task,
+        labels=None,
+        models=models,
+        modes=modes,
+        ratios=ratios,
+        repeats=repeats,
+        seed=cfg.seed,
+        opts=cell_options(cfg),
+        demo_select=cfg.demo_select,
+        prepared=prepared,
+        tokenized=tokenized,
+        max_len=max_behaviors,
+        ckpt_root=ckpt_root,
+        cache_dir=cache_dir,
+        workers=cfg.workers,
+        class_weights=cfg.class_weights,
+        split=split,
+        baselines=baselines,
+    )
+
+
 def run_stage(
     cfg: FinetuneConfig,
     task: str,
@@ -52,24 +93,19 @@ def run_stage(
     if bad:
         raise ValueError(f"finetune.modes: unknown {bad}; choose from {list(MODES)}")
     ratios = list(cfg.ratios)
-    runs = run_grid(
-        task=task,
-        labels=None,
+    runs = config_grid(
+        cfg,
+        task,
         models=list(cfg.demo_models if task == "demo" else cfg.ctr_models),
         modes=list(cfg.modes),
         ratios=ratios,
         repeats=cfg.repeats,
-        seed=cfg.seed,
-        opts=cell_options(cfg),
-        demo_select=cfg.demo_select,
         prepared=prepared,
         tokenized=tokenized,
-        max_len=max_behaviors,
+        max_behaviors=max_behaviors,
+        split=split,
         ckpt_root=ckpt_root,
         cache_dir=cache_dir,
-        workers=cfg.workers,
-        class_weights=cfg.class_weights,
-        split=split,
     )
     user_ids, n_classes = _test_users(task, prepared, tokenized, max_behaviors, ratios)
     preds = predictions_frame(task, runs, user_ids)
