@@ -10,7 +10,7 @@ model trained from scratch. Variants that coincide (λ = 0 is MBP only; the defa
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +68,20 @@ def _variant_config(pre: PretrainConfig, key: str) -> PretrainConfig:
     return replace(pre, lam=float(lam), k=int(k))
 
 
+@dataclass(frozen=True)
+class _Inputs:
+    """What every grid and variant pre-training of the stage reads and where it writes."""
+
+    prepared: Path
+    tokenized: Path
+    max_behaviors: int
+    models_root: Path
+    main_ckpts: Path
+    cache_dir: Path
+    reports: Path
+    split: SplitSpec
+
+
 def run(
     pre: PretrainConfig,
     ft: FinetuneConfig,
@@ -83,27 +97,11 @@ def run(
     split: SplitSpec = DEFAULT_SPLIT,
 ) -> dict:
     """Run every variant of every task; writes reports/sensitivity.json and figures."""
+    inputs = _Inputs(
+        prepared, tokenized, max_behaviors, models_root, main_ckpts, cache_dir, reports, split
+    )
     experiments = plan(pre, opts)
     results: dict[str, dict] = {}
-
-    def grid(task: str, model: str, mode: str, ckpt_root: Path) -> list[dict]:
-        """The `mode` cells of `model` at the sensitivity ratio, checkpoints under ckpt_root."""
-        return config_grid(
-            ft,
-            task,
-            models=[model],
-            modes=[mode],
-            ratios=[opts.ratio],
-            repeats=opts.repeats,
-            prepared=prepared,
-            tokenized=tokenized,
-            max_behaviors=max_behaviors,
-            split=split,
-            ckpt_root=ckpt_root,
-            cache_dir=cache_dir,
-            baselines=False,
-        )
-
     for task in opts.tasks:
         model = opts.demo_model if task == "demo" else opts.ctr_model
         metric = "acc" if task == "demo" else "auc"
@@ -112,23 +110,10 @@ def run(
         for name, exp in experiments.items():
             key = exp["variant"]
             if key not in done:
-                variant = _variant_config(pre, key)
-                if variant == pre:
-                    ckpt_root = main_ckpts  # the main pre-training already is this variant
-                else:
-                    ckpt_root = models_root / key
-                    pretrain_stage(
-                        variant,
-                        model,
-                        prepared=prepared,
-                        tokenized=tokenized,
-                        max_behaviors=max_behaviors,
-                        out_dir=ckpt_root / model,
-                        report_dir=reports / "sensitivity" / "pretrain" / key / model,
-                    )
-                done[key] = grid(task, model, "finetune", ckpt_root)
+                ckpt_root = _variant_checkpoints(pre, key, model, inputs)
+                done[key] = _grid(ft, opts, inputs, task, model, "finetune", ckpt_root)
             per_exp[name] = {**exp, **_aggregate(done[key], metric)}
-        scratch = grid(task, model, "scratch", main_ckpts)
+        scratch = _grid(ft, opts, inputs, task, model, "scratch", main_ckpts)
         per_exp["none"] = {
             "group": "ablation",
             "x": "none",
@@ -142,6 +127,52 @@ def run(
             "experiments": per_exp,
         }
     return results
+
+
+def _variant_checkpoints(pre: PretrainConfig, key: str, model: str, inputs: _Inputs) -> Path:
+    """The checkpoint root of variant `key`: the main pre-training's when it already is that
+    variant, else one pre-trained here under models_root/key."""
+    variant = _variant_config(pre, key)
+    if variant == pre:
+        return inputs.main_ckpts
+    ckpt_root = inputs.models_root / key
+    pretrain_stage(
+        variant,
+        model,
+        prepared=inputs.prepared,
+        tokenized=inputs.tokenized,
+        max_behaviors=inputs.max_behaviors,
+        out_dir=ckpt_root / model,
+        report_dir=inputs.reports / "sensitivity" / "pretrain" / key / model,
+    )
+    return ckpt_root
+
+
+def _grid(
+    ft: FinetuneConfig,
+    opts: SensitivityConfig,
+    inputs: _Inputs,
+    task: str,
+    model: str,
+    mode: str,
+    ckpt_root: Path,
+) -> list[dict]:
+    """The `mode` cells of `model` at the sensitivity ratio, checkpoints under ckpt_root."""
+    return config_grid(
+        ft,
+        task,
+        models=[model],
+        modes=[mode],
+        ratios=[opts.ratio],
+        repeats=opts.repeats,
+        prepared=inputs.prepared,
+        tokenized=inputs.tokenized,
+        max_behaviors=inputs.max_behaviors,
+        split=inputs.split,
+        ckpt_root=ckpt_root,
+        cache_dir=inputs.cache_dir,
+        baselines=False,
+    )
 
 
 def _aggregate(cells: list[dict], metric: str) -> dict:

@@ -49,3 +49,42 @@ def test_outputs_hold_a_small_headline_metrics_file(tmp_path):
     full = json.loads((tmp_path / "sensitivity.json").read_text())
     assert full["demo"]["experiments"]["MBP"]["gender_std"] == 0.02
     assert (tmp_path / "figures" / "demo_ablation.png").stat().st_size > 0
+
+
+def test_run_pretrains_only_the_variants_the_main_model_is_not(tiny_pipeline, tmp_path):
+    """λ = 1, K = 2 is the main pre-training (its checkpoints are reused); MBP only, NBP only
+    and λ = 0 (= MBP only) are pre-trained once each; every experiment aggregates its cells."""
+    from ptum.config import FinetuneConfig, ModelParams, PretrainConfig, SensitivityConfig
+    from ptum.finetune.sensitivity import run
+    from ptum.pretrain.stage import run_stage as pretrain_stage
+
+    sizes = ModelParams(word_dim=8, dim=8, heads=2, head_dim=4, attn_hidden=8, layers=1)
+    pre = PretrainConfig(architectures=("hsa",), model=sizes, epochs=1, batch_size=32)
+    data = dict(
+        prepared=tiny_pipeline / "prepared", tokenized=tiny_pipeline / "tokenized", max_behaviors=20
+    )
+    main = tmp_path / "pretrain"
+    pretrain_stage(pre, "hsa", out_dir=main / "hsa", report_dir=tmp_path / "r", **data)
+    ft = FinetuneConfig(max_epochs=1, head_hidden=8, workers=1, class_weights=("none",))
+    opts = SensitivityConfig(lams=(0.0, 1.0), ks=(2,), ratio=1.0, repeats=2)
+    res = run(
+        pre,
+        ft,
+        opts,
+        models_root=tmp_path / "sensitivity",
+        main_ckpts=main,
+        cache_dir=tmp_path / "cache",
+        reports=tmp_path / "reports",
+        **data,
+    )
+    pretrained = sorted(p.name for p in (tmp_path / "sensitivity").iterdir())
+    assert pretrained == ["mbp_only", "nbp_only_k2"]
+    exps = res["demo"]["experiments"]
+    assert set(exps) == {"mbp_only", "nbp_only", "both", "lam=0", "lam=1", "K=2", "none"}
+    assert exps["lam=0"]["variant"] == "mbp_only" and exps["both"]["variant"] == "both_lam1_k2"
+    # Shared pre-trainings give the same cells: identical aggregates.
+    assert exps["lam=0"]["mean"] == exps["mbp_only"]["mean"]
+    assert exps["lam=1"]["mean"] == exps["both"]["mean"] == exps["K=2"]["mean"]
+    labels = {k.removesuffix("_mean") for k in exps["none"] if k.endswith("_mean")}
+    for e in exps.values():
+        assert e["n"] == opts.repeats * len(labels) and 0 < e["mean"] < 1
