@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from ptum import checkpoint
 from ptum.config import ModelParams, PretrainConfig
@@ -120,6 +121,27 @@ def test_stage_runs_twice_to_equal_checkpoints_with_timings_in_reports(tiny_pipe
     checkpoint.load(tmp_path / "a" / "ckpt", item_table_sha256=item_table_digest(tokens))
     with pytest.raises(checkpoint.CheckpointMismatch, match="trained on item table"):
         checkpoint.load(tmp_path / "a" / "ckpt", item_table_sha256=item_table_digest(other))
+
+
+def test_rerun_from_the_finished_checkpoint_keeps_the_measured_timings(tiny_pipeline, tmp_path):
+    """A second run loads the finished checkpoint and trains nothing; its report keeps the
+    users/s of the run that trained (dvc.yaml declares the report persist, so DVC leaves the
+    earlier file in place for it)."""
+    cfg = PretrainConfig(model=ModelParams(**TINY_MODEL), epochs=1, batch_size=16)
+    kw = dict(
+        prepared=tiny_pipeline / "prepared",
+        tokenized=tiny_pipeline / "tokenized",
+        max_behaviors=20,
+        out_dir=tmp_path / "ckpt",
+        report_dir=tmp_path / "report",
+    )
+    first = run_stage(cfg, "hsa", **kw)["users_per_s"]
+    assert "users_per_s" not in run_stage(cfg, "hsa", **kw)  # nothing trained, nothing timed
+    history = json.loads((tmp_path / "report" / "history.json").read_text())
+    assert [h["users_per_s"] for h in history] == [first]
+    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["pretrain"]["do"]
+    reports = [o for kind in ("metrics", "plots") for o in stage[kind]]
+    assert all(next(iter(o.values())).get("persist") for o in reports), reports
 
 
 def test_deterministic_mode_restores_torch_settings():
