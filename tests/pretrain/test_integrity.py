@@ -125,8 +125,8 @@ def test_stage_runs_twice_to_equal_checkpoints_with_timings_in_reports(tiny_pipe
 
 def test_rerun_from_the_finished_checkpoint_keeps_the_measured_timings(tiny_pipeline, tmp_path):
     """A second run loads the finished checkpoint and trains nothing; its report keeps the
-    users/s of the run that trained (dvc.yaml declares the report persist, so DVC leaves the
-    earlier file in place for it)."""
+    users/s of the run that trained (dvc.yaml declares the report persist, in the pretrain stage
+    and for the sensitivity stage's variant pre-trainings, so DVC leaves the earlier file)."""
     cfg = PretrainConfig(model=ModelParams(**TINY_MODEL), epochs=1, batch_size=16)
     kw = dict(
         prepared=tiny_pipeline / "prepared",
@@ -139,9 +139,11 @@ def test_rerun_from_the_finished_checkpoint_keeps_the_measured_timings(tiny_pipe
     assert "users_per_s" not in run_stage(cfg, "hsa", **kw)  # nothing trained, nothing timed
     history = json.loads((tmp_path / "report" / "history.json").read_text())
     assert [h["users_per_s"] for h in history] == [first]
-    stage = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["pretrain"]["do"]
-    reports = [o for kind in ("metrics", "plots") for o in stage[kind]]
-    assert all(next(iter(o.values())).get("persist") for o in reports), reports
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    pretrain = stages["pretrain"]["do"]
+    reports = [o for kind in ("metrics", "plots") for o in pretrain[kind]]
+    reports += [o for o in stages["sensitivity"]["outs"] if "reports/sensitivity/pretrain" in o]
+    assert len(reports) == 3 and all(next(iter(o.values())).get("persist") for o in reports)
 
 
 def test_deterministic_mode_restores_torch_settings():
