@@ -28,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from ptum import checkpoint
-from ptum.codedeps import module_closure
+from ptum.codedeps import module_closure, source_digest
 from ptum.finetune.baselines import (
     CTR_BASELINES,
     DEMO_BASELINES,
@@ -82,8 +82,9 @@ DEFAULT_SPLIT = SplitSpec()
 def _code_digest() -> str:
     """Hash of the code a cell's result depends on (the import closure of the cell runners:
     training, baselines, task data and splits, heads, models), so a code change never reuses
-    old cells."""
-    return file_digest(
+    old cells; comments, docstrings, formatting and type annotations do not count (see
+    codedeps.source_digest)."""
+    return source_digest(
         module_closure("ptum.finetune.train", "ptum.finetune.baselines", "ptum.finetune.data")
     )
 
