@@ -89,7 +89,7 @@ class BiasedCtrHead(nn.Module):
             self.user_bias.weight.zero_()
             self.item_bias.weight.zero_()
 
-    def bias_parameters(self) -> list[nn.Parameter]:
+    def bias_parameters(self) -> list[Tensor]:
         """The per-user and per-item offsets (each trained by few impressions)."""
         return [self.user_bias.weight, self.item_bias.weight]
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from typing import cast
 
 import numpy as np
 from scipy import sparse
@@ -86,14 +87,14 @@ def _tfidf_lr(
     whose C and class weighting score best on the validation rows by `select`."""
     tfidf = TfidfTransformer(sublinear_tf=True).fit(bag_of_items(task.corpus)[train])
     x = tfidf.transform(bag_of_items(task.corpus))
-    best = None
+    best: tuple[float, LogisticRegression, dict] | None = None
     for c in C_GRID:
         for weight in (None, "balanced"):
             model = _fit(_logreg(c, weight, seed), x[train], y[train])
             s = _demo_scores(y[valid], model.predict(x[valid]), k)[select]
             if best is None or s > best[0]:
                 best = (s, model, {"C": c, "class_weight": weight or "none"})
-    _, model, chosen = best
+    _, model, chosen = cast(tuple[float, LogisticRegression, dict], best)  # C_GRID is not empty
     return x, model, chosen
 
 
@@ -212,12 +213,21 @@ def ctr_features(task: CtrTask, train: np.ndarray, a: float, seed: int) -> np.nd
     click rate, token overlap."""
     d = task.data
     is_test = d.window == "test"
-    pop = np.where(is_test, d.popularity_test[d.item], d.popularity_train[d.item])
-    total = np.where(is_test, d.popularity_test.sum(), d.popularity_train.sum())
+    # A CTR task always has popularity (load_ctr builds it): the casts only inform the type checker.
+    pop = np.where(
+        is_test,
+        cast(np.ndarray, d.popularity_test)[d.item],
+        cast(np.ndarray, d.popularity_train)[d.item],
+    )
+    total = np.where(
+        is_test,
+        cast(np.ndarray, d.popularity_test).sum(),
+        cast(np.ndarray, d.popularity_train).sum(),
+    )
     _, user_keys = np.unique(task.users, return_inverse=True)
     return np.column_stack(
         [
-            np.log((pop + 1.0) / (total + len(d.popularity_test))),
+            np.log((pop + 1.0) / (total + len(cast(np.ndarray, d.popularity_test)))),
             _rate_feature(d.item, d.clicked, train, a, seed),
             _rate_feature(user_keys, d.clicked, train, a, seed),
             task_overlap(task),
@@ -248,9 +258,14 @@ def run_ctr_baseline(name: str, task: CtrTask, ratio: float, *, seed: int) -> di
     valid = np.flatnonzero(d.window == "valid")
     test = np.flatnonzero(d.window == "test")
     _, user_keys = np.unique(task.users, return_inverse=True)
-    candidates: list[tuple[dict, Callable[[np.ndarray], np.ndarray]]] = []
+    # (chosen hyper-parameters, rows -> scores); the lambdas bind their parameters as defaults
+    candidates: list[tuple[dict, Callable[..., np.ndarray]]] = []
     if name == "popularity":
-        pop = np.where(d.window == "test", d.popularity_test[d.item], d.popularity_train[d.item])
+        pop = np.where(
+            d.window == "test",
+            cast(np.ndarray, d.popularity_test)[d.item],
+            cast(np.ndarray, d.popularity_train)[d.item],
+        )
         candidates.append(({}, lambda rows: pop[rows]))
     elif name in ("item_ctr", "user_ctr"):
         keys = d.item if name == "item_ctr" else user_keys

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 import torch
@@ -137,7 +138,7 @@ def _optimizer(
     The biased CTR head's per-user and per-item offsets learn at lr * bias_lr_scale: each
     offset sees only its own user's or item's few impressions per epoch, so at the encoder's lr
     it would barely move in the epochs early stopping allows."""
-    biases = getattr(head, "bias_parameters", lambda: [])()
+    biases: list[Tensor] = getattr(head, "bias_parameters", lambda: [])()
     ids = {id(p) for p in biases}
     groups: list[dict] = [
         {"params": [p for p in head.parameters() if id(p) not in ids], "lr": opts.lr}
@@ -179,6 +180,10 @@ def run_demo(
     train_rows: the rows of the training subset (ratio) with a label.
     wide: optional (rows, n_classes) logits added to the head's (a fixed "wide" input, e.g.
         baselines.tfidf_lr_logits); the head then learns a correction from the user vector.
+
+    Long because it is one explicit training loop, read top to bottom: set-up, the closures
+    that score rows (they share the model, the head and the cached vectors), epochs with early
+    stopping on validation, then the test split's single use.
     """
     device = device or torch.device("cpu")
     model = _init_model(pretrained, mode, seed).to(device)
@@ -200,7 +205,7 @@ def run_demo(
         raise ValueError(f"class_weight must be 'none' or 'balanced', got {opts.class_weight!r}")
 
     def vectors(rows: np.ndarray) -> Tensor:
-        return cached[rows] if frozen else user_vectors(model, corpus, rows, device)
+        return cast(Tensor, cached)[rows] if frozen else user_vectors(model, corpus, rows, device)
 
     def logits(rows: np.ndarray) -> Tensor:
         out = head.logits(vectors(rows))  # (B, C)
@@ -287,17 +292,21 @@ def run_ctr(
     device: torch.device | None = None,
     return_models: bool = False,
 ) -> dict:
-    """Train one CTR cell (train_idx: impressions of the training subset)."""
+    """Train one CTR cell (train_idx: impressions of the training subset).
+
+    Long for the reason run_demo is: one explicit training loop whose closures (logits,
+    predict, score) share the model, the head and the frozen vectors.
+    """
     device = device or torch.device("cpu")
     model = _init_model(pretrained, mode, seed).to(device)
     torch.manual_seed(seed + 1)
     tokens = data.hist_train.tokens.to(device)
     if opts.ctr_scoring == "bias":
-        user_index = data.user if data.user is not None else data.row
-        head = BiasedCtrHead(
+        user_index: np.ndarray | Tensor = data.user if data.user is not None else data.row
+        head: CtrHead | BiasedCtrHead = BiasedCtrHead(
             dim=model.config.dim, num_items=tokens.shape[0] - 1, num_users=int(user_index.max()) + 1
         ).to(device)
-        user_index = torch.from_numpy(user_index.astype(np.int64)).to(device)
+        user_index = torch.from_numpy(cast(np.ndarray, user_index).astype(np.int64)).to(device)
     elif opts.ctr_scoring == "dot":
         head = CtrHead(dim=model.config.dim).to(device)
     else:

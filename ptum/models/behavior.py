@@ -204,7 +204,8 @@ class HybridBehaviorEncoder(nn.Module):
         self.gate = nn.Linear(2 * out_dim, out_dim)
         index = torch.full((num_items,), UNKNOWN_ROW, dtype=torch.long)
         index[0] = PAD_ROW
-        self.register_buffer("id_index", index)  # (num_items,)
+        self.register_buffer("id_index", index)
+        self.id_index: Tensor  # (num_items,) long
 
     def set_id_index(self, id_index: Tensor) -> None:
         """Install the item id -> id-embedding row mapping (num_items,) long.

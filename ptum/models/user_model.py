@@ -11,7 +11,7 @@ The "hybrid" behavior encoder (text encoder + item-id embedding) also needs each
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -76,7 +76,9 @@ class ModelConfig:
                 else type(value) is f.type
             )
             if not ok:
-                raise ValueError(f"ModelConfig.{f.name} must be {f.type.__name__}, got {value!r}")
+                raise ValueError(
+                    f"ModelConfig.{f.name} must be {cast(type, f.type).__name__}, got {value!r}"
+                )
         if self.behavior_encoder not in BEHAVIOR_ENCODERS:
             raise ValueError(
                 f"unknown behavior_encoder {self.behavior_encoder!r}; "
