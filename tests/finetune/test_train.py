@@ -8,6 +8,7 @@ import torch
 
 import ptum.finetune.train as ft
 from ptum.finetune.grid import load_ctr, load_demo
+from ptum.finetune.metrics import accuracy, roc_auc
 from ptum.models.user_model import ModelConfig, UserModel
 
 OPTS = ft.CellOptions(lr=3e-3, batch_size=16, max_epochs=3, patience=5, head_hidden=8)
@@ -70,7 +71,10 @@ def test_frozen_keeps_encoder_finetune_and_scratch_change_it(pretrained, demo):
     # The shared pre-trained model itself is never modified by any cell.
     assert all(torch.equal(before[k], v) for k, v in pretrained.state_dict().items())
     for res in (frozen, tuned, scratch):
-        assert 0.0 <= res["test"]["acc"] <= 1.0 and res["n_test"] > 0
+        # The reported test accuracy is that of the saved test predictions.
+        pred = res["pred"]
+        assert res["n_test"] == len(pred["row"]) > 0
+        assert res["test"]["acc"] == accuracy(np.array(pred["y"]), np.array(pred["pred"]))
 
 
 def test_encoder_lr_scale_sets_the_encoder_learning_rate(pretrained):
@@ -161,7 +165,9 @@ def test_ctr_cell_runs_every_mode(pretrained, tiny_pipeline):
             opts=OPTS,
             return_models=True,
         )
-        assert 0.0 <= res["test"]["auc"] <= 1.0
+        pred = res["pred"]
+        assert sorted(pred["row"]) == np.flatnonzero(task.data.window == "test").tolist()
+        assert res["test"]["auc"] == roc_auc(np.array(pred["y"]), np.array(pred["score"]))
         if mode == "frozen":
             assert _same(res["model"], pretrained)
             # ... but the CTR head did train.
