@@ -99,7 +99,9 @@ def test_processes_started_at_once_on_a_new_database_share_one_study(tmp_path):
             assert all(p.poll() is None for p in procs), [p.stderr.read() for p in procs]
             assert time.monotonic() < deadline, "children did not start"
             time.sleep(0.05)
-        (tmp_path / "go").write_text(str(time.time() + 0.5))
+        # Written whole, then renamed: a child polling for "go" must never read it empty.
+        (tmp_path / "go.tmp").write_text(str(time.time() + 0.5))
+        (tmp_path / "go.tmp").rename(tmp_path / "go")
         errors = [p.communicate(timeout=180)[1] for p in procs]
     finally:
         for p in procs:

@@ -343,10 +343,22 @@ def test_two_workers_share_one_sqlite_study(tiny_pipeline, tmp_path, capfd):
         n_workers=2,
     )
     trials = _trials(spec)
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 4
-    assert summary["trials"] == {"complete": 4, "pruned": 0, "fail": 0, "running": 0, "waiting": 0}
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    # A worker that lost the race for the last place may have created one more trial (at most
+    # one per worker: it then stops): it ended FAIL before its objective ran and says why.
+    surplus = [t for t in trials if t.state != TrialState.COMPLETE]
+    assert len(done) == 4 and len(surplus) <= 2
+    assert all(t.state == TrialState.FAIL and "surplus" in t.user_attrs for t in surplus)
+    assert all(not t.params for t in surplus)
+    assert summary["trials"] == {
+        "complete": 4,
+        "pruned": 0,
+        "fail": len(surplus),
+        "running": 0,
+        "waiting": 0,
+    }
     # Each worker has its own sampler seed, so the workers do not draw the same points.
-    assert len({tuple(sorted(t.params.items())) for t in trials}) == 4
+    assert len({tuple(sorted(t.params.items())) for t in done}) == 4
     err = capfd.readouterr().err
     assert "database is locked" not in err and "OperationalError" not in err
 
