@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -205,9 +205,19 @@ def _task_runs(served: Served, run_id: str) -> dict[str, dict]:
     return {r["name"]: r for r in runs}
 
 
-def _log_messages(served: Served, **where: dict) -> list[str]:
-    """Messages of the logs matching `where` (a LogFilter: flow_run_id, task_run_id, level)."""
-    return [log["message"] for log in _post(served, "logs/filter", {"logs": where, "limit": 200})]
+def _log_messages(
+    served: Served, until: Callable[[list[str]], bool] = bool, **where: dict
+) -> list[str]:
+    """Messages of the logs matching `where` (a LogFilter: flow_run_id, task_run_id, level),
+    polled for up to 30 s until `until(messages)` holds: Prefect ships a run's last lines in
+    batches, so they may reach the server after `--watch` has seen the final state."""
+    deadline = time.monotonic() + 30
+    while True:
+        body = {"logs": where, "limit": 200}
+        messages = [log["message"] for log in _post(served, "logs/filter", body)]
+        if until(messages) or time.monotonic() > deadline:
+            return messages
+        time.sleep(0.5)
 
 
 def _dvc(served: Served, *args: str) -> str:
@@ -287,9 +297,15 @@ def test_quick_run_is_an_experiment_and_leaves_the_workspace_alone(served):
     assert "pretrain@hsa" in upstream("export@hsa")
 
     # Readable logs: the stage's own lines where they matter, not every line.
-    messages = _log_messages(served, task_run_id={"any_": [task_runs["tokenize"]["id"]]})
-    assert any("Running stage 'tokenize'" in m for m in messages), messages
-    assert any("ptum tokenize: done" in m for m in messages), messages
+    def tokenize_lines(ms: list[str]) -> bool:
+        return any("Running stage 'tokenize'" in m for m in ms) and any(
+            "ptum tokenize: done" in m for m in ms
+        )
+
+    messages = _log_messages(
+        served, tokenize_lines, task_run_id={"any_": [task_runs["tokenize"]["id"]]}
+    )
+    assert tokenize_lines(messages), messages
     all_logs = _post(
         served, "logs/filter", {"logs": {"flow_run_id": {"any_": [run["id"]]}}, "limit": 200}
     )
@@ -324,8 +340,13 @@ def test_quick_run_is_an_experiment_and_leaves_the_workspace_alone(served):
     result = _deployment_run(served, again, *QUICK_RUN)
     assert result.returncode == 0, _explain(served, result)
     assert _experiments(served) == exps
-    messages = _log_messages(served, flow_run_id={"any_": [_flow_run(served, again)["id"]]})
-    assert any(f"experiment {experiment} exists" in m for m in messages), messages
+    exists = f"experiment {experiment} exists"
+    messages = _log_messages(
+        served,
+        lambda ms: any(exists in m for m in ms),
+        flow_run_id={"any_": [_flow_run(served, again)["id"]]},
+    )
+    assert any(exists in m for m in messages), messages
     assert _params_bytes(served) == params_before
 
 
@@ -347,8 +368,11 @@ def test_failing_stage_fails_the_run_and_leaves_params_alone(served, tmp_path):
     assert task_runs["experiment"]["run_count"] == 1, task_runs["experiment"]
     assert not {"COMPLETED", "RUNNING"} & {states.get(s) for s in ("prepare", "tokenize")}
 
-    errors = _log_messages(served, flow_run_id={"any_": [run["id"]]}, level={"ge_": 40})
-    assert any("ptum ingest: error" in m and str(missing) in m for m in errors), errors
+    def named(ms: list[str]) -> bool:
+        return any("ptum ingest: error" in m and str(missing) in m for m in ms)
+
+    errors = _log_messages(served, named, flow_run_id={"any_": [run["id"]]}, level={"ge_": 40})
+    assert named(errors), errors
 
 
 def test_two_runs_at_once_are_serialized_and_each_records_its_own_params(served):

@@ -96,7 +96,8 @@ def test_processes_started_at_once_on_a_new_database_share_one_study(tmp_path):
     try:
         deadline = time.monotonic() + 120
         while len(list(tmp_path.glob("ready-*"))) < n_procs:
-            assert all(p.poll() is None for p in procs), [p.stderr.read() for p in procs]
+            dead = [p for p in procs if p.poll() is not None]
+            assert not dead, [p.stderr.read() for p in dead]  # only theirs: read() would block
             assert time.monotonic() < deadline, "children did not start"
             time.sleep(0.05)
         # Written whole, then renamed: a child polling for "go" must never read it empty.
