@@ -74,12 +74,12 @@ PRESETS: dict[str, SyntheticSpec] = {
         audience_frac=0.5,
         mean_impressions=12,
     ),
-    # The embedded default (params.yaml, DataConfig): the whole `dvc repro` took 36 min on 2 idle
-    # cores (README "Results"; issue 2 asked for about 15).
+    # The embedded default (params.yaml, DataConfig), sized so that the whole `dvc repro` stays
+    # well under 15 minutes on 2 CPU cores (docs/benchmarks.md, "Wall time of make run").
     "small": SyntheticSpec(
         n_users=3_500, mean_behaviors=25, n_items_per_topic=60, labeled_frac=0.25
     ),
-    # The earlier default, 6,000 users: its result set is experiments/synthetic-default.
+    # 6,000 users, the paper-scale grid: its result set is experiments/synthetic-default.
     "default": SyntheticSpec(
         n_users=6_000, mean_behaviors=30, n_items_per_topic=150, labeled_frac=0.25
     ),
