@@ -1,5 +1,5 @@
 """One flipped byte in an artifact: the next command that reads it refuses with one line naming
-the file (exit code 2), instead of using it (issue 18, item 8). A corrupt live checkpoint with
+the file (exit code 2), instead of using it. A corrupt live checkpoint with
 an earlier complete one beside it falls back with a warning: tests/faults/test_faults.py."""
 
 from __future__ import annotations

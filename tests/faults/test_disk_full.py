@@ -1,6 +1,6 @@
 """A full disk (a file-size limit: writes past it fail with EFBIG) while a stage writes its
 output: the stage fails with one line, leaves the previous complete output (or none) visible,
-and a rerun with room to write equals an uninterrupted run (issue 18, item 8)."""
+and a rerun with room to write equals an uninterrupted run."""
 
 from __future__ import annotations
 

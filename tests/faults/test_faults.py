@@ -1,5 +1,5 @@
 """SIGKILL at seeded points of each stage, then the same command again: the final artifacts
-equal an uninterrupted run's (issue 18, item 8).
+equal an uninterrupted run's.
 
 A kill point is either the N-th file operation the reference run made under its project (drawn
 with a fixed seed from the operations of interest, e.g. those of a checkpoint save) or a seeded

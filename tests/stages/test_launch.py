@@ -1,4 +1,4 @@
-"""`ptum pretrain --nproc N`: the ranks' rendezvous listens on 127.0.0.1 only (issue 18).
+"""`ptum pretrain --nproc N`: the ranks' rendezvous listens on 127.0.0.1 only.
 
 torchrun's stores (torch 2.13) listen on every interface whatever endpoint they are given, so
 ptum.stages.launch hosts the store itself on a socket bound to loopback. These tests read the
