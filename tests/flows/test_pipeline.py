@@ -205,9 +205,7 @@ def _task_runs(served: Served, run_id: str) -> dict[str, dict]:
     return {r["name"]: r for r in runs}
 
 
-def _log_messages(
-    served: Served, until: Callable[[list[str]], bool] = bool, **where: dict
-) -> list[str]:
+def _log_messages(served: Served, until: Callable[[list[str]], bool], **where: dict) -> list[str]:
     """Messages of the logs matching `where` (a LogFilter: flow_run_id, task_run_id, level),
     polled for up to 30 s until `until(messages)` holds: Prefect ships a run's last lines in
     batches, so they may reach the server after `--watch` has seen the final state."""

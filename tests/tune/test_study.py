@@ -16,6 +16,7 @@ import pytest
 import sqlalchemy.exc
 from optuna.trial import TrialState
 
+from ptum.io import atomic_write_text
 from ptum.tune import DONE, StudySpec, open_study, run_trials
 from ptum.tune.storage import retry_race
 
@@ -100,9 +101,8 @@ def test_processes_started_at_once_on_a_new_database_share_one_study(tmp_path):
             assert not dead, [p.stderr.read() for p in dead]  # only theirs: read() would block
             assert time.monotonic() < deadline, "children did not start"
             time.sleep(0.05)
-        # Written whole, then renamed: a child polling for "go" must never read it empty.
-        (tmp_path / "go.tmp").write_text(str(time.time() + 0.5))
-        (tmp_path / "go.tmp").rename(tmp_path / "go")
+        # Atomic: a child polling for "go" must never read it empty.
+        atomic_write_text(tmp_path / "go", str(time.time() + 0.5))
         errors = [p.communicate(timeout=180)[1] for p in procs]
     finally:
         for p in procs:
