@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ptum.locks import die_with_parent
+
 ERROR_TAIL = 40  # stage output lines quoted in a failed stage's exception
 
 
@@ -121,7 +123,9 @@ class Experiment:
                 encoding="utf-8",
                 errors="replace",
                 # In this process's group: a runner stopping or cancelling the flow run signals
-                # the group, which reaches DVC and the stage it runs.
+                # the group, which reaches DVC and the stage it runs. And DVC dies with this
+                # process (Linux), even when it is killed by SIGKILL; the stage dies with DVC.
+                preexec_fn=die_with_parent,
             )
             try:
                 for raw in self.proc.stdout:  # type: ignore[union-attr]

@@ -3,6 +3,10 @@
 `ptum STAGE` loads params.yaml (plus `--set section.key=value` overrides) and calls
 `ptum.stages.STAGE.run`, which reads its section and calls the library:
     ptum prepare --set prepare.max_behaviors=50 --set prepare.on_bad_rows=quarantine
+
+A run holds the lock of the stage's outputs (`ptum.locks`): a second run writing one of them
+refuses at once. The `ptum` process stops (SIGTERM) when the process that started it dies, so
+a killed `dvc repro` leaves no stage running; `nohup ptum ...` opts out.
 """
 
 from __future__ import annotations
@@ -16,9 +20,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from ptum import paths
+from ptum import locks, paths
 from ptum.config import Params, load_params
 from ptum.stages import errors
+
+# The parent PID as early as this process can see it: if the parent dies before main() arms the
+# parent-death signal, the PID differs by then (the process was re-parented).
+STARTED_BY = os.getppid()
 
 
 def _given(**kwargs: Any) -> dict[str, Any]:
@@ -194,7 +202,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def outputs(p: Params, args: argparse.Namespace) -> list[Path]:
+    """The outputs `ptum STAGE` writes, as its arguments choose them: each is locked for the
+    run (a stage's other files are written by it alone under these, or atomically)."""
+    arch = getattr(args, "arch", None) or p.pretrain.architectures[0]
+    task = getattr(args, "task", None) or "demo"  # ptum.stages.finetune.run's default
+    default = {
+        "ingest": paths.RAW,
+        "prepare": paths.PREPARED,
+        "tokenize": paths.TOKENIZED,
+        "pretrain": paths.pretrain_model(arch),  # its reports go with it
+        "finetune": paths.finetune_result(task),
+        "sensitivity": paths.SENSITIVITY_MODELS,
+        "tune": paths.TUNE_REPORTS,  # the study's storage takes several workers itself
+        "export": paths.onnx_model(arch),
+        "embed": paths.embeddings(arch),
+        "report": paths.RESULTS_MD,
+    }[args.stage]
+    found = [args.out or default]
+    if args.stage == "finetune":
+        found.append(paths.finetune_cache(task))  # shared by every --out of the task
+    return found
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run `ptum STAGE ...` (`argv`; None: this process's command line, and then this process
+    stops when its parent dies: `locks.stop_with_parent`). Returns the exit code: 0 done,
+    1 a bug, 2 an anticipated failure (one line on stderr), 130 interrupted."""
+    if argv is None:
+        locks.stop_with_parent(STARTED_BY)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
@@ -203,27 +239,43 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params = load_params(args.params, args.overrides)
         run, _ = STAGES[args.stage]
-        result = run(params, args)
+        # Ranks other than 0 of a group started by the user's own torchrun share rank 0's.
+        rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"
+        with locks.holding(outputs(params, args) if rank == "0" else []):
+            result = run(params, args)
     except KeyboardInterrupt:
         print(f"ptum {args.stage}: interrupted", file=sys.stderr)
         return 130
-    except Exception as exc:
-        line = errors.explain(exc)
-        if line is None:
-            traceback.print_exc()
-            print(
-                f"ptum {args.stage}: unexpected error ({type(exc).__name__}): {errors.REPORT_TO}",
-                file=sys.stderr,
-            )
-            return 1
-        if os.environ.get("PTUM_DEBUG"):
-            raise
-        print(f"ptum {args.stage}: error: {line}", file=sys.stderr)
-        return 2
+    except SystemExit:
+        raise
+    except BaseException as exc:  # also BaseExceptions of native code (pyo3's PanicException)
+        return _failed(args.stage, exc)
     summary = json.dumps(result, indent=1, sort_keys=True, default=str)
     print(summary if len(summary) < 4000 else summary[:4000] + "\n...")
     print(f"ptum {args.stage}: done in {time.perf_counter() - t0:.1f}s", file=sys.stderr)
     return 0
+
+
+def _failed(stage: str, exc: BaseException) -> int:
+    """Report a failed run: one line and exit code 2 when `errors.explain` knows the failure,
+    else the traceback and exit code 1 (a bug); a run stopped by a signal after saving (pre-
+    training's Interrupted carries the signal) exits 128 + the signal's number."""
+    signum = getattr(exc, "signum", None)
+    if isinstance(signum, int):
+        print(f"ptum {stage}: {exc}", file=sys.stderr)
+        return 128 + signum
+    line = errors.explain(exc)
+    if line is None:
+        traceback.print_exception(exc)
+        print(
+            f"ptum {stage}: unexpected error ({type(exc).__name__}): {errors.REPORT_TO}",
+            file=sys.stderr,
+        )
+        return 1
+    if os.environ.get("PTUM_DEBUG"):
+        raise exc
+    print(f"ptum {stage}: error: {line}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""SHA-256 of bytes, of a file (streamed) and of the files of a directory, and the check of a
-file against its recorded hash. The one place ptum hashes its outputs; torch-free (`ptum embed`
-uses it too)."""
+"""SHA-256 of bytes, of a file (streamed; memoized per process with `sha256_file_cached`) and of
+the files of a directory, and the check of a file against its recorded hash. The one place ptum
+hashes its outputs; torch-free (`ptum embed` uses it too)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,29 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+# (resolved path, size, mtime_ns) -> SHA-256 of the files hashed by this process.
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def sha256_file_cached(path: Path) -> str:
+    """`sha256_file`, computed once per process for a file whose path, size and modification
+    time (ns) are unchanged: a grid that loads the same data once per cell hashes it once.
+    A rewrite that keeps both size and mtime_ns escapes the memo; ptum's writers never do."""
+    path = Path(path)
+    key = _stat_key(path)
+    if key in _DIGESTS:
+        return _DIGESTS[key]
+    digest = sha256_file(path)
+    if _stat_key(path) == key:  # not rewritten while it was read
+        _DIGESTS[key] = digest
+    return digest
+
+
+def _stat_key(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
 
 
 def sha256_files(directory: Path) -> dict[str, str]:

@@ -22,6 +22,7 @@ PREPARED = Path("data/prepared")
 PREPARED_TABLES = ("items", "sequences", "users", "labels", "impressions")
 PREPARED_REPORT = PREPARED / "report.json"
 PREPARED_METRICS = PREPARED / "metrics.json"  # its dozen headline numbers (a DVC metric)
+PREPARED_MANIFEST = PREPARED / "manifest.json"  # SHA-256 of each file above (ptum.data.verified)
 
 
 def prepared_table(name: str) -> Path:
@@ -38,6 +39,7 @@ SPM_VOCAB = TOKENIZED / "spm.vocab"
 TOKENS = TOKENIZED / "tokens.npy"
 LENGTHS = TOKENIZED / "lengths.npy"
 TOKENIZE_REPORT = TOKENIZED / "report.json"
+TOKENIZED_MANIFEST = TOKENIZED / "manifest.json"  # SHA-256 of each file above (ptum.data.verified)
 
 # --- stage pretrain@ARCH ----------------------------------------------------------------------
 PRETRAIN_MODELS = Path("models/pretrain")

@@ -12,6 +12,8 @@ import math
 import subprocess
 from pathlib import Path
 
+from ptum.data import verified
+
 MODE_NAMES = {
     "scratch": "{m}",
     "frozen": "{m}+PTUM (no finetune)",
@@ -295,7 +297,7 @@ def build(
 def _data_section(data_report: Path, raw_manifest: Path) -> list[str]:
     """Source, sizes, data version (raw file hashes) and git revision."""
     manifest = json.loads(raw_manifest.read_text()) if raw_manifest.exists() else {}
-    data = json.loads(data_report.read_text())
+    data = verified.read_json(data_report, "prepare")
     b = data["behaviors"]
     return [
         "## Data",
@@ -353,6 +355,8 @@ def _task_section(task: str, res: dict) -> list[str]:
     """One fine-tuning task (demo | ctr): against the strongest baseline, all methods, the
     paper's claims, paired comparisons with scratch."""
     metrics, heads = TASK_METRICS[task]
+    if res.get("available") is False:
+        return [f"## {TASK_TITLES[task]}", "", f"Not available on this data: {res['why_not']}.", ""]
     lines = [f"## {TASK_TITLES[task]}", "", "### Against the strongest baseline", ""]
     lines += versus_baselines(res)
     lines += ["### All methods", ""] + _table(res, metrics, heads)
@@ -365,6 +369,9 @@ def _sensitivity_section(sens: dict) -> list[str]:
     """Per task of reports/sensitivity.json: the ablation and sweep means, and its figures."""
     lines = ["## Ablation and sensitivity (cf. paper Figs. 3-5)", ""]
     for task, res in sens.items():
+        if res.get("available") is False:
+            lines += [f"{task}: not available on this data: {res['why_not']}.", ""]
+            continue
         lines.append(
             f"{MODEL_NAMES.get(res['model'], res['model'])} on {task}, "
             f"{round(res['ratio'] * 100)}% labels, test {res['metric']} "

@@ -5,6 +5,8 @@ Outputs (in out_dir):
     tokens.npy             int32 (n_items + 1, max_tokens): row i = item_id i, row 0 = padding
     lengths.npy            int32 (n_items + 1,): real tokens per row (0 for the padding row)
     report.json            vocab size, token statistics, truncation share, model hash
+    manifest.json          the SHA-256 of each file above, checked by every reader
+                           (`ptum.data.verified`)
 
 Behaviors stay integer item ids: tokens are stored once per distinct item, never per behavior,
 which is what lets paper-scale logs (63M behaviors, far fewer distinct titles) fit.
@@ -19,9 +21,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import sentencepiece as spm
 
+from ptum.data import verified
 from ptum.hashing import sha256_file
 from ptum.io import atomic_dir
 
@@ -105,7 +107,7 @@ def tokenize(
     seed: int,
 ) -> dict:
     """Run the stage; returns its report (also written to out_dir/report.json)."""
-    items = pl.read_parquet(items_path).sort("item_id")
+    items = verified.read_parquet(items_path, "prepare").sort("item_id")
     ids = items["item_id"].to_numpy()
     if not np.array_equal(ids, np.arange(1, len(ids) + 1)):
         raise ValueError(f"{items_path}: item_id must be 1..N without gaps")
@@ -140,7 +142,8 @@ def tokenize(
             "truncated_share": round(truncated / max(len(texts), 1), 5),
             "unk_share": round(float((tokens[1:] == UNK_ID).sum() / max(real.sum(), 1)), 6),
             "spm_sha256": sha256_file(tmp / "spm.model"),
-            "tokens_sha256": sha256_file(tmp / "tokens.npy"),  # verified by every reader
+            "tokens_sha256": sha256_file(tmp / "tokens.npy"),
         }
         (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        verified.write_manifest(tmp, "tokenize")  # last: the SHA-256 of every file above
     return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,23 @@ MOVIELENS_100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "movi
 
 def write_tsv(path: Path, header: list[str], rows: list[list[object]]) -> Path:
     lines = ["\t".join(header)] + ["\t".join(str(v) for v in r) for r in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+PTUM_SEP = "#|NTABN|#"  # the PTUM behavior.tsv layout's separator of one user's behaviors
+
+
+def write_ptum_tsv(path: Path, *, users: int, seed: int) -> Path:
+    """A behavior.tsv in the original PTUM layout (behaviors only, no labels or impressions):
+    user id, an unused column, the user's texts and their timestamps, each joined by PTUM_SEP."""
+    rng = random.Random(seed)
+    lines = []
+    for u in range(users):
+        n = rng.randint(4, 12)
+        texts = PTUM_SEP.join(f"title {rng.randrange(40)} word{rng.randrange(9)}" for _ in range(n))
+        stamps = PTUM_SEP.join(str(1000 * u + 10 * k) for k in range(n))
+        lines.append(f"u{u}\tx\t{texts}\t{stamps}")
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
@@ -40,4 +58,14 @@ def tiny_pipeline(tmp_path_factory) -> Path:
         character_coverage=1.0,
         seed=1,
     )
+    return root
+
+
+@pytest.fixture(scope="session")
+def behaviors_only(tmp_path_factory):
+    """data/prepared of a PTUM behavior.tsv: behaviors only, no labels and no impressions."""
+    root = tmp_path_factory.mktemp("ptum_tsv")
+    write_ptum_tsv(root / "behavior.tsv", users=8, seed=0)
+    ingest(source="ptum_tsv", path=str(root / "behavior.tsv"), out_dir=root / "raw")
+    prepare(root / "raw", root / "prepared", PrepareConfig(max_behaviors=4))
     return root

@@ -5,7 +5,17 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ptum.config import SECTIONS, ConfigError, DataConfig, Params, build, load_params, to_dict
+from ptum.config import (
+    SECTIONS,
+    ConfigError,
+    DataConfig,
+    Params,
+    TuneConfig,
+    build,
+    load_params,
+    to_dict,
+)
+from ptum.config.tune import ARCHITECTURE_NAMES, PRUNER_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -160,3 +170,93 @@ def test_invalid_yaml_names_the_file_and_line(tmp_path):
     f.write_text("data:\n  source: synthetic\n  size: [tiny\n")
     with pytest.raises(ConfigError, match=r"params.yaml: not valid YAML: .*line 4"):
         load_params(f)
+
+
+# ---------------------------------------------------------------- the tune section
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("tune.arch=bert", "tune.arch = 'bert'"),
+        ("tune.n_trials=-1", "tune.n_trials = -1"),
+        ("tune.n_trials=0", "tune.n_trials = 0"),
+        ("tune.workers=0", "tune.workers = 0"),
+        ("tune.seed=-1", "tune.seed = -1"),
+        ("tune.seed=4294967296", "tune.seed = 4294967296"),
+        ("tune.epochs=-1", "tune.epochs = -1"),
+        ("tune.finetune_epochs=0", "tune.finetune_epochs = 0"),
+        ("tune.k=[0, 3]", "tune.k = (0, 3)"),
+        ("tune.k=[4, 2]", "tune.k = (4, 2)"),
+        ("tune.k=[1, 100]", "tune.k = (1, 100)"),  # >= prepare.max_behaviors
+        ("tune.lam=[]", "tune.lam = ()"),
+        ("tune.lam=[0, -1]", "tune.lam = (0.0, -1.0)"),
+        ("tune.lam=[1, 1]", "tune.lam = (1.0, 1.0)"),
+        ("tune.lam=[.nan]", "tune.lam = (nan,)"),
+        ("tune.p=[0, 4]", "tune.p = (0, 4)"),
+        ("tune.p=[8, 2]", "tune.p = (8, 2)"),
+        ("tune.lr=[0, 0.01]", "tune.lr = (0.0, 0.01)"),
+        ("tune.lr=[0.01, 0.001]", "tune.lr = (0.01, 0.001)"),
+        ("tune.lr=[0.01, 0.01]", "tune.lr = (0.01, 0.01)"),
+        ("tune.lr=[1e-4, .inf]", "tune.lr = (0.0001, inf)"),
+        ("tune.prune_startup_trials=-1", "tune.prune_startup_trials = -1"),
+        ("tune.storage=data/tune/optuna.db", "tune.storage = 'data/tune/optuna.db'"),
+        ("tune.storage=''", "tune.storage = ''"),
+        ("tune.storage='sqlite:///:memory:'", "tune.storage = 'sqlite:///:memory:'"),
+        ("tune.study_name=' s'", "tune.study_name = ' s'"),
+        ("tune.heartbeat_interval=0", "tune.heartbeat_interval = 0"),
+        ("tune.grace_period=0", "tune.grace_period = 0"),
+        ("tune.grace_period=60", "tune.grace_period = 60"),  # = heartbeat_interval
+        ("tune.retry_killed=-1", "tune.retry_killed = -1"),
+    ],
+)
+def test_out_of_range_tune_params_name_the_key(override, key):
+    with pytest.raises(ConfigError, match="out of range: must be") as e:
+        load_params(ROOT / "params.yaml", [override])
+    assert str(e.value).startswith(key), str(e.value)
+
+
+def test_tune_keys_of_another_type_or_name_are_refused():
+    with pytest.raises(ConfigError, match=r"tune.pruner: 'asha' is not one of"):
+        load_params(ROOT / "params.yaml", ["tune.pruner=asha"])
+    with pytest.raises(ConfigError, match=r"tune.multi_objective: expected true/false"):
+        load_params(ROOT / "params.yaml", ["tune.multi_objective=1"])
+    # Built without the loader (as library code and tests do), the dataclass checks itself.
+    with pytest.raises(ConfigError, match=r"^tune.pruner = 'asha' is out of range"):
+        TuneConfig(pruner="asha")  # type: ignore[arg-type]
+
+
+def test_tune_edge_values_that_are_valid_load():
+    p = load_params(
+        ROOT / "params.yaml",
+        [
+            "tune.k=[3, 3]",  # a fixed K
+            "tune.p=[1, 1]",
+            "tune.lam=[0]",
+            "tune.prune_startup_trials=0",
+            "tune.retry_killed=0",
+            "tune.heartbeat_interval=1",
+            "tune.grace_period=2",
+            "tune.storage=postgresql://user@host/db",
+            "tune.arch=bert4rec",
+        ],
+    )
+    assert (p.tune.k, p.tune.p, p.tune.lam) == ((3, 3), (1, 1), (0.0,))
+    assert p.tune.storage == "postgresql://user@host/db" and p.tune.arch == "bert4rec"
+
+
+def test_tune_names_agree_with_the_models_and_pruners():
+    from ptum.models import ARCHITECTURES
+    from ptum.tune import PRUNERS
+
+    assert set(ARCHITECTURE_NAMES) == set(ARCHITECTURES)
+    assert PRUNER_NAMES == PRUNERS
+    assert typing.get_args(typing.get_type_hints(TuneConfig)["pruner"]) == PRUNERS
+
+
+@pytest.mark.parametrize(
+    "path", [ROOT / "params.yaml", *sorted((ROOT / "experiments").glob("*/params.yaml"))]
+)
+def test_committed_params_files_load(path):
+    p = load_params(path)
+    assert p.tune.n_trials >= 1 and p.tune.k[1] < p.prepare.max_behaviors

@@ -2,6 +2,7 @@
 
 import json
 
+from ptum.data.verified import write_manifest
 from ptum.report import learning_curves
 
 
@@ -23,3 +24,30 @@ def test_pretraining_speed_not_measured_is_a_dash_not_nan():
 
     assert _speed(None) == "—" and _speed(float("nan")) == "—"
     assert _speed(829.48) == "829"
+
+
+def test_a_task_that_was_not_available_is_a_section_that_says_why(tmp_path):
+    from ptum.report import build
+
+    why = "no label columns (the source has no labels table)"
+    (tmp_path / "demo.json").write_text(json.dumps({"available": False, "why_not": why}))
+    sens = {"demo": {"model": "hsa", "metric": "acc", "ratio": 0.2, "available": False}}
+    sens["demo"].update(why_not=why, experiments={})
+    (tmp_path / "sensitivity.json").write_text(json.dumps(sens))
+    data = {"behaviors": {"users": 6, "rows_kept": 30, "items": 9}}
+    data.update(labels={"rows_kept": 0}, impressions={})
+    (tmp_path / "report.json").write_text(json.dumps(data))
+    write_manifest(tmp_path, "prepare")
+    text = build(
+        finetune={"demo": tmp_path / "demo.json", "ctr": tmp_path / "absent.json"},
+        sensitivity=tmp_path / "sensitivity.json",
+        pretrain={},
+        data_report=tmp_path / "report.json",
+        raw_manifest=tmp_path / "absent_manifest.json",
+        params={},
+        out=tmp_path / "results.md",
+    )
+    demo = text.split("## Demographic prediction (cf. paper Table 2)\n", 1)[1]
+    assert demo.lstrip().startswith(f"Not available on this data: {why}.")
+    assert f"demo: not available on this data: {why}." in text
+    assert "## CTR" not in text  # a task that was not run at all is left out

@@ -1,11 +1,19 @@
-"""SentencePiece stage: deterministic model bytes, one token row per item, padding row 0."""
+"""SentencePiece stage: deterministic model bytes, one token row per item, padding row 0, a
+manifest of its outputs, and a checked item table."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
+
 import numpy as np
 import polars as pl
+import pytest
 import sentencepiece as spm
 
+from ptum.data.verified import write_manifest
+from ptum.hashing import HashMismatch
 from ptum.tokenize import PAD_ID, tokenize
 
 
@@ -62,7 +70,28 @@ def test_truncation_and_byte_fallback(tmp_path):
     pl.DataFrame({"item_id": list(range(1, len(texts) + 1)), "text": texts}).with_columns(
         pl.col("item_id").cast(pl.Int32)
     ).write_parquet(items)
+    write_manifest(tmp_path, "prepare")
     rep = _run(items, tmp_path / "tok", max_tokens=8, vocab_size=400)
     lengths = np.load(tmp_path / "tok" / "lengths.npy")
     assert lengths[1] == 8 and rep["truncated_share"] > 0
     assert rep["unk_share"] == 0.0  # byte fallback: no unknown pieces even for the emoji
+
+
+def test_the_manifest_records_every_output(tiny_pipeline):
+    tok = tiny_pipeline / "tokenized"
+    manifest = json.loads((tok / "manifest.json").read_text())
+    assert manifest["stage"] == "tokenize"
+    names = {"spm.model", "spm.vocab", "tokens.npy", "lengths.npy", "report.json"}
+    assert set(manifest["files"]) == names
+    for name in names:
+        assert manifest["files"][name] == hashlib.sha256((tok / name).read_bytes()).hexdigest()
+
+
+def test_a_modified_item_table_is_refused(tiny_pipeline, tmp_path):
+    prepared = tmp_path / "prepared"
+    shutil.copytree(tiny_pipeline / "prepared", prepared)
+    items = pl.read_parquet(prepared / "items.parquet")
+    items.with_columns(pl.col("text").str.to_uppercase()).write_parquet(prepared / "items.parquet")
+    with pytest.raises(HashMismatch, match=r"items.parquet: SHA-256 .* `ptum prepare`"):
+        _run(prepared / "items.parquet", tmp_path / "tok")
+    assert not (tmp_path / "tok").exists()

@@ -1,10 +1,16 @@
 """`save`: one checkpoint as one atomic unit. The files are written into a staging directory
 and fsynced, the directory is renamed to ckpt-<step> and its parent fsynced, then LATEST is
-replaced atomically; only then is the previous checkpoint removed."""
+replaced atomically; only then is the previous checkpoint removed.
+
+A staging directory is `.staging-ckpt-<step>-<writer>`, `<writer>` this process's PID and a
+random token: a save's clean-up removes its own writer's staging directories only, never those
+of another process saving into the directory. Those of dead runs go in `tidy`.
+"""
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 from pathlib import Path
 from typing import Any
@@ -36,6 +42,14 @@ from ptum.io import atomic_write_bytes, fsync_path, temp_target
 from ptum.models.user_model import UserModel
 from ptum.pretrain import id_vocab as ids
 
+_TOKEN = secrets.token_hex(4)
+
+
+def writer() -> str:
+    """This process's part of its staging directories' names: "<PID>.<token>" (the token keeps
+    two hosts, or two PID namespaces, on one directory apart; the PID, a forked child)."""
+    return f"{os.getpid()}.{_TOKEN}"
+
 
 def save(
     directory: Path,
@@ -54,7 +68,7 @@ def save(
     directory.mkdir(parents=True, exist_ok=True)
     name = checkpoint_name(int(meta.get("global_step", 0)))
     live = read_pointer(directory)
-    staging = directory / f"{STAGING}{name}-{os.getpid()}"
+    staging = directory / f"{STAGING}{name}-{writer()}"
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir()
@@ -135,24 +149,28 @@ def _commit(directory: Path, staging: Path, name: str, live: str | None) -> None
 
 def tidy(directory: Path) -> None:
     """Finish what a save killed during its clean-up left: remove everything `_remove_stale`
-    would beside the live checkpoint (older checkpoints, staging, temp files). Call it only when
-    the live checkpoint is known good — just saved, or just loaded and verified — since the
-    older ones are what a load falls back to."""
+    would beside the live checkpoint (older checkpoints, temp files), and the staging
+    directories of every writer. Call it only when the live checkpoint is known good — just
+    saved, or just loaded and verified — since the older ones are what a load falls back to,
+    and only as the directory's one writer: `ptum pretrain` holds its lock (`ptum.locks`) for
+    the whole run, so another process's staging directory there is a dead run's."""
     live = read_pointer(directory)
     if live is not None and (directory / live).is_dir():
-        _remove_stale(directory, keep=live)
+        _remove_stale(directory, keep=live, every_writer=True)
 
 
-def _remove_stale(directory: Path, keep: str) -> None:
-    """Remove every checkpoint but `keep`: older ones, staging leftovers of killed saves, temp
-    files of killed pointer writes and the flat layout's files. Files this module did not write
-    (e.g. demo heads) stay."""
+def _remove_stale(directory: Path, keep: str, *, every_writer: bool = False) -> None:
+    """Remove every checkpoint but `keep`: older ones, staging leftovers of failed or killed
+    saves (this writer's only, unless `every_writer`), temp files of killed pointer writes and
+    the flat layout's files. Files this module did not write (e.g. demo heads) stay."""
     ours = (*LEGACY, POINTER)
+    own = f"-{writer()}"
     for entry in directory.iterdir():
         n = entry.name
         if n == keep or n == POINTER:
             continue
-        if entry.is_dir() and (NAME.fullmatch(n) or n.startswith(STAGING)):
+        staging = n.startswith(STAGING) and (every_writer or n.endswith(own))
+        if entry.is_dir() and (NAME.fullmatch(n) or staging):
             shutil.rmtree(entry, ignore_errors=True)
         elif entry.is_file() and (
             n in LEGACY or n.removesuffix(".tmp") in ours or temp_target(n) in ours

@@ -11,6 +11,7 @@ and tests that build a config without a file get what the pipeline gets.
 
 Modules, one job each:
     schema     the dataclasses (one per section, each key documented) and their range checks
+    tune       the `tune` section, its range checks and the names it may take
     load       `load_params`: YAML -> checked dataclasses; `build`, `to_dict`
     overrides  `--set section.key=value` parsing and application
     errors     `ConfigError`

@@ -2,6 +2,7 @@
 
 Each field's comment documents the key. The defaults are the root params.yaml's values
 (tests/test_config.py checks that key by key): params.yaml is where a default is chosen.
+The `tune` section lives in `ptum.config.tune` (its checks did not fit here).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from ptum.config.errors import ConfigError, require
+from ptum.config.tune import TuneConfig
 
 
 @dataclass(frozen=True)
@@ -276,44 +278,6 @@ class SensitivityConfig:
 
 
 @dataclass(frozen=True)
-class TuneConfig:
-    """Stage `tune`: Optuna search over K, λ, P and the pre-training lr (ptum.tune)."""
-
-    # User model each trial pre-trains (a key of ptum.models.ARCHITECTURES; paper Demo: hsa).
-    arch: str = "hsa"
-    # Complete + pruned trials the study must hold; a rerun adds only the missing ones.
-    n_trials: int = 4
-    # Local worker processes on the same storage (`ptum tune --workers N` overrides).
-    workers: int = 1
-    # Sampler seed; trial i pre-trains and fine-tunes with seed + i.
-    seed: int = 0
-    # Pre-training epochs of a trial (the pruner looks after each) and the epochs of the brief
-    # fine-tuning (Demo, label ratio 1.0) whose validation metric is the trial's value.
-    epochs: int = 2
-    finetune_epochs: int = 3
-    # Search space: inclusive ranges for K and P, the λ choices, a log-uniform lr range.
-    k: tuple[int, int] = (1, 5)
-    lam: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
-    p: tuple[int, int] = (1, 16)
-    lr: tuple[float, float] = (1e-4, 1e-2)
-    pruner: Literal["median", "hyperband", "none"] = "median"
-    prune_startup_trials: int = 2
-    # Maximise (Demo validation metric, CTR validation AUC) and report the Pareto front; Optuna
-    # does not prune multi-objective studies.
-    multi_objective: bool = False
-    # RDB storage URL (PostgreSQL when workers run on several machines) and study name; "" =
-    # ptum-ARCH-<hash of data, model, options, search space, seed>, so changing what a trial
-    # measures starts a new study instead of mixing incomparable trials.
-    storage: str = "sqlite:///data/tune/optuna.db"
-    study_name: str = ""
-    # A RUNNING trial without a heartbeat for grace_period seconds (its process died) is marked
-    # FAIL when the study next starts a trial, and its parameters are retried retry_killed times.
-    heartbeat_interval: int = 60
-    grace_period: int = 180
-    retry_killed: int = 1
-
-
-@dataclass(frozen=True)
 class ExportConfig:
     """Stage `export@ARCH`: ONNX files of a pre-trained model (+ serving heads)."""
 
@@ -374,6 +338,13 @@ class Params:
             self.pretrain.k,
             f"< prepare.max_behaviors ({self.prepare.max_behaviors}): NBP needs a history "
             "before the K next behaviors",
+        )
+        require(
+            self.tune.k[1] < self.prepare.max_behaviors,
+            "tune.k",
+            self.tune.k,
+            f"a range below prepare.max_behaviors ({self.prepare.max_behaviors}): NBP needs a "
+            "history before the K next behaviors",
         )
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import polars as pl
 
 from ptum.data.errors import DataError
+from ptum.data.verified import decoder_failure
 
 REQUIRED = {
     "behaviors": ("user_id", "timestamp", "text"),
@@ -56,19 +57,20 @@ def find_table(directory: Path, table: str) -> Path | None:
     return None
 
 
-def _tsv_header(path: Path) -> list[str]:
+def _tsv_header(path: Path, name: Path) -> list[str]:
+    """The header fields of the TSV file `path` (`name`: the file to name in errors)."""
     with path.open("rb") as f:
         first = f.readline()
     try:
         header = first.decode("utf-8").rstrip("\r\n")
     except UnicodeDecodeError:
-        raise DataError(path, 1, "header line is not valid UTF-8") from None
+        raise DataError(name, 1, "header line is not valid UTF-8 (not a TSV text file?)") from None
     if not header:
-        raise DataError(path, 1, "empty file or missing header line")
+        raise DataError(name, 1, "empty file or missing header line")
     return header.split("\t")
 
 
-def scan(path: Path, table: str) -> tuple[pl.LazyFrame, list[str]]:
+def scan(path: Path, table: str, origin: Path | None = None) -> tuple[pl.LazyFrame, list[str]]:
     """Lazily read a table as string columns plus `line` and a per-row `reason`.
 
     Returns the LazyFrame (columns: line, the table's columns, reason) and the label columns
@@ -76,12 +78,14 @@ def scan(path: Path, table: str) -> tuple[pl.LazyFrame, list[str]]:
     Row-level problems that need the whole table (duplicates, unknown users) are added later by
     the caller; this function flags what one row alone can tell. A Parquet table written by
     `ptum ingest` from a text file may carry SOURCE_LINE (that file's line of each row): it is
-    kept, for messages.
+    kept, for messages. `origin`: the file the user gave, named in errors (default `path`; it
+    differs when `path` is ingest's copy of it).
     """
+    name = origin or path
     if path.suffix == ".parquet":
-        lf, columns, typed = _scan_parquet(path, table)
+        lf, columns, typed = _scan_parquet(path, table, name)
     else:
-        lf, columns = _scan_tsv(path, table)
+        lf, columns = _scan_tsv(path, table, name)
         typed = set()
     keep = [c for c in columns if c in REQUIRED[table] or c in OPTIONAL[table]]
     label_cols: list[str] = []
@@ -89,7 +93,7 @@ def scan(path: Path, table: str) -> tuple[pl.LazyFrame, list[str]]:
         label_cols = [c for c in columns if c != "user_id"]
         if not label_cols:
             raise DataError(
-                path,
+                name,
                 None if path.suffix == ".parquet" else 1,
                 "labels table has no label column besides user_id",
             )
@@ -102,15 +106,22 @@ def scan(path: Path, table: str) -> tuple[pl.LazyFrame, list[str]]:
     return _typed(lf, keep, typed, label_cols), label_cols
 
 
-def _scan_parquet(path: Path, table: str) -> tuple[pl.LazyFrame, list[str], set[str]]:
+def _scan_parquet(path: Path, table: str, name: Path) -> tuple[pl.LazyFrame, list[str], set[str]]:
     """A Parquet table as string columns (integer timestamp/clicked/source line kept as they
-    are: `typed`), with `line` = 1-based row number and no reason yet."""
+    are: `typed`), with `line` = 1-based row number and no reason yet. Errors name `name`."""
     lf = pl.scan_parquet(path)
-    schema = lf.collect_schema()
+    try:
+        schema = lf.collect_schema()  # reads the footer: garbage fails here
+    except BaseException as exc:  # a polars panic is not an Exception
+        kind = decoder_failure(exc)
+        if kind is None:
+            raise
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise DataError(name, None, f"not a readable Parquet file ({kind}: {first})") from None
     columns = list(schema.names())
     missing = [c for c in REQUIRED[table] if c not in columns]
     if missing:
-        raise DataError(path, None, f"missing column(s) {missing}; file has {columns}", "row")
+        raise DataError(name, None, f"missing column(s) {missing}; file has {columns}", "row")
     # Integer timestamp/clicked columns skip the string round trip below (same values).
     typed = {
         c
@@ -127,15 +138,15 @@ def _scan_parquet(path: Path, table: str) -> tuple[pl.LazyFrame, list[str], set[
     return lf, columns, typed
 
 
-def _scan_tsv(path: Path, table: str) -> tuple[pl.LazyFrame, list[str]]:
+def _scan_tsv(path: Path, table: str, name: Path) -> tuple[pl.LazyFrame, list[str]]:
     """A TSV table as string columns, `line` = 1-based line number, and a `__reason` for what
-    the line itself shows (blank, wrong field count, bad UTF-8)."""
-    columns = _tsv_header(path)
+    the line itself shows (blank, wrong field count, bad UTF-8). Errors name `name`."""
+    columns = _tsv_header(path, name)
     missing = [c for c in REQUIRED[table] if c not in columns]
     if missing:
-        raise DataError(path, 1, f"missing column(s) {missing}; header has {columns}")
+        raise DataError(name, 1, f"missing column(s) {missing}; header has {columns}")
     if len(set(columns)) != len(columns):
-        raise DataError(path, 1, f"duplicate column names in header {columns}")
+        raise DataError(name, 1, f"duplicate column names in header {columns}")
     # One string column per physical line keeps line numbers exact (blank lines included)
     # and lets the split below find lines with the wrong number of fields.
     raw = pl.scan_csv(

@@ -65,6 +65,8 @@ def read_ptum_tsv(path: Path) -> pl.DataFrame:
             users.extend([cols[0]] * len(t))
             texts.extend(t)
             lines.extend([n] * len(t))
+    if not users:
+        raise DataError(path, None, "no behaviors: the file is empty or has only blank lines")
     return pl.DataFrame(
         {"user_id": users, "timestamp": stamps, "text": texts, SOURCE_LINE: lines},
         schema={
@@ -154,6 +156,9 @@ def _copy_generic(src: Path | None, out: Path) -> dict[str, str]:
         if found is not None:
             shutil.copyfile(found, out / found.name)
             origins[found.name] = str(found)
+            # Refuse what is not a table at all (garbage, an empty file, missing columns) now,
+            # naming the user's file; the rows are checked by `ptum prepare`.
+            generic.scan(out / found.name, table, origin=found)
     if generic.find_table(out, "behaviors") is None:
         raise DataError(src, None, "no behaviors.tsv or behaviors.parquet in this directory")
     return origins

@@ -12,13 +12,13 @@ what `prepare` would write with `prepare.seed = s`.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import polars as pl
 
+from ptum.data import verified
 from ptum.data.prepare.splits import ratio_column, split_impressions, split_labels
 from ptum.finetune.train import CtrData
 from ptum.pretrain.data import Corpus, load_corpus
@@ -42,8 +42,8 @@ class DemoTask:
 
 
 def load_demo(prepared: Path, tokenized: Path, max_len: int, ratios: list[float]) -> DemoTask:
-    labels = pl.read_parquet(prepared / "labels.parquet").sort("user_id")
-    report = json.loads((prepared / "report.json").read_text())
+    labels = verified.read_parquet(prepared / "labels.parquet", "prepare").sort("user_id")
+    report = verified.read_json(prepared / "report.json", "prepare")
     cols = report["labels"].get("label_columns", [])
     corpus = load_corpus(
         prepared, tokenized, "", max_len, view="full", users=labels["user_id"].to_list()
@@ -80,7 +80,7 @@ class CtrTask:
 
 def _item_counts(prepared: Path, view: str, n_items: int) -> np.ndarray:
     ids = (
-        pl.read_parquet(prepared / "sequences.parquet", columns=["view", "item_ids"])
+        verified.read_parquet(prepared / "sequences.parquet", "prepare", ["view", "item_ids"])
         .filter(pl.col("view") == view)["item_ids"]
         .explode()
         .drop_nulls()
@@ -90,7 +90,7 @@ def _item_counts(prepared: Path, view: str, n_items: int) -> np.ndarray:
 
 
 def load_ctr(prepared: Path, tokenized: Path, max_len: int, ratios: list[float]) -> CtrTask:
-    imps = pl.read_parquet(prepared / "impressions.parquet")
+    imps = verified.read_parquet(prepared / "impressions.parquet", "prepare")
     is_test = imps["window"] == "test"
     train_users = imps.filter(~is_test)["user_id"].unique().sort().to_list()
     test_users = imps.filter(is_test)["user_id"].unique().sort().to_list()

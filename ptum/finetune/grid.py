@@ -14,7 +14,6 @@ rerun only computes cells whose inputs changed.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import sys
@@ -29,6 +28,7 @@ from tqdm import tqdm
 
 from ptum import checkpoint
 from ptum.codedeps import module_closure, source_digest
+from ptum.data.prepare.tasks import available_tasks
 from ptum.finetune.baselines import (
     CTR_BASELINES,
     DEMO_BASELINES,
@@ -314,9 +314,9 @@ def _worker_init(
 
 
 def _task_labels(task: str, prepared: Path) -> list[str]:
-    """The task's label columns: Demo's from prepare's report, ["click"] for CTR."""
-    report = json.loads((prepared / "report.json").read_text())
-    return report["labels"].get("label_columns", []) if task == "demo" else ["click"]
+    """The task's labels: Demo's label columns that the prepared data allows (a column with one
+    class among the training users, or no test user, is left out), ["click"] for CTR."""
+    return list(available_tasks(prepared)["demo"]) if task == "demo" else ["click"]
 
 
 def _checkpoint_hashes(ckpts: dict[str, Path], tokenized: Path) -> dict[str, str]:

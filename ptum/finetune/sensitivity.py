@@ -10,12 +10,14 @@ model trained from scratch. Variants that coincide (λ = 0 is MBP only; the defa
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from ptum.config import FinetuneConfig, PretrainConfig, SensitivityConfig
+from ptum.data.prepare.tasks import why_unavailable
 from ptum.finetune.grid import DEFAULT_SPLIT, SplitSpec
 from ptum.finetune.stage import config_grid
 from ptum.pretrain.stage import run_stage as pretrain_stage
@@ -102,9 +104,18 @@ def run(
     )
     experiments = plan(pre, opts)
     results: dict[str, dict] = {}
+    # The stage's directory outputs exist even when no task is available (DVC requires them).
+    for d in (models_root, cache_dir, reports / "sensitivity" / "pretrain"):
+        d.mkdir(parents=True, exist_ok=True)
     for task in opts.tasks:
         model = opts.demo_model if task == "demo" else opts.ctr_model
         metric = "acc" if task == "demo" else "auc"
+        results[task] = {"model": model, "metric": metric, "ratio": opts.ratio}
+        why = why_unavailable(task, prepared)
+        if why is not None:  # a normal outcome: nothing to fine-tune, so no variant to train
+            print(f"sensitivity: {task} skipped: not available ({why})", file=sys.stderr)
+            results[task].update(available=False, why_not=why, experiments={})
+            continue
         per_exp: dict[str, dict] = {}
         done: dict[str, list[dict]] = {}
         for name, exp in experiments.items():
@@ -120,12 +131,7 @@ def run(
             "variant": "scratch",
             **_aggregate(scratch, metric),
         }
-        results[task] = {
-            "model": model,
-            "metric": metric,
-            "ratio": opts.ratio,
-            "experiments": per_exp,
-        }
+        results[task]["experiments"] = per_exp
     return results
 
 

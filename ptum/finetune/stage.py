@@ -8,10 +8,12 @@ Outputs (TASK = demo | ctr):
 
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
 from ptum.config import FinetuneConfig
+from ptum.data.prepare.tasks import why_unavailable
 from ptum.finetune.grid import SplitSpec, load_ctr, load_demo, run_grid
 from ptum.finetune.summary import METRICS, predictions_frame, summarize
 from ptum.finetune.train import MODES, CellOptions
@@ -92,6 +94,9 @@ def run_stage(
     bad = sorted(set(cfg.modes) - set(MODES))
     if bad:
         raise ValueError(f"finetune.modes: unknown {bad}; choose from {list(MODES)}")
+    why = why_unavailable(task, prepared)
+    if why is not None:
+        return write_unavailable(task, why, out, cache_dir)
     ratios = list(cfg.ratios)
     runs = config_grid(
         cfg,
@@ -117,6 +122,25 @@ def run_stage(
     _write_json(out, _result(cfg, task, split, summary, runs))
     _write_json(out.with_name(out.stem + "_metrics.json"), headline(task, summary))
     return summary
+
+
+def write_unavailable(task: str, why: str, out: Path, cache_dir: Path) -> dict:
+    """The outputs of a task the prepared data does not allow (a normal outcome, e.g. the PTUM
+    behavior.tsv layout has no labels and no impressions): TASK.json and the metrics file say
+    so and why, the predictions file has its columns and no rows, the cell cache is empty."""
+    print(f"{task} grid: not run: {task} is not available ({why})", file=sys.stderr)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    pred_path = out.with_name(out.stem + "_predictions.parquet")
+    pred_path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(pred_path) as tmp:
+        predictions_frame(task, [], []).write_parquet(tmp)
+    result = {"task": task, "available": False, "why_not": why}
+    _write_json(
+        out,
+        {**result, **{k: [] for k in ("summary", "tests", "claims", "versus_baselines", "runs")}},
+    )
+    _write_json(out.with_name(out.stem + "_metrics.json"), result)
+    return result
 
 
 def _test_users(

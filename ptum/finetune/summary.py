@@ -57,7 +57,24 @@ def predictions_frame(task: str, runs: list[dict], user_ids: Sequence[str]) -> p
                 }
             )
         )
-    return pl.concat(frames) if frames else pl.DataFrame()
+    return pl.concat(frames) if frames else pl.DataFrame(schema=prediction_schema(task))
+
+
+def prediction_schema(task: str) -> dict[str, type[pl.DataType]]:
+    """The columns of `predictions_frame` (also those of a task's empty predictions file)."""
+    out: dict[str, type[pl.DataType]] = {
+        "task": pl.String,
+        "label": pl.String,
+        "model": pl.String,
+        "mode": pl.String,
+        "ratio": pl.Float64,
+        "seed": pl.Int32,
+        "row": pl.Int64,
+        "user_id": pl.String,
+        "y": pl.Int64,
+    }
+    out["pred" if task == "demo" else "score"] = pl.Int64 if task == "demo" else pl.Float64
+    return out
 
 
 def cell_metric(task: str, metric: str, y: np.ndarray, out: np.ndarray, n_classes: int) -> float:

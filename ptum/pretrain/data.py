@@ -9,8 +9,6 @@ resumed run rebuilds exactly the batches it would have seen.
 from __future__ import annotations
 
 import hashlib
-import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +16,8 @@ import numpy as np
 import polars as pl
 import torch
 
-from ptum.hashing import HashMismatch, verify_file
+from ptum.data import verified
+from ptum.hashing import HashMismatch
 from ptum.models.layers import time_gap_bucket
 
 
@@ -75,9 +74,11 @@ def load_corpus(
 ) -> Corpus:
     """Load one pre-training split ("train" / "valid") of the `before_test` view, or a given
     list of users of any view (for downstream tasks)."""
-    seqs = pl.read_parquet(prepared / "sequences.parquet").filter(pl.col("view") == view)
+    seqs = verified.read_parquet(prepared / "sequences.parquet", "prepare")
+    seqs = seqs.filter(pl.col("view") == view)
     if users is None:
-        keep = pl.read_parquet(prepared / "users.parquet").filter(pl.col("pretrain_split") == split)
+        keep = verified.read_parquet(prepared / "users.parquet", "prepare")
+        keep = keep.filter(pl.col("pretrain_split") == split)
         seqs = seqs.join(keep.select("user_id"), on="user_id").sort("user_id")
     else:
         order = pl.DataFrame({"user_id": users}).with_row_index("__i")
@@ -91,53 +92,36 @@ def load_corpus(
 
 
 def _tokenize_report(tokenized: Path) -> dict:
-    path = tokenized / "report.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; re-run `ptum tokenize`")
-    return json.loads(path.read_text())
+    return verified.read_json(tokenized / "report.json", "tokenize")
 
 
 def tokenizer_digest(tokenized: Path) -> str:
     """The SentencePiece model's SHA-256 as tokenized/report.json records it, after checking
-    that spm.model still has those bytes (HashMismatch otherwise)."""
-    report = _tokenize_report(tokenized)
-    digest = report["spm_sha256"]
-    verify_file(tokenized / "spm.model", digest, tokenized / "report.json", "`ptum tokenize`")
+    spm.model and the report against tokenized/manifest.json (HashMismatch otherwise)."""
+    digest = _tokenize_report(tokenized)["spm_sha256"]
+    verified.verify(tokenized / "spm.model", "tokenize")
     return digest
 
 
 def read_tokens(tokenized: Path) -> np.ndarray:
-    """tokens.npy ((N + 1, T) int32), checked against tokenized/report.json: its SHA-256 where
-    the report records one (`tokens_sha256`), and always its shape (items + 1, max_tokens) and
-    token range [0, vocab_size). HashMismatch names the file and the stage to re-run."""
+    """tokens.npy ((N + 1, T) int32), checked against tokenized/manifest.json, and its shape
+    (items + 1, max_tokens) and token range [0, vocab_size) against tokenized/report.json
+    (a manifest rewritten by hand may pass the first check). The errors name the file and the
+    stage to rerun."""
     report = _tokenize_report(tokenized)
     path = tokenized / "tokens.npy"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; re-run `ptum tokenize`")
-    data = path.read_bytes()
-    where = f"{tokenized / 'report.json'}"
-    expected = report.get("tokens_sha256")
-    if expected is not None and hashlib.sha256(data).hexdigest() != expected:
-        raise HashMismatch(
-            f"{path}: does not match the tokens_sha256 recorded in {where} (modified or "
-            "corrupt); re-run `ptum tokenize`"
-        )
-    try:
-        tokens = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise HashMismatch(
-            f"{path}: not a readable .npy file ({e}); re-run `ptum tokenize`"
-        ) from None
+    tokens = verified.load_npy(path, "tokenize")
+    where = tokenized / "report.json"
     shape = (int(report["items"]) + 1, int(report["max_tokens"]))
     if tokens.ndim != 2 or tokens.shape != shape or tokens.dtype.kind not in "iu":
         raise HashMismatch(
             f"{path}: {tokens.dtype} {tokens.shape} is not the int ({shape[0]}, {shape[1]}) "
-            f"matrix {where} describes; re-run `ptum tokenize`"
+            f"matrix {where} describes; {verified.fix('tokenize')}"
         )
     if tokens.size and (tokens.min() < 0 or tokens.max() >= int(report["vocab_size"])):
         raise HashMismatch(
             f"{path}: token ids outside [0, {report['vocab_size']}) of the tokenizer in "
-            f"{where}; re-run `ptum tokenize`"
+            f"{where}; {verified.fix('tokenize')}"
         )
     return tokens
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import torch
 
+from ptum.data import verified
 from ptum.models.behavior import PAD_ROW, UNKNOWN_ROW
 
 FILE = "id_vocab.json"
@@ -116,7 +116,7 @@ def build_id_vocab(
 
 def item_texts(prepared: Path) -> list[str]:
     """Texts of the prepared item table in item-id order (texts[i - 1] = item i)."""
-    items = pl.read_parquet(prepared / "items.parquet", columns=["item_id", "text"])
+    items = verified.read_parquet(prepared / "items.parquet", "prepare", ["item_id", "text"])
     items = items.sort("item_id")
     ids = items["item_id"].to_numpy()
     if not np.array_equal(ids, np.arange(1, len(ids) + 1)):

@@ -7,7 +7,6 @@ same options.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ptum.data import verified
 from ptum.models.behavior import ID_MIN_COUNT
 from ptum.models.user_model import ARCHITECTURES, ModelConfig
 from ptum.pretrain.data import Corpus, file_digest, load_corpus, tokenizer_digest
@@ -62,7 +62,7 @@ def load_inputs(
     sizes = dict(model_sizes or {})
     train = load_corpus(prepared, tokenized, "train", max_behaviors)
     valid = load_corpus(prepared, tokenized, "valid", max_behaviors)
-    vocab_size = int(json.loads((tokenized / "report.json").read_text())["vocab_size"])
+    vocab_size = int(verified.read_json(tokenized / "report.json", "tokenize")["vocab_size"])
     id_vocab = None
     if behavior_encoder == "hybrid":
         min_count = int(sizes.get("id_min_count", ID_MIN_COUNT))

@@ -47,6 +47,11 @@ def read_tuned(path: Path | None) -> dict[str, int | float]:
         data = json.loads(path.read_text())
     except ValueError as e:
         raise ValueError(f"{path}: not JSON ({e}); rerun the tune stage") from e
+    if isinstance(data, dict) and data.get("available") is False:
+        raise ValueError(
+            f"pretrain.use_tuned is true but {path} holds no tuned values: the tune stage had "
+            f"no task to score trials on ({data.get('why_not')}); set pretrain.use_tuned: false"
+        )
     for key in TUNED_KEYS:
         value = data.get(key) if isinstance(data, dict) else None
         if isinstance(value, bool) or not isinstance(value, int | float):

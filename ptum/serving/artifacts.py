@@ -56,7 +56,9 @@ class ExportDir:
 
 
 def open_export(model_dir: Path) -> ExportDir:
-    """The export in `model_dir`; DataError with what to run when there is none."""
+    """The export in `model_dir`, every file export.json lists checked against its SHA-256
+    (a corrupt file is refused even when this command would not read it); DataError with what
+    to run when there is none or a file is missing or changed."""
     report = model_dir / REPORT
     if not report.is_file():
         what = "does not exist" if not model_dir.exists() else f"has no {REPORT}"
@@ -67,9 +69,12 @@ def open_export(model_dir: Path) -> ExportDir:
             "or point --model at the directory it wrote",
         )
     try:
-        files = json.loads(report.read_text())["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        files = json.loads(report.read_bytes().decode("utf-8"))["files"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise DataError(report, None, f"unreadable ({type(e).__name__}: {e}); {RERUN}") from None
     if not isinstance(files, dict):
         raise DataError(report, None, f"'files' is not a mapping; {RERUN}")
-    return ExportDir(model_dir, {str(k): str(v) for k, v in files.items()})
+    export = ExportDir(model_dir, {str(k): str(v) for k, v in files.items()})
+    for name in export.files:  # the whole export, not only the files this command will read
+        export.read(name)
+    return export

@@ -36,9 +36,13 @@ class StageError(Exception):
 
 
 def _native_kind(exc: BaseException) -> str | None:
-    """'polars ComputeError', 'safetensors SafetensorError', 'onnxruntime NoSuchFile', or None."""
+    """'polars ComputeError', 'safetensors SafetensorError', 'onnxruntime NoSuchFile',
+    'pyo3_runtime PanicException' (a native reader's panic: polars on a damaged Parquet file;
+    it derives from BaseException, not Exception), or None."""
     for cls in type(exc).__mro__:
         module = cls.__module__ or ""
+        if cls.__name__ == "PanicException":
+            return f"{module.split('.')[0]} PanicException"
         if module.startswith("polars") and cls.__name__ in POLARS_INPUT_ERRORS:
             return f"polars {cls.__name__}"
         if module.startswith("safetensors"):
@@ -65,15 +69,15 @@ def rebuild_hint(files: list[Path]) -> str:
 @contextmanager
 def reading(*inputs: Path, writing: Path | None = None) -> Iterator[None]:
     """Turn an error from reading a damaged or foreign input (polars, safetensors, onnxruntime,
-    invalid JSON) raised inside the block into a StageError naming `inputs` and the fix; a
-    full disk while writing is named as such (`writing`: the output, when the error has no
-    file name)."""
+    a native reader's panic, invalid JSON) raised inside the block into a StageError naming
+    `inputs` and the fix; a full disk while writing is named as such (`writing`: the output,
+    when the error has no file name)."""
     try:
         yield
     except json.JSONDecodeError as exc:
         files = [LAST_JSON[0]] if LAST_JSON else list(inputs)
         raise StageError(_json_message(exc, files)) from exc
-    except Exception as exc:
+    except BaseException as exc:  # a PanicException is not an Exception
         kind = _native_kind(exc)
         if kind is None:
             raise
@@ -136,7 +140,9 @@ def _os_message(exc: OSError) -> str:
         return (
             f"{name}: cannot write ({exc.strerror}): the device is full, a quota is exceeded or "
             "a file size limit (ulimit -f) is reached; free some space (`dvc gc` drops unused "
-            "cache entries) or raise the limit and rerun: the stage starts over cleanly"
+            "cache entries) or raise the limit and rerun: the stage resumes from what it saved "
+            "completely (its last checkpoint, its finished grid cells) or starts over, and never "
+            "reads a half-written file"
         )
     if isinstance(exc, PermissionError) or exc.errno == errno.EROFS:
         return (

@@ -9,16 +9,15 @@ client (TORCHELASTIC_USE_AGENT_STORE: the arrangement torchrun uses with its age
 NCCL are pointed at the loopback interface too. Nothing listens beyond this machine.
 
 Ranks die with this process (Linux: a parent-death signal), and when one rank fails the others
-are stopped. Multi-node training is not started from here: run `torchrun` with your own
-rendezvous around `python -m ptum pretrain ...` (WORLD_SIZE is then set, and ptum joins that
-group instead of launching one).
+are stopped. They write under this process's lock of the output (`ptum.locks`: the CLI took it,
+PTUM_HELD_LOCKS tells the ranks). Multi-node training is not started from here: run `torchrun`
+with your own rendezvous around `python -m ptum pretrain ...` (WORLD_SIZE is then set, and ptum
+joins that group instead of launching one; rank 0 takes the lock).
 """
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +25,8 @@ import time
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from typing import Any
+
+from ptum.locks import die_with_parent
 
 LOOPBACK = "127.0.0.1"
 STORE_TIMEOUT_S = 300  # how long a rank waits for the others at the rendezvous
@@ -77,12 +78,6 @@ def host_store() -> tuple[Any, int]:
     return store, port
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: the child gets SIGTERM when the launching process dies (even by SIGKILL)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
-
-
 def _first_failure(procs: list[subprocess.Popen], poll_s: float) -> tuple[int, int] | None:
     """Wait until every rank has exited 0 (None) or one has failed: (rank, exit status)."""
     while True:
@@ -128,7 +123,7 @@ def run_local(
                     env=rank_env(
                         os.environ if env is None else env, rank=rank, nproc=nproc, port=port
                     ),
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=die_with_parent,  # SIGTERM when we die
                 )
             )
         failure = _first_failure(procs, poll_s)

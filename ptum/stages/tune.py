@@ -10,7 +10,14 @@ from ptum.config import Params, to_dict
 from ptum.finetune.stage import cell_options
 from ptum.pretrain.stage import train_options
 from ptum.stages.errors import reading
-from ptum.tune import SearchSpace, StudySpec, TrialSetup, default_study_name, tune
+from ptum.tune import (
+    SearchSpace,
+    StudySpec,
+    TrialSetup,
+    check_store,
+    default_study_name,
+    tune,
+)
 
 
 def run(
@@ -27,6 +34,7 @@ def run(
     running one study by hand. Returns the study's summary without its Pareto front.
     """
     t = p.tune
+    check_store(t.storage)  # a damaged study file is named before the data are hashed
     setup = TrialSetup(
         prepared=prepared,
         tokenized=paths.TOKENIZED,

@@ -7,6 +7,7 @@ validation only. The modules, one job each:
 - `trial`: the search space and the trial set-up (`SearchSpace`, `TrialSetup`);
 - `objective`: one trial's score, and the intermediate value the pruner sees (they differ);
 - `storage`: the RDB storage, safe to open from simultaneous workers, with heartbeats;
+- `integrity`: the checks of a study read back (a damaged file, impossible stored values);
 - `study`: study name and user attrs, pruner, opening the study from a worker;
 - `budget`: running trials to the exact `n_trials` over any number of workers, progress bar;
 - `outputs`, `plots`: best_params.json and the PNG figures of a finished study;
@@ -14,6 +15,7 @@ validation only. The modules, one job each:
 """
 
 from ptum.tune.budget import CLAIMED, DONE, run_trials
+from ptum.tune.integrity import StudyDamaged, check_store, check_values
 from ptum.tune.objective import load_data, make_objective
 from ptum.tune.outputs import write_outputs
 from ptum.tune.plots import write_plots
@@ -35,8 +37,11 @@ __all__ = [
     "DONE",
     "PRUNERS",
     "SearchSpace",
+    "StudyDamaged",
     "StudySpec",
     "TrialSetup",
+    "check_store",
+    "check_values",
     "default_study_name",
     "load_data",
     "make_objective",

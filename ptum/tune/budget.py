@@ -21,6 +21,7 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
 from tqdm import tqdm
 
+from ptum.tune.storage import fail_silent_trials
 from ptum.tune.trial import log
 
 # Trials that count towards the study's n_trials (a FAIL is retried by the next run).
@@ -112,7 +113,9 @@ def run_trials(
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
-        # A dead worker's RUNNING trial would hold a place until the first trial here starts.
+        # A dead worker's RUNNING trial would hold a place until the first trial here starts;
+        # one that died before its first heartbeat, for good.
+        fail_silent_trials(study)
         optuna.storages.fail_stale_trials(study)
     busy = (*DONE, TrialState.RUNNING)
     if len(study.get_trials(deepcopy=False, states=busy)) >= n_trials:

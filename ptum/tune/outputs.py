@@ -2,7 +2,9 @@
 
 - `best_params.json` (the stage's DVC metric, at most a dozen numbers): the best trial's k, lam,
   p, lr, its number and value (multi-objective: the Pareto trial with the best mean of the
-  objectives, and its value per objective), and the complete / pruned / failed trial counts.
+  objectives, and its value per objective), and the complete / pruned / failed / surplus trial
+  counts (a surplus trial ended before any work: other workers had taken the budget, see
+  `ptum.tune.budget`).
   `pretrain.use_tuned: true` pre-trains with its k, lam, p, lr.
 - `study.json` beside the figures (a plain output): the same best trial with the study name,
   the objectives, the counts of every trial state, and in multi-objective mode the whole front.
@@ -18,6 +20,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ptum.io import atomic_write_json
+from ptum.pretrain.stage import TUNED_KEYS
 from ptum.tune.plots import write_plots
 
 STUDY_JSON = "study.json"  # the detailed summary, written beside the figures
@@ -34,7 +37,7 @@ def _entry(t: FrozenTrial, names: list[str]) -> dict[str, Any]:
     values = dict(zip(names, t.values))
     return {
         "trial": t.number,
-        **{k: t.params[k] for k in ("k", "lam", "p", "lr")},
+        **{k: t.params[k] for k in TUNED_KEYS},
         "value": float(np.mean(t.values)),
         "values": values,
     }
@@ -46,16 +49,7 @@ def write_outputs(
     """best_params.json (headline), reports_dir/study.json (detail) and the history /
     importance (/ Pareto or intermediate values) PNGs of a finished study; returns the detail
     with the figures written."""
-    counts = {
-        s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
-        for s in (
-            TrialState.COMPLETE,
-            TrialState.PRUNED,
-            TrialState.FAIL,
-            TrialState.RUNNING,
-            TrialState.WAITING,
-        )
-    }
+    counts = _counts(study)
     if counts["complete"] == 0:
         raise ValueError(
             f"tune: study {study.study_name!r} has no completed trial yet "
@@ -76,14 +70,40 @@ def write_outputs(
     return {**detail, "plots": write_plots(study, reports_dir, objective_names)}
 
 
+def write_unavailable(why: str, *, best_params_path: Path, reports_dir: Path) -> dict[str, Any]:
+    """best_params.json and study.json of a stage that had no task to score trials on (no study
+    is run): they say so and why; `pretrain.use_tuned` refuses such a file. The tuned keys are
+    there, null (dvc.yaml's pretrain stage declares them as params of this file)."""
+    detail = {"available": False, "why_not": why}
+    _write_json(best_params_path, {**detail, **dict.fromkeys(TUNED_KEYS)})
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(reports_dir / STUDY_JSON, detail)
+    return detail
+
+
+def _counts(study: optuna.Study) -> dict[str, int]:
+    """Trials per state; a surplus trial (`ptum.tune.budget`: FAIL by design, before any work,
+    when other workers took the budget's last place) is counted apart from the failures."""
+    trials = study.get_trials(deepcopy=False)
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in states}
+    counts["surplus"] = sum(
+        t.state == TrialState.FAIL and "surplus" in t.user_attrs for t in trials
+    )
+    counts["fail"] -= counts["surplus"]
+    for s in (TrialState.RUNNING, TrialState.WAITING):
+        counts[s.name.lower()] = sum(t.state == s for t in trials)
+    return counts
+
+
 def headline(detail: dict[str, Any]) -> dict[str, Any]:
     """The numbers `dvc metrics show` lists for the stage: the best trial's parameters, number
     and value (per objective too when there are several), and the trial counts."""
-    out = {k: detail[k] for k in ("trial", "k", "lam", "p", "lr", "value")}
+    out = {k: detail[k] for k in ("trial", *TUNED_KEYS, "value")}
     if len(detail["values"]) > 1:
         out["values"] = detail["values"]
     counts = detail["trials"]
-    return {**out, **{state: counts[state] for state in ("complete", "pruned", "fail")}}
+    return {**out, **{n: counts[n] for n in ("complete", "pruned", "fail", "surplus")}}
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,9 +17,11 @@ from typing import Any
 import optuna
 import torch
 
+from ptum.data.prepare.tasks import why_unavailable
 from ptum.tune.budget import DONE, Progress, run_trials
+from ptum.tune.integrity import check_values
 from ptum.tune.objective import load_data, make_objective
-from ptum.tune.outputs import write_outputs
+from ptum.tune.outputs import write_outputs, write_unavailable
 from ptum.tune.study import StudySpec, open_setup_study
 from ptum.tune.trial import TrialSetup, objective_names
 
@@ -66,6 +69,12 @@ def tune(
     """
     if n_workers < 1:
         raise ValueError("tune: n_workers must be >= 1")
+    why = _why_not_tunable(setup)
+    if why is not None:  # a normal outcome (e.g. the PTUM layout): no trial can be scored
+        print(f"tune: no study: {why}", file=sys.stderr)
+        if setup.work_dir is not None:
+            setup.work_dir.mkdir(parents=True, exist_ok=True)  # the stage's output exists
+        return write_unavailable(why, best_params_path=best_params_path, reports_dir=reports_dir)
     study = open_setup_study(spec, setup)
     remaining = max(0, spec.n_trials - len(study.get_trials(deepcopy=False, states=DONE)))
     t0 = time.perf_counter()
@@ -74,6 +83,8 @@ def tune(
     elif remaining:
         _run_workers(spec, setup, remaining, n_workers, study)
     _sweep_trial_dirs(study, setup.work_dir)
+    # Again: workers on other machines may have added trials since the study was opened.
+    check_values(study, spec.storage, objective_names(setup))
     summary = write_outputs(
         study,
         best_params_path=best_params_path,
@@ -82,6 +93,14 @@ def tune(
     )
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     return summary
+
+
+def _why_not_tunable(setup: TrialSetup) -> str | None:
+    """Why no trial can be scored (a trial is scored on Demo, and on CTR too when
+    multi-objective), or None."""
+    tasks = ("demo", "ctr") if setup.multi_objective else ("demo",)
+    whys = [f"{t}: {w}" for t in tasks if (w := why_unavailable(t, setup.prepared)) is not None]
+    return "; ".join(whys) or None
 
 
 def _sweep_trial_dirs(study: optuna.Study, work_dir: Path | None) -> None:

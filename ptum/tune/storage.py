@@ -5,7 +5,9 @@ study is serialised between processes by a lock file next to a SQLite database, 
 another process won the race (PostgreSQL), so workers may start at the same instant. Trials
 record a heartbeat; a trial whose process died (SIGKILL, lost machine) stops beating and is
 marked FAIL by the next process that starts a trial on the study, after `grace_period` seconds
-(and re-queued with the same parameters once when `retry_killed` > 0).
+(and re-queued with the same parameters once when `retry_killed` > 0). A trial that
+never beat at all (killed within milliseconds of its creation) is failed the same way, by
+`fail_silent_trials`.
 
 RDBStorage rather than JournalStorage because only RDB storages implement Optuna's heartbeat,
 and optuna-dashboard opens the same URL directly. SQLite copes with a few local workers (trials
@@ -16,26 +18,23 @@ machine with the same study name; that is Optuna's own distributed mode.
 
 from __future__ import annotations
 
+import copy
 import fcntl
 import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from datetime import datetime, timedelta
 from typing import TypeVar
 
 import optuna
 import sqlalchemy.exc
 from optuna.exceptions import ExperimentalWarning
-from optuna.trial import FrozenTrial
+from optuna.storages._rdb import models  # the heartbeat table; no public query for it
+from optuna.trial import FrozenTrial, TrialState
 
+from ptum.tune.integrity import sqlite_file
 from ptum.tune.trial import log
-
-
-def _sqlite_path(url: str) -> Path | None:
-    if url.startswith("sqlite:///") and ":memory:" not in url:
-        return Path(url.removeprefix("sqlite:///"))
-    return None
 
 
 @contextmanager
@@ -46,7 +45,7 @@ def creation_lock(url: str) -> Iterator[None]:
     stamp its schema version, and one of them fails (`table studies already exists`, `UNIQUE
     constraint failed: alembic_version`). flock is per open file, so do not nest this.
     """
-    path = _sqlite_path(url)
+    path = sqlite_file(url)
     if path is None:
         yield
         return
@@ -122,3 +121,57 @@ def make_storage(
 
 def _report_stale(study: optuna.Study, trial: FrozenTrial) -> None:
     log(f"tune: trial {trial.number} of {study.study_name} lost its process; marked FAIL")
+
+
+def _rdb(study: optuna.Study) -> optuna.storages.RDBStorage | None:
+    """The study's RDB storage (Optuna wraps it in a cache), or None for another storage."""
+    storage = study._storage
+    storage = getattr(storage, "_backend", storage)
+    return storage if isinstance(storage, optuna.storages.RDBStorage) else None
+
+
+def fail_silent_trials(study: optuna.Study) -> list[int]:
+    """Mark FAIL the RUNNING trials that are older than the grace period and never recorded a
+    heartbeat; returns their numbers.
+
+    Optuna fails a trial whose heartbeat went stale, but a trial without any heartbeat row
+    (its process was killed between creating it and its first beat, milliseconds) stays
+    RUNNING for good, holding a place of the budget (`ptum.tune.budget`). A live trial of
+    `study.optimize` beats at once, so one that is silent after the grace period is dead.
+    The storage's stale-trial callback then runs for it, as for any stale trial (a retry).
+    """
+    rdb = _rdb(study)
+    if rdb is None or rdb.heartbeat_interval is None:
+        return []
+    grace = timedelta(seconds=rdb.grace_period or 2 * rdb.heartbeat_interval)
+    # datetime_start is the creating process's naive local time (Optuna's `datetime.now()`).
+    old = {
+        t._trial_id: t.number
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if t.datetime_start is not None and datetime.now() - t.datetime_start > grace
+    }
+    if not old:
+        return []
+    session = rdb.scoped_session()
+    try:
+        beating = {
+            trial_id
+            for (trial_id,) in session.query(models.TrialHeartbeatModel.trial_id).filter(
+                models.TrialHeartbeatModel.trial_id.in_(list(old))
+            )
+        }
+    finally:
+        rdb.scoped_session.remove()
+    failed = []
+    for trial_id in sorted(set(old) - beating):
+        try:
+            if study._storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                failed.append(trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass  # it ended, or another process failed it first
+    callback = rdb.get_heartbeat_stale_trial_callback()
+    for trial_id in failed:
+        log(f"tune: trial {old[trial_id]} never recorded a heartbeat (its process died); FAIL")
+        if callback is not None:
+            callback(study, copy.deepcopy(study._storage.get_trial(trial_id)))
+    return [old[i] for i in failed]

@@ -33,6 +33,7 @@ import optuna
 from optuna.exceptions import ExperimentalWarning
 
 from ptum.pretrain.data import file_digest
+from ptum.tune.integrity import check_store, check_values, read_all, reading_study
 from ptum.tune.storage import creation_lock, rdb_storage, retry_race
 from ptum.tune.trial import Direction, TrialSetup, directions, log, objective_names
 
@@ -194,22 +195,13 @@ def _pruner(
     return make_pruner(spec.pruner, epochs=epochs, startup_trials=spec.prune_startup_trials)
 
 
-def open_study(
-    spec: StudySpec,
-    *,
-    directions: list[Direction],
-    attrs: Mapping[str, Any],
-    epochs: int,
-    worker: int | None = None,
-) -> optuna.Study:
-    """Create or load the study, safely from several processes at once.
-
-    Records `attrs` as the study's user attrs (first start) and refuses a study whose recorded
-    identity (`_IDENTITY`) or directions differ. The pruner follows `spec` (none for several
-    objectives; `epochs` sizes hyperband). With `worker` (an index) the study gets a seeded
-    TPE sampler for this worker's trials; without, it is only for reading.
-    """
-    with creation_lock(spec.storage):
+def _create(
+    spec: StudySpec, directions: list[Direction]
+) -> tuple[optuna.storages.RDBStorage, optuna.Study]:
+    """The storage and the study (created if new), with every stored row decoded once: a
+    damaged database fails here with a `StudyDamaged` naming it (`ptum.tune.integrity`)."""
+    check_store(spec.storage)
+    with reading_study(spec.storage):
         storage = retry_race(
             lambda: rdb_storage(
                 spec.storage,
@@ -226,6 +218,28 @@ def open_study(
                 load_if_exists=True,
             )
         )
+    read_all(study, spec.storage)
+    return storage, study
+
+
+def open_study(
+    spec: StudySpec,
+    *,
+    directions: list[Direction],
+    attrs: Mapping[str, Any],
+    epochs: int,
+    worker: int | None = None,
+) -> optuna.Study:
+    """Create or load the study, safely from several processes at once.
+
+    Records `attrs` as the study's user attrs (first start) and refuses a study whose recorded
+    identity (`_IDENTITY`) or directions differ. The pruner follows `spec` (none for several
+    objectives; `epochs` sizes hyperband). With `worker` (an index) the study gets a seeded
+    TPE sampler for this worker's trials; without, it is only for reading. A damaged database
+    is refused with a `StudyDamaged` naming it and the fix (`ptum.tune.integrity`).
+    """
+    with creation_lock(spec.storage):
+        storage, study = _create(spec, directions)
         if [d.name.lower() for d in study.directions] != list(directions):
             raise ValueError(
                 f"tune: study {spec.study_name!r} exists with other objectives; "
@@ -255,11 +269,14 @@ def open_study(
 def open_setup_study(
     spec: StudySpec, setup: TrialSetup, *, worker: int | None = None
 ) -> optuna.Study:
-    """`open_study` for the trials of `setup`: its directions, user attrs and epochs."""
-    return open_study(
+    """`open_study` for the trials of `setup`: its directions, user attrs and epochs. Refuses
+    a study holding a value its objectives cannot take (`ptum.tune.integrity.check_values`)."""
+    study = open_study(
         spec,
         directions=directions(setup),
         attrs=study_attrs(setup, spec),
         epochs=setup.base.epochs,
         worker=worker,
     )
+    check_values(study, spec.storage, objective_names(setup))
+    return study

@@ -8,6 +8,7 @@ name and identity are derived from it (`ptum.tune.study`).
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -96,3 +97,21 @@ def objective_names(s: TrialSetup) -> list[str]:
     """demo_valid_METRIC (+ ctr_valid_auc in multi-objective mode)."""
     demo = f"demo_valid_{s.demo_select}"
     return [demo, "ctr_valid_auc"] if s.multi_objective else [demo]
+
+
+# The range of each metric an objective can be (ptum.finetune.metrics): accuracy and macro-F1
+# are shares of users, ROC AUC a probability. A stored value outside it is damage.
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "acc": (0.0, 1.0),
+    "macro_f1": (0.0, 1.0),
+    "auc": (0.0, 1.0),
+}
+
+
+def objective_range(name: str) -> tuple[float, float]:
+    """[low, high] of objective `name` (`objective_names`: demo_valid_acc, ctr_valid_auc...);
+    an objective of no known metric is only required to be finite."""
+    for metric, bounds in METRIC_RANGES.items():
+        if name.endswith(f"_valid_{metric}"):
+            return bounds
+    return (-math.inf, math.inf)

@@ -4,6 +4,7 @@ equal saves, a failed save leaves the previous checkpoint live."""
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -84,6 +85,41 @@ def test_leftover_pointer_temps_are_removed_by_the_next_save(tmp_path):
     save_tiny(tmp_path, seed=1, step=6)
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [".notes.0a1b2c3d.tmp", "LATEST", "ckpt-00000006", "demo_age.json"]
+
+
+def test_a_save_removes_its_own_staging_directories_only(tmp_path, monkeypatch):
+    """Another writer's staging directory (another process saving into the directory) is not
+    this save's to remove; its own leftovers are; `tidy`, run by the directory's one writer
+    (the lock holder), removes those of dead runs too."""
+    from ptum.checkpoint import saving
+
+    save_tiny(tmp_path, seed=0, step=5)
+    other = tmp_path / ".staging-ckpt-00000006-4242.0a1b2c3d"  # another process's
+    own = tmp_path / f".staging-ckpt-00000004-{saving.writer()}"  # left by a failed save
+    for staging in (other, own):
+        staging.mkdir()
+        (staging / "model.safetensors").write_bytes(b"partial")
+    assert saving.writer().startswith(f"{os.getpid()}.")
+    model = save_tiny(tmp_path, seed=1, step=6)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, "LATEST", "ckpt-00000006"]
+    assert (other / "model.safetensors").read_bytes() == b"partial"  # untouched
+    assert same(checkpoint.load(tmp_path).model, model)
+    checkpoint.tidy(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["LATEST", "ckpt-00000006"]
+
+
+def test_a_save_in_progress_is_named_by_its_writer(tmp_path, monkeypatch):
+    from ptum.checkpoint import saving
+
+    seen = []
+    real = checkpoint._write_durable
+    monkeypatch.setattr(
+        checkpoint,
+        "_write_durable",
+        lambda path, data: (seen.append(path.parent), real(path, data)),
+    )
+    save_tiny(tmp_path, seed=0, step=3)
+    assert {p.name for p in seen} == {f".staging-ckpt-00000003-{saving.writer()}"}
 
 
 def test_optimizer_state_round_trips_without_pickle(tmp_path):

@@ -334,3 +334,49 @@ def test_a_very_long_text_is_kept_with_one_warning(tmp_path, capsys):
     assert report["behaviors"]["long_texts"] == 2
     items = pl.read_parquet(tmp_path / "prepared" / "items.parquet")
     assert {long, long + "y"} <= set(items["text"])
+
+
+GARBAGE = bytes(range(255, -1, -1)) * 4  # not UTF-8 text (0xff first), not Parquet
+
+
+@pytest.mark.parametrize(
+    "name, data, problem",
+    [
+        ("behaviors.tsv", b"", r"behaviors.tsv:1: empty file or missing header line"),
+        ("behaviors.tsv", GARBAGE, r"behaviors.tsv:1: header line is not valid UTF-8"),
+        ("behaviors.parquet", b"", r"behaviors.parquet: not a readable Parquet file \(polars "),
+        ("behaviors.parquet", GARBAGE, r"behaviors.parquet: not a readable Parquet file \(polars"),
+        (
+            "behaviors.tsv",
+            b"user_id\ttext\n",
+            r"behaviors.tsv:1: missing column\(s\) \['timestamp'",
+        ),
+    ],
+)
+def test_ingest_refuses_a_generic_table_that_is_not_one_naming_the_users_file(
+    tmp_path, name, data, problem
+):
+    src = tmp_path / "mine"
+    src.mkdir()
+    (src / name).write_bytes(data)
+    with pytest.raises(DataError, match=problem) as err:
+        ingest(source="generic", path=str(src), out_dir=tmp_path / "raw")
+    assert err.value.path == str(src / name)  # the user's file, not the copy in raw/
+    assert not (tmp_path / "raw").exists()
+
+
+@pytest.mark.parametrize(
+    "data, problem",
+    [
+        (b"", r"behavior.tsv: no behaviors: the file is empty or has only blank lines"),
+        (b"\n  \n", r"behavior.tsv: no behaviors: the file is empty or has only blank lines"),
+        (GARBAGE, r"behavior.tsv:1: bytes that are not valid UTF-8"),
+    ],
+)
+def test_ingest_refuses_an_empty_or_garbage_ptum_tsv_naming_it(tmp_path, data, problem):
+    f = tmp_path / "behavior.tsv"
+    f.write_bytes(data)
+    with pytest.raises(DataError, match=problem) as err:
+        ingest(source="ptum_tsv", path=str(f), out_dir=tmp_path / "raw")
+    assert err.value.path == str(f)
+    assert not (tmp_path / "raw").exists()

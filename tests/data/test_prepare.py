@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import polars as pl
 import pytest
 
+from ptum import paths
 from ptum.config import PrepareConfig
 from ptum.data.prepare import ctr_cutoffs, prepare, split_labels
 
@@ -227,8 +231,6 @@ OUTPUTS = ("items", "sequences", "users", "labels", "impressions")
 
 
 def _same_outputs(a, b) -> None:
-    import json
-
     for name in OUTPUTS:
         fa, fb = pl.read_parquet(a / f"{name}.parquet"), pl.read_parquet(b / f"{name}.parquet")
         assert fa.equals(fb), name
@@ -257,6 +259,10 @@ def test_chunked_prepare_equals_in_memory(tiny_pipeline, tmp_path, monkeypatch):
     assert seen == [6 if n % 5 else 5]
     _same_outputs(tmp_path / "whole", tmp_path / "chunked")
     assert not (tmp_path / "chunked" / "chunks").exists()  # scratch files are removed
+    manifest = json.loads((tmp_path / "chunked" / "manifest.json").read_text())["files"]
+    assert set(manifest) == set(
+        json.loads((tmp_path / "whole" / "manifest.json").read_text())["files"]
+    )
 
 
 def _bad_log(raw):
@@ -415,3 +421,14 @@ def test_chunk_passes_show_progress_only_on_a_terminal(tiny_pipeline, tmp_path, 
     assert ("chunk/s" in text or "s/chunk" in text) == tty
     # The step lines are there either way (logs show which pass a long run is in).
     assert "chunks of whole users: validating" in text
+
+
+def test_the_manifest_records_every_output(tiny_pipeline):
+    prepared = tiny_pipeline / "prepared"
+    manifest = json.loads((prepared / "manifest.json").read_text())
+    assert manifest["stage"] == "prepare"
+    written = {p.name for p in prepared.iterdir() if p.is_file() and p.name != "manifest.json"}
+    assert set(manifest["files"]) == written
+    assert {f"{t}.parquet" for t in paths.PREPARED_TABLES} | {"report.json"} <= written
+    for name, digest in manifest["files"].items():
+        assert digest == hashlib.sha256((prepared / name).read_bytes()).hexdigest(), name

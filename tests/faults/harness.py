@@ -188,6 +188,20 @@ def flip_byte(path: Path, mask: int = 0x01) -> int:
     return pos
 
 
+def flip_positions(path: Path, n: int = 3) -> list[int]:
+    """The first and last byte of `path` and `n` others drawn with a seed of its name."""
+    size = path.stat().st_size
+    drawn = random.Random(f"flips:{path.name}").sample(range(size), min(n, size))
+    return sorted({0, size - 1, *drawn})
+
+
+def flip_at(path: Path, pos: int, mask: int = 0x01) -> None:
+    """XOR the byte at `pos` with `mask` (twice: the file as it was)."""
+    data = bytearray(path.read_bytes())
+    data[pos] ^= mask
+    path.write_bytes(bytes(data))
+
+
 def tree(directory: Path) -> dict[str, str]:
     """SHA-256 of every file under `directory`, by relative path."""
     return {

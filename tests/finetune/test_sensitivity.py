@@ -1,5 +1,7 @@
 """The sensitivity plan, on small hand-made inputs."""
 
+import json
+
 from ptum.config import PretrainConfig, SensitivityConfig
 from ptum.finetune.sensitivity import _variant_config, plan
 
@@ -88,3 +90,35 @@ def test_run_pretrains_only_the_variants_the_main_model_is_not(tiny_pipeline, tm
     labels = {k.removesuffix("_mean") for k in exps["none"] if k.endswith("_mean")}
     for e in exps.values():
         assert e["n"] == opts.repeats * len(labels) and 0 < e["mean"] < 1
+
+
+def test_tasks_the_data_does_not_allow_are_skipped_with_the_reason(behaviors_only, tmp_path):
+    """No label, no impression: no variant is pre-trained, no cell runs, each task says why,
+    and the stage's outputs are still written."""
+    from ptum.config import FinetuneConfig, PretrainConfig, SensitivityConfig
+    from ptum.finetune.sensitivity import run, write_outputs
+
+    opts = SensitivityConfig(tasks=("demo", "ctr"), lams=(0.0, 1.0), ks=(2,), repeats=2)
+    res = run(
+        PretrainConfig(architectures=("hsa",)),
+        FinetuneConfig(workers=1),
+        opts,
+        prepared=behaviors_only / "prepared",
+        tokenized=tmp_path / "never_read",
+        max_behaviors=4,
+        models_root=tmp_path / "sensitivity",
+        main_ckpts=tmp_path / "never_read",
+        cache_dir=tmp_path / "cache",
+        reports=tmp_path / "reports",
+    )
+    assert res["demo"]["available"] is False and res["ctr"]["available"] is False
+    assert res["demo"]["why_not"] == "no label columns (the source has no labels table)"
+    assert res["ctr"]["why_not"].startswith("no impressions")
+    assert res["demo"]["experiments"] == res["ctr"]["experiments"] == {}
+    assert not list((tmp_path / "sensitivity").iterdir())
+    write_outputs(res, tmp_path / "reports")
+    assert json.loads((tmp_path / "reports" / "sensitivity" / "metrics.json").read_text()) == {
+        "demo": {},
+        "ctr": {},
+    }
+    assert not list((tmp_path / "reports" / "figures").iterdir())

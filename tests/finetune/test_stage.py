@@ -223,3 +223,28 @@ run_stage(cfg, "demo", prepared=Path({str(tiny_pipeline / "prepared")!r}),
         time.sleep(0.2)
         alive = [p for p in workers if running(p)]
     assert alive == [], f"orphaned workers {alive}"
+
+
+@pytest.mark.parametrize("task", ["demo", "ctr"])
+def test_a_task_the_data_does_not_allow_is_reported_not_run(behaviors_only, task, tmp_path):
+    out = tmp_path / "reports" / f"{task}.json"
+    summary = run_stage(
+        CFG,
+        task,
+        prepared=behaviors_only / "prepared",
+        tokenized=behaviors_only / "missing",  # never read: nothing is run
+        max_behaviors=4,
+        split=SplitSpec(),
+        ckpt_root=behaviors_only / "missing",
+        cache_dir=tmp_path / "cache",
+        out=out,
+    )
+    why = "no label columns" if task == "demo" else "no impressions"
+    assert summary["available"] is False and summary["why_not"].startswith(why)
+    assert json.loads(out.with_name(f"{task}_metrics.json").read_text()) == summary
+    result = json.loads(out.read_text())
+    assert result["available"] is False and result["runs"] == result["versus_baselines"] == []
+    preds = pl.read_parquet(out.with_name(f"{task}_predictions.parquet"))
+    assert preds.height == 0
+    assert preds.columns[-1] == ("pred" if task == "demo" else "score")
+    assert (tmp_path / "cache").is_dir() and not list((tmp_path / "cache").iterdir())

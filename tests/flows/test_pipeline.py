@@ -26,6 +26,8 @@ import httpx
 import pytest
 import yaml
 
+from tests.conftest import write_ptum_tsv
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -426,6 +428,30 @@ def test_two_runs_at_once_are_serialized_and_each_records_its_own_params(served)
         assert lock["stages"]["pretrain@hsa"]["params"]["params.yaml"]["pretrain.epochs"] == epochs
         seen.add(epochs)
     assert seen == {1, 2}
+
+
+def test_a_ptum_behavior_tsv_run_completes_and_says_which_tasks_were_not_available(
+    served, tmp_path
+):
+    """The paper's layout (behaviors only): every stage task completes; the published results
+    and metrics say Demo and CTR were not available, and why."""
+    src = write_ptum_tsv(tmp_path / "behavior.tsv", users=60, seed=1)
+    name = f"ptumtsv-{uuid.uuid4().hex[:8]}"
+    result = _deployment_run(served, name, "quick=true", "source=ptum_tsv", f"data_path={src}")
+    assert result.returncode == 0, _explain(served, result)
+    run = _flow_run(served, name)
+    assert run["state_type"] == "COMPLETED"
+    states = {n: r["state_type"] for n, r in _task_runs(served, run["id"]).items()}
+    assert set(states.values()) == {"COMPLETED"}, states
+    assert {"finetune@demo", "finetune@ctr", "sensitivity", "tune", "export@hsa"} <= set(states)
+    artifacts = _artifacts(served, run["id"])
+    results = artifacts["ptum-results"]["data"]
+    assert "Not available on this data: no label columns" in results, results
+    assert "Not available on this data: no impressions" in results, results
+    table = artifacts["ptum-metrics"]["data"]
+    table = json.loads(table) if isinstance(table, str) else table
+    shown = {(r["file"], r["metric"]): r["value"] for r in table}
+    assert shown[("reports/finetune/demo_metrics.json", "available")] in (False, "False"), table
 
 
 def test_serve_stops_cleanly_on_sigterm(served):

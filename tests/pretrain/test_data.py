@@ -1,11 +1,18 @@
-"""MBP/NBP sample construction: negatives, masking, no peeking at the future."""
+"""MBP/NBP sample construction: negatives, masking, no peeking at the future; the corpus is
+read only from checked stage outputs."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
+import polars as pl
 import pytest
 
+from ptum.data.verified import DamagedInput
+from ptum.hashing import HashMismatch
 from ptum.pretrain.data import load_corpus, make_batch, sample_negatives, step_rng
+from ptum.pretrain.id_vocab import item_texts
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +78,21 @@ def test_batches_are_a_function_of_the_seed(corpus):
     c = make_batch(corpus, rows, step_rng(1, 2, 4), k=2, p=4, negatives="popularity")
     assert all((getattr(a, f) == getattr(b, f)).all() for f in a.__dict__)
     assert not (a.mbp_cands == c.mbp_cands).all()
+
+
+def test_the_corpus_is_read_only_from_checked_outputs(tiny_pipeline, tmp_path):
+    prepared = tmp_path / "prepared"
+    shutil.copytree(tiny_pipeline / "prepared", prepared)
+    users = pl.read_parquet(prepared / "users.parquet")
+    flipped = users.with_columns(
+        pl.when(pl.col("pretrain_split") == "train")
+        .then(pl.lit("valid"))
+        .otherwise(pl.lit("train"))
+        .alias("pretrain_split")
+    )
+    flipped.write_parquet(prepared / "users.parquet")  # a silent change of the split
+    with pytest.raises(HashMismatch, match=r"users.parquet: SHA-256 .*`ptum prepare`"):
+        load_corpus(prepared, tiny_pipeline / "tokenized", "train", 20)
+    (prepared / "manifest.json").unlink()  # as an older ptum left it
+    with pytest.raises(DamagedInput, match=r"manifest.json: missing.* rerun `ptum prepare`$"):
+        item_texts(prepared)

@@ -20,6 +20,7 @@ import yaml
 
 from ptum import checkpoint
 from ptum.config import ModelParams, PretrainConfig
+from ptum.data.verified import write_manifest
 from ptum.hashing import HashMismatch
 from ptum.models.user_model import ModelConfig
 from ptum.pretrain import train as train_mod
@@ -265,12 +266,8 @@ def test_a_re_signed_meta_with_an_impossible_position_is_refused(tiny_pipeline, 
 
 @pytest.fixture
 def tokenized(tiny_pipeline, tmp_path) -> Path:
-    """A copy of the tiny tokenizer outputs whose report records tokens.npy's hash."""
     out = tmp_path / "tokenized"
     shutil.copytree(tiny_pipeline / "tokenized", out)
-    report = json.loads((out / "report.json").read_text())
-    report["tokens_sha256"] = hashlib.sha256((out / "tokens.npy").read_bytes()).hexdigest()
-    (out / "report.json").write_text(json.dumps(report))
     return out
 
 
@@ -292,25 +289,22 @@ def test_a_modified_tokens_matrix_is_refused(tiny_pipeline, tokenized):
     tokens = np.load(tokenized / "tokens.npy")
     tokens[1, 0] = (tokens[1, 0] + 1) % 300
     np.save(tokenized / "tokens.npy", tokens)
-    with pytest.raises(HashMismatch, match=r"tokens.npy: does not match the tokens_sha256"):
+    with pytest.raises(HashMismatch, match=r"tokens.npy: SHA-256 .* recorded in .*manifest.json"):
         load_corpus(tiny_pipeline / "prepared", tokenized, "train", 20)
 
 
-def test_a_swapped_tokens_matrix_is_refused_without_a_recorded_hash(tiny_pipeline, tmp_path):
-    out = tmp_path / "tokenized"
-    shutil.copytree(tiny_pipeline / "tokenized", out)
-    report = json.loads((out / "report.json").read_text())
-    report.pop("tokens_sha256", None)  # a report written before tokenize recorded it
-    (out / "report.json").write_text(json.dumps(report))
-    tokens = np.load(out / "tokens.npy")
-    np.save(out / "tokens.npy", tokens[:-1])  # another item table
+def test_a_swapped_tokens_matrix_is_refused_even_with_a_matching_manifest(tokenized):
+    tokens = np.load(tokenized / "tokens.npy")
+    np.save(tokenized / "tokens.npy", tokens[:-1])  # another item table
+    write_manifest(tokenized, "tokenize")  # a manifest rewritten to match
     with pytest.raises(HashMismatch, match=r"is not the int \(\d+, 16\) matrix"):
-        read_tokens(out)
+        read_tokens(tokenized)
     buf = io.BytesIO()
     np.save(buf, np.full_like(tokens, 10_000))  # another vocabulary
-    (out / "tokens.npy").write_bytes(buf.getvalue())
+    (tokenized / "tokens.npy").write_bytes(buf.getvalue())
+    write_manifest(tokenized, "tokenize")
     with pytest.raises(HashMismatch, match="token ids outside"):
-        read_tokens(out)
+        read_tokens(tokenized)
 
 
 # ---------------------------------------------------------------- parameters

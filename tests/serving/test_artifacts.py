@@ -34,8 +34,17 @@ def _flip(path: Path, at: float = 0.5) -> None:
     path.write_bytes(bytes(data))
 
 
+# behavior_encoder.onnx, and demo_age.onnx without --demo, are files embed does not load: the
+# whole export is checked all the same.
 @pytest.mark.parametrize(
-    "name, demo", [("user_model.onnx", False), ("demo_age.onnx", True), ("spm.model", False)]
+    "name, demo",
+    [
+        ("user_model.onnx", False),
+        ("demo_age.onnx", True),
+        ("demo_age.onnx", False),
+        ("spm.model", False),
+        ("behavior_encoder.onnx", False),
+    ],
 )
 def test_embed_refuses_a_flipped_byte(name: str, demo: bool, exported, tmp_path: Path) -> None:
     model_dir = _copy(exported, tmp_path)
@@ -88,3 +97,13 @@ def test_export_json_lists_what_embed_loads(exported, tmp_path: Path) -> None:
     (model_dir / "export.json").write_text(json.dumps({"files": {}}))
     with pytest.raises(DataError, match="user_model.onnx: not listed in export.json"):
         embed(_log(tmp_path), model_dir, tmp_path / "out.parquet")
+
+
+def test_an_export_json_that_is_not_utf8_is_named(exported, tmp_path: Path) -> None:
+    model_dir = _copy(exported, tmp_path)
+    (model_dir / "export.json").write_bytes(b"\xff\xfe" + (model_dir / "export.json").read_bytes())
+    with pytest.raises(DataError) as e:
+        open_export(model_dir)
+    msg = str(e.value)
+    assert msg.startswith(f"{model_dir / 'export.json'}: unreadable (UnicodeDecodeError")
+    assert "rerun `ptum export`" in msg and "\n" not in msg

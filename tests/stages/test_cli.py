@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import os
 from pathlib import Path
 
 import pytest
 
-from ptum import cli, paths
+from ptum import cli, locks, paths
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -57,7 +58,8 @@ def test_every_subcommand_has_a_stage_module_with_run():
         ),
     ],
 )
-def test_arguments_reach_the_stage_run(argv, stage, expected, monkeypatch, capsys):
+def test_arguments_reach_the_stage_run(argv, stage, expected, monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)  # the run's lock files go beside its outputs
     seen = {}
 
     def fake_run(p, **kwargs):
@@ -112,3 +114,132 @@ def test_ingest_prepare_tokenize_through_the_cli(tmp_path, monkeypatch):
     assert (tmp_path / paths.RAW_MANIFEST).is_file()
     assert all((tmp_path / paths.prepared_table(t)).is_file() for t in paths.PREPARED_TABLES)
     assert (tmp_path / paths.TOKENS).is_file() and (tmp_path / paths.TOKENIZE_REPORT).is_file()
+
+
+# --- one writer per output; the error policy ------------------------------------------------
+
+
+def _fake_stage(monkeypatch, stage: str, run) -> None:
+    monkeypatch.setattr(importlib.import_module(f"ptum.stages.{stage}"), "run", run)
+
+
+def _args(*argv: str):
+    args = cli.build_parser().parse_args([*argv, "--params", str(ROOT / "params.yaml")])
+    args.argv = list(argv)
+    return args
+
+
+def test_each_stage_locks_its_default_outputs_or_out():
+    from ptum.config import load_params
+    from ptum.stages import finetune
+
+    p = load_params(ROOT / "params.yaml", [])
+    arch = p.pretrain.architectures[0]
+    # The stage's own default output, where its run() has one.
+    for stage in cli.STAGES:
+        default = inspect.signature(importlib.import_module(f"ptum.stages.{stage}").run)
+        out = default.parameters.get("out")
+        if out is not None and out.default is not None:
+            assert cli.outputs(p, _args(stage))[0] == out.default, stage
+    assert cli.outputs(p, _args("pretrain")) == [paths.pretrain_model(arch)]
+    assert cli.outputs(p, _args("pretrain", "--arch", "gru4rec", "--out", "x")) == [Path("x")]
+    assert cli.outputs(p, _args("export", "--arch", "han")) == [paths.onnx_model("han")]
+    assert cli.outputs(p, _args("embed")) == [paths.embeddings(arch)]
+    default_task = inspect.signature(finetune.run).parameters["task"].default
+    assert cli.outputs(p, _args("finetune")) == [
+        paths.finetune_result(default_task),
+        paths.finetune_cache(default_task),
+    ]
+    assert cli.outputs(p, _args("finetune", "--task", "ctr", "--out", "r.json")) == [
+        Path("r.json"),
+        paths.finetune_cache("ctr"),
+    ]
+
+
+def test_a_second_writer_of_an_output_is_refused_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    _fake_stage(monkeypatch, "ingest", lambda p, **kw: pytest.fail("ran without the lock"))
+    with locks.holding([Path("raw")]):
+        monkeypatch.delenv(locks.HELD_ENV)  # as seen by another process
+        assert cli.main(["ingest", "--out", "raw", "--params", str(ROOT / "params.yaml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"ptum ingest: error: raw: another ptum process (PID {os.getpid()}) is writing it; "
+        f"wait for it to finish or stop it (kill {os.getpid()}), then rerun"
+    ]
+
+
+def test_the_run_holds_the_lock_and_releases_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    seen = []
+
+    def run(p, **kw):
+        with pytest.raises(locks.OutputLocked):
+            locks.acquire(kw["out"])
+        seen.append(locks.lock_path(kw["out"]).read_text())
+
+    _fake_stage(monkeypatch, "report", run)
+    assert cli.main(["report", "--out", "r.md", "--params", str(ROOT / "params.yaml")]) == 0
+    assert seen == [f"{os.getpid()}\n"] and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("rank", "code"), [("1", 0), ("0", 2)])
+def test_ranks_of_a_users_torchrun_share_rank_0s_lock(rank, code, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    _fake_stage(monkeypatch, "pretrain", lambda p, **kw: {})
+    lock = locks.acquire(Path("ck"))  # rank 0 holds it
+    try:
+        argv = ["pretrain", "--out", "ck", "--params", str(ROOT / "params.yaml")]
+        assert cli.main(argv) == code
+    finally:
+        locks.release(*lock)
+
+
+class NativeAbort(BaseException):
+    """A BaseException that is not an Exception, like pyo3's PanicException (polars' Rust
+    panics), that errors.explain does not know."""
+
+
+class Interrupted(RuntimeError):
+    """Like pre-training's: raised after saving, on a stop signal."""
+
+    signum = 15
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "last"),
+    [
+        (NativeAbort("index out of bounds"), 1, "unexpected error (NativeAbort)"),
+        (ValueError("data/x.parquet: bad column"), 2, "error: data/x.parquet: bad column"),
+        (Interrupted("interrupted by signal 15; checkpoint saved"), 143, "interrupted by"),
+        (KeyboardInterrupt(), 130, "interrupted"),
+    ],
+)
+def test_failures_end_with_their_exit_code(exc, code, last, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("PTUM_DEBUG", raising=False)
+
+    def run(p, **kw):
+        raise exc
+
+    _fake_stage(monkeypatch, "report", run)
+    assert cli.main(["report", "--params", str(ROOT / "params.yaml")]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"ptum report: {last}"), err
+    assert ("Traceback (most recent call last):" in err) == (code == 1)
+    assert not (tmp_path / "reports" / ".results.md.lock").exists()  # released
+
+
+def test_system_exit_is_not_a_failure_to_report(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def run(p, **kw):
+        raise SystemExit(5)
+
+    _fake_stage(monkeypatch, "report", run)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["report", "--params", str(ROOT / "params.yaml")])
+    assert e.value.code == 5

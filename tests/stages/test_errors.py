@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 
 from ptum import cli
+from ptum.data.verified import write_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 PARAMS = ["--params", str(ROOT / "params.yaml")]
@@ -54,6 +55,7 @@ def test_corrupt_parquet_is_a_polars_compute_error_naming_the_file(tmp_path, cap
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data/prepared").mkdir(parents=True)
     (tmp_path / "data/prepared/items.parquet").write_bytes(b"PAR1 not really parquet")
+    write_manifest(tmp_path / "data/prepared", "prepare")  # recorded: the decoder's error shows
     code, err = _run(["tokenize"], capsys)
     line = _one_error_line(err, "tokenize")
     assert code == 2
@@ -63,9 +65,18 @@ def test_corrupt_parquet_is_a_polars_compute_error_naming_the_file(tmp_path, cap
 
 def test_missing_column_is_a_polars_column_not_found_error(tmp_path, capsys):
     pl.DataFrame({"text": ["a", "b"]}).write_parquet(tmp_path / "items.parquet")
+    write_manifest(tmp_path, "prepare")
     code, err = _run(["tokenize", "--input", str(tmp_path), "--out", str(tmp_path / "t")], capsys)
     line = _one_error_line(err, "tokenize")
     assert code == 2 and "polars ColumnNotFoundError" in line and "item_id" in line
+
+
+def test_a_prepared_directory_without_a_manifest_is_refused(tmp_path, capsys):
+    pl.DataFrame({"item_id": [1], "text": ["a"]}).write_parquet(tmp_path / "items.parquet")
+    code, err = _run(["tokenize", "--input", str(tmp_path), "--out", str(tmp_path / "t")], capsys)
+    line = _one_error_line(err, "tokenize")
+    assert code == 2 and line.endswith("rerun `ptum prepare`")
+    assert f"{tmp_path / 'manifest.json'}: missing" in line
 
 
 def test_missing_input_names_the_file_and_the_stage_that_writes_it(tmp_path, capsys, monkeypatch):

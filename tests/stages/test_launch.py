@@ -157,3 +157,33 @@ def test_a_failing_rank_fails_the_launch(tmp_path):
     with pytest.raises(subprocess.CalledProcessError) as e:
         launch.run_local([str(script), str(tmp_path), "fail"], 2, env=dict(os.environ))
     assert e.value.returncode == 3 and "(rank 1 of 2)" in e.value.cmd[-1]
+
+
+LOCKING_RANK = textwrap.dedent(
+    """
+    import os, sys
+    from pathlib import Path
+    from ptum import locks
+    with locks.holding([Path(sys.argv[1])]):
+        Path(sys.argv[1], "rank" + os.environ["RANK"]).write_text("ran")
+    """
+)
+
+
+def test_ranks_run_under_the_launchers_lock_of_the_output(tmp_path, monkeypatch):
+    """`ptum pretrain --nproc 2`: the launching process holds the output's lock and its ranks,
+    which take the lock of the same output, neither wait nor refuse."""
+    from ptum import locks
+
+    script, out = tmp_path / "rank.py", tmp_path / "out"
+    script.write_text(LOCKING_RANK)
+    out.mkdir()
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[2]))
+    monkeypatch.delenv(locks.HELD_ENV, raising=False)
+    with locks.holding([out]):
+        launch.run_local([str(script), str(out)], 2)  # the ranks get this environment
+        unaware = {k: v for k, v in os.environ.items() if k != locks.HELD_ENV}
+        # Ranks not told of the launcher's lock would be refused.
+        with pytest.raises(subprocess.CalledProcessError):
+            launch.run_local([str(script), str(out)], 2, env=unaware)
+    assert sorted(p.name for p in out.iterdir()) == ["rank0", "rank1"]

@@ -5,10 +5,12 @@ and the progress bar."""
 from __future__ import annotations
 
 import io
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import optuna
@@ -18,7 +20,7 @@ from optuna.trial import TrialState
 
 from ptum.io import atomic_write_text
 from ptum.tune import DONE, StudySpec, open_study, run_trials
-from ptum.tune.storage import retry_race
+from ptum.tune.storage import fail_silent_trials, retry_race
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -296,3 +298,33 @@ def test_progress_bar_over_trials_only_on_a_terminal(tmp_path, monkeypatch, tty)
         assert "tune trials:" in out and "3/3" in out and "best=" in out, out
     else:
         assert out == ""
+
+
+# ---------------------------------------------------------------- killed before a heartbeat
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed")
+def test_a_running_trial_that_never_beat_is_failed_after_the_grace_period(tmp_path, capfd):
+    spec = _spec(tmp_path, n_trials=2, pruner="none", heartbeat_interval=1, grace_period=2)
+    study = _open(spec)
+    # `ask` creates a RUNNING trial with no heartbeat row: what a process killed between
+    # creating its trial and its first heartbeat leaves behind.
+    silent = study.ask()
+    young = _open(spec, worker=1).ask()
+    con = sqlite3.connect(tmp_path / "optuna.db")
+    with con:  # created a minute ago, older than the grace period
+        con.execute(
+            "UPDATE trials SET datetime_start = ? WHERE number = ?",
+            ((datetime.now() - timedelta(seconds=60)).isoformat(sep=" "), silent.number),
+        )
+    con.close()
+    assert fail_silent_trials(study) == [silent.number]
+    states = _states(spec)
+    assert states[silent.number] == TrialState.FAIL
+    assert states[young.number] == TrialState.RUNNING  # within the grace period: left alone
+    assert f"trial {silent.number} never recorded a heartbeat" in capfd.readouterr().err
+    # Its place in the budget is free again: the young trial and one new trial fill it.
+    study.tell(young, 0.5)
+    run_trials(study, _sleepy, n_trials=spec.n_trials)
+    assert len(study.get_trials(states=DONE)) == 2
+    assert fail_silent_trials(study) == []

@@ -31,6 +31,7 @@ from ptum.tune import (
     default_study_name,
     make_pruner,
     tune,
+    write_outputs,
     write_plots,
 )
 
@@ -113,13 +114,14 @@ def test_study_scores_validation_metrics_and_writes_outputs(finished):
     assert 1 <= best["k"] <= 5 and 1 <= best["p"] <= 16 and best["lam"] in SPACE.lam
     assert 1e-4 <= best["lr"] <= 1e-2
     assert {k: best[k] for k in ("k", "lam", "p", "lr")} == top.params
-    assert best["complete"] == 3 and best["pruned"] == best["fail"] == 0
+    assert best["complete"] == 3 and best["pruned"] == best["fail"] == best["surplus"] == 0
     assert summary["trial"] == top.number
     # The detail (study name, every state's count) beside the figures, not among the metrics.
     detail = json.loads((tmp / "reports" / "study.json").read_text())
     assert detail["study"] == spec.study_name and detail["trials"]["complete"] == 3
-    assert {k: detail[k] for k in best if k not in ("complete", "pruned", "fail")} == {
-        k: v for k, v in best.items() if k not in ("complete", "pruned", "fail")
+    counts = ("complete", "pruned", "fail", "surplus")
+    assert {k: detail[k] for k in best if k not in counts} == {
+        k: v for k, v in best.items() if k not in counts
     }
     for name in ("optimization_history", "intermediate_values"):
         assert (tmp / "reports" / f"{name}.png").read_bytes()[:8] == PNG, name
@@ -137,9 +139,47 @@ def _numbers(metrics: dict) -> int:
 def test_headline_metrics_are_a_dozen_numbers(finished):
     tmp, _, _ = finished
     best = json.loads((tmp / "best_params.json").read_text())
-    assert list(best) == ["trial", "k", "lam", "p", "lr", "value", "complete", "pruned", "fail"]
+    assert list(best) == [
+        "trial",
+        "k",
+        "lam",
+        "p",
+        "lr",
+        "value",
+        "complete",
+        "pruned",
+        "fail",
+        "surplus",
+    ]
     assert all(isinstance(v, int | float) for v in best.values())
     assert _numbers(best) <= 12
+
+
+def test_surplus_trials_are_counted_apart_from_failures(tmp_path):
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(0))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(lambda t: (SPACE.suggest(t), 0.4 + 0.1 * t.number)[1], n_trials=2)
+    fail = optuna.trial.TrialState.FAIL
+    study.add_trial(optuna.trial.create_trial(state=fail, user_attrs={"surplus": "2 held 2"}))
+    study.add_trial(optuna.trial.create_trial(state=fail, user_attrs={"surplus": "2 held 2"}))
+    study.add_trial(optuna.trial.create_trial(state=fail))  # a trial that really failed
+    detail = write_outputs(
+        study,
+        best_params_path=tmp_path / "best.json",
+        reports_dir=tmp_path / "reports",
+        objective_names=["demo_valid_acc"],
+    )
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert (best["complete"], best["fail"], best["surplus"]) == (2, 1, 2)
+    assert best["trial"] == 1 and best["value"] == pytest.approx(0.5)
+    assert detail["trials"] == {
+        "complete": 2,
+        "pruned": 0,
+        "fail": 1,
+        "surplus": 2,
+        "running": 0,
+        "waiting": 0,
+    }
 
 
 def test_a_pruned_trial_stops_after_the_epoch_it_was_pruned_at(tiny_pipeline, tmp_path):
@@ -350,13 +390,17 @@ def test_two_workers_share_one_sqlite_study(tiny_pipeline, tmp_path, capfd):
     assert len(done) == 4 and len(surplus) <= 2
     assert all(t.state == TrialState.FAIL and "surplus" in t.user_attrs for t in surplus)
     assert all(not t.params for t in surplus)
+    # Counted as such in best_params.json, not as failures.
     assert summary["trials"] == {
         "complete": 4,
         "pruned": 0,
-        "fail": len(surplus),
+        "fail": 0,
+        "surplus": len(surplus),
         "running": 0,
         "waiting": 0,
     }
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert (best["fail"], best["surplus"]) == (0, len(surplus))
     # Each worker has its own sampler seed, so the workers do not draw the same points.
     assert len({tuple(sorted(t.params.items())) for t in done}) == 4
     err = capfd.readouterr().err
@@ -412,3 +456,30 @@ def test_optuna_dashboard_reads_the_study(finished):
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("multi_objective", [False, True])
+def test_no_task_to_score_trials_on_is_reported_without_a_study(
+    behaviors_only, tmp_path, multi_objective
+):
+    """The PTUM layout (behaviors only): no study is opened, best_params.json says why."""
+    setup = replace(_setup(behaviors_only, tmp_path), multi_objective=multi_objective)
+    db = tmp_path / "optuna.db"
+    spec = StudySpec(storage=f"sqlite:///{db}", study_name="s", n_trials=2, seed=0)
+    out = tmp_path / "reports"
+    summary = tune(
+        setup=setup, spec=spec, best_params_path=out / "best.json", reports_dir=out / "figures"
+    )
+    why = "demo: no label columns (the source has no labels table)"
+    if multi_objective:
+        why += "; ctr: no impressions (the source has no impressions table, or it is empty)"
+    assert summary == {"available": False, "why_not": why}
+    assert json.loads((out / "best.json").read_text()) == {
+        **summary,
+        "k": None,
+        "lam": None,
+        "p": None,
+        "lr": None,
+    }
+    assert json.loads((out / "figures" / "study.json").read_text()) == summary
+    assert not db.exists() and setup.work_dir is not None and setup.work_dir.is_dir()

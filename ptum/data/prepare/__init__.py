@@ -11,6 +11,8 @@ Outputs (in `out_dir`):
     report.json          the data report (rows read = kept + dropped per reason, always) and
                          `tasks`: the downstream tasks the data allows (see tasks.py)
     metrics.json         the report's dozen headline numbers (the stage's DVC metric)
+    manifest.json        the SHA-256 of each file above, written last; every reader checks
+                         the file it reads against it (`ptum.data.verified`)
     quarantine/<table>.parquet   bad rows with their line and reason (quarantine mode only)
 
 Sequence views (each time-ordered, the last `max_behaviors` kept, gaps = seconds since the

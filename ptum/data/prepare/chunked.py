@@ -128,14 +128,14 @@ def _split_by_user(
 ) -> tuple[list[pl.LazyFrame | None], list[pl.LazyFrame | None]]:
     """The behaviors and impressions, each split on disk into n_chunks ranges of whole users
     (see _partition); None for a chunk without rows (every chunk without an impressions table)."""
-    ranges = _user_ranges(sources.behaviors.path, n_chunks)
+    ranges = _user_ranges(sources.behaviors, n_chunks)
     beh_chunks = _partition(
-        sources.behaviors.path, "behaviors", ranges, work / "behaviors", n_chunks, categorical
+        sources.behaviors, "behaviors", ranges, work / "behaviors", n_chunks, categorical
     )
     if sources.impressions is None:
         return beh_chunks, [None] * n_chunks
     imp_chunks = _partition(
-        sources.impressions.path,
+        sources.impressions,
         "impressions",
         ranges,
         work / "impressions",
@@ -301,10 +301,10 @@ def _write_sequences(
     )
 
 
-def _user_ranges(path: Path, n_chunks: int) -> pl.DataFrame:
+def _user_ranges(source: Source, n_chunks: int) -> pl.DataFrame:
     """user_id -> __chunk: n_chunks consecutive ranges of the sorted user ids, each with about
     the same number of rows (a user is never split)."""
-    lf, _ = generic.scan(path, "behaviors")
+    lf, _ = generic.scan(source.path, "behaviors", source.origin)
     per_user = (
         lf.group_by("user_id")
         .len()
@@ -319,7 +319,7 @@ def _user_ranges(path: Path, n_chunks: int) -> pl.DataFrame:
 
 
 def _partition(
-    path: Path,
+    source: Source,
     table: str,
     ranges: pl.DataFrame,
     out: Path,
@@ -336,7 +336,7 @@ def _partition(
     keeps a Series of that dtype alive until the chunks are read (Polars frees a mapping that
     no Series uses).
     """
-    lf, _ = generic.scan(path, table)
+    lf, _ = generic.scan(source.path, table, source.origin)
     keys = [c for c in ("user_id", "text") if c in lf.collect_schema().names()]
     (
         lf.with_columns(pl.col(*keys).cast(categorical))

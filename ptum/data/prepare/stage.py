@@ -1,6 +1,7 @@
 """`prepare`: the whole stage. Validates and builds the items and sequences (in memory, or in
-chunks of whole users for a log over `chunk_rows`), then draws the splits and writes the outputs
-and the data report into a scratch directory that replaces `out_dir` only once complete."""
+chunks of whole users for a log over `chunk_rows`), then draws the splits and writes the outputs,
+the data report and the manifest of their SHA-256s (which every reader checks:
+`ptum.data.verified`) into a scratch directory that replaces `out_dir` only once complete."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from ptum.data.prepare.in_memory import Core, prepare_in_memory
 from ptum.data.prepare.report import complete_report, headline_metrics
 from ptum.data.prepare.sources import find_sources
 from ptum.data.prepare.splits import shuffled_rank, split_impressions, split_labels
+from ptum.data.verified import write_manifest
 from ptum.io import atomic_dir
 
 
@@ -39,6 +41,7 @@ def prepare(raw_dir: Path, out_dir: Path, opts: PrepareConfig) -> dict:
             core = prepare_chunked(sources, tmp, opts, report, n_chunks)
             shutil.rmtree(tmp / "chunks")
         _finish(core, tmp, opts, report)
+        write_manifest(tmp, "prepare")  # last: the SHA-256 of every file above
     return report
 
 

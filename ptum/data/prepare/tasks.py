@@ -16,7 +16,7 @@ from pathlib import Path
 
 import polars as pl
 
-from ptum.data.errors import DataError
+from ptum.data import verified
 
 # labels.parquet columns that are not labels.
 _NOT_LABELS = ("user_id", "split")
@@ -56,13 +56,23 @@ def tasks_of(labels: pl.DataFrame, impressions: pl.DataFrame) -> dict:
 
 def available_tasks(prepared_dir: Path) -> dict:
     """`tasks_of` the outputs of `prepare` in `prepared_dir`: {"demo": [label columns],
-    "ctr": bool, "why_not": {task: reason}}. Read from the files themselves, so it also holds
-    for outputs of an older prepare."""
+    "ctr": bool, "why_not": {task: reason}}, read from the files themselves (checked against
+    the manifest of `prepared_dir`)."""
     prepared_dir = Path(prepared_dir)
-    frames = {}
-    for name in ("labels", "impressions"):
-        path = prepared_dir / f"{name}.parquet"
-        if not path.is_file():
-            raise DataError(path, None, "missing; rerun `ptum prepare`")
-        frames[name] = pl.read_parquet(path)
-    return tasks_of(frames["labels"], frames["impressions"])
+    labels, impressions = (
+        verified.read_parquet(prepared_dir / f"{name}.parquet", "prepare")
+        for name in ("labels", "impressions")
+    )
+    return tasks_of(labels, impressions)
+
+
+def why_unavailable(task: str, prepared_dir: Path) -> str | None:
+    """None when the prepared data allows `task` (demo | ctr), else the reason it does not
+    (for Demo: why no label column is usable, each unusable column's reason joined)."""
+    tasks = available_tasks(prepared_dir)
+    if tasks[task]:
+        return None
+    why = tasks["why_not"]
+    if task == "ctr" or "demo" in why and not any(k.startswith("demo:") for k in why):
+        return str(why[task])
+    return "; ".join(f"{k.removeprefix('demo:')}: {v}" for k, v in why.items() if k != "ctr")

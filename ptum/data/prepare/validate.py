@@ -62,7 +62,7 @@ def validate_table(
     columns of the good rows to return (default all), so a caller that only needs the codes
     does not copy the strings.
     """
-    lf, label_cols = generic.scan(source.path, table)
+    lf, label_cols = generic.scan(source.path, table, source.origin)
     good, counts, bad, codes = check_rows(lf, source, table, known_users, good_columns)
     counts = settle(source, table, opts, quarantine_dir, [(counts, bad)])
     if good.height == 0 and table != "impressions":

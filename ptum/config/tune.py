@@ -1,0 +1,139 @@
+"""The `tune` section (stage `tune`, ptum.tune) and the range of each of its keys.
+
+Every key is checked when params load, so a bad value ends the run before a study is opened
+with one line naming the key, instead of a trial's traceback (epochs: -1) or a run that does
+nothing and says "done" (n_trials: -1).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal
+
+from ptum.config.errors import require
+
+# The keys of ptum.models.ARCHITECTURES; config sits below the models, so the names are
+# repeated here (tests/test_config.py checks that the two agree).
+ARCHITECTURE_NAMES = ("hsa", "han", "hura", "gru4rec", "nativectr", "bert4rec")
+# ptum.tune.PRUNERS (the same check in tests/test_config.py).
+PRUNER_NAMES = ("median", "hyperband", "none")
+# Trial i seeds numpy with seed + i, the sampler with seed + starts + 7919 * worker: numpy
+# takes seeds below 2**32, and 2**31 leaves room for those offsets.
+SEED_LIMIT = 2**31
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_STUDY_NAME_MAX = 512  # Optuna's RDB column for study names
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """Stage `tune`: Optuna search over K, λ, P and the pre-training lr (ptum.tune)."""
+
+    # User model each trial pre-trains (a key of ptum.models.ARCHITECTURES; paper Demo: hsa).
+    arch: str = "hsa"
+    # Complete + pruned trials the study must hold; a rerun adds only the missing ones.
+    n_trials: int = 4
+    # Local worker processes on the same storage (`ptum tune --workers N` overrides).
+    workers: int = 1
+    # Sampler seed; trial i pre-trains and fine-tunes with seed + i.
+    seed: int = 0
+    # Pre-training epochs of a trial (the pruner looks after each) and the epochs of the brief
+    # fine-tuning (Demo, label ratio 1.0) whose validation metric is the trial's value.
+    epochs: int = 2
+    finetune_epochs: int = 3
+    # Search space: inclusive ranges for K and P, the λ choices, a log-uniform lr range.
+    k: tuple[int, int] = (1, 5)
+    lam: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+    p: tuple[int, int] = (1, 16)
+    lr: tuple[float, float] = (1e-4, 1e-2)
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    prune_startup_trials: int = 2
+    # Maximise (Demo validation metric, CTR validation AUC) and report the Pareto front; Optuna
+    # does not prune multi-objective studies.
+    multi_objective: bool = False
+    # RDB storage URL (PostgreSQL when workers run on several machines) and study name; "" =
+    # ptum-ARCH-<hash of data, model, options, search space, seed>, so changing what a trial
+    # measures starts a new study instead of mixing incomparable trials.
+    storage: str = "sqlite:///data/tune/optuna.db"
+    study_name: str = ""
+    # A RUNNING trial without a heartbeat for grace_period seconds (its process died) is marked
+    # FAIL when the study next starts a trial, and its parameters are retried retry_killed times.
+    heartbeat_interval: int = 60
+    grace_period: int = 180
+    retry_killed: int = 1
+
+    def __post_init__(self) -> None:
+        require(
+            self.arch in ARCHITECTURE_NAMES,
+            "tune.arch",
+            self.arch,
+            f"one of {' | '.join(ARCHITECTURE_NAMES)}",
+        )
+        for name in ("n_trials", "workers", "epochs", "finetune_epochs", "heartbeat_interval"):
+            v = getattr(self, name)
+            require(v >= 1, f"tune.{name}", v, "an integer >= 1")
+        require(
+            0 <= self.seed < SEED_LIMIT, "tune.seed", self.seed, f"an integer in [0, {SEED_LIMIT})"
+        )
+        require(
+            self.prune_startup_trials >= 0,
+            "tune.prune_startup_trials",
+            self.prune_startup_trials,
+            "an integer >= 0",
+        )
+        require(self.retry_killed >= 0, "tune.retry_killed", self.retry_killed, "an integer >= 0")
+        # Optuna fails a live trial whose last heartbeat is older than the grace period.
+        require(
+            self.grace_period > self.heartbeat_interval,
+            "tune.grace_period",
+            self.grace_period,
+            f"> tune.heartbeat_interval ({self.heartbeat_interval}): a live trial beats only "
+            "that often and would be marked FAIL in between",
+        )
+        require(self.pruner in PRUNER_NAMES, "tune.pruner", self.pruner, " | ".join(PRUNER_NAMES))
+        self._check_space()
+        self._check_study()
+
+    def _check_space(self) -> None:
+        """The search space, as ptum.tune.SearchSpace samples it."""
+        for name in ("k", "p"):
+            low, high = getattr(self, name)
+            require(
+                1 <= low <= high,
+                f"tune.{name}",
+                (low, high),
+                "an inclusive range [low, high] with 1 <= low <= high",
+            )
+        require(
+            len(self.lam) >= 1
+            and all(math.isfinite(v) and v >= 0 for v in self.lam)
+            and len(set(self.lam)) == len(self.lam),
+            "tune.lam",
+            self.lam,
+            "a non-empty list of distinct finite choices >= 0",
+        )
+        low, high = self.lr
+        require(
+            math.isfinite(high) and 0 < low < high,
+            "tune.lr",
+            self.lr,
+            "a finite log-uniform range [low, high] with 0 < low < high",
+        )
+
+    def _check_study(self) -> None:
+        """Where the study is stored and its name."""
+        require(
+            _URL.match(self.storage) is not None and ":memory:" not in self.storage,
+            "tune.storage",
+            self.storage,
+            "an RDB URL such as sqlite:///data/tune/optuna.db or postgresql://HOST/DB (not "
+            "in memory: the study must outlive the run and be shared by its workers)",
+        )
+        require(
+            self.study_name == self.study_name.strip() and len(self.study_name) <= _STUDY_NAME_MAX,
+            "tune.study_name",
+            self.study_name,
+            f'"" (a name derived from the set-up) or a name of at most {_STUDY_NAME_MAX} '
+            "characters without leading or trailing spaces",
+        )

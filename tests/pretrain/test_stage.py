@@ -1,0 +1,22 @@
+"""`pretrain.use_tuned`: the tune stage's best_params.json is read with clear refusals."""
+
+import json
+
+import pytest
+
+from ptum.pretrain.stage import read_tuned
+
+
+def test_tuned_values_are_read(tmp_path):
+    path = tmp_path / "best_params.json"
+    path.write_text(json.dumps({"k": 3, "lam": 0.5, "p": 4, "lr": 0.002, "number": 7}))
+    assert read_tuned(path) == {"k": 3, "lam": 0.5, "p": 4, "lr": 0.002}
+
+
+def test_a_study_without_a_task_to_score_on_is_refused_with_the_reason(tmp_path):
+    path = tmp_path / "best_params.json"
+    why = "no label columns (the source has no labels table)"
+    path.write_text(json.dumps({"available": False, "why_not": why}))
+    with pytest.raises(ValueError, match="holds no tuned values") as e:
+        read_tuned(path)
+    assert why in str(e.value) and "use_tuned: false" in str(e.value)
