@@ -76,9 +76,9 @@ def build(args: dict):
     """The model and corpus of one benchmark case (called in the child process)."""
     import torch
 
+    from ptum.data.corpus import Corpus, item_texts, load_corpus
+    from ptum.models.id_vocab import build_id_vocab
     from ptum.models.user_model import ModelConfig, UserModel
-    from ptum.pretrain.data import Corpus, load_corpus
-    from ptum.pretrain.id_vocab import build_id_vocab, item_texts
 
     if args["data"] == "synthetic":
         rng = np.random.default_rng(0)

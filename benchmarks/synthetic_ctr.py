@@ -28,7 +28,7 @@ import torch
 from ptum import checkpoint
 from ptum.config import load_params
 from ptum.data.synthetic import generate, spec_for
-from ptum.finetune.grid import load_ctr
+from ptum.finetune.data import load_ctr
 from ptum.finetune.metrics import roc_auc
 from ptum.finetune.train import all_user_vectors, item_vectors
 

@@ -76,11 +76,52 @@ def test_the_closure_follows_imports_inside_functions():
     assert "ptum/serving/export.py" in stage_code("export")
 
 
+def needed_deps(stage: str) -> list[str]:
+    """The shortest dep list for `stage`'s code: a directory whose every file is needed stands
+    for them all."""
+    code = stage_code(stage)
+    dirs = sorted({str(Path(p).parent) for p in code} - {"ptum"})
+    whole = [d for d in dirs if listed_code({"deps": [d]}) <= code]
+    whole = [d for d in whole if not any(d.startswith(w + "/") for w in whole)]
+    rest = [p for p in code if not any(p.startswith(w + "/") for w in whole)]
+    return sorted(whole + rest)
+
+
+def rewrite(text: str) -> str:
+    """dvc.yaml `text` with each stage's ptum/ deps replaced by `needed_deps` (other deps,
+    comments and order kept; the code deps stand where the first one stood)."""
+    lines, out, stage, i = text.splitlines(keepends=True), [], None, 0
+    while i < len(lines):
+        line = lines[i]
+        if line.startswith("  ") and not line.startswith("   ") and line.rstrip().endswith(":"):
+            stage = line.strip()[:-1]
+        out.append(line)
+        i += 1
+        if line.strip() != "deps:" or stage not in _stages():
+            continue
+        block = []
+        while i < len(lines) and lines[i].lstrip().startswith(("- ", "#")):
+            block.append(lines[i])
+            i += 1
+        indent = next(b for b in block if b.lstrip().startswith("- ")).split("- ")[0]
+        code = [b for b in block if b.lstrip().startswith("- ptum/")]
+        at = block.index(code[0]) if code else len(block)
+        kept = [b for b in block if b not in code]
+        new = [f"{indent}- {d}\n" for d in needed_deps(stage)]
+        out.extend(kept[:at] + new + kept[at:])
+    return "".join(out)
+
+
 if __name__ == "__main__":
-    for name in _stages():
-        print(f"{name}:")
-        for path in sorted(stage_code(name)):
-            print(f"  - {path}")
-        dirs = sorted({str(Path(p).parent) for p in stage_code(name)} - {"ptum"})
-        full = [d for d in dirs if listed_code({"deps": [d]}) <= stage_code(name)]
-        print(f"  (directories needed whole: {full})")
+    # python tests/test_dvc_deps.py          print each stage's code deps
+    # python tests/test_dvc_deps.py --write  rewrite dvc.yaml's code deps to them
+    import sys
+
+    if "--write" in sys.argv:
+        path = ROOT / "dvc.yaml"
+        path.write_text(rewrite(path.read_text(encoding="utf-8")), encoding="utf-8")
+    else:
+        for name in _stages():
+            print(f"{name}:")
+            for dep in needed_deps(name):
+                print(f"  - {dep}")

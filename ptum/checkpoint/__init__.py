@@ -8,7 +8,7 @@ and a pointer to the live one:
         model.safetensors       model weights
         optimizer.safetensors   optimizer state tensors (for resuming), optional
         id_vocab.json           hybrid behavior encoder only: its id vocabulary
-                                (`ptum.pretrain.id_vocab`)
+                                (`ptum.models.id_vocab`)
         meta.json               model config, training params, epoch/step, tokenizer and data
                                 hashes, the optimizer's scalar state, the SHA-256 of every other
                                 file of the checkpoint, and `meta_sha256`: the SHA-256 of its own
@@ -43,7 +43,6 @@ from ptum.checkpoint.loading import Loaded, live, load, read_meta
 from ptum.checkpoint.optimizer import load_optimizer, optimizer_tensors
 from ptum.checkpoint.saving import save, tidy
 from ptum.checkpoint.verify import exists
-from ptum.io import write_durable
 
 __all__ = [
     "tidy",
@@ -64,9 +63,7 @@ __all__ = [
     "save",
 ]
 
-# Private seams for tests. `saving` writes every file of a save through this attribute, so a
-# test that replaces it simulates a full disk or a kill between two files of a save.
-_write_durable = write_durable
-# Re-sign an edited meta.json; build a flat-layout checkpoint by hand.
+# Private seams for tests: re-sign an edited meta.json; build a flat-layout checkpoint by hand.
+# (A save's file writes go through `saving._write_durable`.)
 _meta_digest = meta_digest
 _tensor_bytes = tensor_bytes

@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import save as save_tensor_bytes
 
 from ptum.hashing import sha256_bytes
+from ptum.models import id_vocab as ids
 from ptum.models.user_model import UserModel
-from ptum.pretrain import id_vocab as ids
 
 POINTER = "LATEST"
 META = "meta.json"

@@ -13,8 +13,8 @@ from safetensors.torch import load as load_tensor_bytes
 from ptum.checkpoint.errors import CheckpointMismatch, CorruptCheckpoint
 from ptum.checkpoint.layout import MODEL, OPTIMIZER, matches_id_vocab
 from ptum.checkpoint.verify import Verified, resolve
+from ptum.models import id_vocab as ids
 from ptum.models.user_model import ModelConfig, UserModel
-from ptum.pretrain import id_vocab as ids
 
 
 @dataclass
@@ -52,7 +52,7 @@ def load(
     Reads the live checkpoint of `directory`, or the newest complete one when the live one is
     torn or corrupt (`CheckpointFallbackWarning`). Refuses (CheckpointMismatch) a checkpoint
     trained with another tokenizer, or whose config differs from `expect_config`, or on another
-    item table than `item_table_sha256` (`ptum.pretrain.id_vocab.item_table_digest` of the
+    item table than `item_table_sha256` (`ptum.models.id_vocab.item_table_digest` of the
     current token matrix: fine-tuning, export), when it recorded one. For a model that reads
     item ids (hybrid), also one whose id vocabulary differs from `id_vocab_sha256` (a resumed
     pre-training).

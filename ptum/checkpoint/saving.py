@@ -17,9 +17,6 @@ from typing import Any
 
 import torch
 
-# The package, for its `_write_durable`: every file of a save is written through that one
-# attribute, the seam tests replace to simulate a full disk or a kill between two files.
-import ptum.checkpoint as package
 from ptum.checkpoint.layout import (
     LEGACY,
     META,
@@ -38,11 +35,16 @@ from ptum.checkpoint.layout import (
 )
 from ptum.checkpoint.optimizer import optimizer_tensors
 from ptum.hashing import sha256_bytes, sha256_file
-from ptum.io import atomic_write_bytes, fsync_path, temp_target
+from ptum.io import atomic_write_bytes, fsync_path, temp_target, write_durable
+from ptum.models import id_vocab as ids
 from ptum.models.user_model import UserModel
-from ptum.pretrain import id_vocab as ids
 
 _TOKEN = secrets.token_hex(4)
+
+
+# Every file of a save is written through this one attribute: the seam tests replace
+# (`ptum.checkpoint.saving._write_durable`) to simulate a full disk or a kill between two files.
+_write_durable = write_durable
 
 
 def writer() -> str:
@@ -105,7 +107,7 @@ def _check_id_vocab(model: torch.nn.Module, id_vocab: ids.IdVocab | None) -> Non
 
 def _stage(path: Path, data: bytes) -> str:
     """Write one file of the staging directory (fsynced); returns its SHA-256."""
-    package._write_durable(path, data)
+    _write_durable(path, data)
     return sha256_bytes(data)
 
 

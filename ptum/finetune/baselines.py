@@ -37,9 +37,9 @@ from sklearn.feature_extraction.text import TfidfTransformer
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
+from ptum.data.corpus import Corpus
 from ptum.finetune.data import CtrTask, DemoTask
 from ptum.finetune.metrics import accuracy, average_precision, macro_f1, roc_auc
-from ptum.pretrain.data import Corpus
 
 DEMO_BASELINES = ("majority", "tfidf_lr")
 CTR_BASELINES = ("popularity", "item_ctr", "user_ctr", "feature_lr", "id_lr")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from ptum.io import atomic_write_text
 
 if TYPE_CHECKING:
-    from ptum.finetune.grid import Cell, SplitSpec
+    from ptum.finetune.cells import Cell, SplitSpec
     from ptum.finetune.train import CellOptions
 
 

@@ -19,9 +19,9 @@ import numpy as np
 import polars as pl
 
 from ptum.data import verified
+from ptum.data.corpus import Corpus, load_corpus
 from ptum.data.prepare.splits import ratio_column, split_impressions, split_labels
 from ptum.finetune.train import CtrData
-from ptum.pretrain.data import Corpus, load_corpus
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from ptum import checkpoint
 from ptum.codedeps import module_closure, source_digest
+from ptum.data.corpus import file_digest, read_tokens, tokenizer_digest
 from ptum.data.prepare.tasks import available_tasks
 from ptum.finetune.baselines import (
     CTR_BASELINES,
@@ -36,47 +37,11 @@ from ptum.finetune.baselines import (
     run_demo_baseline,
     tfidf_lr_logits,
 )
-from ptum.finetune.cache import CacheEntryCorrupt, CellKeys, from_cache, write_entry
+from ptum.finetune.cache import CellKeys, from_cache, write_entry
+from ptum.finetune.cells import DEFAULT_SPLIT, Cell, SplitSpec
 from ptum.finetune.data import CtrTask, DemoTask, load_ctr, load_demo
 from ptum.finetune.train import CellOptions, run_ctr, run_demo
-from ptum.pretrain.data import file_digest, read_tokens, tokenizer_digest
-from ptum.pretrain.id_vocab import item_table_digest
-
-__all__ = [
-    "CacheEntryCorrupt",
-    "Cell",
-    "CtrTask",
-    "DemoTask",
-    "SplitSpec",
-    "load_ctr",
-    "load_demo",
-    "run_grid",
-]
-
-
-@dataclass(frozen=True)
-class Cell:
-    task: str  # demo | ctr
-    label: str  # demo label column; "click" for ctr
-    model: str  # architecture or baseline name
-    mode: str  # scratch | frozen | finetune | baseline
-    ratio: float
-    seed: int  # base seed + repeat: the repeat's split and model seed
-
-    @property
-    def name(self) -> str:
-        return f"{self.task}/{self.label}/{self.model}/{self.mode}/{round(self.ratio * 100)}/{self.seed}"
-
-
-@dataclass(frozen=True)
-class SplitSpec:
-    """How a repeat re-draws its split (prepare's shares)."""
-
-    demo_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    ctr_valid_frac: float = 0.1
-
-
-DEFAULT_SPLIT = SplitSpec()
+from ptum.models.id_vocab import item_table_digest
 
 
 def _code_digest() -> str:

@@ -18,7 +18,7 @@ import numpy as np
 
 from ptum.config import FinetuneConfig, PretrainConfig, SensitivityConfig
 from ptum.data.prepare.tasks import why_unavailable
-from ptum.finetune.grid import DEFAULT_SPLIT, SplitSpec
+from ptum.finetune.cells import DEFAULT_SPLIT, SplitSpec
 from ptum.finetune.stage import config_grid
 from ptum.pretrain.stage import run_stage as pretrain_stage
 

@@ -14,7 +14,9 @@ from pathlib import Path
 
 from ptum.config import FinetuneConfig
 from ptum.data.prepare.tasks import why_unavailable
-from ptum.finetune.grid import SplitSpec, load_ctr, load_demo, run_grid
+from ptum.finetune.cells import SplitSpec
+from ptum.finetune.data import load_ctr, load_demo
+from ptum.finetune.grid import run_grid
 from ptum.finetune.summary import METRICS, predictions_frame, summarize
 from ptum.finetune.train import MODES, CellOptions
 from ptum.io import atomic_path, atomic_write_json

@@ -22,12 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ptum.data.corpus import Corpus, bucketed_order, recency_positions
 from ptum.finetune.metrics import accuracy, average_precision, macro_f1, roc_auc
 from ptum.heads import BiasedCtrHead, CtrHead, DemoHead, log_popularity
 from ptum.models.layers import time_gap_bucket
-from ptum.models.user_model import UserModel
-from ptum.pretrain.data import Corpus, bucketed_order, recency_positions
-from ptum.pretrain.tasks import encode_ids
+from ptum.models.user_model import UserModel, encode_ids
 
 MODES = ("scratch", "frozen", "finetune")
 

@@ -180,7 +180,7 @@ class HybridBehaviorEncoder(nn.Module):
     for `IdBehaviorEncoder`). The non-trainable buffer `id_index` (num_items,) maps each to a row
     of the id embedding: PAD_ROW (zeros) for item 0,
     2.. for the items of the id vocabulary (seen at least `id_min_count` times in pre-training,
-    `ptum.pretrain.id_vocab`), and UNKNOWN_ROW for every other item. Rare items train the UNKNOWN
+    `ptum.models.id_vocab`), and UNKNOWN_ROW for every other item. Rare items train the UNKNOWN
     vector during pre-training, so it is a learned "item we know nothing about by id"; a new item
     at serving time gets its text vector mixed with it. The buffer is saved with the weights, so a
     checkpoint carries its own mapping; until `set_id_index` is called every item is unknown.

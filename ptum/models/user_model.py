@@ -46,7 +46,7 @@ class ModelConfig:
 
     behavior_encoder "hybrid" = the text encoder named by `hybrid_text` (`for_architecture` picks
     the architecture's own) + an item-id embedding of `id_vocab` rows (0 padding, 1 UNKNOWN, one
-    per item seen at least `id_min_count` times in pre-training; see `ptum.pretrain.id_vocab`).
+    per item seen at least `id_min_count` times in pre-training; see `ptum.models.id_vocab`).
     """
 
     behavior_encoder: str
@@ -219,7 +219,7 @@ class UserModel(nn.Module):
         if item_ids is None:
             raise ValueError(
                 "the hybrid behavior encoder needs item_ids; encode items with "
-                "ptum.pretrain.tasks.encode_ids(model, tokens, [ids])"
+                "ptum.models.user_model.encode_ids(model, tokens, [ids])"
             )
         return self.behavior_encoder(tokens, token_mask, item_ids)
 
@@ -281,3 +281,40 @@ class UserModel(nn.Module):
         vecs = self.encode_items(tokens.reshape(B * L, T), token_mask.reshape(B * L, T), ids)
         vecs = vecs.reshape(B, L, -1)  # (B, L, D)
         return self.encode_users(vecs, mask, positions, gap_buckets)
+
+
+def encode_ids(
+    model: UserModel, tokens: Tensor, ids: list[Tensor], unique: bool = True
+) -> list[Tensor]:
+    """Behavior vectors for several id tensors at once.
+
+    The item ids go to the model with their token rows (the hybrid encoder reads both).
+
+    Args:
+        tokens: (N + 1, T) token matrix on the model's device.
+        ids: item-id tensors of any shapes.
+
+    Returns:
+        One (*shape, D) tensor per input.
+    """
+    flat = torch.cat([i.reshape(-1) for i in ids])
+    if unique:
+        uniq, inverse = torch.unique(flat, return_inverse=True)
+        tok = _trim(tokens[uniq])  # (U, T')
+        vecs = model.encode_items(tok, tok != 0, uniq)[inverse]  # (sum, D)
+    else:
+        tok = _trim(tokens[flat])
+        vecs = model.encode_items(tok, tok != 0, flat)
+    out, start = [], 0
+    for i in ids:
+        n = i.numel()
+        out.append(vecs[start : start + n].reshape(*i.shape, -1))
+        start += n
+    return out
+
+
+def _trim(tok: Tensor) -> Tensor:
+    """Drop token columns that are padding in every row (titles are right-padded to
+    max_tokens, but most are much shorter); padding is masked, so the output is unchanged."""
+    longest = int((tok != 0).sum(1).max()) if tok.numel() else 0
+    return tok[:, : max(longest, 1)]

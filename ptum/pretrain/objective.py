@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ptum.data.corpus import Corpus
 from ptum.models.user_model import UserModel
-from ptum.pretrain.data import Batch, Corpus, make_batch, step_rng
+from ptum.pretrain.data import Batch, make_batch, step_rng
 from ptum.pretrain.options import TrainOptions
 from ptum.pretrain.tasks import ptum_step
 

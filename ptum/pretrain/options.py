@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ptum.pretrain.data import Corpus
+from ptum.data.corpus import Corpus
 
 
 @dataclass(frozen=True)

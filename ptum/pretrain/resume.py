@@ -11,8 +11,8 @@ from typing import Any
 import torch
 
 from ptum import checkpoint
+from ptum.models.id_vocab import IdVocab
 from ptum.models.user_model import ModelConfig, UserModel
-from ptum.pretrain.id_vocab import IdVocab
 from ptum.pretrain.options import TrainOptions
 
 

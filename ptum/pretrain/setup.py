@@ -15,10 +15,10 @@ from typing import Any
 import torch
 
 from ptum.data import verified
+from ptum.data.corpus import Corpus, file_digest, item_texts, load_corpus, tokenizer_digest
 from ptum.models.behavior import ID_MIN_COUNT
+from ptum.models.id_vocab import IdVocab, build_id_vocab, item_table_digest
 from ptum.models.user_model import ARCHITECTURES, ModelConfig
-from ptum.pretrain.data import Corpus, file_digest, load_corpus, tokenizer_digest
-from ptum.pretrain.id_vocab import IdVocab, build_id_vocab, item_table_digest, item_texts
 
 
 @dataclass(frozen=True)

@@ -12,45 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ptum.models.user_model import UserModel
+from ptum.models.user_model import UserModel, encode_ids
 from ptum.pretrain.data import Batch
-
-
-def encode_ids(
-    model: UserModel, tokens: Tensor, ids: list[Tensor], unique: bool = True
-) -> list[Tensor]:
-    """Behavior vectors for several id tensors at once.
-
-    The item ids go to the model with their token rows (the hybrid encoder reads both).
-
-    Args:
-        tokens: (N + 1, T) token matrix on the model's device.
-        ids: item-id tensors of any shapes.
-
-    Returns:
-        One (*shape, D) tensor per input.
-    """
-    flat = torch.cat([i.reshape(-1) for i in ids])
-    if unique:
-        uniq, inverse = torch.unique(flat, return_inverse=True)
-        tok = _trim(tokens[uniq])  # (U, T')
-        vecs = model.encode_items(tok, tok != 0, uniq)[inverse]  # (sum, D)
-    else:
-        tok = _trim(tokens[flat])
-        vecs = model.encode_items(tok, tok != 0, flat)
-    out, start = [], 0
-    for i in ids:
-        n = i.numel()
-        out.append(vecs[start : start + n].reshape(*i.shape, -1))
-        start += n
-    return out
-
-
-def _trim(tok: Tensor) -> Tensor:
-    """Drop token columns that are padding in every row (titles are right-padded to
-    max_tokens, but most are much shorter); padding is masked, so the output is unchanged."""
-    longest = int((tok != 0).sum(1).max()) if tok.numel() else 0
-    return tok[:, : max(longest, 1)]
 
 
 def masked_ce(logits: Tensor, valid: Tensor, weight: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -30,10 +30,11 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from ptum import checkpoint
+from ptum.data.corpus import Corpus, bucketed_order
 from ptum.models.behavior import HybridBehaviorEncoder
+from ptum.models.id_vocab import IdVocab
 from ptum.models.user_model import ModelConfig, UserModel
-from ptum.pretrain.data import Corpus, bucketed_order, make_batch, step_rng
-from ptum.pretrain.id_vocab import IdVocab
+from ptum.pretrain.data import make_batch, step_rng
 from ptum.pretrain.objective import autocast, evaluate, objective_module
 from ptum.pretrain.options import TrainOptions, check_negatives, deterministic_mode, pick_device
 from ptum.pretrain.resume import Position, load_position

@@ -21,14 +21,14 @@ from tqdm import tqdm
 
 from ptum import checkpoint
 from ptum.config import FinetuneConfig
+from ptum.data.corpus import read_tokens
 from ptum.data.prepare import available_tasks
 from ptum.finetune.data import load_ctr, load_demo
 from ptum.finetune.stage import cell_options
 from ptum.finetune.train import CellOptions, run_ctr, run_demo
 from ptum.heads import BiasedCtrHead, CtrHead, DemoHead
+from ptum.models.id_vocab import item_table_digest
 from ptum.models.user_model import UserModel
-from ptum.pretrain.data import read_tokens
-from ptum.pretrain.id_vocab import item_table_digest
 
 DemoHeads = dict[str, tuple[DemoHead, list[str]]]
 _SKIPPED = {"demo": "demographic heads", "ctr": "CTR head (ctr_head.onnx is the bare dot product)"}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ptum import paths
 from ptum.config import Params
-from ptum.finetune.grid import SplitSpec
+from ptum.finetune.cells import SplitSpec
 from ptum.finetune.stage import run_stage
 from ptum.stages.errors import reading
 

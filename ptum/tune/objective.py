@@ -34,7 +34,7 @@ import optuna
 import torch
 
 from ptum import checkpoint
-from ptum.finetune.grid import CtrTask, DemoTask, load_ctr, load_demo
+from ptum.finetune.data import CtrTask, DemoTask, load_ctr, load_demo
 from ptum.finetune.train import CellOptions, run_ctr, run_demo
 from ptum.models.user_model import UserModel
 from ptum.pretrain.options import TrainOptions, pick_device

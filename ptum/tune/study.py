@@ -32,7 +32,7 @@ from typing import Any
 import optuna
 from optuna.exceptions import ExperimentalWarning
 
-from ptum.pretrain.data import file_digest
+from ptum.data.corpus import file_digest
 from ptum.tune.integrity import check_store, check_values, read_all, reading_study
 from ptum.tune.storage import creation_lock, rdb_storage, retry_race
 from ptum.tune.trial import Direction, TrialSetup, directions, log, objective_names

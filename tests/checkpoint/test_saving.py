@@ -47,7 +47,7 @@ def test_saving_the_live_step_again(tmp_path):
 @pytest.mark.parametrize("fail_on", ["model.safetensors", "optimizer.safetensors", "meta.json"])
 def test_a_failed_save_leaves_the_previous_checkpoint_live(tmp_path, monkeypatch, fail_on):
     first = save_tiny(tmp_path, seed=0, step=5)
-    real = checkpoint._write_durable
+    real = checkpoint.saving._write_durable
 
     def disk_full(path: Path, data: bytes) -> None:
         if path.name == fail_on:
@@ -55,7 +55,7 @@ def test_a_failed_save_leaves_the_previous_checkpoint_live(tmp_path, monkeypatch
             raise OSError(28, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(checkpoint, "_write_durable", disk_full)
+    monkeypatch.setattr(checkpoint.saving, "_write_durable", disk_full)
     with pytest.raises(OSError, match="No space left"):
         save_tiny(tmp_path, seed=1, step=10)
     monkeypatch.undo()
@@ -112,9 +112,9 @@ def test_a_save_in_progress_is_named_by_its_writer(tmp_path, monkeypatch):
     from ptum.checkpoint import saving
 
     seen = []
-    real = checkpoint._write_durable
+    real = checkpoint.saving._write_durable
     monkeypatch.setattr(
-        checkpoint,
+        checkpoint.saving,
         "_write_durable",
         lambda path, data: (seen.append(path.parent), real(path, data)),
     )

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from ptum import checkpoint
+from ptum.models.id_vocab import IdVocab, build_id_vocab
 from ptum.models.user_model import UserModel
-from ptum.pretrain.id_vocab import IdVocab, build_id_vocab
 from tests.checkpoint.common import TINY, flip, same, save_tiny, tiny_model
 
 

@@ -16,8 +16,9 @@ from ptum.finetune.baselines import (
     run_demo_baseline,
     tfidf_lr_logits,
 )
+from ptum.finetune.cells import SplitSpec
 from ptum.finetune.data import load_ctr, load_demo
-from ptum.finetune.grid import SplitSpec, run_grid
+from ptum.finetune.grid import run_grid
 from ptum.finetune.train import CellOptions
 
 RATIOS = [0.2, 0.5, 1.0]

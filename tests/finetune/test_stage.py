@@ -10,12 +10,12 @@ import torch
 
 from ptum import checkpoint
 from ptum.config import FinetuneConfig
-from ptum.finetune.grid import SplitSpec
+from ptum.data.corpus import tokenizer_digest
+from ptum.finetune.cells import SplitSpec
 from ptum.finetune.metrics import accuracy, macro_f1, roc_auc
 from ptum.finetune.stage import run_stage
 from ptum.heads import BiasedCtrHead, log_popularity
 from ptum.models.user_model import ModelConfig, UserModel
-from ptum.pretrain.data import tokenizer_digest
 
 
 @pytest.fixture(scope="module")
@@ -141,7 +141,7 @@ def test_biased_head_starts_as_the_dot_product_and_falls_back_to_popularity():
 
 
 def test_an_edited_cache_entry_is_refused_by_name(tiny_pipeline, ckpts, tmp_path):
-    from ptum.finetune.grid import CacheEntryCorrupt
+    from ptum.finetune.cache import CacheEntryCorrupt
 
     kw = dict(
         prepared=tiny_pipeline / "prepared",

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ptum.finetune.train as ft
-from ptum.finetune.grid import load_ctr, load_demo
+from ptum.finetune.data import load_ctr, load_demo
 from ptum.finetune.metrics import accuracy, roc_auc
 from ptum.models.user_model import ModelConfig, UserModel
 

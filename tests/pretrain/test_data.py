@@ -9,10 +9,10 @@ import numpy as np
 import polars as pl
 import pytest
 
+from ptum.data.corpus import item_texts, load_corpus
 from ptum.data.verified import DamagedInput
 from ptum.hashing import HashMismatch
-from ptum.pretrain.data import load_corpus, make_batch, sample_negatives, step_rng
-from ptum.pretrain.id_vocab import item_texts
+from ptum.pretrain.data import make_batch, sample_negatives, step_rng
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,11 @@ import torch
 
 from ptum import checkpoint
 from ptum.config import ModelParams, PretrainConfig
+from ptum.data.corpus import item_texts, load_corpus
 from ptum.models.behavior import PAD_ROW, UNKNOWN_ROW
+from ptum.models.id_vocab import FILE, IdVocab, build_id_vocab, item_table_digest
 from ptum.models.user_model import ModelConfig, UserModel
-from ptum.pretrain.data import load_corpus, make_batch, step_rng
-from ptum.pretrain.id_vocab import FILE, IdVocab, build_id_vocab, item_table_digest, item_texts
+from ptum.pretrain.data import make_batch, step_rng
 from ptum.pretrain.options import TrainOptions
 from ptum.pretrain.stage import corpus_id_vocab, run_stage
 from ptum.pretrain.tasks import ptum_step

@@ -20,12 +20,12 @@ import yaml
 
 from ptum import checkpoint
 from ptum.config import ModelParams, PretrainConfig
+from ptum.data.corpus import load_corpus, read_tokens, tokenizer_digest
 from ptum.data.verified import write_manifest
 from ptum.hashing import HashMismatch
+from ptum.models.id_vocab import item_table_digest
 from ptum.models.user_model import ModelConfig
 from ptum.pretrain import train as train_mod
-from ptum.pretrain.data import load_corpus, read_tokens, tokenizer_digest
-from ptum.pretrain.id_vocab import item_table_digest
 from ptum.pretrain.options import TrainOptions, deterministic_mode
 from ptum.pretrain.stage import run_stage
 from ptum.pretrain.train import pretrain
@@ -164,7 +164,7 @@ def test_failed_save_then_rerun_equals_an_uninterrupted_run(
     """A full disk while writing the optimizer of epoch 2's checkpoint: the run fails, epoch 1's
     checkpoint stays live, and the rerun ends byte-equal to an uninterrupted run."""
     target = f"ckpt-{2 * _steps_per_epoch(tiny_pipeline):08d}"
-    real = checkpoint._write_durable
+    real = checkpoint.saving._write_durable
 
     def disk_full(path: Path, data: bytes) -> None:
         if path.name == "optimizer.safetensors" and target in path.parent.name:
@@ -172,7 +172,7 @@ def test_failed_save_then_rerun_equals_an_uninterrupted_run(
             raise OSError(28, "No space left on device")
         real(path, data)
 
-    monkeypatch.setattr(checkpoint, "_write_durable", disk_full)
+    monkeypatch.setattr(checkpoint.saving, "_write_durable", disk_full)
     with pytest.raises(OSError, match="No space left"):
         train_tiny(tiny_pipeline, tmp_path)
     monkeypatch.undo()
@@ -188,12 +188,12 @@ from ptum import checkpoint
 from tests.pretrain.test_integrity import train_tiny
 
 target = sys.argv[3]
-real = checkpoint._write_durable
+real = checkpoint.saving._write_durable
 def write(path, data):
     real(path, data)
     if path.name == "model.safetensors" and target in path.parent.name:
         os.kill(os.getpid(), signal.SIGKILL)  # between the files of a save
-checkpoint._write_durable = write
+checkpoint.saving._write_durable = write
 train_tiny(Path(sys.argv[1]), Path(sys.argv[2]))
 """
 

@@ -19,8 +19,9 @@ import yaml
 from safetensors.torch import load_file
 
 from ptum import checkpoint
+from ptum.data.corpus import load_corpus
 from ptum.models.user_model import ModelConfig, UserModel
-from ptum.pretrain.data import load_corpus, make_batch, step_rng
+from ptum.pretrain.data import make_batch, step_rng
 from ptum.pretrain.tasks import ptum_step
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -16,9 +16,9 @@ import torch
 
 from ptum import checkpoint
 from ptum.config import ExportConfig
+from ptum.data.corpus import load_corpus
 from ptum.heads import DemoHead, save_demo_head
 from ptum.models.user_model import ModelConfig, UserModel
-from ptum.pretrain.data import load_corpus
 from ptum.pretrain.stage import corpus_id_vocab
 from ptum.serving.export import export
 

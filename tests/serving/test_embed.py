@@ -16,13 +16,12 @@ import sentencepiece as spm
 import torch
 
 from ptum.config import PrepareConfig
+from ptum.data.corpus import item_texts, load_corpus, recency_positions
 from ptum.data.errors import DataError
 from ptum.data.prepare import prepare
 from ptum.hashing import sha256_file as file_sha256
 from ptum.models.behavior import UNKNOWN_ROW
 from ptum.models.layers import time_gap_bucket
-from ptum.pretrain.data import load_corpus, recency_positions
-from ptum.pretrain.id_vocab import item_texts
 from ptum.serving.embed import embed
 from ptum.serving.sequences import (
     batch_inputs,

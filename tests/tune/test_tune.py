@@ -21,8 +21,8 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from ptum.data.corpus import file_digest
 from ptum.finetune.train import CellOptions
-from ptum.pretrain.data import file_digest
 from ptum.pretrain.options import TrainOptions
 from ptum.tune import (
     SearchSpace,

@@ -17,12 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from ptum.data import verified
 from ptum.models.behavior import PAD_ROW, UNKNOWN_ROW
 
 FILE = "id_vocab.json"
@@ -112,13 +110,3 @@ def build_id_vocab(
         min_count=min_count,
         item_table_sha256=item_table_digest(tokens),
     )
-
-
-def item_texts(prepared: Path) -> list[str]:
-    """Texts of the prepared item table in item-id order (texts[i - 1] = item i)."""
-    items = verified.read_parquet(prepared / "items.parquet", "prepare", ["item_id", "text"])
-    items = items.sort("item_id")
-    ids = items["item_id"].to_numpy()
-    if not np.array_equal(ids, np.arange(1, len(ids) + 1)):
-        raise ValueError(f"{prepared / 'items.parquet'}: item_id must be 1..N without gaps")
-    return items["text"].to_list()

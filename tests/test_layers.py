@@ -1,0 +1,142 @@
+"""The import graph of ptum/: no cycle, and no import from a lower layer to a higher one.
+
+Layers, lowest first (a module may import its own layer and the ones below it):
+    config, io, paths, hashing, locks, codedeps, presets  ->  models, heads  ->  data, tokenize
+    ->  checkpoint  ->  pretrain  ->  finetune, tune, serving, report  ->  stages  ->  cli
+Every import counts, also one inside a function or under `if TYPE_CHECKING`: a type-only
+import is still a dependency a reader follows.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "ptum"
+LAYERS: list[tuple[str, ...]] = [
+    ("__init__", "config", "io", "paths", "hashing", "locks", "codedeps", "presets"),
+    ("models", "heads"),
+    ("data", "tokenize"),
+    ("checkpoint",),
+    ("pretrain",),
+    ("finetune", "tune", "serving", "report"),
+    ("stages",),
+    ("cli", "__main__"),
+]
+LAYER = {part: i for i, parts in enumerate(LAYERS) for part in parts}
+
+
+def _module_file(module: str) -> Path | None:
+    base = ROOT.joinpath(*module.split("."))
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def imports(path: Path) -> set[Path]:
+    """The ptum files `path` imports (a `from package import submodule` names the submodule)."""
+    found: set[Path] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            subs = [f"{node.module}.{a.name}" for a in node.names]
+            names = [s if _module_file(s) else node.module for s in subs]
+        else:
+            continue
+        for name in names:
+            if name == "ptum" or name.startswith("ptum."):
+                target = _module_file(name)
+                if target is not None and target != path:
+                    found.add(target)
+    return found
+
+
+def graph() -> dict[Path, set[Path]]:
+    return {p: imports(p) for p in sorted(PKG.rglob("*.py"))}
+
+
+def layer(path: Path) -> int:
+    part = path.relative_to(PKG).parts[0].removesuffix(".py")
+    return LAYER[part]
+
+
+def test_every_module_has_a_layer():
+    unknown = (
+        {p.relative_to(PKG).parts[0] for p in PKG.rglob("*.py")}
+        - {f"{k}.py" for k in LAYER}
+        - set(LAYER)
+    )
+    assert not unknown, f"give these a layer in tests/test_layers.py: {sorted(unknown)}"
+
+
+def test_no_import_runs_from_a_lower_layer_to_a_higher_one():
+    upward = [
+        f"{a.relative_to(ROOT)} -> {b.relative_to(ROOT)}"
+        for a, targets in graph().items()
+        for b in targets
+        if layer(b) > layer(a)
+    ]
+    assert not upward, upward
+
+
+def _cycle(edges: dict, nodes: list) -> list | None:
+    """One cycle of the directed graph `edges` (node -> set of nodes), or None."""
+    state: dict = {}
+    stack: list = []
+
+    def visit(n) -> list | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(edges.get(n, ()), key=str):
+            if state.get(m) == 1:
+                return stack[stack.index(m) :] + [m]
+            if m not in state and (found := visit(m)):
+                return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in nodes:
+        if n not in state and (found := visit(n)):
+            return found
+    return None
+
+
+def test_no_import_cycle_between_files():
+    g = graph()
+    cycle = _cycle(g, list(g))
+    assert cycle is None, [str(p.relative_to(ROOT)) for p in cycle]
+
+
+def _package(path: Path) -> str:
+    rel = path.relative_to(PKG)
+    return str(rel.parent) if len(rel.parts) > 1 else rel.stem
+
+
+def test_no_import_cycle_between_packages():
+    edges: dict[str, set[str]] = {}
+    for a, targets in graph().items():
+        for b in targets:
+            if _package(a) != _package(b) and not _package(a).startswith(_package(b) + "/"):
+                edges.setdefault(_package(a), set()).add(_package(b))
+    cycle = _cycle(edges, sorted(edges))
+    assert cycle is None, cycle
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("from ptum.models import id_vocab as ids\n", {"ptum/models/id_vocab.py"}),
+        ("import ptum.data.corpus\n", {"ptum/data/corpus.py"}),
+        ("def f():\n    from ptum.paths import RAW\n", {"ptum/paths.py"}),
+    ],
+)
+def test_imports_are_read_wherever_they_stand(tmp_path, source, expected):
+    f = tmp_path / "m.py"
+    f.write_text(source)
+    assert {str(p.relative_to(ROOT)) for p in imports(f)} == expected
