@@ -34,8 +34,8 @@ from ptum.config import load_params
 from ptum.finetune.baselines import tfidf_lr_logits
 from ptum.finetune.data import load_demo
 from ptum.finetune.metrics import accuracy
-from ptum.finetune.stage import cell_options
 from ptum.finetune.train import run_demo
+from ptum.stages.finetune import cell_options
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +93,7 @@ def main() -> None:
                             opts=replace(opts, class_weight=weight),
                             select=ft.demo_select,
                             wide=w,
-                        )
+                        ).result
                         if (
                             best is None
                             or res["valid"][ft.demo_select] > best["valid"][ft.demo_select]

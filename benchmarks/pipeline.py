@@ -9,8 +9,8 @@ repro` data) and the same seeds, one child process at a time:
   - pre-training: `ptum pretrain` for --epochs epochs with that version's own params.yaml and CLI;
     prints its mean users/s and the held-out MBP / NBP accuracy after the last epoch;
   - fine-tuning: one cell of the model's task (Demo: gender; CTR), "finetune" mode, 100% of the
-    labels, exactly --cell-epochs epochs (no early stop), from the checkpoint just trained;
-    prints its seconds.
+    labels, with that version's params.yaml finetune options except exactly --cell-epochs
+    epochs (no early stop), from the checkpoint just trained; prints its seconds.
 Everything runs with one torch thread (the default's deterministic pre-training; fine-tuning
 runs one thread per worker process). Do not run anything else meanwhile, and quote the machine
 and its load with the figures.
@@ -34,35 +34,47 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO_MODELS = ("han", "hura", "hsa")
 CTR_MODELS = ("gru4rec", "nativectr", "bert4rec")
 
-# One fine-tuning cell, timed; uses only library functions whose signatures both versions share.
+# One fine-tuning cell, timed, with the finetune options of the version's own params.yaml (as
+# `dvc repro` runs them) and two stated overrides: exactly `epochs` epochs (no early stop). Runs
+# in both versions: earlier ones built the options in ptum.finetune.stage and returned a dict.
 CELL = r"""
 import json, sys, time
+from dataclasses import replace
 from pathlib import Path
 import torch
 torch.set_num_threads(1)
 from ptum import checkpoint
+from ptum.config import load_params
 from ptum.finetune.data import load_demo, load_ctr
-from ptum.finetune.train import CellOptions, run_demo, run_ctr
+from ptum.finetune.train import run_demo, run_ctr
+try:
+    from ptum.stages.finetune import cell_options
+except ImportError:
+    from ptum.finetune.stage import cell_options
 a = json.loads(sys.argv[1])
 data = Path(a["data"])
 model = checkpoint.load(Path(a["ckpt"])).model
-opts = CellOptions(max_epochs=a["epochs"], patience=a["epochs"] + 1, encoder_lr_scale=0.1)
+p = load_params(Path("params.yaml"))
+opts = replace(cell_options(p.finetune), max_epochs=a["epochs"], patience=a["epochs"] + 1)
+ratios = list(p.finetune.ratios)
 if a["task"] == "demo":
-    t = load_demo(data / "prepared", data / "tokenized", a["max_len"], [0.2, 0.5, 1.0])
-    t = t.resplit(100, (0.8, 0.1, 0.1))
+    t = load_demo(data / "prepared", data / "tokenized", a["max_len"], ratios)
+    t = t.resplit(p.finetune.seed, tuple(p.prepare.demo_split))
     y, classes = t.labels["gender"]
     rows = (t.subsets[1.0] & (y >= 0)).nonzero()[0]
     t0 = time.perf_counter()
     r = run_demo(pretrained=model, corpus=t.corpus, y=y, split=t.split, train_rows=rows,
-                 n_classes=len(classes), mode="finetune", seed=100, opts=opts)
+                 n_classes=len(classes), mode="finetune", seed=p.finetune.seed, opts=opts,
+                 select=p.finetune.demo_select)
 else:
-    t = load_ctr(data / "prepared", data / "tokenized", a["max_len"], [0.2, 0.5, 1.0])
-    t = t.resplit(100, 0.1)
+    t = load_ctr(data / "prepared", data / "tokenized", a["max_len"], ratios)
+    t = t.resplit(p.finetune.seed, p.prepare.ctr_valid_frac)
     t0 = time.perf_counter()
     r = run_ctr(pretrained=model, data=t.data, train_idx=t.subsets[1.0].nonzero()[0],
-                mode="finetune", seed=100, opts=opts)
-print(json.dumps({"seconds": time.perf_counter() - t0, "epochs": r["epochs"],
-                  "valid": r["valid"]}))
+                mode="finetune", seed=p.finetune.seed, opts=opts)
+seconds = time.perf_counter() - t0
+r = getattr(r, "result", r)  # a CellRun in this version, a dict before
+print(json.dumps({"seconds": seconds, "epochs": r["epochs"], "valid": r["valid"]}))
 """
 
 

@@ -8,9 +8,11 @@ then `prepare` and `tokenize` run in a fresh child process that reads its own pe
 OS, so numbers of one size do not leak into the next. With --repeat N each size runs N times and
 the fastest run (prepare + tokenize) is printed, with the run count: on a shared machine the
 best of several runs is the least disturbed one; its CPU time (all threads) and the load average
-when it started are printed too, to tell a slow run from a busy machine. --chunk-rows sets
-prepare.chunk_rows (default: the stage's default), the size above which a log streams through
-in chunks of whole users.
+when it started are printed too, to tell a slow run from a busy machine.
+
+The prepare and tokenize options are params.yaml's `prepare:` and `tokenize:` sections, with one
+stated override: --chunk-rows sets prepare.chunk_rows (default: params.yaml's), the size above
+which a log streams through in chunks of whole users.
 """
 
 from __future__ import annotations
@@ -24,11 +26,13 @@ import tempfile
 import time
 from pathlib import Path
 
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
 CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
-from ptum.config import PrepareConfig
+from ptum.config import load_params
 from ptum.data.prepare import prepare
+from ptum.stages.prepare import prepare_options
 from ptum.tokenize import tokenize
 def peak_kib():
     # VmHWM: this process image's own peak. ru_maxrss is not: Linux carries the parent's peak
@@ -40,12 +44,14 @@ def peak_kib():
     except OSError:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 root = Path(sys.argv[1])
-opts = PrepareConfig(**json.loads(sys.argv[2]))
+params = load_params(sys.argv[2], json.loads(sys.argv[3]))
+t, opts = params.tokenize, prepare_options(params.prepare)
 t0, c0 = time.perf_counter(), time.process_time()
 rep = prepare(root / "raw", root / "prepared", opts)
 t1 = time.perf_counter()
-tokenize(root / "prepared" / "items.parquet", root / "tok", vocab_size=8000, model_type="unigram",
-         byte_fallback=True, max_tokens=30, character_coverage=0.9995, seed=1)
+tokenize(root / "prepared" / "items.parquet", root / "tok", vocab_size=t.vocab_size,
+         model_type=t.model_type, byte_fallback=t.byte_fallback, max_tokens=t.max_tokens,
+         character_coverage=t.character_coverage, seed=t.seed)
 t2, c2 = time.perf_counter(), time.process_time()
 print(json.dumps({"prepare_s": t1 - t0, "tokenize_s": t2 - t1, "cpu_s": c2 - c0,
                   "behaviors": rep["behaviors"]["rows_kept"], "items": rep["behaviors"]["items"],
@@ -65,12 +71,12 @@ def generate(n_behaviors: int, raw_dir: Path) -> None:
     ingest(source="synthetic", path="", out_dir=raw_dir, size="bench", seed=1)
 
 
-def run(root: Path, options: dict) -> dict:
+def run(root: Path, options: list[str]) -> dict:
     """prepare + tokenize on root/raw in a child process; its timings and peak RSS."""
     load = os.getloadavg()[0]  # other jobs on the machine: timings are only comparable at low load
     t0 = time.perf_counter()
     out = subprocess.run(
-        [sys.executable, "-c", CHILD, str(root), json.dumps(options)],
+        [sys.executable, "-c", CHILD, str(root), str(PARAMS), json.dumps(options)],
         check=True,
         capture_output=True,
         text=True,
@@ -89,7 +95,7 @@ def run(root: Path, options: dict) -> dict:
     return res
 
 
-def best_of(n_behaviors: int, repeat: int, cache: Path | None, options: dict) -> dict:
+def best_of(n_behaviors: int, repeat: int, cache: Path | None, options: list[str]) -> dict:
     """The fastest of `repeat` runs on one generated log."""
     with tempfile.TemporaryDirectory() as tmp:
         root = (cache / str(n_behaviors)) if cache else Path(tmp)
@@ -118,10 +124,10 @@ def main() -> None:
         help="prepare.chunk_rows (default: the stage's own default)",
     )
     args = ap.parse_args()
-    from ptum.config import PrepareConfig
+    from ptum.config import load_params
 
-    options = {} if args.chunk_rows is None else {"chunk_rows": args.chunk_rows}
-    chunk_rows = PrepareConfig(**options).chunk_rows
+    options = [] if args.chunk_rows is None else [f"prepare.chunk_rows={args.chunk_rows}"]
+    chunk_rows = load_params(PARAMS, options).prepare.chunk_rows
 
     print(
         f"machine: {os.cpu_count()} CPUs, python {sys.version.split()[0]}; best of "

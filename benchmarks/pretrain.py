@@ -11,6 +11,11 @@ candidate encoded separately, and (c) as (a) with the hybrid behavior encoder (t
 self-attention text encoder + an item-id embedding over the items seen >= 2 times, gated).
 Each variant runs in its own child process so its peak memory (RSS on CPU, max allocated on GPU)
 is its own. Training steps = forward + backward + AdamW step.
+
+Options come from params.yaml (`load_params`): pretrain's mbp, nbp, k, lam, p, negatives, lr,
+model sizes and id_min_count, prepare's max_behaviors and sections, tokenize's vocab_size and
+max_tokens (also the synthetic case's token shapes). Stated overrides: the paper's model sizes
+(word_dim 300, dim 256, heads 16 x 16, attn_hidden 200) unless --quick, --batch users per step.
 """
 
 from __future__ import annotations
@@ -23,8 +28,12 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ptum.config import Params
 
 CHILD = r"""
 import json, resource, sys, time
@@ -40,14 +49,15 @@ device = torch.device(args["device"])
 model, corpus = build(args)
 model = model.to(device)
 tokens = corpus.tokens.to(device)
-opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+pre = args["pretrain"]
+opt = torch.optim.AdamW(model.parameters(), lr=pre["lr"])
 rows_all = np.flatnonzero(corpus.lengths >= 2)
 def step(i, count=False):
     rows = rows_all[(i * args["batch"]) % len(rows_all):][: args["batch"]]
-    b = make_batch(corpus, rows, step_rng(0, 0, i), k=2, p=4, negatives="popularity").to(device)
+    b = make_batch(corpus, rows, step_rng(0, 0, i), k=pre["k"], p=pre["p"], negatives=pre["negatives"]).to(device)
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     with ctx:
-        out = ptum_step(model, tokens, b, use_mbp=True, use_nbp=True, lam=1.0, unique=args["unique"])
+        out = ptum_step(model, tokens, b, use_mbp=pre["mbp"], use_nbp=pre["nbp"], lam=pre["lam"], unique=args["unique"])
     opt.zero_grad(); out["loss"].backward(); opt.step()
     return len(rows)
 for i in range(args["warmup"]):
@@ -83,7 +93,7 @@ def build(args: dict):
     if args["data"] == "synthetic":
         rng = np.random.default_rng(0)
         n_users, n_items, L = args["synthetic"]
-        T, V = 30, 8000
+        T, V = args["max_tokens"], args["vocab_size"]
         lengths = np.full(n_users, L)
         # Zipf-popular items: behaviors repeat, as in real logs.
         w = 1 / np.arange(1, n_items + 1) ** 1.05
@@ -104,12 +114,12 @@ def build(args: dict):
         texts = [f"item {i}" for i in range(1, n_items + 1)]
     else:
         root = Path(args["data"])
-        corpus = load_corpus(root / "prepared", root / "tokenized", "train", 100)
+        corpus = load_corpus(root / "prepared", root / "tokenized", "train", args["max_behaviors"])
         vocab = json.loads((root / "tokenized" / "report.json").read_text())["vocab_size"]
         texts = item_texts(root / "prepared")
     hybrid, id_vocab = {}, None
     if args["encoder"] == "hybrid":
-        id_vocab = build_id_vocab(corpus.items, texts, corpus.tokens, 2)
+        id_vocab = build_id_vocab(corpus.items, texts, corpus.tokens, args["id_min_count"])
         hybrid = dict(
             behavior_encoder="hybrid",
             num_items=corpus.num_items + 1,
@@ -119,7 +129,7 @@ def build(args: dict):
         "hsa",
         vocab_size=vocab,
         max_tokens=corpus.tokens.shape[1],
-        max_behaviors=100,
+        max_behaviors=args["max_behaviors"],
         **hybrid,
         **args["model"],
     )
@@ -129,23 +139,24 @@ def build(args: dict):
     return model, corpus
 
 
-def prepare_movielens(src: Path, dest: Path) -> None:
-    from ptum.config import PrepareConfig
+def prepare_movielens(src: Path, dest: Path, params: Params) -> None:
     from ptum.data.ingest import ingest
     from ptum.data.prepare import prepare
+    from ptum.stages.prepare import prepare_options
     from ptum.tokenize import tokenize
 
+    t = params.tokenize
     ingest(source="movielens", path=str(src), out_dir=dest / "raw")
-    prepare(dest / "raw", dest / "prepared", PrepareConfig())
+    prepare(dest / "raw", dest / "prepared", prepare_options(params.prepare))
     tokenize(
         dest / "prepared" / "items.parquet",
         dest / "tokenized",
-        vocab_size=8000,
-        model_type="unigram",
-        byte_fallback=True,
-        max_tokens=30,
-        character_coverage=0.9995,
-        seed=1,
+        vocab_size=t.vocab_size,
+        model_type=t.model_type,
+        byte_fallback=t.byte_fallback,
+        max_tokens=t.max_tokens,
+        character_coverage=t.character_coverage,
+        seed=t.seed,
     )
 
 
@@ -163,16 +174,8 @@ def run_child(args: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-# params.yaml's pretrain.model (the CPU-sized default).
-CPU_DEFAULT = {
-    "word_dim": 64,
-    "dim": 64,
-    "heads": 4,
-    "head_dim": 16,
-    "attn_hidden": 64,
-    "dropout": 0.2,
-    "layers": 2,
-}
+PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+# Stated override of pretrain.model: the paper's sizes (params.yaml's are CPU-sized; --quick).
 PAPER = {
     "word_dim": 300,
     "dim": 256,
@@ -184,8 +187,10 @@ PAPER = {
 }
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def _arguments() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], epilog="Options: params.yaml, see the docstring."
+    )
     ap.add_argument(
         "--movielens",
         type=Path,
@@ -200,60 +205,82 @@ def main() -> None:
         action="store_true",
         help="params.yaml's CPU-sized model (64-d) on 300 synthetic users x 50 behaviors",
     )
-    args = ap.parse_args()
-    device = "cuda" if args.gpu else "cpu"
-    model = CPU_DEFAULT if args.quick else PAPER
-    synthetic = (300, 3000, 50) if args.quick else (2000, 20000, 100)
-    cases = []
+    return ap.parse_args()
+
+
+def _child_args(params: Params, args: argparse.Namespace) -> dict:
+    """What every child reads: params.yaml's options, the stated overrides, the run's sizes."""
+    from ptum.config import to_dict
+
+    sizes = to_dict(params.pretrain.model)
+    id_min_count = sizes.pop("id_min_count")
+    return {
+        "synthetic": (300, 3000, 50) if args.quick else (2000, 20000, 100),
+        "model": sizes if args.quick else PAPER,
+        "id_min_count": id_min_count,
+        "pretrain": {
+            k: getattr(params.pretrain, k)
+            for k in ("mbp", "nbp", "k", "lam", "p", "negatives", "lr")
+        },
+        "max_behaviors": params.prepare.max_behaviors,
+        "max_tokens": params.tokenize.max_tokens,
+        "vocab_size": params.tokenize.vocab_size,
+        "batch": args.batch,
+        "steps": args.steps,
+        "warmup": 1,
+        "device": "cuda" if args.gpu else "cpu",
+        "threads": args.threads,
+        "count_flops": args.gpu,
+    }
+
+
+def main() -> None:
+    from ptum.config import load_params
+
+    args = _arguments()
+    params = load_params(PARAMS)
+    base = _child_args(params, args)
     with tempfile.TemporaryDirectory() as tmp:
+        cases = []
         if args.quick:
             pass
         elif args.movielens.exists():
-            prepare_movielens(args.movielens, Path(tmp))
+            prepare_movielens(args.movielens, Path(tmp), params)
             cases.append(("MovieLens-100K", tmp))
         else:
             print(f"(skipping MovieLens: {args.movielens} not found)")
-        n_users, _, n_beh = synthetic
+        n_users, _, n_beh = base["synthetic"]
         cases.append((f"synthetic {n_users} u x {n_beh} beh", "synthetic"))
         print(
-            f"device: {device}; threads: {args.threads}; model: HSA, sizes {model}; "
-            f"batch {args.batch} users; {args.steps} timed steps after 1 warm-up; "
-            f"load average at start {os.getloadavg()[0]:.2f}"
+            f"device: {base['device']}; threads: {args.threads}; model: HSA, sizes "
+            f"{base['model']}; batch {args.batch} users; {args.steps} timed steps after 1 "
+            f"warm-up; load average at start {os.getloadavg()[0]:.2f}"
         )
         print(
             f"{'data':28} {'encoder':>8} {'encoding':>9} {'users/s':>9} {'s/step':>8} "
             f"{'peak MiB':>9}" + (f" {'TFLOP/s':>8}" if args.gpu else "")
         )
-        variants = [("text", True), ("text", False), ("hybrid", True)]
         for name, data in cases:
-            res = {}
-            for encoder, unique in variants:
-                res[encoder, unique] = r = run_child(
-                    {
-                        "data": data,
-                        "synthetic": synthetic,
-                        "encoder": encoder,
-                        "unique": unique,
-                        "model": model,
-                        "batch": args.batch,
-                        "steps": args.steps,
-                        "warmup": 1,
-                        "device": device,
-                        "threads": args.threads,
-                        "count_flops": args.gpu,
-                    }
-                )
-                print(
-                    f"{name:28} {encoder:>8} {'unique' if unique else 'naive':>9} "
-                    f"{r['users_per_s']:>9.1f} {r['step_s']:>8.2f} {r['peak_mib']:>9.0f}"
-                    + (f" {r['tflops']:>8.2f}" if args.gpu else ""),
-                    flush=True,
-                )
-            text, naive, hybrid = (res[v]["users_per_s"] for v in variants)
-            print(
-                f"{name:28} speed-up unique/naive: {text / naive:.1f}x; "
-                f"hybrid/text (unique): {hybrid / text:.2f}x"
-            )
+            _bench_case(name, {**base, "data": data}, gpu=args.gpu)
+
+
+def _bench_case(name: str, base: dict, *, gpu: bool) -> None:
+    """The three variants of one data set, each in its own child process, and the speed-ups."""
+    variants = [("text", True), ("text", False), ("hybrid", True)]
+    res = {}
+    for encoder, unique in variants:
+        res[encoder, unique] = r = run_child({**base, "encoder": encoder, "unique": unique})
+        print(
+            f"{name:28} {encoder:>8} {'unique' if unique else 'naive':>9} "
+            f"{r['users_per_s']:>9.1f} {r['step_s']:>8.2f} {r['peak_mib']:>9.0f}"
+            + (f" {r['tflops']:>8.2f}" if gpu else ""),
+            flush=True,
+        )
+    text, naive, hybrid = (res[v]["users_per_s"] for v in variants)
+    print(
+        f"{name:28} speed-up unique/naive: {text / naive:.1f}x; "
+        f"hybrid/text (unique): {hybrid / text:.2f}x"
+    )
 
 
 if __name__ == "__main__":

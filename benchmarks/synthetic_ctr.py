@@ -30,7 +30,7 @@ from ptum.config import load_params
 from ptum.data.synthetic import generate, spec_for
 from ptum.finetune.data import load_ctr
 from ptum.finetune.metrics import roc_auc
-from ptum.finetune.train import all_user_vectors, item_vectors
+from ptum.finetune.vectors import all_user_vectors, item_vectors
 
 
 def topics(prepared: Path, latent: dict) -> tuple[np.ndarray, np.ndarray]:

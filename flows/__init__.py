@@ -3,5 +3,5 @@ params.py, plan.py, experiment.py and artifacts.py), deployment `full` served by
 deployment `pool` on a work pool (deploy.py).
 
 Thin on purpose: a flow run is one `dvc exp run --temp` (an isolated DVC experiment), and the
-stage code in `ptum/` never imports Prefect. See flows/USAGE.md for the commands.
+stage code in `ptum/` never imports Prefect. See docs/prefect.md for the commands.
 """

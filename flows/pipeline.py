@@ -286,6 +286,23 @@ def ptum_flow(
         publish(root, setup.name, ref)
         return setup.name
 
+    exp = _experiment(setup, rerun=rerun)
+    experiment = run_experiment.submit(exp)
+    futures: dict[str, Any] = {}
+    for stage in setup.stages:
+        futures[stage] = follow_stage.with_options(name=stage, task_run_name=stage).submit(
+            stage, exp, wait_for=[futures[u] for u in setup.upstream[stage]]
+        )
+    for future in futures.values():
+        future.wait()
+    name = experiment.result()  # raises (the flow fails) if the experiment failed
+    published = publish.submit(root, name, ref, wait_for=list(futures.values()))
+    published.result()
+    return name
+
+
+def _experiment(setup: Setup, *, rerun: bool) -> Experiment:
+    """The `dvc exp run` of this flow run, its log file linked from the Prefect UI."""
     run_name = flow_run.name or "run"
     exp = Experiment(
         exp_command(setup, f"ptum flow run {run_name} ({flow_run.id})", rerun=rerun),
@@ -299,18 +316,7 @@ def ptum_flow(
         key="ptum-log",
         description="the experiment's whole output (every stage's log)",
     )
-    experiment = run_experiment.submit(exp)
-    futures: dict[str, Any] = {}
-    for stage in setup.stages:
-        futures[stage] = follow_stage.with_options(name=stage, task_run_name=stage).submit(
-            stage, exp, wait_for=[futures[u] for u in setup.upstream[stage]]
-        )
-    for future in futures.values():
-        future.wait()
-    name = experiment.result()  # raises (the flow fails) if the experiment failed
-    published = publish.submit(root, name, ref, wait_for=list(futures.values()))
-    published.result()
-    return name
+    return exp
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
     python -m flows.serve --cron "0 3 * * *"   # or PTUM_FLOW_CRON="0 3 * * *": nightly at 03:00
 
 Start it from the project root with PREFECT_API_URL pointing at a Prefect server, e.g. a local
-one bound to 127.0.0.1 with its state in .prefect/ (the full commands are in flows/USAGE.md):
+one bound to 127.0.0.1 with its state in .prefect/ (the full commands are in docs/prefect.md):
 
     export PREFECT_HOME=$PWD/.prefect
     prefect server start --host 127.0.0.1 --port 4200

@@ -1,4 +1,4 @@
-"""Stage `report`: reports/results.md laid out like the paper's Tables 2-3, with provenance.
+"""The results report: reports/results.md laid out like the paper's Tables 2-3, with provenance.
 
 Everything in the file is read from the pipeline's own outputs (finetune summaries and tests,
 sensitivity, pretrain metrics, the data report); nothing is typed in by hand. Each task section

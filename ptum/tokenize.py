@@ -1,4 +1,4 @@
-"""Stage `tokenize`: train SentencePiece on the distinct item texts and encode each item once.
+"""Tokenization: train SentencePiece on the distinct item texts and encode each item once.
 
 Outputs (in out_dir):
     spm.model, spm.vocab   the SentencePiece model (pad=0, unk=1, no bos/eos)

@@ -10,6 +10,7 @@ import pytest
 from ptum.config import PrepareConfig
 from ptum.data.ingest import ingest
 from ptum.data.prepare import prepare
+from ptum.stages.prepare import prepare_options
 from ptum.tokenize import tokenize
 
 MOVIELENS_100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "movielens-100k"
@@ -46,7 +47,7 @@ def tiny_pipeline(tmp_path_factory) -> Path:
     prepare(
         root / "raw",
         root / "prepared",
-        PrepareConfig(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2),
+        prepare_options(PrepareConfig(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2)),
     )
     tokenize(
         root / "prepared" / "items.parquet",
@@ -67,5 +68,5 @@ def behaviors_only(tmp_path_factory):
     root = tmp_path_factory.mktemp("ptum_tsv")
     write_ptum_tsv(root / "behavior.tsv", users=8, seed=0)
     ingest(source="ptum_tsv", path=str(root / "behavior.tsv"), out_dir=root / "raw")
-    prepare(root / "raw", root / "prepared", PrepareConfig(max_behaviors=4))
+    prepare(root / "raw", root / "prepared", prepare_options(PrepareConfig(max_behaviors=4)))
     return root

@@ -13,9 +13,10 @@ from ptum.config import (
     TuneConfig,
     build,
     load_params,
+    names,
     to_dict,
 )
-from ptum.config.tune import ARCHITECTURE_NAMES, PRUNER_NAMES
+from ptum.config.names import ARCHITECTURE_NAMES, PRUNER_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -252,6 +253,114 @@ def test_tune_names_agree_with_the_models_and_pruners():
     assert set(ARCHITECTURE_NAMES) == set(ARCHITECTURES)
     assert PRUNER_NAMES == PRUNERS
     assert typing.get_args(typing.get_type_hints(TuneConfig)["pruner"]) == PRUNERS
+
+
+def test_the_configs_name_lists_equal_the_librarys():
+    """ptum.config.names repeats lists the config layer may not import; each equals its source."""
+    from ptum.data.synthetic import PRESETS
+    from ptum.finetune.options import MODES
+    from ptum.finetune.summary import METRICS
+    from ptum.models import ARCHITECTURES, BEHAVIOR_ENCODERS
+
+    assert set(names.ARCHITECTURE_NAMES) == set(ARCHITECTURES)
+    assert set(names.BEHAVIOR_ENCODER_NAMES) == set(BEHAVIOR_ENCODERS)
+    assert set(names.SYNTHETIC_SIZES) == set(PRESETS)
+    assert names.MODE_NAMES == MODES
+    assert set(names.TASK_NAMES) == set(METRICS)
+
+
+# One bad value for every enumerated key: refused when params load, naming the key and the
+# values it may take.
+ENUMERATED = [
+    ("data.source", "csv", "synthetic"),
+    ("data.size", "huge", "small"),
+    ("data.movielens_variant", "ml-20m", "ml-100k"),
+    ("prepare.on_bad_rows", "skip", "quarantine"),
+    ("prepare.on_duplicates", "keep", "drop"),
+    ("prepare.ctr_windows", "per_item", "global"),
+    ("tokenize.model_type", "wordpiece", "unigram"),
+    ("pretrain.architectures", "[hsa, sasrec]", "hsa"),
+    ("pretrain.behavior_encoder", "transformer", "selfattn"),
+    ("pretrain.negatives", "hard", "popularity"),
+    ("pretrain.device", "gpu", "auto"),
+    ("finetune.demo_models", "[hsa, hsa2]", "hsa"),
+    ("finetune.ctr_models", "[deepfm]", "nativectr"),
+    ("finetune.modes", "[scratch, linear]", "frozen"),
+    ("finetune.ctr_scoring", "cosine", "dot"),
+    ("finetune.demo_select", "auc", "acc"),
+    ("finetune.class_weights", "[inverse]", "balanced"),
+    ("sensitivity.tasks", "[demo, age]", "ctr"),
+    ("sensitivity.demo_model", "lstm", "hsa"),
+    ("sensitivity.ctr_model", "din", "nativectr"),
+    ("tune.arch", "sasrec", "bert4rec"),
+    ("tune.pruner", "asha", "hyperband"),
+]
+
+
+@pytest.mark.parametrize(("key", "bad", "allowed"), ENUMERATED, ids=[e[0] for e in ENUMERATED])
+def test_every_enumerated_key_is_checked_when_params_load(tmp_path, key, bad, allowed):
+    with pytest.raises(ConfigError) as e:
+        load_params(tmp_path / "none.yaml", [f"{key}={bad}"])
+    message = str(e.value)
+    assert key in message and allowed in message, message
+
+
+@pytest.mark.parametrize(
+    ("key", "empty"),
+    [
+        ("pretrain.architectures", "[]"),
+        ("finetune.modes", "[]"),
+        ("finetune.demo_models", "[]"),
+        ("sensitivity.tasks", "[]"),
+        ("finetune.modes", "[frozen, frozen]"),
+    ],
+)
+def test_enumerated_lists_are_non_empty_and_distinct(tmp_path, key, empty):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_params(tmp_path / "none.yaml", [f"{key}={empty}"])
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:1", "mps"])
+def test_devices_that_torch_takes_load(tmp_path, device):
+    assert (
+        load_params(tmp_path / "none.yaml", [f"pretrain.device={device}"]).pretrain.device == device
+    )
+
+
+def test_params_yaml_comments_list_the_allowed_values():
+    """params.yaml's comment beside an enumerated key names every value the key may take."""
+    comments: dict[str, str] = {}
+    section, above = "", ""  # a comment line belongs to the key below it
+    for line in (ROOT / "params.yaml").read_text(encoding="utf-8").splitlines():
+        head, _, comment = line.partition("#")
+        if not head.strip():
+            above += comment
+            continue
+        if not line[0].isspace():
+            section = head.split(":")[0]
+        comments[f"{section}.{head.split(':')[0].strip()}"] = above + comment
+        above = ""
+    lists = {
+        "data.source": typing.get_args(typing.get_type_hints(DataConfig)["source"]),
+        "data.size": names.SYNTHETIC_SIZES,
+        "prepare.on_bad_rows": ("error", "quarantine"),
+        "prepare.on_duplicates": ("drop", "error"),
+        "prepare.ctr_windows": ("global", "per_user"),
+        "tokenize.model_type": ("unigram", "bpe", "char", "word"),
+        "pretrain.architectures": names.ARCHITECTURE_NAMES,
+        "pretrain.behavior_encoder": names.BEHAVIOR_ENCODER_NAMES,
+        "pretrain.negatives": ("popularity", "uniform"),
+        "pretrain.device": ("auto", "cpu", "mps", "cuda"),
+        "finetune.modes": names.MODE_NAMES,
+        "finetune.demo_select": ("acc", "macro_f1"),
+        "finetune.class_weights": names.CLASS_WEIGHT_NAMES,
+        "finetune.ctr_scoring": ("dot", "bias"),
+        "sensitivity.tasks": names.TASK_NAMES,
+        "tune.pruner": names.PRUNER_NAMES,
+    }
+    for key, allowed in lists.items():
+        missing = [v for v in allowed if v not in comments.get(key, "")]
+        assert not missing, f"params.yaml's comment on {key} does not name {missing}"
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,8 @@
 """The import graph of ptum/: no cycle, and no import from a lower layer to a higher one.
 
 Layers, lowest first (a module may import its own layer and the ones below it):
-    config, io, paths, hashing, locks, codedeps, presets  ->  models, heads  ->  data, tokenize
-    ->  checkpoint  ->  pretrain  ->  finetune, tune, serving, report  ->  stages  ->  cli
+    config, io, paths, hashing, locks, codedeps, presets, progress  ->  models, heads
+    ->  data, tokenize  ->  checkpoint  ->  pretrain  ->  finetune, tune, serving, report  ->  stages  ->  cli
 Every import counts, also one inside a function or under `if TYPE_CHECKING`: a type-only
 import is still a dependency a reader follows.
 """
@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "ptum"
 LAYERS: list[tuple[str, ...]] = [
-    ("__init__", "config", "io", "paths", "hashing", "locks", "codedeps", "presets"),
+    ("__init__", "config", "io", "paths", "hashing", "locks", "codedeps", "presets", "progress"),
     ("models", "heads"),
     ("data", "tokenize"),
     ("checkpoint",),
@@ -140,3 +140,48 @@ def test_imports_are_read_wherever_they_stand(tmp_path, source, expected):
     f = tmp_path / "m.py"
     f.write_text(source)
     assert {str(p.relative_to(ROOT)) for p in imports(f)} == expected
+
+
+# Only the stage layer (and the CLI that calls it) reads config sections; the library takes
+# explicit arguments or its own options dataclasses, which ptum/stages/ builds.
+CONFIG_READERS = ("config", "stages", "cli.py")
+
+
+def config_classes_imported(path: Path) -> list[str]:
+    """The `*Config` / `Params` classes that `path` imports from ptum.config."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("ptum.config"):
+            found += [
+                f"{node.module}.{a.name}"
+                for a in node.names
+                if a.name.endswith("Config") or a.name in ("Params", "ModelParams", "*")
+            ]
+        elif isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.startswith("ptum.config")]
+    return found
+
+
+def test_only_the_stages_read_config_sections():
+    readers = [
+        f"{p.relative_to(ROOT)}: {', '.join(names)}"
+        for p in sorted(PKG.rglob("*.py"))
+        if p.relative_to(PKG).parts[0] not in CONFIG_READERS
+        and (names := config_classes_imported(p))
+    ]
+    assert not readers, readers
+
+
+@pytest.mark.parametrize(
+    ("source", "expected"),
+    [
+        ("from ptum.config import FinetuneConfig, to_dict\n", ["ptum.config.FinetuneConfig"]),
+        ("def f():\n    from ptum.config.schema import Params\n", ["ptum.config.schema.Params"]),
+        ("import ptum.config\n", ["ptum.config"]),
+        ("from ptum.config.load import to_dict\n", []),
+    ],
+)
+def test_config_imports_are_found_wherever_they_stand(tmp_path, source, expected):
+    f = tmp_path / "m.py"
+    f.write_text(source)
+    assert config_classes_imported(f) == expected

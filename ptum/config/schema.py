@@ -2,7 +2,9 @@
 
 Each field's comment documents the key. The defaults are the root params.yaml's values
 (tests/test_config.py checks that key by key): params.yaml is where a default is chosen.
-The `tune` section lives in `ptum.config.tune` (its checks did not fit here).
+The `tune` section lives in `ptum.config.tune` (its checks did not fit here). Every enumerated
+key is checked when params load: a `Literal` type by the loader, a list of names
+(`ptum.config.names`) here.
 """
 
 from __future__ import annotations
@@ -10,13 +12,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ptum.config.errors import ConfigError, require
+from ptum.config.errors import ConfigError, require, require_each, require_one_of
+from ptum.config.names import (
+    ARCHITECTURE_NAMES,
+    BEHAVIOR_ENCODER_NAMES,
+    CLASS_WEIGHT_NAMES,
+    DEVICE,
+    DEVICE_NAMES,
+    MODE_NAMES,
+    SYNTHETIC_SIZES,
+    TASK_NAMES,
+)
 from ptum.config.tune import TuneConfig
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Stage `ingest`: where the behavior log comes from."""
+    """Section of stage `ingest`: where the behavior log comes from."""
 
     source: Literal["synthetic", "movielens", "generic", "ptum_tsv"] = "synthetic"
     # Input directory (movielens, generic) or file (ptum_tsv). Relative paths are resolved from
@@ -32,10 +44,13 @@ class DataConfig:
     # MovieLens download variant when path is empty.
     movielens_variant: Literal["ml-100k", "ml-1m"] = "ml-100k"
 
+    def __post_init__(self) -> None:
+        require_one_of(self.size, SYNTHETIC_SIZES, "data.size")
+
 
 @dataclass(frozen=True)
 class PrepareConfig:
-    """Stage `prepare`: validation, item table, user sequences, splits."""
+    """Section of stage `prepare`: validation, item table, user sequences, splits."""
 
     max_behaviors: int = 100
     # error: stop at the first bad row with file:line and reason. quarantine: drop bad rows into
@@ -109,7 +124,7 @@ class PrepareConfig:
 
 @dataclass(frozen=True)
 class TokenizeConfig:
-    """Stage `tokenize`: SentencePiece over the distinct item texts."""
+    """Section of stage `tokenize`: SentencePiece over the distinct item texts."""
 
     model_type: Literal["unigram", "bpe", "char", "word"] = "unigram"
     vocab_size: int = 8000
@@ -144,7 +159,7 @@ class ModelParams:
 
 @dataclass(frozen=True)
 class PretrainConfig:
-    """Stage `pretrain`: MBP + NBP self-supervision (paper Eq. 1-3)."""
+    """Section of stage `pretrain`: MBP + NBP self-supervision (paper Eq. 1-3)."""
 
     # User models to pre-train (a DVC foreach runs one stage per entry); names of
     # ptum.models.ARCHITECTURES: hsa, han, hura, gru4rec, nativectr, bert4rec (the paper's six:
@@ -187,17 +202,18 @@ class PretrainConfig:
         require(
             self.mbp or self.nbp, "pretrain.mbp/nbp", (self.mbp, self.nbp), "at least one task on"
         )
+        require_each(self.architectures, ARCHITECTURE_NAMES, "pretrain.architectures")
+        require_one_of(
+            self.behavior_encoder, ("", *BEHAVIOR_ENCODER_NAMES), "pretrain.behavior_encoder"
+        )
         require(
-            len(self.architectures) >= 1,
-            "pretrain.architectures",
-            self.architectures,
-            "a non-empty list",
+            DEVICE.fullmatch(self.device) is not None, "pretrain.device", self.device, DEVICE_NAMES
         )
 
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Stage `finetune@TASK`: the grid task x model x mode x ratio x seed (paper Tables 2-3)."""
+    """Section of stage `finetune@TASK`: the grid task x model x mode x ratio x seed (Tables 2-3)."""
 
     # Paper Table 2: han, hura, hsa; Table 3: gru4rec, nativectr, bert4rec (`make paper`).
     demo_models: tuple[str, ...] = ("hsa",)
@@ -248,12 +264,10 @@ class FinetuneConfig:
         require(
             self.ctr_bias_lr_scale > 0, "finetune.ctr_bias_lr_scale", self.ctr_bias_lr_scale, "> 0"
         )
-        require(
-            len(self.class_weights) >= 1 and set(self.class_weights) <= {"none", "balanced"},
-            "finetune.class_weights",
-            self.class_weights,
-            "a non-empty list of none | balanced",
-        )
+        require_each(self.demo_models, ARCHITECTURE_NAMES, "finetune.demo_models")
+        require_each(self.ctr_models, ARCHITECTURE_NAMES, "finetune.ctr_models")
+        require_each(self.modes, MODE_NAMES, "finetune.modes")
+        require_each(self.class_weights, CLASS_WEIGHT_NAMES, "finetune.class_weights")
         require(
             len(self.ratios) >= 1 and all(0 < r <= 1 for r in self.ratios),
             "finetune.ratios",
@@ -264,7 +278,7 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class SensitivityConfig:
-    """Stage `sensitivity`: ablation (none / MBP / NBP / both) and λ, K sweeps (Figs. 3-5)."""
+    """Section of stage `sensitivity`: ablation (none/MBP/NBP/both), λ and K sweeps (Figs. 3-5)."""
 
     # The paper's: both tasks, BERT4Rec on CTR, λ in {0, 0.25, 0.5, 1, 2, 4}, K in 1..5
     # (experiments/*/params.yaml); the default is the quick subset.
@@ -276,10 +290,15 @@ class SensitivityConfig:
     ratio: float = 0.2
     repeats: int = 3
 
+    def __post_init__(self) -> None:
+        require_each(self.tasks, TASK_NAMES, "sensitivity.tasks")
+        require_one_of(self.demo_model, ARCHITECTURE_NAMES, "sensitivity.demo_model")
+        require_one_of(self.ctr_model, ARCHITECTURE_NAMES, "sensitivity.ctr_model")
+
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """Stage `export@ARCH`: ONNX files of a pre-trained model (+ serving heads)."""
+    """Section of stage `export@ARCH`: ONNX files of a pre-trained model (+ serving heads)."""
 
     opset: int = 23
     # Trace sizes of the dynamic dims; each >= 2 (a size-1 example dim is fixed in the graph).

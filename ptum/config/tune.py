@@ -13,12 +13,8 @@ from dataclasses import dataclass
 from typing import Literal
 
 from ptum.config.errors import require
+from ptum.config.names import ARCHITECTURE_NAMES, PRUNER_NAMES
 
-# The keys of ptum.models.ARCHITECTURES; config sits below the models, so the names are
-# repeated here (tests/test_config.py checks that the two agree).
-ARCHITECTURE_NAMES = ("hsa", "han", "hura", "gru4rec", "nativectr", "bert4rec")
-# ptum.tune.PRUNERS (the same check in tests/test_config.py).
-PRUNER_NAMES = ("median", "hyperband", "none")
 # Trial i seeds numpy with seed + i, the sampler with seed + starts + 7919 * worker: numpy
 # takes seeds below 2**32, and 2**31 leaves room for those offsets.
 SEED_LIMIT = 2**31
@@ -28,7 +24,7 @@ _STUDY_NAME_MAX = 512  # Optuna's RDB column for study names
 
 @dataclass(frozen=True)
 class TuneConfig:
-    """Stage `tune`: Optuna search over K, λ, P and the pre-training lr (ptum.tune)."""
+    """Section of stage `tune`: Optuna search over K, λ, P and the pre-training lr (ptum.tune)."""
 
     # User model each trial pre-trains (a key of ptum.models.ARCHITECTURES; paper Demo: hsa).
     arch: str = "hsa"

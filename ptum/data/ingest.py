@@ -1,4 +1,4 @@
-"""Stage `ingest`: bring any source into the generic format under data/raw/.
+"""Ingestion: bring any source into the generic format under data/raw/.
 
 - synthetic: generate (seeded) and write behaviors/labels/impressions.parquet.
 - movielens: read a local 100K or 1M directory (or download and verify the GroupLens zip) and

@@ -1,6 +1,6 @@
 """Deterministic synthetic behavior log: the project's embedded default data source.
 
-Generative model (documented in the README so results on it can be read):
+Generative model (documented in docs/data.md, "The synthetic generator", so results on it can be read):
 
 1. Vocabulary. `n_topics` topics, each with `words_per_topic` pseudo-words; a shared pool of
    general words; a pool of ad words. Words are built from syllables, so titles look like text.

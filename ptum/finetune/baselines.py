@@ -250,57 +250,20 @@ def _ctr_scores(y: np.ndarray, s: np.ndarray) -> dict[str, float]:
     return {"auc": roc_auc(y, s), "ap": average_precision(y, s)}
 
 
+# (chosen hyper-parameters, rows -> scores): one candidate setting of a CTR baseline.
+_Candidate = tuple[dict, Callable[..., np.ndarray]]
+
+
 def run_ctr_baseline(name: str, task: CtrTask, ratio: float, *, seed: int) -> dict:
-    """One CTR baseline cell on `task`'s current split (see CtrTask.resplit)."""
+    """One CTR baseline cell on `task`'s current split (see CtrTask.resplit): the candidate
+    setting with the best validation AUC scores the test split."""
     d = task.data
     y = d.clicked
     train = np.flatnonzero(task.subsets[ratio])
     valid = np.flatnonzero(d.window == "valid")
     test = np.flatnonzero(d.window == "test")
-    _, user_keys = np.unique(task.users, return_inverse=True)
-    # (chosen hyper-parameters, rows -> scores); the lambdas bind their parameters as defaults
-    candidates: list[tuple[dict, Callable[..., np.ndarray]]] = []
-    if name == "popularity":
-        pop = np.where(
-            d.window == "test",
-            cast(np.ndarray, d.popularity_test)[d.item],
-            cast(np.ndarray, d.popularity_train)[d.item],
-        )
-        candidates.append(({}, lambda rows: pop[rows]))
-    elif name in ("item_ctr", "user_ctr"):
-        keys = d.item if name == "item_ctr" else user_keys
-        for a in SMOOTHING_GRID:
-            candidates.append(({"a": a}, lambda rows, a=a: _rate(keys, y, train, rows, a)))
-    elif name == "feature_lr":
-        for a in SMOOTHING_GRID:
-            x = ctr_features(task, train, a, seed)
-            scaler = StandardScaler().fit(x[train])
-            xs = scaler.transform(x)
-            for c in C_GRID:
-                model = _fit(_logreg(c, None, seed), xs[train], y[train])
-                candidates.append(
-                    ({"a": a, "C": c}, lambda rows, m=model, xs=xs: m.decision_function(xs[rows]))
-                )
-    elif name == "id_lr":
-        n_users = int(user_keys.max()) + 1
-        rows_all = np.arange(len(y))
-        x = sparse.csr_matrix(
-            (
-                np.ones(2 * len(y)),
-                (
-                    np.concatenate([rows_all, rows_all]),
-                    np.concatenate([user_keys, n_users + d.item]),
-                ),
-            ),
-            shape=(len(y), n_users + int(d.item.max()) + 1),
-        )
-        for c in C_GRID:
-            model = _fit(_logreg(c, None, seed), x[train], y[train])
-            candidates.append(({"C": c}, lambda rows, m=model: m.decision_function(x[rows])))
-    else:
-        raise ValueError(f"unknown CTR baseline {name!r}; choose from {list(CTR_BASELINES)}")
-    best = max(candidates, key=lambda cand: roc_auc(y[valid], cand[1](valid)))
-    chosen, score = best
+    candidates = _ctr_candidates(name, task, train, seed)
+    chosen, score = max(candidates, key=lambda cand: roc_auc(y[valid], cand[1](valid)))
     s = np.round(np.asarray(score(test), dtype=np.float64), 6)  # as saved, so recomputable
     return {
         "valid": _ctr_scores(y[valid], score(valid)),
@@ -311,3 +274,56 @@ def run_ctr_baseline(name: str, task: CtrTask, ratio: float, *, seed: int) -> di
         "n_valid": len(valid),
         "n_test": len(test),
     }
+
+
+def _ctr_candidates(name: str, task: CtrTask, train: np.ndarray, seed: int) -> list[_Candidate]:
+    """Every setting of baseline `name` fitted on the `train` impressions (the lambdas bind
+    their parameters as defaults)."""
+    d, y = task.data, task.data.clicked
+    _, user_keys = np.unique(task.users, return_inverse=True)
+    if name == "popularity":
+        pop = np.where(
+            d.window == "test",
+            cast(np.ndarray, d.popularity_test)[d.item],
+            cast(np.ndarray, d.popularity_train)[d.item],
+        )
+        return [({}, lambda rows: pop[rows])]
+    if name in ("item_ctr", "user_ctr"):
+        keys = d.item if name == "item_ctr" else user_keys
+        return [
+            ({"a": a}, lambda rows, a=a: _rate(keys, y, train, rows, a)) for a in SMOOTHING_GRID
+        ]
+    if name == "feature_lr":
+        candidates: list[_Candidate] = []
+        for a in SMOOTHING_GRID:
+            x = ctr_features(task, train, a, seed)
+            xs = StandardScaler().fit(x[train]).transform(x)
+            for c in C_GRID:
+                model = _fit(_logreg(c, None, seed), xs[train], y[train])
+                candidates.append(
+                    ({"a": a, "C": c}, lambda rows, m=model, xs=xs: m.decision_function(xs[rows]))
+                )
+        return candidates
+    if name == "id_lr":
+        return _id_lr_candidates(d.item, user_keys, y, train, seed)
+    raise ValueError(f"unknown CTR baseline {name!r}; choose from {list(CTR_BASELINES)}")
+
+
+def _id_lr_candidates(
+    item: np.ndarray, user_keys: np.ndarray, y: np.ndarray, train: np.ndarray, seed: int
+) -> list[_Candidate]:
+    """Logistic regression on one-hot user id + item id, one candidate per C."""
+    n_users = int(user_keys.max()) + 1
+    rows_all = np.arange(len(y))
+    x = sparse.csr_matrix(
+        (
+            np.ones(2 * len(y)),
+            (np.concatenate([rows_all, rows_all]), np.concatenate([user_keys, n_users + item])),
+        ),
+        shape=(len(y), n_users + int(item.max()) + 1),
+    )
+    candidates: list[_Candidate] = []
+    for c in C_GRID:
+        model = _fit(_logreg(c, None, seed), x[train], y[train])
+        candidates.append(({"C": c}, lambda rows, m=model: m.decision_function(x[rows])))
+    return candidates

@@ -18,9 +18,9 @@ import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,258 +30,89 @@ from ptum import checkpoint
 from ptum.codedeps import module_closure, source_digest
 from ptum.data.corpus import file_digest, read_tokens, tokenizer_digest
 from ptum.data.prepare.tasks import available_tasks
-from ptum.finetune.baselines import (
-    CTR_BASELINES,
-    DEMO_BASELINES,
-    run_ctr_baseline,
-    run_demo_baseline,
-    tfidf_lr_logits,
-)
+from ptum.finetune.baselines import CTR_BASELINES, DEMO_BASELINES
 from ptum.finetune.cache import CellKeys, from_cache, write_entry
-from ptum.finetune.cells import DEFAULT_SPLIT, Cell, SplitSpec
-from ptum.finetune.data import CtrTask, DemoTask, load_ctr, load_demo
-from ptum.finetune.train import CellOptions, run_ctr, run_demo
+from ptum.finetune.cell import Worker, run_cell
+from ptum.finetune.cells import Cell, GridAxes, GridOptions
+from ptum.finetune.data import load_ctr, load_demo
 from ptum.models.id_vocab import item_table_digest
 
 
-def _code_digest() -> str:
-    """Hash of the code a cell's result depends on (the import closure of the cell runners:
-    training, baselines, task data and splits, heads, models), so a code change never reuses
-    old cells; comments, docstrings, formatting and type annotations do not count (see
-    codedeps.source_digest)."""
-    return source_digest(
-        module_closure("ptum.finetune.train", "ptum.finetune.baselines", "ptum.finetune.data")
+def run_grid(axes: GridAxes, options: GridOptions) -> list[dict]:
+    """Run (or fetch from cache) every cell of `axes`; returns the cell results in grid order
+    (with their test predictions under "pred")."""
+    labels = axes.labels if axes.labels is not None else task_labels(axes.task, options.prepared)
+    cells = grid_cells(axes, labels, options.seed)
+    keys = _cell_keys(axes, options)
+    results, todo = from_cache(cells, options.cache_dir, keys)
+
+    def store(c: Cell, res: dict) -> None:
+        write_entry(options.cache_dir / f"{keys.key(c)}.json", keys.key(c), res)
+        results[c.name] = res
+
+    print(
+        f"{axes.task} grid: {len(cells)} cells, {len(results)} cached", file=sys.stderr, flush=True
     )
-
-
-# ---------------------------------------------------------------- workers
-
-_STATE: dict = {}
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process when its parent dies (a killed `ptum finetune` or
-    `dvc repro` must not leave pool workers running); a no-op elsewhere."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        import signal
-
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() == 1:  # the parent died before prctl took effect
-            os._exit(1)
-
-
-def _init_worker(
-    task: str,
-    prepared: str,
-    tokenized: str,
-    max_len: int,
-    ratios: list[float],
-    ckpt_dirs: dict[str, str],
-    threads: int,
-) -> None:
-    torch.set_num_threads(threads)
-    loader = load_demo if task == "demo" else load_ctr
-    _STATE["task"] = loader(Path(prepared), Path(tokenized), max_len, ratios)
-    # A hybrid checkpoint's item ids must index this token matrix (refused otherwise).
-    items = item_table_digest(read_tokens(Path(tokenized)))
-    _STATE["models"] = {
-        m: checkpoint.load(Path(d), item_table_sha256=items).model for m, d in ckpt_dirs.items()
-    }
-    _STATE["splits"] = {}
-
-
-def _pool_worker(*init: object) -> None:
-    _die_with_parent()
-    _init_worker(*init)  # type: ignore[arg-type]
-
-
-def _split(seed: int, spec: SplitSpec) -> DemoTask | CtrTask:
-    """The loaded task re-drawn for the repeat with this seed (memoised per process)."""
-    if seed not in _STATE["splits"]:
-        task = _STATE["task"]
-        if isinstance(task, DemoTask):
-            _STATE["splits"][seed] = task.resplit(seed, spec.demo_fractions)
-        else:
-            _STATE["splits"][seed] = task.resplit(seed, spec.ctr_valid_frac)
-    return _STATE["splits"][seed]
-
-
-def _run_cell(
-    cell: Cell, opts: CellOptions, demo_select: str, class_weights: tuple[str, ...], spec: SplitSpec
-) -> dict:
     t0 = time.perf_counter()
-    task = _split(cell.seed, spec)
-    if cell.mode == "baseline":
-        if isinstance(task, DemoTask):  # cell.task == "demo"
-            res = run_demo_baseline(
-                cell.model, task, cell.label, cell.ratio, select=demo_select, seed=cell.seed
-            )
-        else:
-            res = run_ctr_baseline(cell.model, task, cell.ratio, seed=cell.seed)
-    elif isinstance(task, DemoTask):
-        y, classes = task.labels[cell.label]
-        train_rows = (task.subsets[cell.ratio] & (y >= 0)).nonzero()[0]
-        wide = (
-            tfidf_lr_logits(task, cell.label, cell.ratio, select=demo_select, seed=cell.seed)
-            if opts.demo_wide
-            else None
-        )
-        runs = []
-        for weight in class_weights:
-            r = run_demo(
-                pretrained=_STATE["models"][cell.model],
-                corpus=task.corpus,
-                y=y,
-                split=task.split,
-                train_rows=train_rows,
-                n_classes=len(classes),
-                mode=cell.mode,
-                seed=cell.seed,
-                opts=replace(opts, class_weight=weight),
-                select=demo_select,
-                wide=wide,
-            )
-            runs.append((r["valid"][demo_select], weight, r))
-        # First best on validation wins (ties keep the earlier entry of class_weights).
-        best = max(range(len(runs)), key=lambda i: (runs[i][0], -i))
-        res = runs[best][2] | {"chosen": {"class_weight": runs[best][1]}}
-    else:
-        res = run_ctr(
-            pretrained=_STATE["models"][cell.model],
-            data=task.data,
-            train_idx=task.subsets[cell.ratio].nonzero()[0],
-            mode=cell.mode,
-            seed=cell.seed,
-            opts=opts,
-        )
-    return {**asdict(cell), **res, "seconds": round(time.perf_counter() - t0, 2)}
+    with _progress_bar(len(cells), len(results), f"{axes.task} grid") as bar:
+        for cell, res in _run_cells(todo, _worker_spec(axes, options), options):
+            store(cell, res)
+            bar.update()
+    seconds = time.perf_counter() - t0
+    print(f"{axes.task} grid: {len(todo)} cells run in {seconds:.0f}s", file=sys.stderr, flush=True)
+    return [results[c.name] for c in cells]
 
 
-def _progress_bar(total: int, cached: int, desc: str) -> tqdm:
-    """tqdm over the grid's cells (with ETA) on a terminal; off a terminal (CI, `dvc repro`
-    logs) only a line at the start and one at the end (see _run_cells)."""
-    # disable=None: tqdm turns itself off when stderr is not a terminal.
-    return tqdm(total=total, initial=cached, unit="cell", desc=desc, disable=None, leave=False)
-
-
-def grid_cells(
-    *,
-    task: str,
-    labels: list[str],
-    models: list[str],
-    modes: list[str],
-    ratios: list[float],
-    repeats: int,
-    seed: int,
-    baselines: bool = True,
-) -> list[Cell]:
+def grid_cells(axes: GridAxes, labels: tuple[str, ...] | list[str], seed: int) -> list[Cell]:
     """Every cell of the grid: baselines first (fast), then the neural cells."""
-    names = (DEMO_BASELINES if task == "demo" else CTR_BASELINES) if baselines else ()
+    names = (DEMO_BASELINES if axes.task == "demo" else CTR_BASELINES) if axes.baselines else ()
+    repeats = range(axes.repeats)
     base = [
-        Cell(task, lab, b, "baseline", r, seed + k)
+        Cell(axes.task, lab, b, "baseline", r, seed + k)
         for lab in labels
         for b in names
-        for r in ratios
-        for k in range(repeats)
+        for r in axes.ratios
+        for k in repeats
     ]
     neural = [
-        Cell(task, lab, m, mode, r, seed + k)
+        Cell(axes.task, lab, m, mode, r, seed + k)
         for lab in labels
-        for m in models
-        for mode in modes
-        for r in ratios
-        for k in range(repeats)
+        for m in axes.models
+        for mode in axes.modes
+        for r in axes.ratios
+        for k in repeats
     ]
     return base + neural
 
 
-def run_grid(
-    *,
-    task: str,
-    labels: list[str] | None,
-    models: list[str],
-    modes: list[str],
-    ratios: list[float],
-    repeats: int,
-    seed: int,
-    opts: CellOptions,
-    demo_select: str,
-    prepared: Path,
-    tokenized: Path,
-    max_len: int,
-    ckpt_root: Path,
-    cache_dir: Path,
-    workers: int,
-    class_weights: tuple[str, ...] = ("none",),
-    split: SplitSpec = DEFAULT_SPLIT,
-    baselines: bool = True,
-) -> list[dict]:
-    """Run (or fetch from cache) every cell of one task; returns the cell results (with their
-    test predictions under "pred")."""
-    if repeats < 1:
-        raise ValueError(f"finetune.repeats must be >= 1, got {repeats}")
-    if labels is None:
-        labels = _task_labels(task, prepared)
-    ckpts = {m: ckpt_root / m for m in models}
-    keys = CellKeys(
-        opts=opts,
-        demo_select=demo_select,
-        class_weights=tuple(class_weights),
-        split=split,
-        model_hashes=_checkpoint_hashes(ckpts, tokenized),
-        data_hash=_data_digest(prepared, tokenized),
-        code_hash=_code_digest(),
-    )
-    cells = grid_cells(
-        task=task,
-        labels=labels,
-        models=models,
-        modes=modes,
-        ratios=ratios,
-        repeats=repeats,
-        seed=seed,
-        baselines=baselines,
-    )
-    results, todo = from_cache(cells, cache_dir, keys)
-    init = _worker_init(task, prepared, tokenized, max_len, ratios, ckpts, workers)
-    args = (opts, demo_select, tuple(class_weights), split)
-
-    def store(c: Cell, res: dict) -> None:
-        write_entry(cache_dir / f"{keys.key(c)}.json", keys.key(c), res)
-        results[c.name] = res
-
-    _run_cells(f"{task} grid", len(cells), len(results), todo, workers, init, args, store)
-    return [results[c.name] for c in cells]
-
-
-def _worker_init(
-    task: str,
-    prepared: Path,
-    tokenized: Path,
-    max_len: int,
-    ratios: list[float],
-    ckpts: dict[str, Path],
-    workers: int,
-) -> tuple:
-    """The arguments of `_init_worker` (picklable, for a spawned pool's initializer): one torch
-    thread per worker process, all the cores when the cells run in this process."""
-    return (
-        task,
-        str(prepared),
-        str(tokenized),
-        max_len,
-        ratios,
-        {m: str(d) for m, d in ckpts.items()},
-        1 if workers > 1 else (os.cpu_count() or 1),
-    )
-
-
-def _task_labels(task: str, prepared: Path) -> list[str]:
+def task_labels(task: str, prepared: Path) -> list[str]:
     """The task's labels: Demo's label columns that the prepared data allows (a column with one
     class among the training users, or no test user, is left out), ["click"] for CTR."""
     return list(available_tasks(prepared)["demo"]) if task == "demo" else ["click"]
+
+
+# ---------------------------------------------------------------- cache keys
+
+
+def _code_digest() -> str:
+    """Hash of the code a cell's result depends on (the import closure of the cell runner:
+    training, baselines, task data and splits, heads, models), so a code change never reuses
+    old cells; comments, docstrings, formatting and type annotations do not count (see
+    codedeps.source_digest)."""
+    return source_digest(module_closure("ptum.finetune.cell"))
+
+
+def _cell_keys(axes: GridAxes, options: GridOptions) -> CellKeys:
+    ckpts = {m: options.ckpt_root / m for m in axes.models}
+    return CellKeys(
+        opts=options.cell,
+        demo_select=options.demo_select,
+        class_weights=tuple(options.class_weights),
+        split=options.split,
+        model_hashes=_checkpoint_hashes(ckpts, options.tokenized),
+        data_hash=_data_digest(options.prepared, options.tokenized),
+        code_hash=_code_digest(),
+    )
 
 
 def _checkpoint_hashes(ckpts: dict[str, Path], tokenized: Path) -> dict[str, str]:
@@ -309,39 +140,105 @@ def _data_digest(prepared: Path, tokenized: Path) -> str:
     )
 
 
+# ---------------------------------------------------------------- running cells
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker loads (picklable: a spawned pool's initializer receives it)."""
+
+    task: str
+    prepared: Path
+    tokenized: Path
+    max_behaviors: int
+    ratios: tuple[float, ...]
+    ckpt_dirs: dict[str, Path]  # architecture -> checkpoint directory
+    threads: int  # torch threads of the process
+
+
+def load_worker(spec: WorkerSpec) -> Worker:
+    """Read the task's data and the checkpoints; sets this process's torch threads."""
+    torch.set_num_threads(spec.threads)
+    loader = load_demo if spec.task == "demo" else load_ctr
+    task = loader(spec.prepared, spec.tokenized, spec.max_behaviors, list(spec.ratios))
+    # A hybrid checkpoint's item ids must index this token matrix (refused otherwise).
+    items = item_table_digest(read_tokens(spec.tokenized))
+    models = {
+        m: checkpoint.load(d, item_table_sha256=items).model for m, d in spec.ckpt_dirs.items()
+    }
+    return Worker(task, models)
+
+
+def _worker_spec(axes: GridAxes, options: GridOptions) -> WorkerSpec:
+    """What each cell process loads: one torch thread per worker process, all the cores when
+    the cells run in this process."""
+    return WorkerSpec(
+        task=axes.task,
+        prepared=options.prepared,
+        tokenized=options.tokenized,
+        max_behaviors=options.max_behaviors,
+        ratios=tuple(axes.ratios),
+        ckpt_dirs={m: options.ckpt_root / m for m in axes.models},
+        threads=1 if options.workers > 1 else (os.cpu_count() or 1),
+    )
+
+
 def _run_cells(
-    desc: str,
-    total: int,
-    cached: int,
-    todo: list[Cell],
-    workers: int,
-    init: tuple,
-    args: tuple,
-    store: Callable[[Cell, dict], None],
-) -> None:
-    """Run the cells of `todo` (those of the grid's `total` not `cached`) in `workers`
-    spawned processes (or in this one), passing each result to `store` as it comes, with
-    progress on stderr. `init` sets up a worker (`_init_worker`), `args` follow the cell in
-    `_run_cell`."""
-    t0 = time.perf_counter()
-    print(f"{desc}: {total} cells, {cached} cached", file=sys.stderr, flush=True)
-    bar = _progress_bar(total, cached, desc)
-    if todo and workers > 1:
-        # spawn, not fork: a fork after torch has run (e.g. pre-training in this process) can
-        # deadlock the child on OpenMP's thread pool.
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(
-            max_workers=workers, initializer=_pool_worker, initargs=init, mp_context=ctx
-        ) as pool:
-            futures = {pool.submit(_run_cell, c, *args): c for c in todo}
-            for future in as_completed(futures):
-                store(futures[future], future.result())
-                bar.update()
-    elif todo:
-        _init_worker(*init)
+    todo: list[Cell], spec: WorkerSpec, options: GridOptions
+) -> Iterator[tuple[Cell, dict]]:
+    """(cell, result) for every cell of `todo` as it finishes: in `options.workers` spawned
+    processes, or in this one."""
+    if not todo:
+        return
+    if options.workers <= 1:
+        worker = load_worker(spec)
         for c in todo:
-            store(c, _run_cell(c, *args))
-            bar.update()
-    bar.close()
-    seconds = time.perf_counter() - t0
-    print(f"{desc}: {len(todo)} cells run in {seconds:.0f}s", file=sys.stderr, flush=True)
+            yield c, run_cell(worker, c, options)
+        return
+    # spawn, not fork: a fork after torch has run (e.g. pre-training in this process) can
+    # deadlock the child on OpenMP's thread pool.
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(
+        max_workers=options.workers, initializer=_pool_init, initargs=(spec,), mp_context=ctx
+    ) as pool:
+        futures = {pool.submit(_pool_cell, c, options): c for c in todo}
+        for future in as_completed(futures):
+            yield futures[future], future.result()
+
+
+# A pool process's Worker. ProcessPoolExecutor runs the initializer once per process but hands
+# its return value to no task, and the Worker (the task's data and every model) is too large to
+# send with each cell: so the initializer parks it here, and `_pool_cell` passes it on to
+# run_cell explicitly. Only pool processes set it; the parent never reads it.
+_POOL_WORKER: Worker | None = None
+
+
+def _pool_init(spec: WorkerSpec) -> None:
+    global _POOL_WORKER
+    _die_with_parent()
+    _POOL_WORKER = load_worker(spec)
+
+
+def _pool_cell(cell: Cell, options: GridOptions) -> dict:
+    assert _POOL_WORKER is not None, "called outside a pool process started by _run_cells"
+    return run_cell(_POOL_WORKER, cell, options)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when its parent dies (a killed `ptum finetune` or
+    `dvc repro` must not leave pool workers running); a no-op elsewhere."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            os._exit(1)
+
+
+def _progress_bar(total: int, cached: int, desc: str) -> tqdm:
+    """tqdm over the grid's cells (with ETA) on a terminal; off a terminal (CI, `dvc repro`
+    logs) only a line at the start and one at the end (see run_grid)."""
+    # disable=None: tqdm turns itself off when stderr is not a terminal.
+    return tqdm(total=total, initial=cached, unit="cell", desc=desc, disable=None, leave=False)

@@ -1,8 +1,8 @@
-"""Stage `sensitivity`: the paper's ablation (Fig. 3) and λ / K sweeps (Figs. 4-5).
+"""The paper's ablation of the pre-training tasks (Fig. 3) and its λ / K sweeps (Figs. 4-5).
 
 For each task, one user model (paper: HSA on Demo, BERT4Rec on CTR) is pre-trained once per
 distinct variant — MBP only, NBP only, both, each λ, each K — with everything else as in the
-`pretrain` section, then fine-tuned at one label ratio over `repeats` seeds. "none" is the same
+main pre-training, then fine-tuned at one label ratio over `repeats` seeds. "none" is the same
 model trained from scratch. Variants that coincide (λ = 0 is MBP only; the default λ and K are
 "both") are pre-trained once and reused.
 """
@@ -11,16 +11,42 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from ptum.config import FinetuneConfig, PretrainConfig, SensitivityConfig
 from ptum.data.prepare.tasks import why_unavailable
-from ptum.finetune.cells import DEFAULT_SPLIT, SplitSpec
-from ptum.finetune.stage import config_grid
-from ptum.pretrain.stage import run_stage as pretrain_stage
+from ptum.finetune.cells import GridAxes, GridOptions
+from ptum.finetune.grid import run_grid
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A pre-training's tasks and settings: what the sensitivity experiments vary."""
+
+    mbp: bool
+    nbp: bool
+    lam: float  # NBP loss weight λ
+    k: int  # NBP candidates K
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """The experiments of the stage: per task, one user model pre-trained once per distinct
+    variant of the main pre-training, each fine-tuned at one label ratio over `repeats` seeds."""
+
+    models: dict[str, str]  # task (demo | ctr) -> its user model, tasks in run order
+    main: Variant  # the main pre-training's (the pretrain section)
+    lams: tuple[float, ...]  # the λ sweep
+    ks: tuple[int, ...]  # the K sweep
+    ratio: float
+    repeats: int
+
+
+# Pre-trains `variant` of an architecture into out_dir, its reports into report_dir.
+Pretrain = Callable[[Variant, str, Path, Path], object]
 
 
 def variant_key(mbp: bool, nbp: bool, lam: float, k: int) -> str:
@@ -31,154 +57,104 @@ def variant_key(mbp: bool, nbp: bool, lam: float, k: int) -> str:
     return f"both_lam{lam:g}_k{k}"
 
 
-def plan(pre: PretrainConfig, opts: SensitivityConfig) -> dict[str, dict[str, str]]:
+def plan(sweep: Sweep) -> dict[str, dict[str, str]]:
     """Experiment name -> {group, x, variant}; variants are the distinct pre-trainings."""
+    lam, k = sweep.main.lam, sweep.main.k
     out = {
-        "mbp_only": {
-            "group": "ablation",
-            "x": "MBP",
-            "variant": variant_key(True, False, 0, pre.k),
-        },
-        "nbp_only": {
-            "group": "ablation",
-            "x": "NBP",
-            "variant": variant_key(False, True, pre.lam, pre.k),
-        },
-        "both": {
-            "group": "ablation",
-            "x": "MBP+NBP",
-            "variant": variant_key(True, True, pre.lam, pre.k),
-        },
+        "mbp_only": {"group": "ablation", "x": "MBP", "variant": variant_key(True, False, 0, k)},
+        "nbp_only": {"group": "ablation", "x": "NBP", "variant": variant_key(False, True, lam, k)},
+        "both": {"group": "ablation", "x": "MBP+NBP", "variant": variant_key(True, True, lam, k)},
     }
-    for lam in opts.lams:
-        out[f"lam={lam:g}"] = {
+    for x in sweep.lams:
+        out[f"lam={x:g}"] = {
             "group": "lambda",
-            "x": f"{lam:g}",
-            "variant": variant_key(True, True, lam, pre.k),
+            "x": f"{x:g}",
+            "variant": variant_key(True, True, x, k),
         }
-    for k in opts.ks:
-        out[f"K={k}"] = {"group": "k", "x": str(k), "variant": variant_key(True, True, pre.lam, k)}
+    for x in sweep.ks:
+        out[f"K={x}"] = {"group": "k", "x": str(x), "variant": variant_key(True, True, lam, x)}
     return out
 
 
-def _variant_config(pre: PretrainConfig, key: str) -> PretrainConfig:
+def variant_of(main: Variant, key: str) -> Variant:
+    """The pre-training of variant `key`: the main one with what the key changes."""
     if key == "mbp_only":
-        return replace(pre, nbp=False)
+        return replace(main, nbp=False)
     if key.startswith("nbp_only"):
-        return replace(pre, mbp=False, k=int(key.split("_k")[1]))
+        return replace(main, mbp=False, k=int(key.split("_k")[1]))
     lam, k = key.removeprefix("both_lam").split("_k")
-    return replace(pre, lam=float(lam), k=int(k))
-
-
-@dataclass(frozen=True)
-class _Inputs:
-    """What every grid and variant pre-training of the stage reads and where it writes."""
-
-    prepared: Path
-    tokenized: Path
-    max_behaviors: int
-    models_root: Path
-    main_ckpts: Path
-    cache_dir: Path
-    reports: Path
-    split: SplitSpec
+    return replace(main, lam=float(lam), k=int(k))
 
 
 def run(
-    pre: PretrainConfig,
-    ft: FinetuneConfig,
-    opts: SensitivityConfig,
-    *,
-    prepared: Path,
-    tokenized: Path,
-    max_behaviors: int,
-    models_root: Path,
-    main_ckpts: Path,
-    cache_dir: Path,
-    reports: Path,
-    split: SplitSpec = DEFAULT_SPLIT,
+    sweep: Sweep, grid: GridOptions, *, pretrain: Pretrain, models_root: Path, reports: Path
 ) -> dict:
-    """Run every variant of every task; writes reports/sensitivity.json and figures."""
-    inputs = _Inputs(
-        prepared, tokenized, max_behaviors, models_root, main_ckpts, cache_dir, reports, split
-    )
-    experiments = plan(pre, opts)
-    results: dict[str, dict] = {}
+    """Run every variant of every task of `sweep`; returns the results `write_outputs` writes.
+
+    grid: the fine-tuning grid's options, its checkpoints (ckpt_root) the main pre-training's
+    and its cache the stage's. A variant that is not the main pre-training is pre-trained with
+    `pretrain` under models_root/KEY/ARCH (its reports under reports/sensitivity/pretrain)."""
     # The stage's directory outputs exist even when no task is available (DVC requires them).
-    for d in (models_root, cache_dir, reports / "sensitivity" / "pretrain"):
+    for d in (models_root, grid.cache_dir, reports / "sensitivity" / "pretrain"):
         d.mkdir(parents=True, exist_ok=True)
-    for task in opts.tasks:
-        model = opts.demo_model if task == "demo" else opts.ctr_model
+    results: dict[str, dict] = {}
+    for task, model in sweep.models.items():
         metric = "acc" if task == "demo" else "auc"
-        results[task] = {"model": model, "metric": metric, "ratio": opts.ratio}
-        why = why_unavailable(task, prepared)
+        results[task] = {"model": model, "metric": metric, "ratio": sweep.ratio}
+        why = why_unavailable(task, grid.prepared)
         if why is not None:  # a normal outcome: nothing to fine-tune, so no variant to train
             print(f"sensitivity: {task} skipped: not available ({why})", file=sys.stderr)
             results[task].update(available=False, why_not=why, experiments={})
             continue
-        per_exp: dict[str, dict] = {}
-        done: dict[str, list[dict]] = {}
-        for name, exp in experiments.items():
-            key = exp["variant"]
-            if key not in done:
-                ckpt_root = _variant_checkpoints(pre, key, model, inputs)
-                done[key] = _grid(ft, opts, inputs, task, model, "finetune", ckpt_root)
-            per_exp[name] = {**exp, **_aggregate(done[key], metric)}
-        scratch = _grid(ft, opts, inputs, task, model, "scratch", main_ckpts)
-        per_exp["none"] = {
-            "group": "ablation",
-            "x": "none",
-            "variant": "scratch",
-            **_aggregate(scratch, metric),
-        }
-        results[task]["experiments"] = per_exp
+        results[task]["experiments"] = _experiments(
+            sweep, grid, task, model, pretrain, models_root, reports
+        )
     return results
 
 
-def _variant_checkpoints(pre: PretrainConfig, key: str, model: str, inputs: _Inputs) -> Path:
-    """The checkpoint root of variant `key`: the main pre-training's when it already is that
-    variant, else one pre-trained here under models_root/key."""
-    variant = _variant_config(pre, key)
-    if variant == pre:
-        return inputs.main_ckpts
-    ckpt_root = inputs.models_root / key
-    pretrain_stage(
-        variant,
-        model,
-        prepared=inputs.prepared,
-        tokenized=inputs.tokenized,
-        max_behaviors=inputs.max_behaviors,
-        out_dir=ckpt_root / model,
-        report_dir=inputs.reports / "sensitivity" / "pretrain" / key / model,
-    )
-    return ckpt_root
-
-
-def _grid(
-    ft: FinetuneConfig,
-    opts: SensitivityConfig,
-    inputs: _Inputs,
+def _experiments(
+    sweep: Sweep,
+    grid: GridOptions,
     task: str,
     model: str,
-    mode: str,
-    ckpt_root: Path,
-) -> list[dict]:
-    """The `mode` cells of `model` at the sensitivity ratio, checkpoints under ckpt_root."""
-    return config_grid(
-        ft,
-        task,
-        models=[model],
-        modes=[mode],
-        ratios=[opts.ratio],
-        repeats=opts.repeats,
-        prepared=inputs.prepared,
-        tokenized=inputs.tokenized,
-        max_behaviors=inputs.max_behaviors,
-        split=inputs.split,
-        ckpt_root=ckpt_root,
-        cache_dir=inputs.cache_dir,
+    pretrain: Pretrain,
+    models_root: Path,
+    reports: Path,
+) -> dict[str, dict]:
+    """Every experiment of `task`: each distinct variant pre-trained and fine-tuned once, and
+    "none", the model fine-tuned from scratch."""
+    metric = "acc" if task == "demo" else "auc"
+    per_exp: dict[str, dict] = {}
+    done: dict[str, list[dict]] = {}
+    for name, exp in plan(sweep).items():
+        key = exp["variant"]
+        if key not in done:
+            variant = variant_of(sweep.main, key)
+            ckpt_root = grid.ckpt_root
+            if variant != sweep.main:
+                ckpt_root = models_root / key
+                report_dir = reports / "sensitivity" / "pretrain" / key / model
+                pretrain(variant, model, ckpt_root / model, report_dir)
+            done[key] = _grid(sweep, replace(grid, ckpt_root=ckpt_root), task, model, "finetune")
+        per_exp[name] = {**exp, **_aggregate(done[key], metric)}
+    scratch = _grid(sweep, grid, task, model, "scratch")
+    none = {"group": "ablation", "x": "none", "variant": "scratch"}
+    per_exp["none"] = {**none, **_aggregate(scratch, metric)}
+    return per_exp
+
+
+def _grid(sweep: Sweep, grid: GridOptions, task: str, model: str, mode: str) -> list[dict]:
+    """The `mode` cells of `model` at the sweep's ratio, checkpoints under grid.ckpt_root."""
+    axes = GridAxes(
+        task=task,
+        labels=None,
+        models=(model,),
+        modes=(mode,),
+        ratios=(sweep.ratio,),
+        repeats=sweep.repeats,
         baselines=False,
     )
+    return run_grid(axes, grid)
 
 
 def _aggregate(cells: list[dict], metric: str) -> dict:

@@ -14,26 +14,28 @@ import torch
 from ptum.data.corpus import Corpus
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrainOptions:
-    """Explicit arguments of the pre-training loop."""
+    """Explicit arguments of the pre-training loop: params.yaml's `pretrain.*` keys of the same
+    names (`ptum.stages.pretrain.train_options` builds them; no defaults of their own)."""
 
-    mbp: bool = True
-    nbp: bool = True
-    k: int = 2
-    lam: float = 1.0
-    p: int = 4
-    negatives: str = "popularity"  # popularity | uniform
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 64
-    epochs: int = 3
-    seed: int = 42
-    grad_clip: float = 1.0
-    max_steps: int = 0  # stop after this many steps in total (0 = no limit); for tests/tuning
+    mbp: bool
+    nbp: bool
+    k: int
+    lam: float
+    p: int
+    negatives: str  # popularity | uniform
+    lr: float
+    weight_decay: float
+    batch_size: int
+    epochs: int
+    seed: int
+    grad_clip: float
     # Bit-identical runs: torch.use_deterministic_algorithms and a fixed thread count
     # (`pretrain(threads=...)`, default 1). Slower on a multi-core CPU.
-    deterministic: bool = False
+    deterministic: bool
+    # Stop after this many steps in total (0 = no limit); for tests and tuning, not in params.yaml.
+    max_steps: int = 0
 
     def __post_init__(self) -> None:
         if not (self.mbp or self.nbp):

@@ -1,4 +1,4 @@
-"""Stage `embed`: user vectors (and demographic predictions) from a behavior log, torch-free.
+"""Embedding: user vectors (and demographic predictions) from a behavior log, torch-free.
 
 Reads a behaviors table in the generic format (TSV or Parquet, see `ptum.data.generic`), validates
 it with `prepare`'s code (the first bad row stops the run with a DataError naming file:line; exact
@@ -36,6 +36,7 @@ from ptum.data.errors import DataError
 from ptum.serving.artifacts import ExportDir, open_export
 from ptum.serving.sequences import (
     UNKNOWN_ID,
+    Behaviors,
     Sequences,
     batch_inputs,
     call_ranges,
@@ -241,10 +242,8 @@ def embed(
     Returns:
         A report: users, behaviors, rows dropped per reason, truncated users, dim, timings.
     """
-    if batch_size < 1 or max_token_slots < 1:
-        raise ValueError(
-            f"batch_size and max_token_slots must be >= 1, got {batch_size}, {max_token_slots}"
-        )
+    if (slots := max_token_slots) < 1 or batch_size < 1:
+        raise ValueError(f"batch_size and max_token_slots must be >= 1, got {batch_size}, {slots}")
     t0 = time.perf_counter()
     served = load_served(model_dir, demo=demo)
     behaviors = read_behaviors(behaviors_path, on_duplicates=on_duplicates)
@@ -254,23 +253,30 @@ def embed(
     ids = None if served.id_vocab is None else text_ids(seqs.texts, served.id_vocab)
     out = ParquetRows(out_path, ROWS_PER_GROUP)
     try:
-        _run_users(
-            served,
-            seqs,
-            (token_matrix, token_lengths),
-            ids,
-            out,
-            batch_size=batch_size,
-            max_token_slots=max_token_slots,
-        )
+        tokens = (token_matrix, token_lengths)
+        _run_users(served, seqs, tokens, ids, out, batch_size=batch_size, max_token_slots=slots)
         out.close()
     except BaseException:
         out.abort()
         raise
     t_model = time.perf_counter()
+    report = _report(served, behaviors, seqs, ids, truncated)
     U = len(seqs.user_ids)
+    return report | {
+        "read_s": round(t_read - t0, 3),
+        "model_s": round(t_model - t_read, 3),
+        "total_s": round(time.perf_counter() - t0, 3),
+        "users_per_s": round(U / max(t_model - t_read, 1e-9), 1),
+        "out": str(out_path),
+    }
+
+
+def _report(
+    served: Served, behaviors: Behaviors, seqs: Sequences, ids: np.ndarray | None, truncated: int
+) -> dict:
+    """What was embedded: users, behaviors, rows dropped, truncations, dim, labels."""
     return {
-        "users": U,
+        "users": len(seqs.user_ids),
         "behaviors": int(seqs.n_total.sum()),
         "rows_dropped": behaviors.rows_dropped,
         "behaviors_used": len(seqs.items),
@@ -281,9 +287,4 @@ def embed(
         "dim": int(served.meta["output_dim"]),
         "demographic_labels": sorted(served.heads),
         "architecture": served.meta.get("architecture"),
-        "read_s": round(t_read - t0, 3),
-        "model_s": round(t_model - t_read, 3),
-        "total_s": round(time.perf_counter() - t0, 3),
-        "users_per_s": round(U / max(t_model - t_read, 1e-9), 1),
-        "out": str(out_path),
     }

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -264,36 +265,63 @@ def export(
 
     Returns:
         The export report: files and their SHA-256, input dims, parity diffs (out_dir/export.json
-        holds it plus the metadata).
-
-    Long only for its signature and this documentation: the steps are `_metadata`, `_shapes`,
-    `_export_graphs` and `_report`.
+        holds it plus the metadata). Steps: `_inputs`, `_metadata`, `_shapes`, `_write`.
     """
-    if min(example_batch, example_behaviors, example_tokens) < 2:
-        raise ValueError("example sizes must be >= 2: a size-1 example dim becomes static")
-    spm_sha = sha256_file(spm_model)
-    loaded = checkpoint.load(checkpoint_dir, tokenizer_sha256=spm_sha)
+    sizes = (example_batch, example_behaviors, example_tokens)
+    loaded, spm_sha, demo_heads = _inputs(checkpoint_dir, spm_model, demo_heads, sizes)
     model = loaded.model.eval()
-    if demo_heads is None:
-        demo_heads = load_demo_heads(checkpoint_dir)
-    for label in demo_heads:  # before any work: each becomes a file name
-        check_label(label)
     meta = _metadata(loaded, spm_sha, data_version=data_version, params=params, opset=opset)
     shapes = _shapes(model.config, example_batch, example_behaviors, example_tokens)
     served = serving_model(model, fold=fold, fused_attention=opset >= ATTENTION_OPSET)
+    graphs = partial(
+        _export_graphs,
+        model,
+        served,
+        shapes=shapes,
+        ctr_head=ctr_head,
+        demo_heads=demo_heads,
+        opset=opset,
+        meta=meta,
+        example_batch=example_batch,
+        progress=progress,
+    )
+    return _write(out_dir, graphs, loaded, spm_model, meta, opset=opset, fold=fold)
+
+
+def _inputs(
+    checkpoint_dir: Path,
+    spm_model: Path,
+    demo_heads: Mapping[str, tuple[DemoHead, list[str]]] | None,
+    example_sizes: tuple[int, ...],
+) -> tuple[checkpoint.Loaded, str, Mapping[str, tuple[DemoHead, list[str]]]]:
+    """The checkpoint (checked against the tokenizer), the tokenizer's SHA-256 and the demo heads
+    (default: those saved in the checkpoint), each checked before any work is done."""
+    if min(example_sizes) < 2:
+        raise ValueError("example sizes must be >= 2: a size-1 example dim becomes static")
+    spm_sha = sha256_file(spm_model)
+    loaded = checkpoint.load(checkpoint_dir, tokenizer_sha256=spm_sha)
+    if demo_heads is None:
+        demo_heads = load_demo_heads(checkpoint_dir)
+    for label in demo_heads:  # each becomes a file name
+        check_label(label)
+    return loaded, spm_sha, demo_heads
+
+
+def _write(
+    out_dir: Path,
+    graphs: Callable[[Path], dict],
+    loaded: checkpoint.Loaded,
+    spm_model: Path,
+    meta: dict[str, str],
+    *,
+    opset: int,
+    fold: bool,
+) -> dict:
+    """The graphs (`graphs(directory)` returns their parity), spm.model, id_vocab.json and
+    export.json, written into a scratch directory that replaces `out_dir` once complete;
+    returns the export report."""
     with atomic_dir(out_dir) as tmp:
-        parity = _export_graphs(
-            model,
-            served,
-            tmp,
-            shapes,
-            ctr_head,
-            demo_heads,
-            opset=opset,
-            meta=meta,
-            example_batch=example_batch,
-            progress=progress,
-        )
+        parity = graphs(tmp)
         shutil.copyfile(spm_model, tmp / "spm.model")
         if loaded.id_vocab is not None:
             (tmp / "id_vocab.json").write_bytes(loaded.id_vocab.to_json())

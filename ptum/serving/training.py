@@ -13,19 +13,17 @@ empty tables.
 from __future__ import annotations
 
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from ptum import checkpoint
-from ptum.config import FinetuneConfig
 from ptum.data.corpus import read_tokens
 from ptum.data.prepare import available_tasks
 from ptum.finetune.data import load_ctr, load_demo
-from ptum.finetune.stage import cell_options
-from ptum.finetune.train import CellOptions, run_ctr, run_demo
+from ptum.finetune.options import CellOptions
+from ptum.finetune.train import run_ctr, run_demo
 from ptum.heads import BiasedCtrHead, CtrHead, DemoHead
 from ptum.models.id_vocab import item_table_digest
 from ptum.models.user_model import UserModel
@@ -64,9 +62,10 @@ def _demo_heads(
             seed=seed,
             opts=opts,
             select=select,
-            return_models=True,
         )
-        demo[label] = (res["head"].eval(), [str(c) for c in classes])
+        head = res.head.eval()
+        assert isinstance(head, DemoHead)
+        demo[label] = (head, [str(c) for c in classes])
         bar.update(1)
     return demo
 
@@ -93,9 +92,10 @@ def _ctr_head(
         mode="frozen",
         seed=seed,
         opts=opts,
-        return_models=True,
     )
-    return res["head"].eval()
+    head = res.head.eval()
+    assert isinstance(head, CtrHead | BiasedCtrHead)
+    return head
 
 
 def serving_heads(
@@ -104,15 +104,17 @@ def serving_heads(
     prepared: Path,
     tokenized: Path,
     max_behaviors: int,
-    cfg: FinetuneConfig,
+    opts: CellOptions,
+    demo_select: str,
     seed: int,
-    ctr_scoring: str | None = None,
 ) -> tuple[DemoHeads, CtrHead | BiasedCtrHead | None]:
     """Demo heads (one per usable label column) and the CTR head on frozen vectors of `ckpt`,
     for the tasks `available_tasks(prepared)` allows; each one left out is one stderr line.
 
-    ctr_scoring: the CTR head, "dot" (`CtrHead`) or "bias" (`BiasedCtrHead`, served with its
-    item biases and popularity fallback: `ptum.serving.heads`); None = cfg.ctr_scoring.
+    opts: the fine-tuning options of every head; its ctr_scoring picks the CTR head, "dot"
+    (`CtrHead`) or "bias" (`BiasedCtrHead`, served with its item biases and popularity
+    fallback: `ptum.serving.heads`). demo_select: the validation metric that selects a Demo
+    head's epoch (acc | macro_f1).
     """
     tasks = available_tasks(prepared)
     for task, why in sorted(tasks["why_not"].items()):
@@ -123,7 +125,6 @@ def serving_heads(
         return {}, None
     items = item_table_digest(read_tokens(tokenized))
     model = checkpoint.load(ckpt, item_table_sha256=items).model
-    opts = replace(cell_options(cfg), ctr_scoring=ctr_scoring or cfg.ctr_scoring)
     # disable=None: tqdm turns itself off when stderr is not a terminal (logs, dvc repro).
     total = len(tasks["demo"]) + int(tasks["ctr"])
     with tqdm(total=total, desc="export heads", unit="head", disable=None) as bar:
@@ -135,7 +136,7 @@ def serving_heads(
                 tokenized=tokenized,
                 max_behaviors=max_behaviors,
                 opts=opts,
-                select=cfg.demo_select,
+                select=demo_select,
                 seed=seed,
                 bar=bar,
             )

@@ -9,6 +9,7 @@ from ptum.checkpoint import read_meta
 from ptum.config import Params, to_dict
 from ptum.serving.export import export
 from ptum.stages.errors import reading
+from ptum.stages.finetune import cell_options
 
 
 def run(
@@ -35,7 +36,8 @@ def _export(p: Params, arch: str, ckpt: Path, out: Path | None) -> dict:
             prepared=paths.PREPARED,
             tokenized=paths.TOKENIZED,
             max_behaviors=p.prepare.max_behaviors,
-            cfg=p.finetune,
+            opts=cell_options(p.finetune),
+            demo_select=p.finetune.demo_select,
             seed=e.head_seed,
         )
     # The params the checkpoint was trained with (its meta), not today's params.yaml.

@@ -9,13 +9,37 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 from ptum import paths
-from ptum.config import Params
+from ptum.config import Params, PretrainConfig, to_dict
+from ptum.pretrain.options import TrainOptions
 from ptum.stages import launch
 from ptum.stages.errors import reading
+
+
+def train_options(c: PretrainConfig, tuned: Mapping[str, Any] | None = None) -> TrainOptions:
+    """The loop's options from the `pretrain:` section; `tuned` (k, lam, p, lr from the tune
+    stage's best_params.json) replaces those keys."""
+    opts = TrainOptions(
+        mbp=c.mbp,
+        nbp=c.nbp,
+        k=c.k,
+        lam=c.lam,
+        p=c.p,
+        negatives=c.negatives,
+        lr=c.lr,
+        weight_decay=c.weight_decay,
+        batch_size=c.batch_size,
+        epochs=c.epochs,
+        seed=c.seed,
+        grad_clip=c.grad_clip,
+        deterministic=c.deterministic,
+    )
+    return replace(opts, **tuned) if tuned else opts
 
 
 def report_dir(arch: str, out: Path | None) -> Path:
@@ -36,7 +60,8 @@ def run(
     """Pre-train `arch` (default: the first of pretrain.architectures); return its metrics.
 
     `nproc` (0: pretrain.processes) > 1 starts `ptum *command` in that many local processes,
-    unless this already is one of them (WORLD_SIZE set, also by a user's own torchrun).
+    unless this already is one of them (WORLD_SIZE set, also by a user's own torchrun). With
+    `pretrain.use_tuned`, k / lam / p / lr come from the tune stage's best_params.json.
     """
     arch = arch or p.pretrain.architectures[0]
     report = report_dir(arch, out)
@@ -44,11 +69,9 @@ def run(
     if procs > 1 and "WORLD_SIZE" not in os.environ:
         launch.run_local(["-m", "ptum", *command], procs)
         return json.loads((report / "metrics.json").read_text(encoding="utf-8"))
-    from ptum.pretrain.stage import run_stage
-
     ckpt = out or paths.pretrain_model(arch)
     with reading(prepared, paths.TOKENIZED, ckpt, paths.BEST_PARAMS):
-        return run_stage(
+        return pretrain_one(
             p.pretrain,
             arch,
             prepared=prepared,
@@ -58,3 +81,35 @@ def run(
             report_dir=report,
             tuned_path=paths.BEST_PARAMS,
         )
+
+
+def pretrain_one(
+    c: PretrainConfig,
+    arch: str,
+    *,
+    prepared: Path,
+    tokenized: Path,
+    max_behaviors: int,
+    out_dir: Path,
+    report_dir: Path,
+    tuned_path: Path | None = None,
+) -> dict:
+    """Pre-train `arch` as the `pretrain:` section `c` says; with `c.use_tuned`, k / lam / p / lr
+    come from `tuned_path` (the tune stage's best_params.json)."""
+    from ptum.pretrain.run import pretrain_arch
+    from ptum.pretrain.tuned import read_tuned
+
+    tuned = read_tuned(tuned_path) if c.use_tuned else None
+    return pretrain_arch(
+        arch,
+        train_options(c, tuned),
+        behavior_encoder=c.behavior_encoder,
+        model_sizes=to_dict(c.model),
+        device=c.device,
+        params=to_dict(c),
+        prepared=prepared,
+        tokenized=tokenized,
+        max_behaviors=max_behaviors,
+        out_dir=out_dir,
+        report_dir=report_dir,
+    )

@@ -1,4 +1,4 @@
-"""Stage `tune`: an Optuna search over the pre-training hyper-parameters K, λ, P and the lr.
+"""Tuning: an Optuna search over the pre-training hyper-parameters K, λ, P and the lr.
 
 One trial = one short pre-training of a user model (default HSA, the paper's Demo model) with
 sampled K, λ, P and learning rate, then a brief fine-tuning on the demographic task, scored on
@@ -11,7 +11,7 @@ validation only. The modules, one job each:
 - `study`: study name and user attrs, pruner, opening the study from a worker;
 - `budget`: running trials to the exact `n_trials` over any number of workers, progress bar;
 - `outputs`, `plots`: best_params.json and the PNG figures of a finished study;
-- `stage`: the stage entry `tune` and the worker processes.
+- `search`: `tune`, the whole search (worker processes, then the outputs).
 """
 
 from ptum.tune.budget import CLAIMED, DONE, run_trials
@@ -19,7 +19,7 @@ from ptum.tune.integrity import StudyDamaged, check_store, check_values
 from ptum.tune.objective import load_data, make_objective
 from ptum.tune.outputs import write_outputs
 from ptum.tune.plots import write_plots
-from ptum.tune.stage import run_worker, tune
+from ptum.tune.search import run_worker, tune
 from ptum.tune.storage import make_storage
 from ptum.tune.study import (
     PRUNERS,

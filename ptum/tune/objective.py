@@ -35,7 +35,8 @@ import torch
 
 from ptum import checkpoint
 from ptum.finetune.data import CtrTask, DemoTask, load_ctr, load_demo
-from ptum.finetune.train import CellOptions, run_ctr, run_demo
+from ptum.finetune.options import CellOptions
+from ptum.finetune.train import run_ctr, run_demo
 from ptum.models.user_model import UserModel
 from ptum.pretrain.options import TrainOptions, pick_device
 from ptum.pretrain.setup import PretrainInputs, load_inputs
@@ -117,7 +118,7 @@ def demo_value(
                 select=s.demo_select,
                 device=device,
             )
-        per_label[lab] = float(res["valid"][s.demo_select])
+        per_label[lab] = float(res.result["valid"][s.demo_select])
     return float(np.mean(list(per_label.values()))), per_label
 
 
@@ -195,6 +196,6 @@ def make_objective(d: TrialData, s: TrialSetup) -> Objective:
             opts=s.finetune,
             device=device,
         )
-        return demo, float(res["valid"]["auc"])  # res["test"] is never read
+        return demo, float(res.result["valid"]["auc"])  # its "test" is never read
 
     return objective

@@ -20,7 +20,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ptum.io import atomic_write_json
-from ptum.pretrain.stage import TUNED_KEYS
+from ptum.pretrain.tuned import TUNED_KEYS
 from ptum.tune.plots import write_plots
 
 STUDY_JSON = "study.json"  # the detailed summary, written beside the figures

@@ -59,20 +59,21 @@ def make_pruner(name: str, *, epochs: int, startup_trials: int = 2) -> optuna.pr
     raise ValueError(f"tune: unknown pruner {name!r}; choose from {list(PRUNERS)}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StudySpec:
-    """Where the study lives and how its trials are drawn (see `tune` for each field)."""
+    """Where the study lives and how its trials are drawn: params.yaml's `tune.*` keys of the
+    same names (`ptum.stages.tune.study_spec` builds it; no defaults of their own)."""
 
     storage: str
     study_name: str
-    n_trials: int = 20
-    seed: int = 0
-    pruner: str | optuna.pruners.BasePruner = "median"
+    n_trials: int
+    seed: int
+    pruner: str | optuna.pruners.BasePruner
     # Complete trials before the median pruner may prune (< n_trials, or it never prunes).
-    prune_startup_trials: int = 2
-    heartbeat_interval: int = 60
-    grace_period: int = 180
-    retry_killed: int = 1
+    prune_startup_trials: int
+    heartbeat_interval: int
+    grace_period: int
+    retry_killed: int
     # Index of this process among workers started by hand on several machines (distinct per
     # machine): it offsets the sampler seed so that simultaneous starts do not draw alike.
     worker: int = 0

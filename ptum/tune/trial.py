@@ -11,14 +11,14 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import optuna
 from tqdm import tqdm
 
-from ptum.finetune.train import CellOptions
+from ptum.finetune.options import CellOptions
 from ptum.pretrain.options import TrainOptions
 
 
@@ -28,14 +28,15 @@ def log(msg: str) -> None:
     tqdm.write(msg, file=sys.stderr)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class SearchSpace:
-    """What a trial samples: integer ranges are inclusive, lr is sampled log-uniformly."""
+    """What a trial samples: integer ranges are inclusive, lr is sampled log-uniformly
+    (params.yaml's tune.k, tune.lam, tune.p, tune.lr)."""
 
-    k: tuple[int, int] = (1, 5)
-    lam: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
-    p: tuple[int, int] = (1, 16)
-    lr: tuple[float, float] = (1e-4, 1e-2)
+    k: tuple[int, int]
+    lam: tuple[float, ...]
+    p: tuple[int, int]
+    lr: tuple[float, float]
 
     def __post_init__(self) -> None:
         if not 1 <= self.k[0] <= self.k[1]:
@@ -58,30 +59,31 @@ class SearchSpace:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TrialSetup:
     """Everything a trial trains and scores except the sampled hyper-parameters.
 
     `base` holds the pre-training options that are not tuned (batch size, negatives, ...); its
     k / lam / p / lr / seed are replaced per trial and its `epochs` is the (short) pre-training
-    length of a trial. `finetune` is the brief fine-tuning that gives the trial's value.
+    length of a trial. `finetune` is the brief fine-tuning that gives the trial's value. The
+    fields without a default come from params.yaml (`ptum.stages.tune.trial_setup`).
     """
 
     prepared: Path
     tokenized: Path
     max_behaviors: int
-    arch: str = "hsa"
-    behavior_encoder: str = ""  # "" = the architecture's own
-    model_sizes: Mapping[str, int | float] = field(default_factory=dict)  # word_dim, dim, ...
-    base: TrainOptions = field(default_factory=lambda: TrainOptions(epochs=2))
-    space: SearchSpace = field(default_factory=SearchSpace)
-    finetune: CellOptions = field(default_factory=lambda: CellOptions(max_epochs=3))
-    demo_select: str = "acc"  # acc | macro_f1
+    arch: str
+    behavior_encoder: str  # "" = the architecture's own
+    model_sizes: Mapping[str, int | float]  # word_dim, dim, ...
+    base: TrainOptions
+    space: SearchSpace
+    finetune: CellOptions
+    demo_select: str  # acc | macro_f1
+    multi_objective: bool
+    device: str
     demo_labels: tuple[str, ...] = ()  # () = every label column of the data
     ratio: float = 1.0  # label ratio of the fine-tuning (a prepare.label_ratios entry)
     prune_head_epochs: int = 5  # epochs of the frozen-vector head behind the pruning metric
-    multi_objective: bool = False
-    device: str = "auto"
     work_dir: Path | None = None  # parent of the per-trial checkpoint dirs (None = system tmp)
 
 

@@ -11,6 +11,7 @@ from ptum.config import PrepareConfig
 from ptum.data.errors import DataError
 from ptum.data.ingest import ingest, read_ptum_tsv
 from ptum.data.prepare import prepare
+from ptum.stages.prepare import prepare_options
 from tests.conftest import write_tsv
 
 GOOD = [
@@ -40,7 +41,7 @@ def _write(tmp_path, behaviors=GOOD, labels=None, impressions=None, extra_lines=
 
 
 def _prepare(tmp_path, raw, **kw):
-    opts = PrepareConfig(demo_split=(0.34, 0.33, 0.33), **kw)
+    opts = prepare_options(PrepareConfig(demo_split=(0.34, 0.33, 0.33), **kw))
     return prepare(raw, tmp_path / "prepared", opts)
 
 
@@ -315,7 +316,7 @@ def test_quarantine_keeps_the_raw_line_verbatim(tmp_path):
     pl.DataFrame(
         {"user_id": ["a", "b"], "timestamp": ["1", "ten"], "text": ["x", "y"]}
     ).write_parquet(pq_raw / "behaviors.parquet")
-    prepare(pq_raw, tmp_path / "pq_out", PrepareConfig(on_bad_rows="quarantine"))
+    prepare(pq_raw, tmp_path / "pq_out", prepare_options(PrepareConfig(on_bad_rows="quarantine")))
     q = pl.read_parquet(tmp_path / "pq_out" / "quarantine" / "behaviors.parquet")
     assert json.loads(q["raw"][0]) == {"user_id": "b", "timestamp": "ten", "text": "y"}
 

@@ -13,6 +13,7 @@ from ptum.data import movielens
 from ptum.data.errors import DataError
 from ptum.data.ingest import ingest
 from ptum.data.prepare import prepare
+from ptum.stages.prepare import prepare_options
 from ptum.tokenize import tokenize
 from tests.conftest import MOVIELENS_100K
 
@@ -40,7 +41,7 @@ def _distinct_texts_independently() -> tuple[int, int]:
 def test_movielens_100k_end_to_end(tmp_path):
     info = ingest(source="movielens", path=str(MOVIELENS_100K), out_dir=tmp_path / "raw")
     assert info["variant"] == "ml-100k"
-    report = prepare(tmp_path / "raw", tmp_path / "prepared", PrepareConfig())
+    report = prepare(tmp_path / "raw", tmp_path / "prepared", prepare_options(PrepareConfig()))
     n_ids, n_texts = _distinct_texts_independently()
     assert (n_ids, n_texts) == (1682, 1664)
     b = report["behaviors"]

@@ -12,6 +12,7 @@ import pytest
 from ptum import paths
 from ptum.config import PrepareConfig
 from ptum.data.prepare import ctr_cutoffs, prepare, split_labels
+from ptum.stages.prepare import prepare_options
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +122,7 @@ def test_pretrain_valid_split_seeded(prepared):
 
 
 def test_prepare_is_deterministic(tiny_pipeline, tmp_path):
-    opts = PrepareConfig(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2)
+    opts = prepare_options(PrepareConfig(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2))
     prepare(tiny_pipeline / "raw", tmp_path / "again", opts)
     for name in ("items", "sequences", "users", "labels", "impressions"):
         a = pl.read_parquet(tiny_pipeline / "prepared" / f"{name}.parquet")
@@ -137,7 +138,7 @@ def test_sequences_row_groups(tiny_pipeline, tmp_path, monkeypatch):
 
     from ptum.data.prepare import views
 
-    opts = PrepareConfig(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2)
+    opts = prepare_options(PrepareConfig(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2))
     small = tiny_pipeline / "prepared" / "sequences.parquet"
     seqs = pl.read_parquet(small)
     assert seqs.height < views.SEQUENCE_ROW_GROUP
@@ -242,7 +243,7 @@ def _same_outputs(a, b) -> None:
 def test_chunked_prepare_equals_in_memory(tiny_pipeline, tmp_path, monkeypatch):
     """A log bigger than prepare.chunk_rows goes through in chunks of whole users and gives
     the very same tables and report as the in-memory path."""
-    from ptum.data.prepare import stage
+    from ptum.data.prepare import build
 
     n = (
         pl.scan_parquet(tiny_pipeline / "raw" / "behaviors.parquet")
@@ -251,11 +252,15 @@ def test_chunked_prepare_equals_in_memory(tiny_pipeline, tmp_path, monkeypatch):
         .item()
     )
     base = dict(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2)
-    prepare(tiny_pipeline / "raw", tmp_path / "whole", PrepareConfig(**base))
+    prepare(tiny_pipeline / "raw", tmp_path / "whole", prepare_options(PrepareConfig(**base)))
     seen = []
-    real = stage.prepare_chunked
-    monkeypatch.setattr(stage, "prepare_chunked", lambda *a: seen.append(a[-1]) or real(*a))
-    prepare(tiny_pipeline / "raw", tmp_path / "chunked", PrepareConfig(**base, chunk_rows=n // 5))
+    real = build.prepare_chunked
+    monkeypatch.setattr(build, "prepare_chunked", lambda *a: seen.append(a[-1]) or real(*a))
+    prepare(
+        tiny_pipeline / "raw",
+        tmp_path / "chunked",
+        prepare_options(PrepareConfig(**base, chunk_rows=n // 5)),
+    )
     assert seen == [6 if n % 5 else 5]
     _same_outputs(tmp_path / "whole", tmp_path / "chunked")
     assert not (tmp_path / "chunked" / "chunks").exists()  # scratch files are removed
@@ -303,9 +308,13 @@ def test_chunked_bad_rows_first_line_and_quarantine(tmp_path):
         # The first bad line of the file, though its user is in the last chunk.
         assert ":3:" in str(err.value) and "bad_timestamp" in str(err.value)
         assert "duplicate_event: 1" in str(err.value) and "empty_text: 1" in str(err.value)
-    prepare(raw, tmp_path / "whole", PrepareConfig(**opts, on_bad_rows="quarantine"))
     prepare(
-        raw, tmp_path / "chunked", PrepareConfig(**opts, on_bad_rows="quarantine", chunk_rows=5)
+        raw, tmp_path / "whole", prepare_options(PrepareConfig(**opts, on_bad_rows="quarantine"))
+    )
+    prepare(
+        raw,
+        tmp_path / "chunked",
+        prepare_options(PrepareConfig(**opts, on_bad_rows="quarantine", chunk_rows=5)),
     )
     _same_outputs(tmp_path / "whole", tmp_path / "chunked")
     for table in ("behaviors", "impressions"):
@@ -343,7 +352,7 @@ def test_raw_files_are_verified_against_the_ingest_manifest(tiny_pipeline, tmp_p
 
     raw = tmp_path / "raw"
     shutil.copytree(tiny_pipeline / "raw", raw)
-    opts = PrepareConfig(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2)
+    opts = prepare_options(PrepareConfig(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2))
     if change == "delete":
         (raw / "impressions.parquet").unlink()
         error, name = FileNotFoundError, "impressions.parquet"
@@ -394,8 +403,12 @@ def test_headline_metrics_count_duplicates_and_bad_rows(tmp_path):
 
     raw = tmp_path / "raw"
     _bad_log(raw)
-    opts = PrepareConfig(max_behaviors=5, ctr_train_frac=0.3, ctr_test_frac=0.3)
-    prepare(raw, tmp_path / "out", PrepareConfig(**{**opts.__dict__, "on_bad_rows": "quarantine"}))
+    opts = prepare_options(PrepareConfig(max_behaviors=5, ctr_train_frac=0.3, ctr_test_frac=0.3))
+    prepare(
+        raw,
+        tmp_path / "out",
+        prepare_options(PrepareConfig(**{**opts.__dict__, "on_bad_rows": "quarantine"})),
+    )
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     # behaviors: 1 duplicate, 1 bad timestamp, 1 empty text; impressions: 1 duplicate, 1 unknown
     assert (metrics["duplicates_dropped"], metrics["bad_rows_dropped"]) == (2, 3)
@@ -412,7 +425,9 @@ def test_chunk_passes_show_progress_only_on_a_terminal(tiny_pipeline, tmp_path, 
 
     err = Stderr()
     monkeypatch.setattr(sys, "stderr", err)
-    opts = PrepareConfig(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2, chunk_rows=2000)
+    opts = prepare_options(
+        PrepareConfig(max_behaviors=20, ctr_train_frac=0.3, ctr_test_frac=0.2, chunk_rows=2000)
+    )
     prepare(tiny_pipeline / "raw", tmp_path / "out", opts)
     text = err.getvalue()
     bars = ("validating behaviors", "validating impressions", "windows and view sizes", "sequences")

@@ -11,6 +11,7 @@ from ptum.config import PrepareConfig
 from ptum.data.ingest import ingest
 from ptum.data.prepare import available_tasks, prepare
 from ptum.data.prepare.tasks import tasks_of
+from ptum.stages.prepare import prepare_options
 from tests.conftest import write_tsv
 
 OUTPUTS = ("items", "sequences", "users", "labels", "impressions")
@@ -35,7 +36,9 @@ def test_ptum_behavior_tsv_allows_pretraining_only(tiny_pipeline, tmp_path):
     src = tmp_path / "behavior.tsv"
     src.write_text("\n".join(lines) + "\n", encoding="utf-8")
     ingest(source="ptum_tsv", path=str(src), out_dir=tmp_path / "raw")
-    report = prepare(tmp_path / "raw", tmp_path / "prepared", PrepareConfig(max_behaviors=4))
+    report = prepare(
+        tmp_path / "raw", tmp_path / "prepared", prepare_options(PrepareConfig(max_behaviors=4))
+    )
     tasks = available_tasks(tmp_path / "prepared")
     assert tasks["demo"] == [] and tasks["ctr"] is False
     assert set(tasks["why_not"]) == {"demo", "ctr"}
@@ -63,7 +66,7 @@ def test_labels_without_impressions_allow_demo_only(tmp_path):
     write_tsv(
         raw / "labels.tsv", ["user_id", "gender"], [[u, "MF"[i % 2]] for i, u in enumerate(users)]
     )
-    report = prepare(raw, tmp_path / "prepared", PrepareConfig())
+    report = prepare(raw, tmp_path / "prepared", prepare_options(PrepareConfig()))
     assert report["tasks"]["demo"] == ["gender"] and report["tasks"]["ctr"] is False
     assert report["tasks"]["why_not"] == {
         "ctr": "no impressions (the source has no impressions table, or it is empty)"

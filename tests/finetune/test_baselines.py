@@ -1,5 +1,5 @@
-"""Baselines and resampled splits: same split for every method of a repeat, new split per
-repeat, and no baseline sees a test label or data from after an impression's window."""
+"""Baselines and resampled splits: a new split per repeat, and no baseline sees a test label or
+data from after an impression's window."""
 
 from dataclasses import replace
 
@@ -16,10 +16,7 @@ from ptum.finetune.baselines import (
     run_demo_baseline,
     tfidf_lr_logits,
 )
-from ptum.finetune.cells import SplitSpec
 from ptum.finetune.data import load_ctr, load_demo
-from ptum.finetune.grid import run_grid
-from ptum.finetune.train import CellOptions
 
 RATIOS = [0.2, 0.5, 1.0]
 
@@ -53,33 +50,6 @@ def test_ctr_resplit_keeps_the_test_window_and_redraws_train_valid(ctr):
     assert ((a.data.window == "test") == (b.data.window == "test")).all()
     assert (a.data.window != b.data.window).any()
     assert not (a.subsets[1.0] & (a.data.window != "train")).any()
-
-
-def test_grid_gives_every_method_of_a_repeat_the_same_split(tiny_pipeline, tmp_path):
-    d = tiny_pipeline
-    runs = run_grid(
-        task="demo",
-        labels=None,
-        models=[],
-        modes=[],
-        ratios=RATIOS,
-        repeats=2,
-        seed=100,
-        opts=CellOptions(),
-        demo_select="acc",
-        prepared=d / "prepared",
-        tokenized=d / "tokenized",
-        max_len=20,
-        ckpt_root=tmp_path,
-        cache_dir=tmp_path / "cache",
-        workers=1,
-        split=SplitSpec(),
-    )
-    rows = {(r["model"], r["label"], r["ratio"], r["seed"]): r["pred"]["row"] for r in runs}
-    assert {m for m, *_ in rows} == set(DEMO_BASELINES)
-    for (_m, label, _ratio, seed), test_rows in rows.items():
-        assert test_rows == rows[("majority", label, 0.2, seed)]
-    assert rows[("tfidf_lr", "gender", 0.2, 100)] != rows[("tfidf_lr", "gender", 0.2, 101)]
 
 
 def _flip_test_labels(task):
@@ -141,32 +111,6 @@ def test_demo_baselines_choose_on_validation_only(demo, name):
     b = run_demo_baseline(name, other, "gender", 1.0, select="macro_f1", seed=0)
     assert a["chosen"] == b["chosen"] and a["pred"]["pred"] == b["pred"]["pred"]
     assert a["pred"]["y"] != b["pred"]["y"]
-
-
-def test_a_baseline_cell_is_recomputed_when_the_selection_metric_changes(tiny_pipeline, tmp_path):
-    d = tiny_pipeline
-    kw = dict(
-        task="demo",
-        labels=["gender"],
-        models=[],
-        modes=[],
-        ratios=[1.0],
-        repeats=1,
-        seed=100,
-        opts=CellOptions(),
-        prepared=d / "prepared",
-        tokenized=d / "tokenized",
-        max_len=20,
-        ckpt_root=tmp_path,
-        cache_dir=tmp_path / "cache",
-        workers=1,
-    )
-    run_grid(demo_select="acc", **kw)
-    n = len(list((tmp_path / "cache").glob("*.json")))
-    run_grid(demo_select="acc", **kw)
-    assert len(list((tmp_path / "cache").glob("*.json"))) == n  # same key: cached
-    run_grid(demo_select="macro_f1", **kw)
-    assert len(list((tmp_path / "cache").glob("*.json"))) == 2 * n  # new key per cell
 
 
 def test_wide_logits_never_use_test_labels_or_a_training_rows_own_label(demo):

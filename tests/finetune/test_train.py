@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 
 import ptum.finetune.train as ft
+from ptum.config import FinetuneConfig
 from ptum.finetune.data import load_ctr, load_demo
+from ptum.finetune.loop import optimizer
 from ptum.finetune.metrics import accuracy, roc_auc
+from ptum.heads import BiasedCtrHead, log_popularity
 from ptum.models.user_model import ModelConfig, UserModel
+from ptum.stages.finetune import cell_options
 
-OPTS = ft.CellOptions(lr=3e-3, batch_size=16, max_epochs=3, patience=5, head_hidden=8)
+# params.yaml's finetune options, shrunk for the tiny data.
+OPTS = replace(
+    cell_options(FinetuneConfig()), lr=3e-3, batch_size=16, max_epochs=3, patience=5, head_hidden=8
+)
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +60,6 @@ def _demo(pretrained, demo, mode, **kw):
         mode=mode,
         seed=1,
         opts=OPTS,
-        return_models=True,
         **kw,
     )
 
@@ -63,15 +71,16 @@ def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def test_frozen_keeps_encoder_finetune_and_scratch_change_it(pretrained, demo):
     before = {k: v.clone() for k, v in pretrained.state_dict().items()}
     frozen = _demo(pretrained, demo, "frozen")
-    assert _same(frozen["model"], pretrained)
+    assert _same(frozen.model, pretrained)
     tuned = _demo(pretrained, demo, "finetune")
-    assert not _same(tuned["model"], pretrained)
+    assert not _same(tuned.model, pretrained)
     scratch = _demo(pretrained, demo, "scratch")
-    assert not _same(scratch["model"], pretrained)
+    assert not _same(scratch.model, pretrained)
     # The shared pre-trained model itself is never modified by any cell.
     assert all(torch.equal(before[k], v) for k, v in pretrained.state_dict().items())
-    for res in (frozen, tuned, scratch):
+    for run in (frozen, tuned, scratch):
         # The reported test accuracy is that of the saved test predictions.
+        res = run.result
         pred = res["pred"]
         assert res["n_test"] == len(pred["row"]) > 0
         assert res["test"]["acc"] == accuracy(np.array(pred["y"]), np.array(pred["pred"]))
@@ -79,17 +88,17 @@ def test_frozen_keeps_encoder_finetune_and_scratch_change_it(pretrained, demo):
 
 def test_encoder_lr_scale_sets_the_encoder_learning_rate(pretrained):
     head = torch.nn.Linear(8, 2)
-    opts = ft.CellOptions(lr=1e-3, encoder_lr_scale=0.1)
-    groups = ft._optimizer(pretrained, head, "finetune", opts).param_groups
+    opts = replace(OPTS, lr=1e-3, encoder_lr_scale=0.1)
+    groups = optimizer(pretrained, head, "finetune", opts).param_groups
     assert [g["lr"] for g in groups] == pytest.approx([1e-3, 1e-4])
     assert sum(p.numel() for p in groups[1]["params"]) == sum(
         p.numel() for p in pretrained.parameters()
     )
     # scratch learns everything at the full rate; frozen trains the head only.
     assert [
-        g["lr"] for g in ft._optimizer(pretrained, head, "scratch", opts).param_groups
+        g["lr"] for g in optimizer(pretrained, head, "scratch", opts).param_groups
     ] == pytest.approx([1e-3, 1e-3])
-    assert len(ft._optimizer(pretrained, head, "frozen", opts).param_groups) == 1
+    assert len(optimizer(pretrained, head, "frozen", opts).param_groups) == 1
 
 
 def test_finetune_with_a_smaller_encoder_lr_moves_the_encoder_less(pretrained, demo):
@@ -103,19 +112,11 @@ def test_finetune_with_a_smaller_encoder_lr_moves_the_encoder_less(pretrained, d
             n_classes=2,
             mode="finetune",
             seed=1,
-            return_models=True,
-            opts=ft.CellOptions(
-                lr=3e-3,
-                batch_size=16,
-                max_epochs=1,
-                patience=5,
-                head_hidden=8,
-                encoder_lr_scale=scale,
-            ),
+            opts=replace(OPTS, max_epochs=1, encoder_lr_scale=scale),
         )
         return sum(
             float((a - b).abs().sum())
-            for a, b in zip(out["model"].state_dict().values(), pretrained.state_dict().values())
+            for a, b in zip(out.model.state_dict().values(), pretrained.state_dict().values())
         )
 
     assert 0 < shift(0.1) < shift(1.0)
@@ -156,22 +157,22 @@ def test_ctr_cell_runs_every_mode(pretrained, tiny_pipeline):
     assert set(task.data.window) == {"train", "valid", "test"}
     train_idx = np.flatnonzero(task.subsets[1.0])
     for mode in ("scratch", "frozen", "finetune"):
-        res = ft.run_ctr(
+        run = ft.run_ctr(
             pretrained=pretrained,
             data=task.data,
             train_idx=train_idx,
             mode=mode,
             seed=0,
-            opts=OPTS,
-            return_models=True,
+            opts=replace(OPTS, ctr_scoring="dot"),
         )
+        res = run.result
         pred = res["pred"]
         assert sorted(pred["row"]) == np.flatnonzero(task.data.window == "test").tolist()
         assert res["test"]["auc"] == roc_auc(np.array(pred["y"]), np.array(pred["score"]))
         if mode == "frozen":
-            assert _same(res["model"], pretrained)
+            assert _same(run.model, pretrained)
             # ... but the CTR head did train.
-            assert not torch.equal(res["head"].proj.weight, torch.eye(8))
+            assert not torch.equal(run.head.proj.weight, torch.eye(8))
 
 
 def test_a_demo_head_with_a_wide_input_starts_from_it_exactly(pretrained, demo):
@@ -179,7 +180,7 @@ def test_a_demo_head_with_a_wide_input_starts_from_it_exactly(pretrained, demo):
     rng = np.random.default_rng(0)
     wide = rng.normal(size=(len(y), len(classes))).astype(np.float32) * 5
     # lr ~ 0: nothing learns, so the cell predicts the wide input's argmax on every test row.
-    opts = OPTS.__class__(**{**OPTS.__dict__, "lr": 1e-12, "max_epochs": 2})
+    opts = replace(OPTS, lr=1e-12, max_epochs=2)
     rows = np.flatnonzero(demo.subsets[1.0] & (y >= 0))
     r = ft.run_demo(
         pretrained=pretrained,
@@ -192,9 +193,50 @@ def test_a_demo_head_with_a_wide_input_starts_from_it_exactly(pretrained, demo):
         seed=1,
         opts=opts,
         wide=wide,
-    )
+    ).result
     test = np.array(r["pred"]["row"])
     assert r["pred"]["pred"] == wide[test].argmax(1).tolist()
     # Without it, the same cell predicts from the (random-head) user vectors instead.
-    r0 = _demo(pretrained, demo, "frozen")
+    r0 = _demo(pretrained, demo, "frozen").result
     assert r0["pred"]["pred"] != r["pred"]["pred"]
+
+
+def test_biased_ctr_head_trains_every_mode_and_scores_what_it_saves(pretrained, tiny_pipeline):
+    d = tiny_pipeline
+    task = load_ctr(d / "prepared", d / "tokenized", 20, [1.0])
+    for mode in ("frozen", "finetune"):
+        run = ft.run_ctr(
+            pretrained=pretrained,
+            data=task.data,
+            train_idx=np.flatnonzero(task.subsets[1.0]),
+            mode=mode,
+            seed=0,
+            opts=replace(OPTS, ctr_scoring="bias"),
+        )
+        assert isinstance(run.head, BiasedCtrHead)
+        pred = run.result["pred"]
+        assert run.result["test"]["auc"] == roc_auc(np.array(pred["y"]), np.array(pred["score"]))
+        assert run.head.item_bias.weight.abs().sum() > 0  # the per-item offsets learnt
+
+
+def test_biased_head_starts_as_the_dot_product_and_falls_back_to_popularity():
+    torch.manual_seed(0)
+    head = BiasedCtrHead(dim=4, num_items=5, num_users=3)
+    u, c = torch.randn(3, 4), torch.randn(3, 4)
+    ids, users = torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2])
+    pop = torch.from_numpy(log_popularity(np.array([0, 10, 1, 0, 0, 0])).astype(np.float32))
+    assert torch.allclose(head.logits(u, c, users, ids, pop[ids]), (u * c).sum(-1))
+    opt = torch.optim.AdamW(head.parameters(), lr=0.1, weight_decay=0.01)
+    for _ in range(20):  # item 1 is clicked, item 2 is not; item 3 is never shown
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            head.logits(u[:2], c[:2], users[:2], ids[:2], pop[ids[:2]]), torch.tensor([1.0, 0.0])
+        )
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    b = head.item_bias.weight.squeeze(-1).detach()
+    assert b[1] > 0 > b[2]
+    assert b[3] == 0 and b[0] == 0  # no training impression: bias = a * log popularity only
+    assert head.pop_weight.item() != 0
+    ub = head.user_bias.weight.squeeze(-1).detach()
+    assert ub[0] > 0 > ub[1] and ub[2] == 0  # user 2 had no impression: the vector term only

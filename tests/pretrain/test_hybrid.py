@@ -15,10 +15,10 @@ from ptum.models.behavior import PAD_ROW, UNKNOWN_ROW
 from ptum.models.id_vocab import FILE, IdVocab, build_id_vocab, item_table_digest
 from ptum.models.user_model import ModelConfig, UserModel
 from ptum.pretrain.data import make_batch, step_rng
-from ptum.pretrain.options import TrainOptions
-from ptum.pretrain.stage import corpus_id_vocab, run_stage
+from ptum.pretrain.setup import corpus_id_vocab
 from ptum.pretrain.tasks import ptum_step
 from ptum.pretrain.train import pretrain
+from ptum.stages.pretrain import pretrain_one, train_options
 from tests.pretrain.test_train import TINY_MODEL
 
 
@@ -141,7 +141,7 @@ def test_checkpoint_carries_and_checks_the_vocabulary(data, tmp_path) -> None:
 
 def test_resume_with_another_vocabulary_is_refused(data, tmp_path) -> None:
     train, valid, vocab, texts = data
-    opts = TrainOptions(batch_size=16, epochs=1, max_steps=2)
+    opts = replace(train_options(PretrainConfig()), batch_size=16, epochs=1, max_steps=2)
     config = _config(train, vocab)
     pretrain(
         train=train,
@@ -183,7 +183,7 @@ def test_stage_pretrains_a_hybrid_model(tiny_pipeline, tmp_path) -> None:
     cfg = PretrainConfig(
         behavior_encoder="hybrid", model=ModelParams(**TINY_MODEL), epochs=1, batch_size=16
     )
-    out = run_stage(
+    out = pretrain_one(
         cfg,
         "han",
         prepared=tiny_pipeline / "prepared",

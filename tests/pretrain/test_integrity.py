@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,9 +27,9 @@ from ptum.hashing import HashMismatch
 from ptum.models.id_vocab import item_table_digest
 from ptum.models.user_model import ModelConfig
 from ptum.pretrain import train as train_mod
-from ptum.pretrain.options import TrainOptions, deterministic_mode
-from ptum.pretrain.stage import run_stage
+from ptum.pretrain.options import deterministic_mode
 from ptum.pretrain.train import pretrain
+from ptum.stages.pretrain import pretrain_one, train_options
 from tests.pretrain.test_train import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,8 +56,9 @@ def train_tiny(tiny_root: Path, out_dir: Path, **opts) -> dict:
         train=train,
         valid=valid,
         config=_config(train),
-        opts=TrainOptions(
-            **{"batch_size": 16, "epochs": EPOCHS, "lr": 3e-3, "deterministic": True} | opts
+        opts=replace(
+            train_options(PretrainConfig()),
+            **{"batch_size": 16, "epochs": EPOCHS, "lr": 3e-3, "deterministic": True} | opts,
         ),
         out_dir=out_dir,
         meta={"architecture": "hsa"},
@@ -101,14 +103,13 @@ def test_stage_runs_twice_to_equal_checkpoints_with_timings_in_reports(tiny_pipe
     cfg = PretrainConfig(model=ModelParams(**TINY_MODEL), epochs=1, batch_size=16)
     kw = dict(prepared=tiny_pipeline / "prepared", tokenized=tiny_pipeline / "tokenized")
     for run in ("a", "b"):
-        out = run_stage(
+        out = pretrain_one(
             cfg,
             "hsa",
             **kw,
             max_behaviors=20,
             out_dir=tmp_path / run / "ckpt",
             report_dir=tmp_path / run / "report",
-            deterministic=True,
         )
         assert out["users_per_s"] > 0
     assert _hashes(tmp_path / "a" / "ckpt") == _hashes(tmp_path / "b" / "ckpt")
@@ -136,8 +137,8 @@ def test_rerun_from_the_finished_checkpoint_keeps_the_measured_timings(tiny_pipe
         out_dir=tmp_path / "ckpt",
         report_dir=tmp_path / "report",
     )
-    first = run_stage(cfg, "hsa", **kw)["users_per_s"]
-    assert "users_per_s" not in run_stage(cfg, "hsa", **kw)  # nothing trained, nothing timed
+    first = pretrain_one(cfg, "hsa", **kw)["users_per_s"]
+    assert "users_per_s" not in pretrain_one(cfg, "hsa", **kw)  # nothing trained, nothing timed
     history = json.loads((tmp_path / "report" / "history.json").read_text())
     assert [h["users_per_s"] for h in history] == [first]
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
@@ -335,7 +336,7 @@ def test_progress_bars_on_a_terminal_and_one_line_per_epoch_otherwise(
     train = load_corpus(prepared, tok, "train", 20)
     valid = load_corpus(prepared, tok, "valid", 20)
     kw = dict(train=train, valid=valid, config=_config(train), meta={})
-    opts = TrainOptions(batch_size=16, epochs=2)
+    opts = replace(train_options(PretrainConfig()), batch_size=16, epochs=2)
     pretrain(**kw, opts=opts, out_dir=tmp_path / "a")  # stderr is not a terminal under pytest
     out, err = capsys.readouterr()
     lines = out.strip().splitlines()

@@ -19,7 +19,7 @@ from ptum.config import ExportConfig
 from ptum.data.corpus import load_corpus
 from ptum.heads import DemoHead, save_demo_head
 from ptum.models.user_model import ModelConfig, UserModel
-from ptum.pretrain.stage import corpus_id_vocab
+from ptum.pretrain.setup import corpus_id_vocab
 from ptum.serving.export import export
 
 TINY = dict(word_dim=16, dim=16, heads=2, head_dim=8, attn_hidden=16, layers=1, dropout=0.2)

@@ -31,6 +31,7 @@ from ptum.serving.sequences import (
     text_ids,
     user_sequences,
 )
+from ptum.stages.prepare import prepare_options
 from ptum.tokenize import encode
 from tests.conftest import write_tsv
 from tests.serving.conftest import AGE_CLASSES, MAX_BEHAVIORS
@@ -265,7 +266,7 @@ def test_embed_and_prepare_build_the_same_sequences_from_a_log_with_a_duplicate(
     raw = tmp_path / "raw"
     raw.mkdir()
     log = write_tsv(raw / "behaviors.tsv", ["user_id", "timestamp", "text"], rows)
-    report = prepare(raw, tmp_path / "prepared", PrepareConfig(max_behaviors=3))
+    report = prepare(raw, tmp_path / "prepared", prepare_options(PrepareConfig(max_behaviors=3)))
     assert report["behaviors"]["rows_dropped"] == {"duplicate_event": 1}
     items = pl.read_parquet(tmp_path / "prepared" / "items.parquet").sort("item_id")["text"]
     # No impressions: the before_test view holds every behavior of every user.

@@ -22,10 +22,13 @@ from ptum.models.user_model import ModelConfig, UserModel
 from ptum.serving.embed import embed
 from ptum.serving.export import export
 from ptum.serving.training import serving_heads
+from ptum.stages.finetune import cell_options
+from ptum.stages.prepare import prepare_options
 from ptum.tokenize import tokenize
 from tests.serving.conftest import MAX_BEHAVIORS, TINY
 
 CFG = replace(FinetuneConfig(), max_epochs=2, patience=1)
+OPTS = cell_options(CFG)
 
 
 def _pipeline(root: Path, raw: Path, tables: tuple[str, ...]) -> Path:
@@ -36,7 +39,9 @@ def _pipeline(root: Path, raw: Path, tables: tuple[str, ...]) -> Path:
     for t in tables:
         shutil.copyfile(raw / f"{t}.parquet", src / f"{t}.parquet")
     ingest(source="generic", path=str(src), out_dir=root / "raw")
-    opts = PrepareConfig(max_behaviors=MAX_BEHAVIORS, ctr_train_frac=0.3, ctr_test_frac=0.2)
+    opts = prepare_options(
+        PrepareConfig(max_behaviors=MAX_BEHAVIORS, ctr_train_frac=0.3, ctr_test_frac=0.2)
+    )
     prepare(root / "raw", root / "prepared", opts)
     tokenize(
         root / "prepared" / "items.parquet",
@@ -68,7 +73,8 @@ def _heads(root: Path, seed: int = 0):
         prepared=root / "prepared",
         tokenized=root / "tokenized",
         max_behaviors=MAX_BEHAVIORS,
-        cfg=CFG,
+        opts=OPTS,
+        demo_select=CFG.demo_select,
         seed=seed,
     )
 

@@ -5,6 +5,7 @@ best_params.json."""
 from __future__ import annotations
 
 import sqlite3
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
@@ -12,6 +13,8 @@ import pytest
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
 from ptum.cli import main
+from ptum.config import TuneConfig
+from ptum.stages.tune import study_spec
 from ptum.tune import StudyDamaged, StudySpec, check_store, check_values, open_study, run_trials
 
 DB = Path("data/tune/optuna.db")  # tune.storage's default, relative to the project
@@ -21,6 +24,11 @@ SPACE = {
     "p": IntDistribution(1, 16),
     "lr": FloatDistribution(1e-4, 1e-2, log=True),
 }
+
+
+def _spec(storage: str) -> StudySpec:
+    """params.yaml's tune section, study "s" in `storage`, no pruner."""
+    return replace(study_spec(TuneConfig(), study_name="s"), storage=storage, pruner="none")
 
 
 @pytest.fixture(autouse=True)
@@ -114,7 +122,7 @@ def test_damaged_rows_that_pass_the_integrity_check_are_named_too(tmp_path):
     # A flipped byte in a distribution's JSON: SQLite's structure is intact, Optuna's is not.
     _sql(db, "UPDATE trial_params SET distribution_json = substr(distribution_json, 2)")
     check_store(f"sqlite:///{db}")  # the file itself is sound
-    spec = StudySpec(storage=f"sqlite:///{db}", study_name="s", pruner="none")
+    spec = _spec(f"sqlite:///{db}")
     with pytest.raises(StudyDamaged, match=rf"^{db}: the study cannot be read \(JSONDecodeError"):
         open_study(spec, directions=["maximize"], attrs={}, epochs=2, worker=0)
 
@@ -123,7 +131,7 @@ def test_an_empty_or_missing_file_is_a_new_study(tmp_path):
     check_store(f"sqlite:///{tmp_path / 'missing.db'}")
     (tmp_path / "empty.db").touch()
     check_store(f"sqlite:///{tmp_path / 'empty.db'}")
-    spec = StudySpec(storage=f"sqlite:///{tmp_path / 'empty.db'}", study_name="s", pruner="none")
+    spec = _spec(f"sqlite:///{tmp_path / 'empty.db'}")
     study = open_study(spec, directions=["maximize"], attrs={}, epochs=2, worker=0)
     run_trials(study, lambda t: t.suggest_float("x", 0, 1), n_trials=2)
     assert len(study.trials) == 2

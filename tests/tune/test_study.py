@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -18,7 +19,9 @@ import pytest
 import sqlalchemy.exc
 from optuna.trial import TrialState
 
+from ptum.config import TuneConfig
 from ptum.io import atomic_write_text
+from ptum.stages.tune import study_spec
 from ptum.tune import DONE, StudySpec, open_study, run_trials
 from ptum.tune.storage import fail_silent_trials, retry_race
 
@@ -34,8 +37,10 @@ def quiet_optuna():
 
 
 def _spec(tmp: Path, **kw) -> StudySpec:
-    return StudySpec(
-        **{"storage": f"sqlite:///{tmp / 'optuna.db'}", "study_name": "s", "seed": 3, **kw}
+    """params.yaml's tune section (20 trials) with a study in `tmp`."""
+    spec = study_spec(TuneConfig(), study_name="s")
+    return replace(
+        spec, **{"storage": f"sqlite:///{tmp / 'optuna.db'}", "n_trials": 20, "seed": 3, **kw}
     )
 
 
@@ -59,9 +64,12 @@ def _sleepy(trial: optuna.Trial) -> float:
 
 _RACE_CHILD = """
 import sys, time
+from dataclasses import replace
 from pathlib import Path
 import optuna
-from ptum.tune import StudySpec, open_study, run_trials
+from ptum.config import TuneConfig
+from ptum.stages.tune import study_spec
+from ptum.tune import open_study, run_trials
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 tmp, rounds = Path(sys.argv[1]), int(sys.argv[2])
 (tmp / f"ready-{sys.argv[3]}").touch()
@@ -75,8 +83,8 @@ def objective(trial):
 for r in range(rounds):
     while time.time() < t0 + 1.5 * r:  # every process opens round r's new database at once
         time.sleep(0.0005)
-    spec = StudySpec(storage=f"sqlite:///{tmp}/race{r}.db", study_name="s", n_trials=5,
-                     pruner="none")
+    spec = replace(study_spec(TuneConfig(), study_name="s"),
+                   storage=f"sqlite:///{tmp}/race{r}.db", n_trials=5, pruner="none")
     # Same worker index, as for two `ptum tune` commands started by hand.
     study = open_study(spec, directions=["maximize"], attrs={"arch": "x"}, epochs=1, worker=0)
     run_trials(study, objective, n_trials=spec.n_trials)
@@ -243,7 +251,7 @@ def _two_epochs(bad: set[int]):
 
 
 def test_default_median_pruner_prunes_bad_trials_of_a_four_trial_study(tmp_path):
-    spec = _spec(tmp_path, n_trials=4)  # StudySpec's defaults: median, 2 startup trials
+    spec = _spec(tmp_path, n_trials=4)  # params.yaml's: median, 2 startup trials
     run_trials(_open(spec), _two_epochs(bad={2, 3}), n_trials=spec.n_trials)
     trials = optuna.load_study(study_name="s", storage=spec.storage).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 + [TrialState.PRUNED] * 2

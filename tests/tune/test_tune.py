@@ -21,9 +21,11 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
+from ptum.config import PretrainConfig, TuneConfig
 from ptum.data.corpus import file_digest
-from ptum.finetune.train import CellOptions
-from ptum.pretrain.options import TrainOptions
+from ptum.finetune.options import CellOptions
+from ptum.stages.pretrain import train_options
+from ptum.stages.tune import study_spec
 from ptum.tune import (
     SearchSpace,
     StudySpec,
@@ -60,6 +62,7 @@ def one_thread():
 
 
 def _setup(root: Path, tmp: Path, **kw) -> TrialSetup:
+    fields = {"demo_select": "acc", "multi_objective": False, "device": "auto"} | kw
     return TrialSetup(
         prepared=root / "prepared",
         tokenized=root / "tokenized",
@@ -67,18 +70,38 @@ def _setup(root: Path, tmp: Path, **kw) -> TrialSetup:
         arch="hsa",
         model_sizes=TINY_MODEL,
         space=SPACE,
-        base=TrainOptions(epochs=2, batch_size=32, seed=5),
-        finetune=CellOptions(max_epochs=2, patience=1, batch_size=32, head_hidden=16),
+        behavior_encoder="",
+        # The tiny trial sizes; lr and deterministic as these tests always ran them.
+        base=replace(
+            train_options(PretrainConfig()),
+            epochs=2,
+            batch_size=32,
+            seed=5,
+            lr=1e-3,
+            deterministic=False,
+        ),
+        finetune=CellOptions(
+            lr=1e-3,
+            batch_size=32,
+            max_epochs=2,
+            patience=1,
+            head_hidden=16,
+            weight_decay=0.0,
+            encoder_lr_scale=1.0,
+            ctr_scoring="dot",
+            bias_lr_scale=1.0,
+            demo_wide=False,
+        ),
         prune_head_epochs=3,
         work_dir=tmp / "trials",
-        **kw,
+        **fields,
     )
 
 
 def _spec(tmp: Path, name: str = "s", db: str = "optuna.db", **kw) -> StudySpec:
-    return StudySpec(
-        **{"storage": f"sqlite:///{tmp / db}", "study_name": name, "n_trials": 3, "seed": 11, **kw}
-    )
+    """params.yaml's tune section with a study of 3 trials in `tmp`."""
+    spec = study_spec(TuneConfig(), study_name=name)
+    return replace(spec, **{"storage": f"sqlite:///{tmp / db}", "n_trials": 3, "seed": 11, **kw})
 
 
 def _trials(spec: StudySpec) -> list[optuna.trial.FrozenTrial]:
@@ -225,7 +248,7 @@ def test_pruner_choices():
     with pytest.raises(ValueError, match="unknown pruner"):
         make_pruner("asha", epochs=3)
     with pytest.raises(ValueError, match="k range"):
-        SearchSpace(k=(0, 3))
+        replace(SPACE, k=(0, 3))
 
 
 def test_default_study_name_is_readable_and_follows_what_a_trial_measures(tiny_pipeline, tmp_path):
@@ -465,7 +488,7 @@ def test_no_task_to_score_trials_on_is_reported_without_a_study(
     """The PTUM layout (behaviors only): no study is opened, best_params.json says why."""
     setup = replace(_setup(behaviors_only, tmp_path), multi_objective=multi_objective)
     db = tmp_path / "optuna.db"
-    spec = StudySpec(storage=f"sqlite:///{db}", study_name="s", n_trials=2, seed=0)
+    spec = _spec(tmp_path, n_trials=2, seed=0)
     out = tmp_path / "reports"
     summary = tune(
         setup=setup, spec=spec, best_params_path=out / "best.json", reports_dir=out / "figures"

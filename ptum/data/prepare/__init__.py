@@ -1,4 +1,4 @@
-"""Stage `prepare`: validate the generic tables, build the item table, user sequences and splits.
+"""Prepare: validate the generic tables, build the item table, user sequences and splits.
 
 Outputs (in `out_dir`):
     items.parquet        item_id i32 (1..N; 0 is the padding item), text, n_behaviors
@@ -25,8 +25,8 @@ previous behavior, computed before truncation so the first kept gap is true):
 So the pre-training corpus never contains a test impression (nor, for MovieLens, where ratings are
 both behaviors and impressions, the test ratings themselves) and never any label.
 
-The stage takes the `prepare:` section of params.yaml as it is loaded and checked
-(`ptum.config.PrepareConfig`).
+`prepare` takes `PrepareOptions` (one field per `prepare.*` key it uses), which the stage
+`ptum.stages.prepare` builds from params.yaml.
 
 Modules, one job each:
     sources      the tables of the raw directory, checked against the ingest manifest
@@ -34,14 +34,17 @@ Modules, one job each:
     items        the item table (items keyed by text) and impressions as item ids
     views        the sequence views, cut from per-user timelines
     splits       CTR windows (global cut-offs), label and impression splits, nested subsets
-    in_memory    the stage on a log that fits in memory
+    options      `PrepareOptions`, the explicit arguments of `prepare`
+    in_memory    the outputs from a log that fits in memory
     chunked      the same outputs, streaming a big log in chunks of whole users
     report       the data report
     tasks        which downstream tasks the prepared data allows (`available_tasks`)
-    stage        `prepare`: picks the runner, writes the splits and the report atomically
+    build        `prepare`: picks the runner, writes the splits and the report atomically
 """
 
+from ptum.data.prepare.build import prepare
 from ptum.data.prepare.items import build_items, item_table
+from ptum.data.prepare.options import PrepareOptions
 from ptum.data.prepare.splits import (
     WINDOW_ORDER,
     ctr_cutoffs,
@@ -51,11 +54,11 @@ from ptum.data.prepare.splits import (
     split_impressions,
     split_labels,
 )
-from ptum.data.prepare.stage import prepare
 from ptum.data.prepare.tasks import available_tasks
 from ptum.data.prepare.views import SEQUENCE_ROW_GROUP, SEQUENCE_SCHEMA, VIEWS, sequences
 
 __all__ = [
+    "PrepareOptions",
     "SEQUENCE_ROW_GROUP",
     "SEQUENCE_SCHEMA",
     "VIEWS",

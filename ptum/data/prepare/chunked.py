@@ -1,4 +1,4 @@
-"""The stage on a log bigger than memory: `prepare_in_memory`'s outputs, streaming the behaviors
+"""Prepare on a log bigger than memory: `prepare_in_memory`'s outputs, streaming the behaviors
 through in chunks of whole users.
 
 The behaviors and impressions are first split on disk (one streaming pass each, user ids and
@@ -23,11 +23,11 @@ import polars as pl
 from polars.io.plugins import register_io_source
 from tqdm import tqdm
 
-from ptum.config import PrepareConfig
 from ptum.data import generic
 from ptum.data.prepare import views
 from ptum.data.prepare.in_memory import Core
 from ptum.data.prepare.items import NO_IMPRESSIONS, ctr_columns, item_table
+from ptum.data.prepare.options import PrepareOptions
 from ptum.data.prepare.sources import Source, Sources
 from ptum.data.prepare.splits import WINDOW_ORDER, global_cutoffs, global_windows, user_cut
 from ptum.data.prepare.validate import (
@@ -53,7 +53,7 @@ class _Chunks:
 
 
 def prepare_chunked(
-    sources: Sources, tmp: Path, opts: PrepareConfig, report: dict, n_chunks: int
+    sources: Sources, tmp: Path, opts: PrepareOptions, report: dict, n_chunks: int
 ) -> Core:
     """`prepare_in_memory`'s outputs, holding about 1/n_chunks of the behaviors at a time (see
     the module docstring). Writes items.parquet and sequences.parquet into `tmp`; its scratch
@@ -159,7 +159,7 @@ def _validate_behaviors(
     beh_chunks: list[pl.LazyFrame | None],
     source: Source,
     work: Path,
-    opts: PrepareConfig,
+    opts: PrepareOptions,
     qdir: Path,
     report: dict,
 ) -> _Chunks:
@@ -200,7 +200,7 @@ def _validate_impressions(
     imp_chunks: list[pl.LazyFrame | None],
     source: Source | None,
     chunks: _Chunks,
-    opts: PrepareConfig,
+    opts: PrepareOptions,
     qdir: Path,
     report: dict,
 ) -> tuple[pl.Series, list[Path]]:

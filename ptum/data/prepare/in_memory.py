@@ -1,4 +1,4 @@
-"""The stage on a log that fits in memory: validate every table whole, then build the items and
+"""Prepare on a log that fits in memory: validate every table whole, then build the items and
 the sequence views. `Core` is what this runner and the chunked one hand to the splits and the
 report."""
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ptum.config import PrepareConfig
 from ptum.data.prepare import views
 from ptum.data.prepare.items import NO_IMPRESSIONS, build_items, ctr_columns
+from ptum.data.prepare.options import PrepareOptions
 from ptum.data.prepare.sources import Sources
 from ptum.data.prepare.splits import ctr_cutoffs, user_cut
 from ptum.data.prepare.validate import no_table, read_labels, validate_table
@@ -20,7 +20,7 @@ from ptum.data.prepare.validate import no_table, read_labels, validate_table
 
 @dataclass
 class Core:
-    """What both ways of running the stage hand to `stage.finish` (items and sequences written)."""
+    """What both ways of preparing hand to `build._finish` (items and sequences written)."""
 
     items: pl.DataFrame
     users: pl.Series  # (U,) sorted ids of the users with a valid behavior
@@ -32,7 +32,7 @@ class Core:
     label_cols: list[str]
 
 
-def prepare_in_memory(sources: Sources, tmp: Path, opts: PrepareConfig, report: dict) -> Core:
+def prepare_in_memory(sources: Sources, tmp: Path, opts: PrepareOptions, report: dict) -> Core:
     """Validate every table whole, then build the items and sequences."""
     qdir = tmp / "quarantine"
     # Behaviors are needed as codes only (user, item): their strings are not copied.

@@ -1,5 +1,5 @@
 """The data report (report.json): rows read = kept + dropped per reason for every table (the
-validation counts), then what the stage built: users, items, CTR windows, label splits and
+validation counts), then what prepare built: users, items, CTR windows, label splits and
 balance, the pre-training corpus, the tasks the data allows. Its headline numbers, a dozen, go
 to metrics.json (the stage's DVC metric)."""
 
@@ -9,8 +9,8 @@ from typing import cast
 
 import polars as pl
 
-from ptum.config import PrepareConfig
 from ptum.data.prepare.in_memory import Core
+from ptum.data.prepare.options import PrepareOptions
 from ptum.data.prepare.splits import ratio_column
 from ptum.data.prepare.tasks import tasks_of
 from ptum.data.prepare.validate import DUPLICATE
@@ -40,7 +40,7 @@ def complete_report(
     report: dict,
     core: Core,
     outputs: dict[str, pl.DataFrame],
-    opts: PrepareConfig,
+    opts: PrepareOptions,
 ) -> None:
     """Add to `report` (the validation counts of each table) what the written `outputs`
     (impressions, labels, users as in their files) hold; check that every table reconciles."""

@@ -16,9 +16,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ptum.config import PrepareConfig
 from ptum.data import generic
 from ptum.data.errors import DataError
+from ptum.data.prepare.options import PrepareOptions
 from ptum.data.prepare.sources import Source
 
 # Characters. A longer text is kept as it is (tokenize reads only its first max_tokens tokens;
@@ -50,7 +50,7 @@ def _codes(s: pl.Series) -> tuple[np.ndarray, pl.Series]:
 def validate_table(
     source: Source,
     table: str,
-    opts: PrepareConfig,
+    opts: PrepareOptions,
     quarantine_dir: Path,
     known_users: pl.Enum | None = None,
     good_columns: list[str] | None = None,
@@ -174,7 +174,7 @@ def _long_texts(df: pl.DataFrame, texts: pl.Series) -> tuple[int, dict | None, i
 def settle(
     source: Source,
     table: str,
-    opts: PrepareConfig,
+    opts: PrepareOptions,
     quarantine_dir: Path,
     parts: list[tuple[dict, pl.DataFrame]],
 ) -> dict:
@@ -211,7 +211,7 @@ def settle(
     return counts
 
 
-def _raise_if_strict(source: Source, bad: pl.DataFrame, total: dict, opts: PrepareConfig) -> None:
+def _raise_if_strict(source: Source, bad: pl.DataFrame, total: dict, opts: PrepareOptions) -> None:
     """Raise for the first of the bad rows (sorted by line) the options do not let through
     (`first_refused`)."""
     first = first_refused(bad, opts.on_bad_rows, opts.on_duplicates)
@@ -250,7 +250,7 @@ def _warn_long(source: Source, table: str, parts: list[tuple[int, dict | None, i
     return n
 
 
-def keep_bad(bad: pl.DataFrame, opts: PrepareConfig) -> pl.DataFrame:
+def keep_bad(bad: pl.DataFrame, opts: PrepareOptions) -> pl.DataFrame:
     """The bad rows of a chunk that `settle` may need: all of them to quarantine them, else the
     first duplicate event and the first other bad row."""
     if opts.on_bad_rows == "quarantine":
@@ -271,7 +271,7 @@ def no_table() -> dict:
 
 
 def read_labels(
-    source: Source | None, opts: PrepareConfig, qdir: Path, user_enum: pl.Enum, report: dict
+    source: Source | None, opts: PrepareOptions, qdir: Path, user_enum: pl.Enum, report: dict
 ) -> tuple[pl.DataFrame, list[str]]:
     """The valid labels (user_id, <label columns>) and the label columns."""
     if source is None:

@@ -1,4 +1,4 @@
-"""Stage `tune`: run (or resume) the study with one or several local workers, then write outputs.
+"""The search: run (or resume) the study with one or several local workers, then write outputs.
 
 The study lives in an RDB storage (`ptum.tune.storage`), so a rerun resumes it and workers on
 other machines may join it (`ptum tune --worker I` with the same storage URL and study name).

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ptum.pretrain.stage import read_tuned
+from ptum.pretrain.tuned import read_tuned
 
 
 def test_tuned_values_are_read(tmp_path):

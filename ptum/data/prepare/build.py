@@ -1,6 +1,6 @@
-"""`prepare`: the whole stage. Validates and builds the items and sequences (in memory, or in
-chunks of whole users for a log over `chunk_rows`), then draws the splits and writes the outputs,
-the data report and the manifest of their SHA-256s (which every reader checks:
+"""`prepare`: builds the prepared directory. Validates and builds the items and sequences (in
+memory, or in chunks of whole users for a log over `chunk_rows`), then draws the splits and writes
+the outputs, the data report and the manifest of their SHA-256s (which every reader checks:
 `ptum.data.verified`) into a scratch directory that replaces `out_dir` only once complete."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ptum.config import PrepareConfig
 from ptum.data.prepare.chunked import prepare_chunked
 from ptum.data.prepare.in_memory import Core, prepare_in_memory
+from ptum.data.prepare.options import PrepareOptions
 from ptum.data.prepare.report import complete_report, headline_metrics
 from ptum.data.prepare.sources import find_sources
 from ptum.data.prepare.splits import shuffled_rank, split_impressions, split_labels
@@ -23,9 +23,9 @@ from ptum.data.verified import write_manifest
 from ptum.io import atomic_dir
 
 
-def prepare(raw_dir: Path, out_dir: Path, opts: PrepareConfig) -> dict:
-    """Run the whole stage; returns the data report (also written to out_dir/report.json).
-    `opts`: the `prepare:` section of params.yaml.
+def prepare(raw_dir: Path, out_dir: Path, opts: PrepareOptions) -> dict:
+    """Build `out_dir` from `raw_dir`; returns the data report (also written to
+    out_dir/report.json).
 
     A behaviors table of at most `opts.chunk_rows` rows is processed in memory; a bigger one
     streams through in chunks of whole users (`prepare_chunked`), with the same outputs.
@@ -56,7 +56,7 @@ def _row_count(path: Path) -> int:
     return n
 
 
-def _finish(core: Core, tmp: Path, opts: PrepareConfig, report: dict) -> None:
+def _finish(core: Core, tmp: Path, opts: PrepareOptions, report: dict) -> None:
     """Splits, users.parquet, impressions.parquet, labels.parquet, the data report and its
     headline metrics."""
     imps_out = split_impressions(core.windowed, opts.ctr_valid_frac, opts.label_ratios, opts.seed)
@@ -80,7 +80,7 @@ def _finish(core: Core, tmp: Path, opts: PrepareConfig, report: dict) -> None:
     (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
 
 
-def _users(core: Core, opts: PrepareConfig) -> pl.DataFrame:
+def _users(core: Core, opts: PrepareOptions) -> pl.DataFrame:
     """users.parquet: behaviors per user and the seeded pre-training train/valid split of the
     users with at least 2 behaviors before their CTR-test window (null for the others)."""
     eligible = core.before_test.filter(pl.col("n_total") >= 2)["user_id"].to_list()

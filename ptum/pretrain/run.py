@@ -1,100 +1,60 @@
-"""Stage `pretrain`: the options from params.yaml (or the tuned ones), train, write metrics and plots.
+"""Pre-train one architecture: load its inputs, train, write its metrics and history.
 
 The corpora, model config and (hybrid encoder) item-id vocabulary come from
-`ptum.pretrain.setup.load_inputs`, which each tuning trial calls too.
+`ptum.pretrain.setup.load_inputs`, which each tuning trial calls too. The options are
+`TrainOptions`, which the stage (`ptum.stages.pretrain`) builds from params.yaml.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from ptum.config import PretrainConfig, to_dict
 from ptum.pretrain.options import TrainOptions, pick_device
-from ptum.pretrain.setup import corpus_id_vocab, load_inputs
+from ptum.pretrain.setup import load_inputs
 from ptum.pretrain.train import TIMING_KEYS, pretrain
 
-__all__ = ["TUNED_KEYS", "corpus_id_vocab", "read_tuned", "run_stage", "train_options"]
 
-
-# What `pretrain.use_tuned: true` takes from the tune stage's best_params.json (dvc.yaml's
-# pretrain stage declares exactly these keys of that file; tests/tune/test_use_tuned.py).
-TUNED_KEYS = ("k", "lam", "p", "lr")
-
-
-def train_options(cfg: PretrainConfig, tuned: dict | None = None) -> TrainOptions:
-    """The loop's options from pretrain's section, with TUNED_KEYS taken from `tuned` if given."""
-    fields = {k: v for k, v in to_dict(cfg).items() if k in TrainOptions.__dataclass_fields__}
-    if tuned:
-        fields.update({k: tuned[k] for k in TUNED_KEYS if k in tuned})
-    return TrainOptions(**fields)
-
-
-def read_tuned(path: Path | None) -> dict[str, int | float]:
-    """k, lam, p, lr from the tune stage's best_params.json; a clear error when it is missing or
-    lacks one of them."""
-    if path is None or not path.is_file():
-        raise FileNotFoundError(
-            f"pretrain.use_tuned is true but {path} does not exist; run the tune stage first "
-            "(`dvc repro tune` or `ptum tune`), or set pretrain.use_tuned: false"
-        )
-    try:
-        data = json.loads(path.read_text())
-    except ValueError as e:
-        raise ValueError(f"{path}: not JSON ({e}); rerun the tune stage") from e
-    if isinstance(data, dict) and data.get("available") is False:
-        raise ValueError(
-            f"pretrain.use_tuned is true but {path} holds no tuned values: the tune stage had "
-            f"no task to score trials on ({data.get('why_not')}); set pretrain.use_tuned: false"
-        )
-    for key in TUNED_KEYS:
-        value = data.get(key) if isinstance(data, dict) else None
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(
-                f"{path}: key {key!r} is {value!r}, expected a number; rerun the tune stage"
-            )
-    return {key: data[key] for key in TUNED_KEYS}
-
-
-def run_stage(
-    cfg: PretrainConfig,
+def pretrain_arch(
     arch: str,
+    opts: TrainOptions,
     *,
+    behavior_encoder: str,
+    model_sizes: Mapping[str, int | float],
+    device: str,
+    params: Mapping[str, Any],
     prepared: Path,
     tokenized: Path,
     max_behaviors: int,
     out_dir: Path,
     report_dir: Path,
-    tuned_path: Path | None = None,
-    deterministic: bool | None = None,
     threads: int = 1,
 ) -> dict:
-    """Pre-train one architecture. Under torchrun (WORLD_SIZE > 1) joins the process group.
+    """Pre-train one architecture into checkpoint `out_dir`; return the last epoch's metrics.
+    Under torchrun (WORLD_SIZE > 1) joins the process group.
 
-    `deterministic` (None: the config's `pretrain.deterministic` where it has one, else off)
-    runs with deterministic kernels and `threads` torch threads: two runs write byte-equal
-    checkpoints. Per-epoch timings go to report_dir/history.json and metrics.json, never into
-    out_dir. With `pretrain.use_tuned`, k / lam / p / lr come from `tuned_path` (the tune
-    stage's best_params.json, see `read_tuned`).
+    behavior_encoder: "" = the architecture's own; model_sizes: word_dim, dim, ...; device:
+    "auto" | "cpu" | "cuda[:N]"; params: recorded in the checkpoint's meta as pretrain_params.
+    With `opts.deterministic`, `threads` torch threads and deterministic kernels: two runs
+    write byte-equal checkpoints. Per-epoch timings go to report_dir/history.json and
+    metrics.json, never into out_dir.
     """
-    device = _join_process_group(cfg.device)
-    opts = train_options(cfg, read_tuned(tuned_path) if cfg.use_tuned else None)
-    if deterministic is not None:
-        opts = replace(opts, deterministic=deterministic)
+    torch_device = _join_process_group(device)
     inputs = load_inputs(
         prepared,
         tokenized,
         max_behaviors,
         arch=arch,
-        behavior_encoder=cfg.behavior_encoder,
-        model_sizes=to_dict(cfg.model),
+        behavior_encoder=behavior_encoder,
+        model_sizes=model_sizes,
     )
-    meta = {**inputs.meta, "pretrain_params": to_dict(cfg)}
+    meta = {**inputs.meta, "pretrain_params": dict(params)}
     timings: dict[int, dict] = {}
 
     def keep_timing(epoch: int, _model, metrics: dict) -> None:
@@ -107,7 +67,7 @@ def run_stage(
         opts=opts,
         out_dir=out_dir,
         meta=meta,
-        device=device,
+        device=torch_device,
         id_vocab=inputs.id_vocab,
         on_epoch=keep_timing,
         threads=threads,
