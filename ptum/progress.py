@@ -39,7 +39,8 @@ def _plural(unit: str) -> str:
 
 class LogLines:
     """A progress counter that writes whole lines (the subset of tqdm's interface ptum uses:
-    update, refresh, set_postfix, set_postfix_str, close, n, total, disable, a context)."""
+    update, refresh, reset, set_description, set_postfix, set_postfix_str, close, n, total,
+    disable, a context)."""
 
     disable = False
 
@@ -101,6 +102,17 @@ class LogLines:
     def refresh(self) -> None:
         if self._due():
             self._write()
+
+    def reset(self, total: int | None = None) -> None:
+        """Count again from 0 (to `total`): the next pass of an inner loop."""
+        self.n = self.initial = 0
+        self.total = total if total is not None else self.total
+        self._t0 = time.monotonic()
+
+    def set_description(self, desc: str, refresh: bool = True) -> None:
+        self.desc = desc
+        if refresh:
+            self.refresh()
 
     def set_postfix(self, ordered_dict: Any = None, refresh: bool = True, **kwargs: Any) -> None:
         items = {**(dict(ordered_dict) if ordered_dict else {}), **kwargs}

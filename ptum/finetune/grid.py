@@ -36,6 +36,7 @@ from ptum.finetune.cell import Worker, run_cell
 from ptum.finetune.cells import Cell, GridAxes, GridOptions
 from ptum.finetune.data import load_ctr, load_demo
 from ptum.models.id_vocab import item_table_digest
+from ptum.progress import LogLines, progress
 
 
 def run_grid(axes: GridAxes, options: GridOptions) -> list[dict]:
@@ -237,8 +238,7 @@ def _die_with_parent() -> None:
             os._exit(1)
 
 
-def _progress_bar(total: int, cached: int, desc: str) -> tqdm:
-    """tqdm over the grid's cells (with ETA) on a terminal; off a terminal (CI, `dvc repro`
-    logs) only a line at the start and one at the end (see run_grid)."""
-    # disable=None: tqdm turns itself off when stderr is not a terminal.
-    return tqdm(total=total, initial=cached, unit="cell", desc=desc, disable=None, leave=False)
+def _progress_bar(total: int, cached: int, desc: str) -> tqdm | LogLines:
+    """tqdm over the grid's cells (with ETA) on a terminal; in a log (CI, `dvc repro`) a line
+    at most once a minute (done/total, elapsed, ETA) between run_grid's first and last line."""
+    return progress(total=total, initial=cached, unit="cell", desc=desc, leave=False)

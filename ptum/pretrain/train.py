@@ -7,8 +7,8 @@ as one process does (each takes rows rank::N of it). With `deterministic` on, to
 deterministic kernels and a fixed thread count make two runs bit-identical (checkpoint bytes
 included): the checkpoint holds no timing, only what the inputs determine.
 
-Progress: tqdm bars (epochs, batches of the epoch, with ETA) on stderr when it is a terminal;
-one JSON summary line per epoch either way.
+Progress: tqdm bars (epochs, batches of the epoch, with ETA) on stderr when it is a terminal,
+else a line at most once a minute (`ptum.progress`); one JSON summary line per epoch either way.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from ptum.pretrain.data import make_batch, step_rng
 from ptum.pretrain.objective import autocast, evaluate, objective_module
 from ptum.pretrain.options import TrainOptions, check_negatives, deterministic_mode, pick_device
 from ptum.pretrain.resume import Position, load_position
+from ptum.progress import LogLines, progress
 
 
 class _StopFlag:
@@ -238,10 +239,20 @@ def _stop_signals() -> Iterator[_StopFlag]:
 @contextmanager
 def _progress_bars(
     epochs: int, initial: int, steps_per_epoch: int, disable: bool | None
-) -> Iterator[tuple[tqdm, tqdm]]:
-    """The (epochs, batches of the epoch) tqdm bars, closed after the block."""
-    epoch_bar = tqdm(total=epochs, initial=initial, unit="epoch", desc="pretrain", disable=disable)
-    batch_bar = tqdm(total=steps_per_epoch, unit="batch", leave=False, disable=disable)
+) -> Iterator[tuple[tqdm | LogLines, tqdm | LogLines]]:
+    """The (epochs, batches of the epoch) bars, closed after the block: tqdm on a terminal,
+    log lines at most once a minute otherwise (`ptum.progress`); `disable` True: none,
+    False: tqdm bars even off a terminal."""
+    epoch_bar: tqdm | LogLines
+    batch_bar: tqdm | LogLines
+    if disable is None:
+        epoch_bar = progress(total=epochs, initial=initial, unit="epoch", desc="pretrain")
+        batch_bar = progress(total=steps_per_epoch, unit="batch", desc="batches", leave=False)
+    else:
+        epoch_bar = tqdm(
+            total=epochs, initial=initial, unit="epoch", desc="pretrain", disable=disable
+        )
+        batch_bar = tqdm(total=steps_per_epoch, unit="batch", leave=False, disable=disable)
     try:
         yield epoch_bar, batch_bar
     finally:
@@ -275,7 +286,7 @@ def _train_loop(
     run: _Run,
     pos: Position,
     stop: _StopFlag,
-    bars: tuple[tqdm, tqdm],
+    bars: tuple[tqdm | LogLines, tqdm | LogLines],
     log: Callable[[str], None],
     on_epoch: Callable[[int, UserModel, dict], None] | None,
 ) -> dict[str, Any]:
@@ -327,7 +338,9 @@ def _log_line(values: dict[str, Any]) -> str:
     return json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in values.items()})
 
 
-def _train_epoch(run: _Run, pos: Position, stop: _StopFlag, batch_bar: tqdm) -> int | None:
+def _train_epoch(
+    run: _Run, pos: Position, stop: _StopFlag, batch_bar: tqdm | LogLines
+) -> int | None:
     """Run the steps of epoch pos.epoch from pos.step_in_epoch, keeping the running loss sums in
     pos.partial; returns how many steps ran, or None when opts.max_steps stopped the epoch.
 

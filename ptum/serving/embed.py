@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 import sentencepiece as spm
 
 from ptum.data.errors import DataError
+from ptum.progress import progress
 from ptum.serving.artifacts import ExportDir, open_export
 from ptum.serving.sequences import (
     UNKNOWN_ID,
@@ -207,12 +208,17 @@ def _run_users(
     """
     token_matrix, token_lengths = tokens
     shape = {"max_behaviors": served.static_l, "max_tokens": served.static_t}
-    for lo, hi in call_ranges(
-        seqs, token_lengths, batch_size=batch_size, max_token_slots=max_token_slots, **shape
-    ):
-        feed = batch_inputs(seqs, token_matrix, token_lengths, lo, hi, item_ids=ids, **shape)
-        vectors = served.session.run(["user"], feed)[0]  # (hi - lo, D)
-        out.append(_frame(seqs.user_ids[lo:hi], vectors, served))
+    ranges = list(
+        call_ranges(
+            seqs, token_lengths, batch_size=batch_size, max_token_slots=max_token_slots, **shape
+        )
+    )
+    with progress(total=len(seqs.user_ids), desc="embed", unit="user", leave=False) as bar:
+        for lo, hi in ranges:
+            feed = batch_inputs(seqs, token_matrix, token_lengths, lo, hi, item_ids=ids, **shape)
+            vectors = served.session.run(["user"], feed)[0]  # (hi - lo, D)
+            out.append(_frame(seqs.user_ids[lo:hi], vectors, served))
+            bar.update(hi - lo)
 
 
 def embed(

@@ -5,8 +5,8 @@ Each trial, once created, counts the trials ahead of it (finished ones, and runn
 ones with a smaller number); if the budget is already taken it ends as FAIL before any work
 (user attr `surplus`) and its worker stops. Trial numbers follow creation order, so no number of
 concurrent workers overshoots the budget; a run falls short only when a running trial fails,
-and the next run adds the missing ones. Progress: a tqdm bar over the study's finished trials
-(all workers'), on stderr only when it is a terminal.
+and the next run adds the missing ones. Progress: over the study's finished trials (all
+workers'), a tqdm bar on a terminal, a log line at most once a minute otherwise.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from typing import Any
 import optuna
 from optuna.exceptions import ExperimentalWarning
 from optuna.trial import FrozenTrial, TrialState
-from tqdm import tqdm
 
+from ptum.progress import progress
 from ptum.tune.storage import fail_silent_trials
 from ptum.tune.trial import log
 
@@ -68,18 +68,15 @@ def _places_ahead(study: optuna.Study, number: int) -> int:
 
 
 class Progress:
-    """tqdm bar of the study's finished trials, all workers' (an Optuna callback); disabled
-    when stderr is not a terminal, and then it never queries the storage."""
+    """Progress of the study's finished trials, all workers' (an Optuna callback): a tqdm bar
+    on a terminal, a log line at most once a minute otherwise (`ptum.progress`)."""
 
     def __init__(self, study: optuna.Study, total: int) -> None:
         self.study = study
-        # disable=None: tqdm turns itself off when its stream (stderr) is not a TTY.
-        self.bar = tqdm(total=total, unit="trial", desc="tune trials", disable=None)
+        self.bar = progress(total=total, unit="trial", desc="tune trials")
         self.refresh()
 
     def refresh(self) -> None:
-        if self.bar.disable:
-            return
         trials = self.study.get_trials(deepcopy=False, states=DONE)
         self.bar.n = len(trials)
         pruned = sum(t.state == TrialState.PRUNED for t in trials)
@@ -109,7 +106,7 @@ def run_trials(
     module docstring) — or this process has started `max_trials` (None = no limit).
 
     A trial whose place was taken by other workers ends FAIL (user attr `surplus`) before the
-    objective runs. With `progress`, a tqdm bar on stderr (when it is a terminal).
+    objective runs. With `progress`, the study's progress on stderr (`Progress`).
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)

@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -340,7 +341,13 @@ def test_progress_bars_on_a_terminal_and_one_line_per_epoch_otherwise(
     pretrain(**kw, opts=opts, out_dir=tmp_path / "a")  # stderr is not a terminal under pytest
     out, err = capsys.readouterr()
     lines = out.strip().splitlines()
-    assert err == "" and len(lines) == 2 and json.loads(lines[1])["epoch"] == 2
+    assert len(lines) == 2 and json.loads(lines[1])["epoch"] == 2
+    # Off a terminal: whole log lines (ptum.progress), the first and last of the epoch loop
+    # here (the rest come at most once a minute), no bar.
+    logged = err.splitlines()
+    assert logged[0] == "pretrain: 0/2 epochs (0%), elapsed 0:00", err
+    assert re.fullmatch(r"pretrain: 2/2 epochs \(100%\), elapsed \d+:\d\d", logged[-1]), err
+    assert "\r" not in err and "batch/s" not in err
     assert "users_per_s" in lines[0]
     term = _Terminal()
     monkeypatch.setattr(sys, "stderr", term)
