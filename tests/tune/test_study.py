@@ -295,7 +295,7 @@ class _Stream(io.StringIO):
 
 
 @pytest.mark.parametrize("tty", [True, False])
-def test_progress_bar_over_trials_only_on_a_terminal(tmp_path, monkeypatch, tty):
+def test_progress_bar_on_a_terminal_log_lines_otherwise(tmp_path, monkeypatch, tty):
     spec = _spec(tmp_path, n_trials=3, pruner="none")
     study = _open(spec)
     stream = _Stream(tty)
@@ -304,8 +304,11 @@ def test_progress_bar_over_trials_only_on_a_terminal(tmp_path, monkeypatch, tty)
     out = stream.getvalue()
     if tty:
         assert "tune trials:" in out and "3/3" in out and "best=" in out, out
-    else:
-        assert out == ""
+    else:  # whole lines (ptum.progress): the first and the last here, no bar
+        lines = out.splitlines()
+        assert lines[0] == "tune trials: 0/3 trials (0%), elapsed 0:00", out
+        assert lines[-1].startswith("tune trials: 3/3 trials (100%), elapsed 0:0"), out
+        assert "pruned=0" in lines[-1] and "best=" in lines[-1] and "\r" not in out
 
 
 # ---------------------------------------------------------------- killed before a heartbeat
