@@ -9,6 +9,10 @@ Demo (label of a user):
     majority   the training subset's most frequent class.
     tfidf_lr   TF-IDF over the bag of items of the user's behavior window (the same window the
                user models see), logistic regression; C and class weighting chosen on valid.
+    svd_lr     the classic unsupervised use of the unlabeled behaviors: the user's latent
+               factors (truncated SVD of the TF-IDF user x item matrix of the pre-training
+               corpus, no labels: `ptum.finetune.factors`), then the same logistic regression;
+               rank, C and class weighting chosen on valid.
 
 CTR (click on an impression). Every feature of an impression is computed from data strictly
 before its window: the history sequences end where the window starts, popularity counts the
@@ -22,6 +26,9 @@ a *training* impression are computed out-of-fold (5 folds), so a row never sees 
                  share of the candidate's tokens found in the user's history titles.
     id_lr        logistic regression on one-hot user id + item id (a factorization-free
                  "who clicks what" model).
+    svd_feature_lr  feature_lr's features plus the user . item score of the unlabeled latent
+                 factors (the user's history projected, the candidate's item factors); rank,
+                 smoothing and C chosen on valid.
 """
 
 from __future__ import annotations
@@ -37,15 +44,15 @@ from sklearn.feature_extraction.text import TfidfTransformer
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from ptum.data.corpus import Corpus
+from ptum.finetune.ctr_features import OOF_FOLDS, _rate, ctr_features, factor_score
 from ptum.finetune.data import CtrTask, DemoTask
+from ptum.finetune.factors import Factors, bag_of_items
 from ptum.finetune.metrics import accuracy, average_precision, macro_f1, roc_auc
 
-DEMO_BASELINES = ("majority", "tfidf_lr")
-CTR_BASELINES = ("popularity", "item_ctr", "user_ctr", "feature_lr", "id_lr")
+DEMO_BASELINES = ("majority", "tfidf_lr", "svd_lr")
+CTR_BASELINES = ("popularity", "item_ctr", "user_ctr", "feature_lr", "id_lr", "svd_feature_lr")
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 SMOOTHING_GRID = (1.0, 10.0, 100.0)
-_OOF_FOLDS = 5
 
 
 def _logreg(c: float, class_weight: str | None, seed: int) -> LogisticRegression:
@@ -59,15 +66,6 @@ def _fit(model: LogisticRegression, x, y: np.ndarray) -> LogisticRegression:
 
 
 # ---------------------------------------------------------------- demographic
-
-
-def bag_of_items(corpus: Corpus) -> sparse.csr_matrix:
-    """(U, N + 1) counts of each item in each user's (truncated, padded) sequence."""
-    u, pos = np.nonzero(corpus.items > 0)
-    return sparse.csr_matrix(
-        (np.ones(len(u)), (u, corpus.items[u, pos])),
-        shape=(corpus.items.shape[0], corpus.tokens.shape[0]),
-    )
 
 
 def _demo_scores(y: np.ndarray, pred: np.ndarray, n_classes: int) -> dict[str, float]:
@@ -98,6 +96,33 @@ def _tfidf_lr(
     return x, model, chosen
 
 
+def _svd_lr(
+    task: DemoTask,
+    factors: Factors,
+    y: np.ndarray,
+    rows: tuple[np.ndarray, np.ndarray],
+    k: int,
+    select: str,
+    seed: int,
+) -> tuple[np.ndarray, LogisticRegression, dict]:
+    """Standardized latent factors of every row and the logistic regression whose rank, C and
+    class weighting score best on the validation rows by `select` (rows: train, valid)."""
+    train, valid = rows
+    bags = bag_of_items(task.corpus)
+    best: tuple[float, np.ndarray, LogisticRegression, dict] | None = None
+    for rank in factors.ranks:
+        u = factors.users(bags, rank)
+        x = StandardScaler().fit(u[train]).transform(u)
+        for c in C_GRID:
+            for weight in (None, "balanced"):
+                model = _fit(_logreg(c, weight, seed), x[train], y[train])
+                s = _demo_scores(y[valid], model.predict(x[valid]), k)[select]
+                if best is None or s > best[0]:
+                    best = (s, x, model, {"rank": rank, "C": c, "class_weight": weight or "none"})
+    _, x, model, chosen = cast(tuple[float, np.ndarray, LogisticRegression, dict], best)
+    return x, model, chosen
+
+
 def _log_proba(model: LogisticRegression, x, k: int) -> np.ndarray:
     """(rows, k) log-probabilities; a class the model never saw gets log(1e-6)."""
     out = np.full((x.shape[0], k), np.log(1e-6))
@@ -120,8 +145,8 @@ def tfidf_lr_logits(
     x, model, chosen = _tfidf_lr(task, y, train, valid, k, select, seed)
     out = _log_proba(model, x, k)
     weight = None if chosen["class_weight"] == "none" else chosen["class_weight"]
-    folds = np.random.default_rng(seed).permutation(len(train)) % _OOF_FOLDS
-    for f in range(_OOF_FOLDS):
+    folds = np.random.default_rng(seed).permutation(len(train)) % OOF_FOLDS
+    for f in range(OOF_FOLDS):
         fit, held = train[folds != f], train[folds == f]
         if len(held) == 0 or len(np.unique(y[fit])) < 2:
             continue  # too few labels for a fold model: keep the full-fit value
@@ -131,29 +156,23 @@ def tfidf_lr_logits(
 
 
 def run_demo_baseline(
-    name: str, task: DemoTask, label: str, ratio: float, *, select: str, seed: int
+    name: str,
+    task: DemoTask,
+    label: str,
+    ratio: float,
+    *,
+    select: str,
+    seed: int,
+    factors: Factors | None = None,
 ) -> dict:
-    """One Demo baseline cell on `task`'s current split (see DemoTask.resplit)."""
+    """One Demo baseline cell on `task`'s current split (see DemoTask.resplit); `factors`:
+    the unlabeled corpus's latent factors (svd_lr)."""
     y, classes = task.labels[label]
     k = len(classes)
     train = np.flatnonzero(task.subsets[ratio] & (y >= 0))
     valid = np.flatnonzero((task.split == "valid") & (y >= 0))
     test = np.flatnonzero((task.split == "test") & (y >= 0))
-    if name == "majority":
-        majority = int(np.bincount(y[train], minlength=k).argmax())
-
-        def predict(rows: np.ndarray) -> np.ndarray:
-            return np.full(len(rows), majority)
-
-        chosen: dict = {"class": classes[majority]}
-    elif name == "tfidf_lr":
-        x, model, chosen = _tfidf_lr(task, y, train, valid, k, select, seed)
-
-        def predict(rows: np.ndarray) -> np.ndarray:
-            return model.predict(x[rows]) if len(rows) else np.zeros(0, dtype=np.int64)
-
-    else:
-        raise ValueError(f"unknown Demo baseline {name!r}; choose from {list(DEMO_BASELINES)}")
+    chosen, predict = _demo_predictor(name, task, label, (train, valid), select, seed, factors)
     pred = predict(test)
     return {
         "valid": _demo_scores(y[valid], predict(valid), k),
@@ -166,84 +185,35 @@ def run_demo_baseline(
     }
 
 
+def _demo_predictor(
+    name: str,
+    task: DemoTask,
+    label: str,
+    rows: tuple[np.ndarray, np.ndarray],
+    select: str,
+    seed: int,
+    factors: Factors | None,
+) -> tuple[dict, Callable[[np.ndarray], np.ndarray]]:
+    """(chosen hyper-parameters, rows -> predicted class) of Demo baseline `name`, fitted on
+    the training rows and chosen on the validation rows (rows: train, valid)."""
+    y, classes = task.labels[label]
+    k = len(classes)
+    train, valid = rows
+    if name == "majority":
+        majority = int(np.bincount(y[train], minlength=k).argmax())
+        return {"class": classes[majority]}, lambda r: np.full(len(r), majority)
+    if name == "tfidf_lr":
+        x, model, chosen = _tfidf_lr(task, y, train, valid, k, select, seed)
+    elif name == "svd_lr":
+        if factors is None:
+            raise ValueError("svd_lr needs the unlabeled corpus's factors (fit_factors)")
+        x, model, chosen = _svd_lr(task, factors, y, rows, k, select, seed)
+    else:
+        raise ValueError(f"unknown Demo baseline {name!r}; choose from {list(DEMO_BASELINES)}")
+    return chosen, lambda r: model.predict(x[r]) if len(r) else np.zeros(0, dtype=np.int64)
+
+
 # ---------------------------------------------------------------- CTR
-
-
-def token_overlap(task: CtrTask) -> np.ndarray:
-    """Share of the candidate's tokens that occur in the user's history titles, per impression
-    (label-free; the history ends where the impression's window starts)."""
-    d = task.data
-    tokens = d.hist_train.tokens.numpy()
-    out = np.zeros(len(d.item))
-    for hist, is_test in ((d.hist_train, False), (d.hist_test, True)):
-        idx = np.flatnonzero((d.window == "test") == is_test)
-        seen = [
-            np.unique(tokens[hist.items[u, : hist.lengths[u]]]) for u in range(len(hist.user_ids))
-        ]
-        for i in idx:
-            cand = tokens[d.item[i]]
-            cand = cand[cand != 0]
-            out[i] = np.isin(cand, seen[d.row[i]]).mean() if len(cand) else 0.0
-    return out
-
-
-def _rate(keys: np.ndarray, clicked: np.ndarray, fit: np.ndarray, at: np.ndarray, a: float):
-    """Smoothed click rate of keys[at] from the impressions `fit` (prior = their mean)."""
-    n = int(keys.max()) + 1
-    clicks = np.bincount(keys[fit], weights=clicked[fit], minlength=n)
-    shown = np.bincount(keys[fit], minlength=n)
-    prior = clicked[fit].mean() if len(fit) else 0.0
-    return (clicks[keys[at]] + a * prior) / (shown[keys[at]] + a)
-
-
-def _rate_feature(
-    keys: np.ndarray, clicked: np.ndarray, train: np.ndarray, a: float, seed: int
-) -> np.ndarray:
-    """Click-rate feature of every impression: out-of-fold for the training rows, from all
-    training rows for every other row (valid, test)."""
-    out = _rate(keys, clicked, train, np.arange(len(keys)), a)
-    fold = np.random.default_rng(seed).integers(0, _OOF_FOLDS, len(train))
-    for f in range(_OOF_FOLDS):
-        out[train[fold == f]] = _rate(keys, clicked, train[fold != f], train[fold == f], a)
-    return out
-
-
-def ctr_features(task: CtrTask, train: np.ndarray, a: float, seed: int) -> np.ndarray:
-    """(n_impressions, 4) features of feature_lr: log popularity share, item click rate, user
-    click rate, token overlap."""
-    d = task.data
-    is_test = d.window == "test"
-    # A CTR task always has popularity (load_ctr builds it): the casts only inform the type checker.
-    pop = np.where(
-        is_test,
-        cast(np.ndarray, d.popularity_test)[d.item],
-        cast(np.ndarray, d.popularity_train)[d.item],
-    )
-    total = np.where(
-        is_test,
-        cast(np.ndarray, d.popularity_test).sum(),
-        cast(np.ndarray, d.popularity_train).sum(),
-    )
-    _, user_keys = np.unique(task.users, return_inverse=True)
-    return np.column_stack(
-        [
-            np.log((pop + 1.0) / (total + len(cast(np.ndarray, d.popularity_test)))),
-            _rate_feature(d.item, d.clicked, train, a, seed),
-            _rate_feature(user_keys, d.clicked, train, a, seed),
-            task_overlap(task),
-        ]
-    )
-
-
-_OVERLAP: dict[int, np.ndarray] = {}
-
-
-def task_overlap(task: CtrTask) -> np.ndarray:
-    """token_overlap, computed once per loaded task (it does not depend on the split)."""
-    key = id(task.data.item)
-    if key not in _OVERLAP:
-        _OVERLAP[key] = token_overlap(task)
-    return _OVERLAP[key]
 
 
 def _ctr_scores(y: np.ndarray, s: np.ndarray) -> dict[str, float]:
@@ -254,15 +224,18 @@ def _ctr_scores(y: np.ndarray, s: np.ndarray) -> dict[str, float]:
 _Candidate = tuple[dict, Callable[..., np.ndarray]]
 
 
-def run_ctr_baseline(name: str, task: CtrTask, ratio: float, *, seed: int) -> dict:
+def run_ctr_baseline(
+    name: str, task: CtrTask, ratio: float, *, seed: int, factors: Factors | None = None
+) -> dict:
     """One CTR baseline cell on `task`'s current split (see CtrTask.resplit): the candidate
-    setting with the best validation AUC scores the test split."""
+    setting with the best validation AUC scores the test split; `factors`: the unlabeled
+    corpus's latent factors (svd_feature_lr)."""
     d = task.data
     y = d.clicked
     train = np.flatnonzero(task.subsets[ratio])
     valid = np.flatnonzero(d.window == "valid")
     test = np.flatnonzero(d.window == "test")
-    candidates = _ctr_candidates(name, task, train, seed)
+    candidates = _ctr_candidates(name, task, train, seed, factors)
     chosen, score = max(candidates, key=lambda cand: roc_auc(y[valid], cand[1](valid)))
     s = np.round(np.asarray(score(test), dtype=np.float64), 6)  # as saved, so recomputable
     return {
@@ -276,7 +249,9 @@ def run_ctr_baseline(name: str, task: CtrTask, ratio: float, *, seed: int) -> di
     }
 
 
-def _ctr_candidates(name: str, task: CtrTask, train: np.ndarray, seed: int) -> list[_Candidate]:
+def _ctr_candidates(
+    name: str, task: CtrTask, train: np.ndarray, seed: int, factors: Factors | None
+) -> list[_Candidate]:
     """Every setting of baseline `name` fitted on the `train` impressions (the lambdas bind
     their parameters as defaults)."""
     d, y = task.data, task.data.clicked
@@ -294,19 +269,43 @@ def _ctr_candidates(name: str, task: CtrTask, train: np.ndarray, seed: int) -> l
             ({"a": a}, lambda rows, a=a: _rate(keys, y, train, rows, a)) for a in SMOOTHING_GRID
         ]
     if name == "feature_lr":
-        candidates: list[_Candidate] = []
-        for a in SMOOTHING_GRID:
-            x = ctr_features(task, train, a, seed)
-            xs = StandardScaler().fit(x[train]).transform(x)
-            for c in C_GRID:
-                model = _fit(_logreg(c, None, seed), xs[train], y[train])
-                candidates.append(
-                    ({"a": a, "C": c}, lambda rows, m=model, xs=xs: m.decision_function(xs[rows]))
-                )
-        return candidates
+        return _feature_lr_candidates(task, train, seed, {})
+    if name == "svd_feature_lr":
+        if factors is None:
+            raise ValueError("svd_feature_lr needs the unlabeled corpus's factors (fit_factors)")
+        return [
+            cand
+            for rank in factors.ranks
+            for cand in _feature_lr_candidates(
+                task, train, seed, {"rank": rank}, factor_score(task, factors, rank)
+            )
+        ]
     if name == "id_lr":
         return _id_lr_candidates(d.item, user_keys, y, train, seed)
     raise ValueError(f"unknown CTR baseline {name!r}; choose from {list(CTR_BASELINES)}")
+
+
+def _feature_lr_candidates(
+    task: CtrTask, train: np.ndarray, seed: int, fixed: dict, extra: np.ndarray | None = None
+) -> list[_Candidate]:
+    """feature_lr (plus the `extra` feature column, chosen as `fixed` says): one candidate per
+    smoothing a and C."""
+    y = task.data.clicked
+    candidates: list[_Candidate] = []
+    for a in SMOOTHING_GRID:
+        x = ctr_features(task, train, a, seed)
+        if extra is not None:
+            x = np.column_stack([x, extra])
+        xs = StandardScaler().fit(x[train]).transform(x)
+        for c in C_GRID:
+            model = _fit(_logreg(c, None, seed), xs[train], y[train])
+            candidates.append(
+                (
+                    {**fixed, "a": a, "C": c},
+                    lambda rows, m=model, xs=xs: m.decision_function(xs[rows]),
+                )
+            )
+    return candidates
 
 
 def _id_lr_candidates(

@@ -1,7 +1,8 @@
 """One cell of the grid, run: its repeat's split, then the baseline or neural method it names.
 
 A process that runs cells holds a `Worker` (loaded once by `ptum.finetune.grid`): the task's
-data and every pre-trained model, plus the splits of the repeats it has seen. `run_cell` takes
+data, every pre-trained model and the latent factors of the unlabeled corpus, plus the splits
+of the repeats it has seen. `run_cell` takes
 that worker, the cell and the grid's shared options. This module's import closure is the code
 part of a cell's cache key (`grid._code_digest`).
 """
@@ -14,6 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from ptum.finetune.baselines import run_ctr_baseline, run_demo_baseline, tfidf_lr_logits
 from ptum.finetune.cells import Cell, GridOptions, SplitSpec
 from ptum.finetune.data import CtrTask, DemoTask
+from ptum.finetune.factors import Factors
 from ptum.finetune.options import CellOptions
 from ptum.finetune.train import run_ctr, run_demo
 from ptum.models.user_model import UserModel
@@ -21,10 +23,12 @@ from ptum.models.user_model import UserModel
 
 @dataclass
 class Worker:
-    """A cell process's state: the task's data, the pre-trained models, the repeats' splits."""
+    """A cell process's state: the task's data, the pre-trained models, the factors of the
+    unlabeled corpus, the repeats' splits."""
 
     task: DemoTask | CtrTask
     models: dict[str, UserModel]
+    factors: Factors | None  # the unlabeled corpus's latent factors (the svd_* baselines)
     splits: dict[int, DemoTask | CtrTask] = field(default_factory=dict)
 
     def split(self, seed: int, spec: SplitSpec) -> DemoTask | CtrTask:
@@ -43,7 +47,7 @@ def run_cell(worker: Worker, cell: Cell, grid: GridOptions) -> dict:
     t0 = time.perf_counter()
     task = worker.split(cell.seed, grid.split)
     if cell.mode == "baseline":
-        res = _baseline(cell, task, grid.demo_select)
+        res = _baseline(cell, task, grid.demo_select, worker.factors)
     elif isinstance(task, DemoTask):
         res = _neural_demo(cell, task, worker.models[cell.model], grid)
     else:
@@ -51,12 +55,20 @@ def run_cell(worker: Worker, cell: Cell, grid: GridOptions) -> dict:
     return {**asdict(cell), **res, "seconds": round(time.perf_counter() - t0, 2)}
 
 
-def _baseline(cell: Cell, task: DemoTask | CtrTask, demo_select: str) -> dict:
+def _baseline(
+    cell: Cell, task: DemoTask | CtrTask, demo_select: str, factors: Factors | None
+) -> dict:
     if isinstance(task, DemoTask):
         return run_demo_baseline(
-            cell.model, task, cell.label, cell.ratio, select=demo_select, seed=cell.seed
+            cell.model,
+            task,
+            cell.label,
+            cell.ratio,
+            select=demo_select,
+            seed=cell.seed,
+            factors=factors,
         )
-    return run_ctr_baseline(cell.model, task, cell.ratio, seed=cell.seed)
+    return run_ctr_baseline(cell.model, task, cell.ratio, seed=cell.seed, factors=factors)
 
 
 def _neural_demo(cell: Cell, task: DemoTask, model: UserModel, grid: GridOptions) -> dict:

@@ -28,13 +28,14 @@ from tqdm import tqdm
 
 from ptum import checkpoint
 from ptum.codedeps import module_closure, source_digest
-from ptum.data.corpus import file_digest, read_tokens, tokenizer_digest
+from ptum.data.corpus import file_digest, load_corpus, read_tokens, tokenizer_digest
 from ptum.data.prepare.tasks import available_tasks
 from ptum.finetune.baselines import CTR_BASELINES, DEMO_BASELINES
 from ptum.finetune.cache import CellKeys, from_cache, write_entry
 from ptum.finetune.cell import Worker, run_cell
 from ptum.finetune.cells import Cell, GridAxes, GridOptions
 from ptum.finetune.data import load_ctr, load_demo
+from ptum.finetune.factors import fit_factors
 from ptum.models.id_vocab import item_table_digest
 from ptum.progress import LogLines, progress
 
@@ -155,10 +156,12 @@ class WorkerSpec:
     ratios: tuple[float, ...]
     ckpt_dirs: dict[str, Path]  # architecture -> checkpoint directory
     threads: int  # torch threads of the process
+    factors: bool  # fit the unlabeled corpus's factors (the grid runs the svd_* baselines)
 
 
 def load_worker(spec: WorkerSpec) -> Worker:
-    """Read the task's data and the checkpoints; sets this process's torch threads."""
+    """Read the task's data and the checkpoints, fit the unlabeled corpus's factors when the
+    grid has baselines; sets this process's torch threads."""
     torch.set_num_threads(spec.threads)
     loader = load_demo if spec.task == "demo" else load_ctr
     task = loader(spec.prepared, spec.tokenized, spec.max_behaviors, list(spec.ratios))
@@ -167,7 +170,13 @@ def load_worker(spec: WorkerSpec) -> Worker:
     models = {
         m: checkpoint.load(d, item_table_sha256=items).model for m, d in spec.ckpt_dirs.items()
     }
-    return Worker(task, models)
+    # The unlabeled users are pre-training's: the train split of the pre-training corpus.
+    unlabeled = (
+        load_corpus(spec.prepared, spec.tokenized, "train", spec.max_behaviors)
+        if spec.factors
+        else None
+    )
+    return Worker(task, models, fit_factors(unlabeled) if unlabeled is not None else None)
 
 
 def _worker_spec(axes: GridAxes, options: GridOptions) -> WorkerSpec:
@@ -181,6 +190,7 @@ def _worker_spec(axes: GridAxes, options: GridOptions) -> WorkerSpec:
         ratios=tuple(axes.ratios),
         ckpt_dirs={m: options.ckpt_root / m for m in axes.models},
         threads=1 if options.workers > 1 else (os.cpu_count() or 1),
+        factors=axes.baselines,
     )
 
 

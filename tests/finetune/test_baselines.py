@@ -7,6 +7,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from ptum.data.corpus import load_corpus
 from ptum.data.prepare import split_labels
 from ptum.finetune.baselines import (
     CTR_BASELINES,
@@ -17,6 +18,7 @@ from ptum.finetune.baselines import (
     tfidf_lr_logits,
 )
 from ptum.finetune.data import load_ctr, load_demo
+from ptum.finetune.factors import fit_factors
 
 RATIOS = [0.2, 0.5, 1.0]
 
@@ -29,6 +31,13 @@ def demo(tiny_pipeline):
 @pytest.fixture(scope="module")
 def ctr(tiny_pipeline):
     return load_ctr(tiny_pipeline / "prepared", tiny_pipeline / "tokenized", 20, RATIOS)
+
+
+@pytest.fixture(scope="module")
+def factors(tiny_pipeline):
+    """The unlabeled corpus's factors, as a grid worker fits them (pre-training's users)."""
+    unlabeled = load_corpus(tiny_pipeline / "prepared", tiny_pipeline / "tokenized", "train", 20)
+    return fit_factors(unlabeled)
 
 
 def test_demo_resplit_is_prepares_split_with_the_repeat_seed(demo):
@@ -81,10 +90,10 @@ def test_training_rows_never_see_their_own_label(ctr):
 
 
 @pytest.mark.parametrize("name", CTR_BASELINES)
-def test_ctr_baseline_scores_ignore_test_labels(ctr, name):
+def test_ctr_baseline_scores_ignore_test_labels(ctr, factors, name):
     task = ctr.resplit(100, 0.1)
-    a = run_ctr_baseline(name, task, 0.5, seed=100)
-    b = run_ctr_baseline(name, _flip_test_labels(task), 0.5, seed=100)
+    a = run_ctr_baseline(name, task, 0.5, seed=100, factors=factors)
+    b = run_ctr_baseline(name, _flip_test_labels(task), 0.5, seed=100, factors=factors)
     assert a["pred"]["score"] == b["pred"]["score"]
     assert a["chosen"] == b["chosen"]
     assert a["test"]["auc"] == pytest.approx(1 - b["test"]["auc"])
@@ -102,13 +111,13 @@ def test_popularity_counts_only_behaviors_before_the_window(tiny_pipeline, ctr):
 
 
 @pytest.mark.parametrize("name", DEMO_BASELINES)
-def test_demo_baselines_choose_on_validation_only(demo, name):
+def test_demo_baselines_choose_on_validation_only(demo, factors, name):
     task = demo.resplit(100, (0.8, 0.1, 0.1))
     y, classes = task.labels["gender"]
     y2 = np.where(task.split == "test", (y + 1) % len(classes), y)
     other = replace(task, labels={**task.labels, "gender": (y2, classes)})
-    a = run_demo_baseline(name, task, "gender", 1.0, select="macro_f1", seed=0)
-    b = run_demo_baseline(name, other, "gender", 1.0, select="macro_f1", seed=0)
+    a = run_demo_baseline(name, task, "gender", 1.0, select="macro_f1", seed=0, factors=factors)
+    b = run_demo_baseline(name, other, "gender", 1.0, select="macro_f1", seed=0, factors=factors)
     assert a["chosen"] == b["chosen"] and a["pred"]["pred"] == b["pred"]["pred"]
     assert a["pred"]["y"] != b["pred"]["y"]
 
@@ -137,3 +146,34 @@ def test_wide_logits_never_use_test_labels_or_a_training_rows_own_label(demo):
     b = tfidf_lr_logits(one, "gender", 1.0, select="macro_f1", seed=0)
     assert np.array_equal(a[i], b[i])
     assert not np.array_equal(a, b)  # the other rows' models did see the flipped label
+
+
+def test_the_svd_baselines_choose_a_rank_on_validation_and_need_the_factors(demo, ctr, factors):
+    task = demo.resplit(100, (0.8, 0.1, 0.1))
+    res = run_demo_baseline("svd_lr", task, "gender", 1.0, select="acc", seed=0, factors=factors)
+    assert res["chosen"]["rank"] in factors.ranks and set(res["chosen"]) == {
+        "rank",
+        "C",
+        "class_weight",
+    }
+    # The chosen rank is the one with the best validation score (each rank on its own).
+    per_rank = {
+        r: run_demo_baseline(
+            "svd_lr",
+            task,
+            "gender",
+            1.0,
+            select="acc",
+            seed=0,
+            factors=replace(factors, ranks=(r,)),
+        )["valid"]["acc"]
+        for r in factors.ranks
+    }
+    assert res["valid"]["acc"] == max(per_rank.values())
+    assert per_rank[res["chosen"]["rank"]] == max(per_rank.values())
+    out = run_ctr_baseline("svd_feature_lr", ctr.resplit(100, 0.1), 0.5, seed=1, factors=factors)
+    assert out["chosen"]["rank"] in factors.ranks and {"a", "C"} <= set(out["chosen"])
+    with pytest.raises(ValueError, match="needs the unlabeled corpus's factors"):
+        run_demo_baseline("svd_lr", task, "gender", 1.0, select="acc", seed=0)
+    with pytest.raises(ValueError, match="needs the unlabeled corpus's factors"):
+        run_ctr_baseline("svd_feature_lr", ctr.resplit(100, 0.1), 0.5, seed=1)
