@@ -140,24 +140,14 @@ def build(args: dict):
 
 
 def prepare_movielens(src: Path, dest: Path, params: Params) -> None:
+    """ingest (MovieLens from `src`), then the prepare and tokenize stages as the pipeline runs
+    them (their params sections), into `dest`."""
     from ptum.data.ingest import ingest
-    from ptum.data.prepare import prepare
-    from ptum.stages.prepare import prepare_options
-    from ptum.tokenize import tokenize
+    from ptum.stages import prepare, tokenize
 
-    t = params.tokenize
     ingest(source="movielens", path=str(src), out_dir=dest / "raw")
-    prepare(dest / "raw", dest / "prepared", prepare_options(params.prepare))
-    tokenize(
-        dest / "prepared" / "items.parquet",
-        dest / "tokenized",
-        vocab_size=t.vocab_size,
-        model_type=t.model_type,
-        byte_fallback=t.byte_fallback,
-        max_tokens=t.max_tokens,
-        character_coverage=t.character_coverage,
-        seed=t.seed,
-    )
+    prepare.run(params, raw=dest / "raw", out=dest / "prepared")
+    tokenize.run(params, prepared=dest / "prepared", out=dest / "tokenized")
 
 
 def run_child(args: dict) -> dict:
