@@ -33,6 +33,7 @@ from tests.faults.harness import (
     ptum,
     rerun,
 )
+from tests.test_locks import gone_within
 
 pytestmark = [
     pytest.mark.slow,
@@ -40,24 +41,6 @@ pytestmark = [
 ]
 
 LOCK = CKPT.parent / f".{CKPT.name}.lock"  # models/pretrain/.hsa.lock
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie, dead but not yet reaped, does not)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] not in "ZX"
-
-
-def gone_within(pid: int, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while alive(pid):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def wait_for(path: Path, seconds: float = 120) -> None:
