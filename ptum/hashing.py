@@ -58,9 +58,14 @@ def verify_file(path: Path, expected: str, recorded_in: Path | str, rerun: str) 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: missing; re-run {rerun}")
-    got = sha256_file(path)
+    check_digest(path, sha256_file(path), expected, recorded_in, f"re-run {rerun}")
+
+
+def check_digest(path: Path, got: str, expected: str, recorded_in: Path | str, fix: str) -> None:
+    """Raise HashMismatch, one line naming `path`, `recorded_in` and `fix`, unless `got` (the
+    SHA-256 of `path`) is `expected`."""
     if got != expected:
         raise HashMismatch(
             f"{path}: SHA-256 {got[:12]}... differs from {expected[:12]}... recorded in "
-            f"{recorded_in} (modified or corrupt); re-run {rerun}"
+            f"{recorded_in} (modified or corrupt); {fix}"
         )

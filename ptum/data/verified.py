@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ptum.hashing import HashMismatch, sha256_file_cached, sha256_files
+from ptum.hashing import check_digest, sha256_file_cached, sha256_files
 
 MANIFEST = "manifest.json"  # in each output directory (ptum.paths names the pipeline's)
 
@@ -88,12 +88,7 @@ def verify(path: Path, stage: str) -> Path:
     expected = files.get(path.name)
     if expected is None:
         raise DamagedInput(f"{path}: not written by `ptum {stage}` (not in {where}); {fix(stage)}")
-    got = sha256_file_cached(path)
-    if got != expected:
-        raise HashMismatch(
-            f"{path}: SHA-256 {got[:12]}... differs from {expected[:12]}... recorded in {where} "
-            f"(modified or corrupt); {fix(stage)}"
-        )
+    check_digest(path, sha256_file_cached(path), expected, where, fix(stage))
     return path
 
 

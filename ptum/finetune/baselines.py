@@ -269,31 +269,27 @@ def _ctr_candidates(
             ({"a": a}, lambda rows, a=a: _rate(keys, y, train, rows, a)) for a in SMOOTHING_GRID
         ]
     if name == "feature_lr":
-        return _feature_lr_candidates(task, train, seed, {})
+        return _feature_lr_candidates(task, train, seed, [({}, None)])
     if name == "svd_feature_lr":
         if factors is None:
             raise ValueError("svd_feature_lr needs the unlabeled corpus's factors (fit_factors)")
-        return [
-            cand
-            for rank in factors.ranks
-            for cand in _feature_lr_candidates(
-                task, train, seed, {"rank": rank}, factor_score(task, factors, rank)
-            )
-        ]
+        extras = [({"rank": r}, factor_score(task, factors, r)) for r in factors.ranks]
+        return _feature_lr_candidates(task, train, seed, extras)
     if name == "id_lr":
         return _id_lr_candidates(d.item, user_keys, y, train, seed)
     raise ValueError(f"unknown CTR baseline {name!r}; choose from {list(CTR_BASELINES)}")
 
 
 def _feature_lr_candidates(
-    task: CtrTask, train: np.ndarray, seed: int, fixed: dict, extra: np.ndarray | None = None
+    task: CtrTask, train: np.ndarray, seed: int, extras: list[tuple[dict, np.ndarray | None]]
 ) -> list[_Candidate]:
-    """feature_lr (plus the `extra` feature column, chosen as `fixed` says): one candidate per
-    smoothing a and C."""
+    """feature_lr, plus each extra feature column (none: None) chosen as its dict says: one
+    candidate per extra, smoothing a and C. The features of each a are computed once."""
     y = task.data.clicked
+    features = {a: ctr_features(task, train, a, seed) for a in SMOOTHING_GRID}
     candidates: list[_Candidate] = []
-    for a in SMOOTHING_GRID:
-        x = ctr_features(task, train, a, seed)
+    for (fixed, extra), a in ((e, a) for e in extras for a in SMOOTHING_GRID):
+        x = features[a]
         if extra is not None:
             x = np.column_stack([x, extra])
         xs = StandardScaler().fit(x[train]).transform(x)
