@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # Stages run `ptum ...` (dvc.yaml cmd lines): the venv's bin must be on PATH without activating it.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: paper run test test-fast lint format bench clean quick movielens synthetic-default prefect-server prefect-serve prefect-run prefect-deploy optuna-dashboard bench-serve
+.PHONY: paper run test test-fast lint format bench clean quick movielens synthetic-default regime prefect-server prefect-serve prefect-run prefect-deploy optuna-dashboard bench-serve
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -54,6 +54,11 @@ paper: synthetic-default
 synthetic-default: $(STAMP)
 	cd experiments/synthetic-default && $(CURDIR)/$(BIN)/dvc repro
 
+# The paper's regime: pre-training pools of 1x, 5x, 25x the labeled users of a 56,000-user
+# synthetic set (data stages + the regime stage only; docs/results.md gives its run time).
+regime: $(STAMP)
+	cd experiments/synthetic-regime && $(CURDIR)/$(BIN)/dvc repro
+
 # Prefect: a local server bound to 127.0.0.1 (state under .prefect/), the deployment ptum/full
 # served by a long-running process, and a run of it (an isolated DVC experiment: params.yaml
 # untouched). Use three terminals, in this order.
@@ -69,8 +74,10 @@ prefect-deploy: $(STAMP)
 	$(PREFECT_ENV) $(BIN)/python -m flows.deploy --pool $(or $(POOL),ptum)
 
 # Optuna's dashboard on the tuning study, local only: http://127.0.0.1:8080/dashboard
+# STORAGE: another study URL, e.g. postgresql+psycopg2://ptum@db-host/optuna (docs/tuning.md).
+STORAGE ?= sqlite:///data/tune/optuna.db
 optuna-dashboard: $(STAMP)
-	$(BIN)/optuna-dashboard sqlite:///data/tune/optuna.db --host 127.0.0.1 --port 8080
+	$(BIN)/optuna-dashboard $(STORAGE) --host 127.0.0.1 --port 8080
 
 bench-serve: $(STAMP)
 	$(BIN)/python benchmarks/serve.py

@@ -94,6 +94,12 @@ def _sensitivity(p: Params, args: argparse.Namespace) -> dict:
     return sensitivity.run(p)
 
 
+def _regime(p: Params, args: argparse.Namespace) -> dict:
+    from ptum.stages import regime
+
+    return regime.run(p)
+
+
 def _tune(p: Params, args: argparse.Namespace) -> dict:
     from ptum.stages import tune
 
@@ -130,6 +136,10 @@ STAGES = {
     "pretrain": (_pretrain, "pre-train one user model with MBP + NBP (models/pretrain/ARCH)"),
     "finetune": (_finetune, "fine-tuning grid of one task: demo or ctr (reports/finetune)"),
     "sensitivity": (_sensitivity, "ablation and λ/K sweeps (reports/sensitivity.json, figures)"),
+    "regime": (
+        _regime,
+        "pre-training pools of growing size around the labeled set (reports/regime.md)",
+    ),
     "tune": (_tune, "Optuna search over K, λ, P and lr (data/tune/optuna.db, reports/tune)"),
     "export": (_export, "export a pre-trained model and serving heads to ONNX (models/onnx/ARCH)"),
     "embed": (
@@ -214,6 +224,7 @@ def outputs(p: Params, args: argparse.Namespace) -> list[Path]:
         "pretrain": paths.pretrain_model(arch),  # its reports go with it
         "finetune": paths.finetune_result(task),
         "sensitivity": paths.SENSITIVITY_MODELS,
+        "regime": paths.REGIME_MODELS,
         "tune": paths.TUNE_REPORTS,  # the study's storage takes several workers itself
         "export": paths.onnx_model(arch),
         "embed": paths.embeddings(arch),

@@ -111,6 +111,18 @@ def sensitivity_plot(task: str, group: str) -> Path:
     return PLOTS / f"{task}_{group}.json"
 
 
+# --- stage regime -----------------------------------------------------------------------------
+REGIME_MODELS = Path("models/regime")  # models/regime/poolM/ARCH
+REGIME_CACHE = FINETUNE_CACHE / "regime"
+# What the stage writes under REPORTS (reports/figures and reports/plots are sensitivity's):
+REGIME_JSON = REPORTS / "regime.json"
+REGIME_MD = REPORTS / "regime.md"
+REGIME_REPORTS = REPORTS / "regime"
+REGIME_PRETRAIN_REPORTS = REGIME_REPORTS / "pretrain"  # poolM/ARCH: each pre-training's
+REGIME_FIGURES = REGIME_REPORTS / "figures"  # TASK.png
+REGIME_PLOT = REGIME_REPORTS / "plot.json"  # the DVC plot
+
+
 # --- stage tune -------------------------------------------------------------------------------
 TUNE_DATA = Path("data/tune")  # the default tune.storage (optuna.db) lives here too
 TUNE_TRIALS = TUNE_DATA / "trials"
@@ -146,9 +158,14 @@ _PRODUCERS: tuple[tuple[Path, str], ...] = (
     (PRETRAIN_MODELS, "pretrain"),
     (PRETRAIN_REPORTS, "pretrain"),
     (FINETUNE_CACHE / "sensitivity", "sensitivity"),
+    (REGIME_CACHE, "regime"),
     (FINETUNE_CACHE, "finetune"),
     (FINETUNE_REPORTS, "finetune"),
     (SENSITIVITY_MODELS, "sensitivity"),
+    (REGIME_MODELS, "regime"),
+    (REGIME_JSON, "regime"),
+    (REGIME_MD, "regime"),
+    (REGIME_REPORTS, "regime"),
     (SENSITIVITY_JSON, "sensitivity"),
     (REPORTS / "sensitivity", "sensitivity"),
     (FIGURES, "sensitivity"),

@@ -96,6 +96,10 @@ def test_configs_are_frozen():
         ("finetune.ratios=[0.3]", "finetune.ratios = (0.3,)"),  # not a prepared subset
         ("finetune.class_weights=[inverse]", "finetune.class_weights"),
         ("finetune.workers=0", "finetune.workers = 0"),
+        (  # an address without executor dask would be ignored
+            "finetune.scheduler_address=tcp://h:8786",
+            "finetune.scheduler_address = 'tcp://h:8786'",
+        ),
         ("sensitivity.ratio=0.3", "sensitivity.ratio = 0.3"),
         ("prepare.max_behaviors=1", "prepare.max_behaviors = 1"),
         ("prepare.chunk_rows=0", "prepare.chunk_rows = 0"),
@@ -258,6 +262,7 @@ def test_tune_names_agree_with_the_models_and_pruners():
 def test_the_configs_name_lists_equal_the_librarys():
     """ptum.config.names repeats lists the config layer may not import; each equals its source."""
     from ptum.data.synthetic import PRESETS
+    from ptum.finetune.executors import EXECUTORS
     from ptum.finetune.options import MODES
     from ptum.finetune.summary import METRICS
     from ptum.models import ARCHITECTURES, BEHAVIOR_ENCODERS
@@ -267,6 +272,7 @@ def test_the_configs_name_lists_equal_the_librarys():
     assert set(names.SYNTHETIC_SIZES) == set(PRESETS)
     assert names.MODE_NAMES == MODES
     assert set(names.TASK_NAMES) == set(METRICS)
+    assert names.EXECUTOR_NAMES == EXECUTORS
 
 
 # One bad value for every enumerated key: refused when params load, naming the key and the
@@ -289,6 +295,7 @@ ENUMERATED = [
     ("finetune.ctr_scoring", "cosine", "dot"),
     ("finetune.demo_select", "auc", "acc"),
     ("finetune.class_weights", "[inverse]", "balanced"),
+    ("finetune.executor", "ray", "dask"),
     ("sensitivity.tasks", "[demo, age]", "ctr"),
     ("sensitivity.demo_model", "lstm", "hsa"),
     ("sensitivity.ctr_model", "din", "nativectr"),
@@ -354,6 +361,7 @@ def test_params_yaml_comments_list_the_allowed_values():
         "finetune.modes": names.MODE_NAMES,
         "finetune.demo_select": ("acc", "macro_f1"),
         "finetune.class_weights": names.CLASS_WEIGHT_NAMES,
+        "finetune.executor": names.EXECUTOR_NAMES,
         "finetune.ctr_scoring": ("dot", "bias"),
         "sensitivity.tasks": names.TASK_NAMES,
         "tune.pruner": names.PRUNER_NAMES,

@@ -19,6 +19,7 @@ from ptum.config.names import (
     CLASS_WEIGHT_NAMES,
     DEVICE,
     DEVICE_NAMES,
+    EXECUTOR_NAMES,
     MODE_NAMES,
     SYNTHETIC_SIZES,
     TASK_NAMES,
@@ -232,6 +233,13 @@ class FinetuneConfig:
     demo_select: Literal["acc", "macro_f1"] = "acc"
     # Parallel worker processes for independent cells (each uses one thread).
     workers: int = 2
+    # Where the cells run: "local" (`workers` processes of this machine) or "dask" (a Dask
+    # cluster: each worker process runs one cell at a time on one thread; the results are
+    # the same either way). docs/evaluation.md#grid-on-a-dask-cluster.
+    executor: str = "local"
+    # dask: the scheduler's address (tcp://HOST:8786); "" starts a LocalCluster of `workers`
+    # processes on 127.0.0.1. Its workers must see the data and checkpoints at the same paths.
+    scheduler_address: str = ""
     # finetune mode only: the pre-trained user model trains at lr * encoder_lr_scale.
     encoder_lr_scale: float = 0.1
     # Demo loss class weighting tried by every neural cell ("none" | "balanced"); the cell keeps
@@ -257,6 +265,13 @@ class FinetuneConfig:
         require(self.head_hidden >= 1, "finetune.head_hidden", self.head_hidden, ">= 1")
         require(self.weight_decay >= 0, "finetune.weight_decay", self.weight_decay, ">= 0")
         require(self.workers >= 1, "finetune.workers", self.workers, "an integer >= 1")
+        require_one_of(self.executor, EXECUTOR_NAMES, "finetune.executor")
+        require(
+            self.executor == "dask" or not self.scheduler_address,
+            "finetune.scheduler_address",
+            self.scheduler_address,
+            '"" unless finetune.executor is dask',
+        )
         require(
             self.encoder_lr_scale >= 0, "finetune.encoder_lr_scale", self.encoder_lr_scale, ">= 0"
         )
@@ -297,6 +312,37 @@ class SensitivityConfig:
 
 
 @dataclass(frozen=True)
+class RegimeConfig:
+    """Section of stage `regime`: pre-training pools of growing size around the fixed labeled
+    set (the paper's regime: far more unlabeled users than labeled ones), one model per task."""
+
+    # Pool sizes as multiples of the labeled users (a Demo label or a CTR impression); [] = the
+    # stage runs nothing (the root default; experiments/synthetic-regime: [1, 5, 25]).
+    pools: tuple[int, ...] = ()
+    tasks: tuple[str, ...] = ("demo", "ctr")
+    demo_model: str = "hsa"
+    ctr_model: str = "nativectr"
+    ratios: tuple[float, ...] = (0.2, 1.0)
+    repeats: int = 5  # re-drawn splits, the same for every pool
+    # Keep this many labeled users (seeded; the others' labels and impressions are dropped and
+    # they join the pools unlabeled): where every user is labeled (MovieLens-100K). 0 = all.
+    labeled_users: int = 0
+
+    def __post_init__(self) -> None:
+        require(self.labeled_users >= 0, "regime.labeled_users", self.labeled_users, ">= 0")
+        require(
+            all(m >= 1 for m in self.pools) and list(self.pools) == sorted(set(self.pools)),
+            "regime.pools",
+            self.pools,
+            "increasing integers >= 1 (multiples of the labeled users)",
+        )
+        require_each(self.tasks, TASK_NAMES, "regime.tasks")
+        require_one_of(self.demo_model, ARCHITECTURE_NAMES, "regime.demo_model")
+        require_one_of(self.ctr_model, ARCHITECTURE_NAMES, "regime.ctr_model")
+        require(self.repeats >= 2, "regime.repeats", self.repeats, "an integer >= 2 (paired)")
+
+
+@dataclass(frozen=True)
 class ExportConfig:
     """Section of stage `export@ARCH`: ONNX files of a pre-trained model (+ serving heads)."""
 
@@ -332,6 +378,7 @@ class Params:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
+    regime: RegimeConfig = field(default_factory=RegimeConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     embed: EmbedConfig = field(default_factory=EmbedConfig)
@@ -350,6 +397,12 @@ class Params:
             "sensitivity.ratio",
             self.sensitivity.ratio,
             f"one of prepare.label_ratios {list(self.prepare.label_ratios)}",
+        )
+        require(
+            bool(self.regime.ratios) and set(self.regime.ratios) <= ratios,
+            "regime.ratios",
+            self.regime.ratios,
+            f"among prepare.label_ratios {list(self.prepare.label_ratios)}",
         )
         require(
             self.pretrain.k < self.prepare.max_behaviors,
@@ -374,6 +427,7 @@ SECTIONS: dict[str, type] = {
     "pretrain": PretrainConfig,
     "finetune": FinetuneConfig,
     "sensitivity": SensitivityConfig,
+    "regime": RegimeConfig,
     "tune": TuneConfig,
     "export": ExportConfig,
     "embed": EmbedConfig,

@@ -18,7 +18,10 @@ from ptum.config.names import ARCHITECTURE_NAMES, PRUNER_NAMES
 # Trial i seeds numpy with seed + i, the sampler with seed + starts + 7919 * worker: numpy
 # takes seeds below 2**32, and 2**31 leaves room for those offsets.
 SEED_LIMIT = 2**31
-_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+# tune.storage: one SQLite file (local workers), or PostgreSQL through psycopg2 (several
+# machines; ptum.tune.database). Nothing else: a URL of another database would fail only when a
+# worker first opens it, with a driver's traceback.
+_STORAGE = re.compile(r"sqlite:///(?!:memory:).+|postgresql(\+psycopg2)?://.*", re.DOTALL)
 _STUDY_NAME_MAX = 512  # Optuna's RDB column for study names
 
 
@@ -48,7 +51,8 @@ class TuneConfig:
     # Maximise (Demo validation metric, CTR validation AUC) and report the Pareto front; Optuna
     # does not prune multi-objective studies.
     multi_objective: bool = False
-    # RDB storage URL (PostgreSQL when workers run on several machines) and study name; "" =
+    # Study storage, sqlite:///PATH or postgresql://USER@HOST/DB (workers on several machines;
+    # docs/tuning.md#postgresql), and study name; "" =
     # ptum-ARCH-<hash of data, model, options, search space, seed>, so changing what a trial
     # measures starts a new study instead of mixing incomparable trials.
     storage: str = "sqlite:///data/tune/optuna.db"
@@ -119,12 +123,17 @@ class TuneConfig:
 
     def _check_study(self) -> None:
         """Where the study is stored and its name."""
+        scheme = self.storage.partition("://")[0]
+        hint = (
+            "; write postgresql:// (SQLAlchemy refuses postgres://)" if scheme == "postgres" else ""
+        )
         require(
-            _URL.match(self.storage) is not None and ":memory:" not in self.storage,
+            _STORAGE.fullmatch(self.storage) is not None and ":memory:" not in self.storage,
             "tune.storage",
-            self.storage,
-            "an RDB URL such as sqlite:///data/tune/optuna.db or postgresql://HOST/DB (not "
-            "in memory: the study must outlive the run and be shared by its workers)",
+            _masked(self.storage),
+            "sqlite:///PATH (one file, for workers on this machine) or "
+            "postgresql://USER@HOST[:PORT]/DB (also postgresql+psycopg2://; workers on several "
+            f"machines); not in memory: the study must outlive the run{hint}",
         )
         require(
             self.study_name == self.study_name.strip() and len(self.study_name) <= _STUDY_NAME_MAX,
@@ -133,3 +142,8 @@ class TuneConfig:
             f'"" (a name derived from the set-up) or a name of at most {_STUDY_NAME_MAX} '
             "characters without leading or trailing spaces",
         )
+
+
+def _masked(url: str) -> str:
+    """The URL with the password of `scheme://user:password@` masked, for a message."""
+    return re.sub(r"^([^:/]*://[^:/@?]*:)[^@/?]*@", r"\1***@", url)

@@ -50,14 +50,16 @@ def file_digest(paths: list[Path]) -> str:
     return h.hexdigest()
 
 
-def pad_sequences(lists: list[list[int]], max_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """Right-pad (keeping the last max_len of each) -> ((U, max_len) int64, lengths (U,))."""
+def pad_column(lists: pl.Series, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad a list column (keeping the last max_len of each list) -> ((U, max_len) int64,
+    lengths (U,)). Columnar throughout: no Python object per user or behavior."""
+    tail = lists.list.tail(max_len)
+    lengths = tail.list.len().fill_null(0).to_numpy().astype(np.int64)
+    flat = tail.explode().drop_nulls().to_numpy().astype(np.int64)
     out = np.zeros((len(lists), max_len), dtype=np.int64)
-    lengths = np.zeros(len(lists), dtype=np.int64)
-    for i, seq in enumerate(lists):
-        seq = seq[-max_len:]
-        out[i, : len(seq)] = seq
-        lengths[i] = len(seq)
+    rows = np.repeat(np.arange(len(lists)), lengths)
+    cols = np.arange(len(flat)) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+    out[rows, cols] = flat
     return out, lengths
 
 
@@ -81,8 +83,8 @@ def load_corpus(
         order = pl.DataFrame({"user_id": users}).with_row_index("__i")
         seqs = order.join(seqs, on="user_id", how="left").sort("__i")
         seqs = seqs.with_columns(pl.col("item_ids").fill_null([]), pl.col("gaps").fill_null([]))
-    items, lengths = pad_sequences(seqs["item_ids"].to_list(), max_len)
-    gaps, _ = pad_sequences(seqs["gaps"].to_list(), max_len)
+    items, lengths = pad_column(seqs["item_ids"], max_len)
+    gaps, _ = pad_column(seqs["gaps"], max_len)
     tokens = torch.from_numpy(read_tokens(tokenized).astype(np.int64))
     pool = items[items > 0]
     return Corpus(seqs["user_id"].to_list(), items, gaps, lengths, tokens, pool)

@@ -84,6 +84,16 @@ PRESETS: dict[str, SyntheticSpec] = {
         n_users=6_000, mean_behaviors=30, n_items_per_topic=150, labeled_frac=0.25
     ),
     "large": SyntheticSpec(n_users=50_000, mean_behaviors=60, n_items_per_topic=400),
+    # The paper's regime (experiments/synthetic-regime): few labeled users, a large unlabeled
+    # pool. About 1,900 labeled users (a Demo label or CTR impressions) among 56,000, so that
+    # pools of 1x, 5x and 25x them fit in the pre-training corpus's training users.
+    "regime": SyntheticSpec(
+        n_users=56_000,
+        mean_behaviors=25,
+        n_items_per_topic=150,
+        labeled_frac=0.018,
+        audience_frac=0.018,
+    ),
 }
 
 _ONSETS = (

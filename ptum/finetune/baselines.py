@@ -34,7 +34,7 @@ a *training* impression are computed out-of-fold (5 folds), so a row never sees 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import cast
 
 import numpy as np
@@ -51,6 +51,7 @@ from ptum.finetune.metrics import accuracy, average_precision, macro_f1, roc_auc
 
 DEMO_BASELINES = ("majority", "tfidf_lr", "svd_lr")
 CTR_BASELINES = ("popularity", "item_ctr", "user_ctr", "feature_lr", "id_lr", "svd_feature_lr")
+FACTOR_BASELINES = ("svd_lr", "svd_feature_lr")  # fitted on the unlabeled users' factors
 C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 SMOOTHING_GRID = (1.0, 10.0, 100.0)
 
@@ -281,7 +282,7 @@ def _ctr_candidates(
 
 
 def _feature_lr_candidates(
-    task: CtrTask, train: np.ndarray, seed: int, extras: list[tuple[dict, np.ndarray | None]]
+    task: CtrTask, train: np.ndarray, seed: int, extras: Sequence[tuple[dict, np.ndarray | None]]
 ) -> list[_Candidate]:
     """feature_lr, plus each extra feature column (none: None) chosen as its dict says: one
     candidate per extra, smoothing a and C. The features of each a are computed once."""

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ptum.finetune.baselines import FACTOR_BASELINES
 from ptum.io import atomic_write_text
 
 if TYPE_CHECKING:
@@ -56,14 +57,21 @@ class CellKeys:
     model_hashes: dict[str, str]  # architecture -> checkpoint weights hash
     data_hash: str
     code_hash: str
+    pool: str | None = None  # users_digest of GridOptions.pool (None: every training user)
+    labeled: str | None = None  # users_digest of GridOptions.labeled (None: every labeled user)
 
     def key(self, c: Cell) -> str:
         """The cell's cache key (24 hex digits)."""
-        # Baselines depend on the selection metric (Demo) but not on the neural options.
+        # Baselines depend on the selection metric (Demo) but not on the neural options; those
+        # that factorize the unlabeled users on the pre-training pool too.
         if c.mode == "baseline":
             setup: list = [self.demo_select]
+            if c.model in FACTOR_BASELINES and self.pool is not None:
+                setup.append({"pool": self.pool})
         else:
             setup = [asdict(self.opts), self.demo_select, list(self.class_weights)]
+        if self.labeled is not None:  # the tasks keep only these users
+            setup.append({"labeled": self.labeled})
         blob = json.dumps(
             [
                 asdict(c),

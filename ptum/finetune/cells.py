@@ -63,8 +63,15 @@ class GridOptions:
     class_weights: tuple[str, ...]  # Demo losses each neural cell tries; best on validation
     split: SplitSpec
     workers: int  # cell processes (1: in this process)
+    executor: str  # where cells run: local | dask (ptum.finetune.executors.EXECUTORS)
+    scheduler_address: str  # dask: the scheduler's; "": a LocalCluster of `workers` processes
     prepared: Path
     tokenized: Path
     max_behaviors: int
     ckpt_root: Path  # ckpt_root/ARCH: the pre-trained checkpoint of each architecture
     cache_dir: Path  # one JSON per cell result
+    # Only the regime stage sets these two (`ptum.data.pool`): the pre-training pool the
+    # checkpoints and the svd_* factors saw (None: every training user of the corpus), and the
+    # users whose labels and impressions the tasks keep (None: all).
+    pool: tuple[str, ...] | None = None
+    labeled: tuple[str, ...] | None = None

@@ -41,8 +41,17 @@ class DemoTask:
         return replace(self, split=df["split"].to_numpy(), subsets=subsets)
 
 
-def load_demo(prepared: Path, tokenized: Path, max_len: int, ratios: list[float]) -> DemoTask:
+def load_demo(
+    prepared: Path,
+    tokenized: Path,
+    max_len: int,
+    ratios: list[float],
+    users: set[str] | None = None,
+) -> DemoTask:
+    """The Demo task: every labeled user, or only `users` among them."""
     labels = verified.read_parquet(prepared / "labels.parquet", "prepare").sort("user_id")
+    if users is not None:
+        labels = labels.filter(pl.col("user_id").is_in(sorted(users)))
     report = verified.read_json(prepared / "report.json", "prepare")
     cols = report["labels"].get("label_columns", [])
     corpus = load_corpus(
@@ -89,8 +98,17 @@ def _item_counts(prepared: Path, view: str, n_items: int) -> np.ndarray:
     return np.bincount(ids.astype(np.int64), minlength=n_items).astype(np.float64)
 
 
-def load_ctr(prepared: Path, tokenized: Path, max_len: int, ratios: list[float]) -> CtrTask:
+def load_ctr(
+    prepared: Path,
+    tokenized: Path,
+    max_len: int,
+    ratios: list[float],
+    users: set[str] | None = None,
+) -> CtrTask:
+    """The CTR task: every impression, or only those of `users`."""
     imps = verified.read_parquet(prepared / "impressions.parquet", "prepare")
+    if users is not None:
+        imps = imps.filter(pl.col("user_id").is_in(sorted(users)))
     is_test = imps["window"] == "test"
     train_users = imps.filter(~is_test)["user_id"].unique().sort().to_list()
     test_users = imps.filter(is_test)["user_id"].unique().sort().to_list()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ def pretrain_arch(
     out_dir: Path,
     report_dir: Path,
     threads: int = 1,
+    pool: Sequence[str] | None = None,
 ) -> dict:
     """Pre-train one architecture into checkpoint `out_dir`; return the last epoch's metrics.
     Under torchrun (WORLD_SIZE > 1) joins the process group.
@@ -42,7 +43,8 @@ def pretrain_arch(
     behavior_encoder: "" = the architecture's own; model_sizes: word_dim, dim, ...; device:
     "auto" | "cpu" | "cuda[:N]"; params: recorded in the checkpoint's meta as pretrain_params.
     With `opts.deterministic`, `threads` torch threads and deterministic kernels: two runs
-    write byte-equal checkpoints. Per-epoch timings go to report_dir/history.json and
+    write byte-equal checkpoints. pool: pre-train on these training users only
+    (`ptum.data.pool`; None: all). Per-epoch timings go to report_dir/history.json and
     metrics.json, never into out_dir.
     """
     torch_device = _join_process_group(device)
@@ -53,6 +55,7 @@ def pretrain_arch(
         arch=arch,
         behavior_encoder=behavior_encoder,
         model_sizes=model_sizes,
+        pool=pool,
     )
     meta = {**inputs.meta, "pretrain_params": dict(params)}
     timings: dict[int, dict] = {}

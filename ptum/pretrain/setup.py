@@ -7,7 +7,7 @@ same options.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,6 +16,7 @@ import torch
 
 from ptum.data import verified
 from ptum.data.corpus import Corpus, file_digest, item_texts, load_corpus, tokenizer_digest
+from ptum.data.pool import users_digest
 from ptum.models.behavior import ID_MIN_COUNT
 from ptum.models.id_vocab import IdVocab, build_id_vocab, item_table_digest
 from ptum.models.user_model import ARCHITECTURES, ModelConfig
@@ -49,18 +50,21 @@ def load_inputs(
     arch: str,
     behavior_encoder: str = "",
     model_sizes: Mapping[str, int | float] | None = None,
+    pool: Sequence[str] | None = None,
 ) -> PretrainInputs:
     """Load the train / valid corpora and build the model of `arch`.
 
     behavior_encoder: "" = the architecture's own; "hybrid" adds an item-id embedding whose
     vocabulary (items with >= model_sizes["id_min_count"] training behaviors) is built here;
     "id" reads the item id itself as each item's one token, so both corpora get the (N + 1, 1)
-    id column as their token matrix. model_sizes: pretrain.model (word_dim, dim, ...).
+    id column as their token matrix. model_sizes: pretrain.model (word_dim, dim, ...). pool:
+    train on these training users only (`ptum.data.pool`; None: all of them).
     """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {arch!r}; choose from {sorted(ARCHITECTURES)}")
     sizes = dict(model_sizes or {})
-    train = load_corpus(prepared, tokenized, "train", max_behaviors)
+    users = sorted(pool) if pool is not None else None
+    train = load_corpus(prepared, tokenized, "train", max_behaviors, users=users)
     valid = load_corpus(prepared, tokenized, "valid", max_behaviors)
     vocab_size = int(verified.read_json(tokenized / "report.json", "tokenize")["vocab_size"])
     id_vocab = None
@@ -84,6 +88,8 @@ def load_inputs(
             [prepared / "sequences.parquet", prepared / "users.parquet", tokenized / "tokens.npy"]
         ),
         "max_behaviors": max_behaviors,
+        # The training users pre-trained on, when not all of them (the regime stage's pools).
+        "pool": None if users is None else {"users": len(users), "sha256": users_digest(users)},
         # What item id i means; fine-tuning refuses the checkpoint against another tokens.npy.
         "item_table_sha256": item_table_digest(train.tokens),
     }

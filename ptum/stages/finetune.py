@@ -55,6 +55,8 @@ def grid_options(
         class_weights=tuple(c.class_weights),
         split=split,
         workers=c.workers,
+        executor=c.executor,
+        scheduler_address=c.scheduler_address,
         prepared=prepared,
         tokenized=tokenized,
         max_behaviors=max_behaviors,

@@ -93,9 +93,11 @@ def pretrain_one(
     out_dir: Path,
     report_dir: Path,
     tuned_path: Path | None = None,
+    pool: Sequence[str] | None = None,
 ) -> dict:
     """Pre-train `arch` as the `pretrain:` section `c` says; with `c.use_tuned`, k / lam / p / lr
-    come from `tuned_path` (the tune stage's best_params.json)."""
+    come from `tuned_path` (the tune stage's best_params.json). pool: these training users
+    only (the regime stage; None: all)."""
     from ptum.pretrain.run import pretrain_arch
     from ptum.pretrain.tuned import read_tuned
 
@@ -112,4 +114,5 @@ def pretrain_one(
         max_behaviors=max_behaviors,
         out_dir=out_dir,
         report_dir=report_dir,
+        pool=pool,
     )

@@ -6,6 +6,8 @@ validation only. The modules, one job each:
 
 - `trial`: the search space and the trial set-up (`SearchSpace`, `TrialSetup`);
 - `objective`: one trial's score, and the intermediate value the pruner sees (they differ);
+- `database`: which database a storage URL names (SQLite, PostgreSQL), connecting to it, and
+  its failures as one line;
 - `storage`: the RDB storage, safe to open from simultaneous workers, with heartbeats;
 - `integrity`: the checks of a study read back (a damaged file, impossible stored values);
 - `study`: study name and user attrs, pruner, opening the study from a worker;
@@ -15,6 +17,7 @@ validation only. The modules, one job each:
 """
 
 from ptum.tune.budget import CLAIMED, DONE, run_trials
+from ptum.tune.database import StorageUnreachable
 from ptum.tune.integrity import StudyDamaged, check_store, check_values
 from ptum.tune.objective import load_data, make_objective
 from ptum.tune.outputs import write_outputs
@@ -38,6 +41,7 @@ __all__ = [
     "PRUNERS",
     "SearchSpace",
     "StudyDamaged",
+    "StorageUnreachable",
     "StudySpec",
     "TrialSetup",
     "check_store",

@@ -1,16 +1,19 @@
-"""What the tune stage checks in the study it reads: the database file, then every stored value.
+"""What the tune stage checks in the study it reads: the database, then every stored value.
 
 A study is read back by every run (to resume it, to sample from it, to choose best_params.json)
 and its SQLite file is a DVC output, so it can be damaged on disk or edited like any input:
 
-- the file: its header and SQLite's `PRAGMA integrity_check` before Optuna opens it, then
-  anything Optuna cannot decode while it reads the study (the JSON of distributions and
-  attrs, dates, text): a `StudyDamaged` naming the file and what to do, not a SQLAlchemy
-  traceback;
-- the values: each objective is a validation metric with a known range (`objective_range`:
-  accuracy, macro-F1, AUC, all in [0, 1]); a stored trial value or intermediate value outside
-  it, or not finite (two flipped bytes of a float give 25206.15), is refused with the trial's
-  number, never sampled from nor written to best_params.json.
+- the database: a SQLite file's header and SQLite's `PRAGMA integrity_check` before Optuna
+  opens it, then anything Optuna cannot decode while it reads the study (the JSON of
+  distributions and attrs, dates, text): a `StudyDamaged` naming the file and what to do, not
+  a SQLAlchemy traceback. A PostgreSQL database is the server's to keep sound: it is only
+  connected to once before any work (`ptum.tune.database.check_reachable`), and a row Optuna
+  cannot decode is named as an edited or damaged row, with PostgreSQL's fixes, never as a
+  damaged file;
+- the values (either database): each objective is a validation metric with a known range
+  (`objective_range`: accuracy, macro-F1, AUC, all in [0, 1]); a stored trial value or
+  intermediate value outside it, or not finite (two flipped bytes of a float give 25206.15),
+  is refused with the trial's number, never sampled from nor written to best_params.json.
 """
 
 from __future__ import annotations
@@ -20,13 +23,12 @@ import math
 import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 import optuna
 import sqlalchemy.exc
 from optuna.exceptions import StorageInternalError
-from sqlalchemy.engine import make_url
 
+from ptum.tune.database import check_reachable, sqlalchemy_url, sqlite_file, store_name
 from ptum.tune.trial import objective_range
 
 SQLITE_MAGIC = b"SQLite format 3\x00"  # the first 16 bytes of every SQLite database
@@ -55,28 +57,22 @@ class StudyDamaged(ValueError):
     """The study's storage cannot be trusted: a damaged file or an impossible stored value."""
 
 
-def sqlite_file(url: str) -> Path | None:
-    """The database file of a `sqlite:///PATH` URL (None for other databases and memory)."""
-    if url.startswith("sqlite:///") and ":memory:" not in url:
-        return Path(url.removeprefix("sqlite:///"))
-    return None
-
-
-def store_name(url: str) -> str:
-    """The SQLite file, or the URL without its password: what a message names."""
-    path = sqlite_file(url)
-    if path is not None:
-        return str(path)
-    try:
-        return make_url(url).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
-        return url
+def _damaged(url: str) -> str:
+    """What a study that does not decode or holds impossible values means, in this database:
+    a SQLite file can be damaged on disk; a PostgreSQL server keeps its own files sound."""
+    what = "the database" if sqlite_file(url) is not None else "a stored row"
+    return f"{what} was damaged or edited"
 
 
 def _fix(url: str) -> str:
     path = sqlite_file(url)
     if path is None:
-        return "repair the database, or set another tune.storage or tune.study_name"
+        return (
+            "restore the database from a backup, or delete the study to start it over "
+            f"(`optuna delete-study --storage {store_name(sqlalchemy_url(url))} --study-name "
+            "NAME`), or set "
+            "another tune.study_name"
+        )
     return (
         f"move it aside (`mv {path} {path}.damaged`) and rerun to start the study over, or "
         f"restore a good copy (`dvc checkout {path.parent}` when DVC tracks it)"
@@ -84,10 +80,13 @@ def _fix(url: str) -> str:
 
 
 def check_store(url: str) -> None:
-    """Refuse a SQLite study file that is not a database or fails `PRAGMA integrity_check`.
+    """Check the study's database before any work: refuse a SQLite file that is not a database
+    or fails `PRAGMA integrity_check`; connect to a PostgreSQL database once (a
+    `StorageUnreachable` line when that fails).
 
-    No-op for other URLs and for a file that does not exist yet or is empty (a new study).
+    No-op for a SQLite file that does not exist yet or is empty (a new study).
     """
+    check_reachable(url)
     path = sqlite_file(url)
     if path is None or not path.is_file() or path.stat().st_size == 0:
         return
@@ -116,14 +115,16 @@ def check_store(url: str) -> None:
         )
 
 
-def _damage(exc: BaseException | None) -> str | None:
+def _damage(exc: BaseException | None, *, sqlite: bool) -> str | None:
     """What `exc` (or its cause) says when the stored study cannot be decoded; None for other
-    errors (a connection refused, a lock held too long)."""
+    errors (a connection refused, a lock held too long). SQLite's own errors are damage only
+    for a SQLite file: PostgreSQL's are the server's (`ptum.tune.database.connecting`)."""
     seen = 0
     while exc is not None and seen < 5:
         if isinstance(exc, sqlalchemy.exc.DBAPIError):
             text = str(exc.orig)
-            return text if any(m in text.lower() for m in _DAMAGE_MESSAGES) else None
+            damaged = sqlite and any(m in text.lower() for m in _DAMAGE_MESSAGES)
+            return text if damaged else None
         if isinstance(exc, sqlite3.DatabaseError):
             text = str(exc)
             return text if any(m in text.lower() for m in _DAMAGE_MESSAGES) else None
@@ -147,12 +148,12 @@ def reading_study(url: str) -> Iterator[None]:
     except StudyDamaged:
         raise
     except Exception as exc:
-        why = _damage(exc)
+        why = _damage(exc, sqlite=sqlite_file(url) is not None)
         if why is None:
             raise
+        what = "the database is damaged" if sqlite_file(url) is not None else _damaged(url)
         raise StudyDamaged(
-            f"{store_name(url)}: the study cannot be read ({why}); the database is damaged: "
-            f"{_fix(url)}"
+            f"{store_name(url)}: the study cannot be read ({why}); {what}: {_fix(url)}"
         ) from exc
 
 
@@ -178,6 +179,6 @@ def check_values(study: optuna.Study, url: str, objectives: list[str]) -> None:
                 continue
             raise StudyDamaged(
                 f"{store_name(url)}: study {study.study_name!r}, trial {t.number} ({t.state.name}) "
-                f"holds {what} = {v!r}, outside [{low:g}, {high:g}]; the database was damaged "
-                f"or edited and its trials cannot be trusted: {_fix(url)}"
+                f"holds {what} = {v!r}, outside [{low:g}, {high:g}]; {_damaged(url)} and its "
+                f"trials cannot be trusted: {_fix(url)}"
             )

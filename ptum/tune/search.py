@@ -19,6 +19,7 @@ import torch
 
 from ptum.data.prepare.tasks import why_unavailable
 from ptum.tune.budget import DONE, Progress, run_trials
+from ptum.tune.database import connecting
 from ptum.tune.integrity import check_values
 from ptum.tune.objective import load_data, make_objective
 from ptum.tune.outputs import write_outputs, write_unavailable
@@ -41,14 +42,15 @@ def run_worker(
         torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.INFO)
     data = load_data(setup)
-    study = open_setup_study(spec, setup, worker=worker)
-    run_trials(
-        study,
-        make_objective(data, setup),
-        n_trials=spec.n_trials,
-        max_trials=n_trials,
-        progress=progress,
-    )
+    with connecting(spec.storage):  # a PostgreSQL connection lost mid-study: one line
+        study = open_setup_study(spec, setup, worker=worker)
+        run_trials(
+            study,
+            make_objective(data, setup),
+            n_trials=spec.n_trials,
+            max_trials=n_trials,
+            progress=progress,
+        )
 
 
 def tune(
@@ -75,6 +77,24 @@ def tune(
         if setup.work_dir is not None:
             setup.work_dir.mkdir(parents=True, exist_ok=True)  # the stage's output exists
         return write_unavailable(why, best_params_path=best_params_path, reports_dir=reports_dir)
+    with connecting(spec.storage):  # a PostgreSQL server that fails or goes away: one line
+        return _search(
+            setup=setup,
+            spec=spec,
+            best_params_path=best_params_path,
+            reports_dir=reports_dir,
+            n_workers=n_workers,
+        )
+
+
+def _search(
+    *,
+    setup: TrialSetup,
+    spec: StudySpec,
+    best_params_path: Path,
+    reports_dir: Path,
+    n_workers: int,
+) -> dict[str, Any]:
     study = open_setup_study(spec, setup)
     remaining = max(0, spec.n_trials - len(study.get_trials(deepcopy=False, states=DONE)))
     t0 = time.perf_counter()

@@ -1,9 +1,11 @@
 """Optuna's RDB storage, safe to open from several processes at once, with trial heartbeats.
 
-An RDB URL (SQLite by default, PostgreSQL for several machines). Creating the tables and the
-study is serialised between processes by a lock file next to a SQLite database, and retried when
-another process won the race (PostgreSQL), so workers may start at the same instant. Trials
-record a heartbeat; a trial whose process died (SIGKILL, lost machine) stops beating and is
+An RDB URL (`ptum.tune.database`: SQLite by default, PostgreSQL for several machines).
+Creating the tables and the study is serialised between processes by a lock: a lock file next
+to a SQLite database, PostgreSQL's advisory lock for a PostgreSQL one (it holds across
+machines); a creation race lost anyway (another program on the database) is retried, so
+workers may start at the same instant. Trials record a heartbeat (the database server's clock
+for PostgreSQL); a trial whose process died (SIGKILL, lost machine) stops beating and is
 marked FAIL by the next process that starts a trial on the study, after `grace_period` seconds
 (and re-queued with the same parameters once when `retry_killed` > 0). A trial that
 never beat at all (killed within milliseconds of its creation) is failed the same way, by
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import fcntl
+import hashlib
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -33,18 +36,37 @@ from optuna.exceptions import ExperimentalWarning
 from optuna.storages._rdb import models  # the heartbeat table; no public query for it
 from optuna.trial import FrozenTrial, TrialState
 
-from ptum.tune.integrity import sqlite_file
+from ptum.tune.database import (
+    advisory_lock,
+    connecting,
+    engine_kwargs,
+    is_postgresql,
+    sqlalchemy_url,
+    sqlite_file,
+)
 from ptum.tune.trial import log
+
+# The advisory lock of ptum's study creation in a PostgreSQL database (a bigint of our own).
+_PG_LOCK_KEY = int.from_bytes(
+    hashlib.sha256(b"ptum.tune.creation").digest()[:8], "big", signed=True
+)
 
 
 @contextmanager
 def creation_lock(url: str) -> Iterator[None]:
-    """Hold an exclusive lock on `<db>.lock` next to a SQLite database (no-op for other URLs).
+    """Hold an exclusive lock on `<db>.lock` next to a SQLite database (creating its
+    directory), or PostgreSQL's advisory lock on the database; no-op for other URLs.
 
     Two processes that open a new database at the same instant both create Optuna's tables and
     stamp its schema version, and one of them fails (`table studies already exists`, `UNIQUE
-    constraint failed: alembic_version`). flock is per open file, so do not nest this.
+    constraint failed: alembic_version`); two that start on one study both read the same
+    count of worker starts (`ptum.tune.study`). Neither lock nests (flock is per open file, an
+    advisory lock per connection), so do not nest this.
     """
+    if is_postgresql(url):
+        with advisory_lock(url, _PG_LOCK_KEY):
+            yield
+        return
     path = sqlite_file(url)
     if path is None:
         yield
@@ -81,7 +103,8 @@ def retry_race(make: Callable[[], T], *, attempts: int = 5) -> T:
 def rdb_storage(
     url: str, *, heartbeat_interval: int, grace_period: int, retry_killed: int
 ) -> optuna.storages.RDBStorage:
-    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    """The storage of `url` (`ptum.tune.database`: SQLite's busy timeout, PostgreSQL through
+    psycopg2 with a connect timeout), with heartbeats and the stale-trial callback."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)  # the heartbeat API is experimental
         callback = (
@@ -90,8 +113,8 @@ def rdb_storage(
             else _report_stale
         )
         return optuna.storages.RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
+            sqlalchemy_url(url),
+            engine_kwargs=engine_kwargs(url),
             heartbeat_interval=heartbeat_interval,
             grace_period=grace_period,
             heartbeat_stale_trial_callback=callback,
@@ -101,14 +124,14 @@ def rdb_storage(
 def make_storage(
     url: str, *, heartbeat_interval: int = 60, grace_period: int = 180, retry_killed: int = 1
 ) -> optuna.storages.RDBStorage:
-    """RDB storage with trial heartbeats and a 60 s SQLite busy timeout, safe to create from
-    several processes at once (see `creation_lock`, `retry_race`).
+    """RDB storage with trial heartbeats, safe to create from several processes at once (see
+    `creation_lock`, `retry_race`).
 
     A RUNNING trial without a heartbeat for `grace_period` seconds is marked FAIL (its process
     died) just before this storage's next trial starts; with `retry_killed` > 0 its parameters
     are queued again (as a new trial) up to that many times.
     """
-    with creation_lock(url):
+    with connecting(url), creation_lock(url):
         return retry_race(
             lambda: rdb_storage(
                 url,

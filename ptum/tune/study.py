@@ -33,6 +33,7 @@ import optuna
 from optuna.exceptions import ExperimentalWarning
 
 from ptum.data.corpus import file_digest
+from ptum.tune.database import connecting
 from ptum.tune.integrity import check_store, check_values, read_all, reading_study
 from ptum.tune.storage import creation_lock, rdb_storage, retry_race
 from ptum.tune.trial import Direction, TrialSetup, directions, log, objective_names
@@ -237,8 +238,21 @@ def open_study(
     identity (`_IDENTITY`) or directions differ. The pruner follows `spec` (none for several
     objectives; `epochs` sizes hyperband). With `worker` (an index) the study gets a seeded
     TPE sampler for this worker's trials; without, it is only for reading. A damaged database
-    is refused with a `StudyDamaged` naming it and the fix (`ptum.tune.integrity`).
+    is refused with a `StudyDamaged` naming it and the fix (`ptum.tune.integrity`), a
+    PostgreSQL database that cannot be used with a `StorageUnreachable` (`ptum.tune.database`).
     """
+    with connecting(spec.storage):
+        return _open_study(spec, directions=directions, attrs=attrs, epochs=epochs, worker=worker)
+
+
+def _open_study(
+    spec: StudySpec,
+    *,
+    directions: list[Direction],
+    attrs: Mapping[str, Any],
+    epochs: int,
+    worker: int | None,
+) -> optuna.Study:
     with creation_lock(spec.storage):
         storage, study = _create(spec, directions)
         if [d.name.lower() for d in study.directions] != list(directions):
@@ -253,8 +267,8 @@ def open_study(
                 study.set_metric_names(list(attrs["objectives"]))
         start = 0
         if worker is not None:
-            # Under the lock (SQLite) two simultaneous starts get distinct numbers; across
-            # machines `worker` keeps them apart.
+            # Under the lock two simultaneous starts get distinct numbers (on PostgreSQL
+            # across machines too); `worker` keeps machines apart besides.
             study_id = storage.get_study_id_from_name(spec.study_name)
             start = int(storage.get_study_system_attrs(study_id).get(_STARTS, 0))
             storage.set_study_system_attr(study_id, _STARTS, start + 1)

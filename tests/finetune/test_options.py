@@ -68,7 +68,13 @@ def test_every_option_follows_its_own_key():
 
 def test_grid_options_take_the_sections_values():
     cfg = replace(
-        FinetuneConfig(), seed=7, demo_select="macro_f1", class_weights=("balanced",), workers=3
+        FinetuneConfig(),
+        seed=7,
+        demo_select="macro_f1",
+        class_weights=("balanced",),
+        workers=3,
+        executor="dask",
+        scheduler_address="tcp://h:8786",
     )
     g = grid_options(
         cfg,
@@ -80,4 +86,5 @@ def test_grid_options_take_the_sections_values():
         cache_dir=Path("k"),
     )
     assert (g.seed, g.demo_select, g.class_weights, g.workers) == (7, "macro_f1", ("balanced",), 3)
+    assert (g.executor, g.scheduler_address) == ("dask", "tcp://h:8786")
     assert g.cell == cell_options(cfg) and g.split == SPLIT and g.max_behaviors == 9
