@@ -59,14 +59,21 @@ def _tokenize(p: Params, args: argparse.Namespace) -> dict:
 def _pretrain(p: Params, args: argparse.Namespace) -> dict:
     from ptum.stages import pretrain
 
-    # Each data-parallel rank re-runs this very command, less --nproc (a rank is one process).
-    command = _without_option(args.argv, "--nproc")
+    # Each data-parallel rank re-runs this very command, less the options that start ranks (a
+    # rank is one process).
+    command = args.argv
+    for option in _LAUNCH_OPTIONS:
+        command = _without_option(command, option)
     return pretrain.run(
         p,
         **_given(arch=args.arch, prepared=args.input, out=args.out),
         nproc=args.nproc,
+        **_given(nnodes=args.nnodes, node_rank=args.node_rank, rdzv_endpoint=args.rdzv_endpoint),
         command=command,
     )
+
+
+_LAUNCH_OPTIONS = ("--nproc", "--nnodes", "--node-rank", "--rdzv-endpoint")
 
 
 def _without_option(argv: list[str], option: str) -> list[str]:
@@ -165,6 +172,32 @@ _OPTIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
                 help="data-parallel processes on this machine (default: pretrain.processes)",
             ),
         ),
+        (
+            "--nnodes",
+            dict(
+                type=int,
+                metavar="N",
+                help="machines pre-training together, each running this command with its own "
+                "--node-rank (default: 1)",
+            ),
+        ),
+        (
+            "--node-rank",
+            dict(
+                type=int,
+                metavar="R",
+                help="this machine's index, 0 to N-1; node 0 hosts the rendezvous and writes "
+                "the checkpoint (default: 0)",
+            ),
+        ),
+        (
+            "--rdzv-endpoint",
+            dict(
+                metavar="HOST:PORT",
+                help="node 0's address and a free port, the same on every machine; node 0 "
+                "listens there, unauthenticated: a private network or a firewall",
+            ),
+        ),
     ],
     "tune": [
         (
@@ -230,6 +263,8 @@ def outputs(p: Params, args: argparse.Namespace) -> list[Path]:
         "embed": paths.embeddings(arch),
         "report": paths.RESULTS_MD,
     }[args.stage]
+    if args.stage == "pretrain" and (getattr(args, "node_rank", None) or 0) != 0:
+        return []  # node 0 writes (its rank 0); it may share this machine's directory
     found = [args.out or default]
     if args.stage == "finetune":
         found.append(paths.finetune_cache(task))  # shared by every --out of the task

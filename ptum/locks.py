@@ -139,12 +139,12 @@ def holding(outputs: Iterable[Path]) -> Iterator[None]:
 _LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 
 
-def die_with_parent() -> None:
-    """Linux: this process gets SIGTERM when its parent dies (even by SIGKILL); elsewhere a
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """Linux: this process gets `signum` when its parent dies (even by SIGKILL); elsewhere a
     no-op. Pass it as `preexec_fn` to make a child die with this process — strictly, with the
     thread that started it: start it from a thread that waits for it."""
     if _LIBC is not None:
-        _LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        _LIBC.prctl(PR_SET_PDEATHSIG, signum)
 
 
 def _stat(pid: int) -> tuple[str, int] | None:

@@ -1,8 +1,9 @@
 """Stage `pretrain@ARCH`: pre-train one user model with MBP + NBP (models/pretrain/ARCH).
 
 With more than one process (`pretrain.processes`, `ptum pretrain --nproc N`) the same `ptum`
-command runs once per data-parallel rank, started by `ptum.stages.launch` on this machine; each
-rank then comes back here with WORLD_SIZE set and joins the process group in the library.
+command runs once per data-parallel rank, started by `ptum.stages.launch` on this machine, or on
+each of several machines (`--nnodes N --node-rank R --rdzv-endpoint HOST:PORT`); each rank then
+comes back here with WORLD_SIZE set and joins the process group in the library.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 from ptum import paths
 from ptum.config import Params, PretrainConfig, to_dict
+from ptum.hashing import sha256_bytes
 from ptum.pretrain.options import TrainOptions
 from ptum.stages import launch
 from ptum.stages.errors import reading
@@ -48,6 +50,19 @@ def report_dir(arch: str, out: Path | None) -> Path:
     return out / "reports" if out is not None else paths.pretrain_report(arch)
 
 
+def rendezvous_id(p: Params, arch: str, out: Path | None) -> str:
+    """The rendezvous id of a run over several machines: a digest of what they must agree on
+    (the architecture, the output path as given, the `pretrain:` section less `processes`, a
+    choice of each machine, and prepare.max_behaviors). Node 0 refuses a machine with another."""
+    agreed = {
+        "arch": arch,
+        "out": str(out or paths.pretrain_model(arch)),
+        "pretrain": {k: v for k, v in to_dict(p.pretrain).items() if k != "processes"},
+        "max_behaviors": p.prepare.max_behaviors,
+    }
+    return f"ptum-pretrain-{sha256_bytes(json.dumps(agreed, sort_keys=True).encode())[:16]}"
+
+
 def run(
     p: Params,
     *,
@@ -55,18 +70,37 @@ def run(
     prepared: Path = paths.PREPARED,
     out: Path | None = None,
     nproc: int = 0,
+    nnodes: int = 1,
+    node_rank: int = 0,
+    rdzv_endpoint: str | None = None,
     command: Sequence[str] = (),
 ) -> dict:
     """Pre-train `arch` (default: the first of pretrain.architectures); return its metrics.
 
-    `nproc` (0: pretrain.processes) > 1 starts `ptum *command` in that many local processes,
-    unless this already is one of them (WORLD_SIZE set, also by a user's own torchrun). With
-    `pretrain.use_tuned`, k / lam / p / lr come from the tune stage's best_params.json.
+    `nproc` (0: pretrain.processes) > 1 starts `ptum *command` in that many local processes;
+    `nnodes` > 1 starts `nproc` of them on this machine, node `node_rank` of `nnodes` meeting at
+    `rdzv_endpoint` (node 0 writes the checkpoint and reports). Neither when this already is
+    one of them (WORLD_SIZE set, also by a user's own torchrun). With `pretrain.use_tuned`,
+    k / lam / p / lr come from the tune stage's best_params.json.
     """
     arch = arch or p.pretrain.architectures[0]
     report = report_dir(arch, out)
     procs = nproc or p.pretrain.processes
-    if procs > 1 and "WORLD_SIZE" not in os.environ:
+    if "WORLD_SIZE" in os.environ:
+        launch.die_with_agent()  # a rank of `run_nodes` dies with it
+    elif launch.check_nodes(nnodes, node_rank, rdzv_endpoint) is not None:
+        launch.run_nodes(
+            ["-m", "ptum", *command],
+            nnodes=nnodes,
+            node_rank=node_rank,
+            endpoint=str(rdzv_endpoint),
+            nproc=procs,
+            run_id=rendezvous_id(p, arch, out),
+        )
+        if node_rank != 0:  # node 0's rank 0 wrote the checkpoint and reports, over there
+            return {"architecture": arch, "node_rank": node_rank, "nnodes": nnodes}
+        return json.loads((report / "metrics.json").read_text(encoding="utf-8"))
+    elif procs > 1:
         launch.run_local(["-m", "ptum", *command], procs)
         return json.loads((report / "metrics.json").read_text(encoding="utf-8"))
     ckpt = out or paths.pretrain_model(arch)
