@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -61,17 +62,20 @@ def _state(*modules: torch.nn.Module) -> list[dict[str, Tensor]]:
 
 
 class BestOnValid:
-    """Early stopping: keeps the weights of the best validation score, counts bad epochs."""
+    """Early stopping: keeps the weights of the best validation score, and what the caller
+    measured with them (`kept`: None until a score improves), counts bad epochs."""
 
     def __init__(self, patience: int, *modules: torch.nn.Module):
         self.patience, self.modules = patience, modules
         self.best, self.bad = -np.inf, 0
         self.state = _state(*modules)
+        self.kept: Any = None
 
-    def update(self, score: float) -> bool:
-        """Record an epoch's validation score; True when training should stop."""
+    def update(self, score: float, kept: Any = None) -> bool:
+        """Record an epoch's validation score (and `kept`, the validation result it comes
+        from); True when training should stop."""
         if score > self.best:
-            self.best, self.bad, self.state = score, 0, _state(*self.modules)
+            self.best, self.bad, self.state, self.kept = score, 0, _state(*self.modules), kept
             return False
         self.bad += 1
         return self.bad >= self.patience
@@ -88,13 +92,15 @@ def fit(
     stopper: BestOnValid,
     batches: Callable[[], Iterable[np.ndarray]],
     loss: Callable[[np.ndarray], Tensor],
-    valid_score: Callable[[], float],
+    validate: Callable[[], tuple[float, Any]],
     max_epochs: int,
     frozen: bool,
 ) -> int:
     """Train epochs of `batches()` (drawn anew each epoch) with `loss` until `stopper` says the
     validation score stopped improving, or `max_epochs`; restore the best weights and return
-    the number of epochs trained. A frozen user model stays in eval mode."""
+    the number of epochs trained. `validate()`: (the epoch's validation score, the validation
+    result the stopper keeps if it is the best, so the caller need not score again with the
+    restored weights). A frozen user model stays in eval mode."""
     epochs = 0
     for epoch in range(max_epochs):
         model.train(not frozen), head.train()
@@ -104,7 +110,7 @@ def fit(
             value.backward()
             opt.step()
         epochs = epoch + 1
-        if stopper.update(valid_score()):
+        if stopper.update(*validate()):
             break
     stopper.restore()
     return epochs

@@ -13,6 +13,7 @@ scored exactly once, with the selected weights, at the end of the cell.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import numpy as np
@@ -51,9 +52,14 @@ class _DemoNet:
         frozen: bool,
         wide: np.ndarray | None,
         device: torch.device,
+        frozen_vectors: Tensor | None = None,
     ) -> _DemoNet:
-        """Frozen: every row's user vector computed once, here."""
-        vectors = all_user_vectors(model, corpus, device) if frozen else None
+        """Frozen: every row's user vector computed once, here (or given: `frozen_vectors`)."""
+        vectors = None
+        if frozen:
+            vectors = frozen_vectors
+            if vectors is None:
+                vectors = demo_frozen_vectors(model, corpus, device)
         wide_t = torch.from_numpy(wide).to(device) if wide is not None else None
         return _DemoNet(model, head, corpus, device, vectors, wide_t)
 
@@ -72,6 +78,18 @@ class _DemoNet:
         self.model.eval(), self.head.eval()
         out = [self.logits(rows[i : i + 256]).argmax(-1).cpu() for i in range(0, len(rows), 256)]
         return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.int64)
+
+
+def demo_frozen_vectors(
+    pretrained: UserModel, corpus: Corpus, device: torch.device | None = None
+) -> Tensor:
+    """(rows, D) user vector of every corpus row under the pre-trained model in eval mode: what
+    a frozen Demo cell's head reads. They depend on the model and the corpus only (not on the
+    split, label, ratio, seed or options), so a grid worker computes them once per model and
+    hands them to every frozen cell (run_demo's `frozen_vectors`). `pretrained` is not
+    modified (a copy goes to eval mode)."""
+    device = device or torch.device("cpu")
+    return all_user_vectors(copy.deepcopy(pretrained).to(device), corpus, device)
 
 
 def _class_weights(
@@ -101,6 +119,7 @@ def run_demo(
     select: str = "acc",
     device: torch.device | None = None,
     wide: np.ndarray | None = None,
+    frozen_vectors: Tensor | None = None,
 ) -> CellRun:
     """Train one demographic cell; its result holds validation-selected test metrics.
 
@@ -108,13 +127,15 @@ def run_demo(
     train_rows: the rows of the training subset (ratio) with a label.
     wide: optional (rows, n_classes) logits added to the head's (a fixed "wide" input, e.g.
         baselines.tfidf_lr_logits); the head then learns a correction from the user vector.
+    frozen_vectors: frozen mode's (rows, D) user vectors, `demo_frozen_vectors(pretrained,
+        corpus)` computed once by the caller (None: computed here; other modes ignore it).
     """
     device = device or torch.device("cpu")
     model = init_model(pretrained, mode, seed).to(device)
     torch.manual_seed(seed + 1)
     head = DemoHead(dim=model.config.dim, hidden=opts.head_hidden, classes=n_classes).to(device)
     frozen = mode == "frozen"
-    net = _DemoNet.build(model, head, corpus, frozen, wide, device)
+    net = _DemoNet.build(model, head, corpus, frozen, wide, device, frozen_vectors)
     valid_rows = np.flatnonzero((split == "valid") & (y >= 0))
     test_rows = np.flatnonzero((split == "test") & (y >= 0))
     weight = _class_weights(opts.class_weight, y[train_rows], n_classes, device)
@@ -127,17 +148,21 @@ def run_demo(
     def loss(batch: np.ndarray) -> Tensor:
         return F.cross_entropy(net.logits(batch), y_t[batch], weight=weight)
 
-    def valid_score() -> float:
-        return _demo_scores(y[valid_rows], net.predict(valid_rows), n_classes)[select]
+    def validate() -> tuple[float, dict[str, float]]:
+        scores = _demo_scores(y[valid_rows], net.predict(valid_rows), n_classes)
+        return scores[select], scores
 
     opt, stopper = optimizer(model, head, mode, opts), BestOnValid(opts.patience, model, head)
     if wide is not None:
         # Start from the wide model exactly (the head's output layer at zero) and let early
         # stopping keep it if no epoch of learning from the user vector improves validation.
         torch.nn.init.zeros_(head.out.weight), torch.nn.init.zeros_(head.out.bias)
-        stopper.update(valid_score())
-    epochs = fit(model, head, opt, stopper, batches, loss, valid_score, opts.max_epochs, frozen)
-    result = _demo_result(net, y, n_classes, epochs, train_rows, valid_rows, test_rows)
+        stopper.update(*validate())
+    epochs = fit(model, head, opt, stopper, batches, loss, validate, opts.max_epochs, frozen)
+    # The best epoch's validation scores are those of the restored weights (eval mode is
+    # deterministic); None only when no score improved on -inf (no epoch ran, or NaN).
+    valid = stopper.kept if stopper.kept is not None else validate()[1]
+    result = _demo_result(net, y, n_classes, epochs, valid, train_rows, (valid_rows, test_rows))
     return CellRun(result, model, head)
 
 
@@ -146,12 +171,13 @@ def _demo_result(
     y: np.ndarray,
     n_classes: int,
     epochs: int,
+    valid: dict[str, float],
     train_rows: np.ndarray,
-    valid_rows: np.ndarray,
-    test_rows: np.ndarray,
+    held_out: tuple[np.ndarray, np.ndarray],
 ) -> dict:
-    """A Demo cell's result, its test split scored once, with the selected weights."""
-    valid = _demo_scores(y[valid_rows], net.predict(valid_rows), n_classes)
+    """A Demo cell's result, its test split scored once, with the selected weights (`valid`:
+    their validation scores; held_out: the validation and test rows)."""
+    valid_rows, test_rows = held_out
     test_pred = net.predict(test_rows)  # the test split's only use
     return {
         "valid": valid,
@@ -234,10 +260,35 @@ class _CtrNet:
         return idx, (torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32))
 
 
+def ctr_frozen_vectors(
+    pretrained: UserModel, data: CtrData, device: torch.device | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """((train-window users, D), (test-window users, D), (items, D)): the user vectors of both
+    history corpora and every item's vector under the pre-trained model in eval mode, what a
+    frozen CTR cell's head reads. They depend on the model, the histories and the item tokens
+    only (not on the split, ratio, seed or options), so a grid worker computes them once per
+    model and hands them to every frozen cell (run_ctr's `frozen_vectors`). `pretrained` is
+    not modified (a copy goes to eval mode)."""
+    device = device or torch.device("cpu")
+    model = copy.deepcopy(pretrained).to(device)
+    tokens = data.hist_train.tokens.to(device)
+    return (
+        all_user_vectors(model, data.hist_train, device),
+        all_user_vectors(model, data.hist_test, device),
+        item_vectors(model, tokens, np.arange(tokens.shape[0])),
+    )
+
+
 def _ctr_net(
-    model: UserModel, data: CtrData, mode: str, opts: CellOptions, device: torch.device
+    model: UserModel,
+    data: CtrData,
+    mode: str,
+    opts: CellOptions,
+    device: torch.device,
+    frozen_vectors: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> _CtrNet:
-    """The CTR head of `opts.ctr_scoring` on `model`, with what scoring needs."""
+    """The CTR head of `opts.ctr_scoring` on `model`, with what scoring needs (frozen mode:
+    `frozen_vectors`, or computed here when None)."""
     tokens = data.hist_train.tokens.to(device)
     users = data.user if data.user is not None else data.row
     head: CtrHead | BiasedCtrHead
@@ -258,9 +309,9 @@ def _ctr_net(
     frozen = None
     if mode == "frozen":
         frozen = (
-            all_user_vectors(model, data.hist_train, device),
-            all_user_vectors(model, data.hist_test, device),
-            item_vectors(model, tokens, np.arange(tokens.shape[0])),
+            frozen_vectors
+            if frozen_vectors is not None
+            else ctr_frozen_vectors(model, data, device)
         )
     user_index = torch.from_numpy(users.astype(np.int64)).to(device)
     return _CtrNet(model, head, data, tokens, device, frozen, user_index, log_pop)
@@ -285,13 +336,16 @@ def run_ctr(
     seed: int,
     opts: CellOptions,
     device: torch.device | None = None,
+    frozen_vectors: tuple[Tensor, Tensor, Tensor] | None = None,
 ) -> CellRun:
     """Train one CTR cell (train_idx: impressions of the training subset); its result holds the
-    validation-selected test AUC and AP."""
+    validation-selected test AUC and AP. frozen_vectors: frozen mode's vectors,
+    `ctr_frozen_vectors(pretrained, data)` computed once by the caller (None: computed here;
+    other modes ignore it)."""
     device = device or torch.device("cpu")
     model = init_model(pretrained, mode, seed).to(device)
     torch.manual_seed(seed + 1)
-    net = _ctr_net(model, data, mode, opts, device)
+    net = _ctr_net(model, data, mode, opts, device, frozen_vectors)
     y = torch.from_numpy(data.clicked.astype(np.float32)).to(device)
     valid_idx = np.flatnonzero(data.window == "valid")
     test_idx = np.flatnonzero(data.window == "test")
@@ -307,8 +361,9 @@ def run_ctr(
             net.logits(batch, False), y[torch.from_numpy(batch)]
         )
 
-    def valid_score() -> float:
-        return score(valid_idx)["auc"]
+    def validate() -> tuple[float, dict[str, float]]:
+        scores = score(valid_idx)
+        return scores["auc"], scores
 
     def batches() -> list[np.ndarray]:
         order = bucketed_order(lengths, per_batch, rng)
@@ -319,8 +374,11 @@ def run_ctr(
 
     head, opt, frozen = net.head, optimizer(model, net.head, mode, opts), mode == "frozen"
     stopper = BestOnValid(opts.patience, model, head)
-    epochs = fit(model, head, opt, stopper, batches, loss, valid_score, opts.max_epochs, frozen)
-    result = _ctr_result(net, score(valid_idx), epochs, train_idx, valid_idx, test_idx)
+    epochs = fit(model, head, opt, stopper, batches, loss, validate, opts.max_epochs, frozen)
+    # The best epoch's validation scores are those of the restored weights (eval mode is
+    # deterministic); None only when no epoch improved on -inf (none ran, or every AUC is NaN).
+    valid = stopper.kept if stopper.kept is not None else score(valid_idx)
+    result = _ctr_result(net, valid, epochs, train_idx, valid_idx, test_idx)
     return CellRun(result, model, head)
 
 

@@ -12,7 +12,7 @@ import ptum.finetune.train as ft
 from ptum.config import FinetuneConfig
 from ptum.finetune.data import load_ctr, load_demo
 from ptum.finetune.loop import optimizer
-from ptum.finetune.metrics import accuracy, roc_auc
+from ptum.finetune.metrics import accuracy, average_precision, roc_auc
 from ptum.heads import BiasedCtrHead, log_popularity
 from ptum.models.user_model import ModelConfig, UserModel
 from ptum.stages.finetune import cell_options
@@ -240,3 +240,30 @@ def test_biased_head_starts_as_the_dot_product_and_falls_back_to_popularity():
     assert head.pop_weight.item() != 0
     ub = head.user_bias.weight.squeeze(-1).detach()
     assert ub[0] > 0 > ub[1] and ub[2] == 0  # user 2 had no impression: the vector term only
+
+
+def test_the_reported_validation_scores_are_those_of_the_selected_weights(
+    pretrained, demo, tiny_pipeline
+):
+    """A cell keeps the best epoch's validation scores instead of scoring validation again
+    after restoring that epoch's weights: the same numbers."""
+    cpu = torch.device("cpu")
+    y, classes = demo.labels["gender"]
+    valid_rows = np.flatnonzero((demo.split == "valid") & (y >= 0))
+    wide = np.random.default_rng(0).normal(size=(len(y), len(classes))).astype(np.float32)
+    for kw in ({}, {"wide": wide}):
+        run = _demo(pretrained, demo, "finetune", **kw)
+        net = ft._DemoNet.build(run.model, run.head, demo.corpus, False, kw.get("wide"), cpu)
+        again = ft._demo_scores(y[valid_rows], net.predict(valid_rows), len(classes))
+        assert run.result["valid"] == again and run.result["epochs"] >= 1
+
+    d = tiny_pipeline
+    data = load_ctr(d / "prepared", d / "tokenized", 20, [1.0]).data
+    train_idx = np.flatnonzero(data.window == "train")
+    run = ft.run_ctr(
+        pretrained=pretrained, data=data, train_idx=train_idx, mode="finetune", seed=0, opts=OPTS
+    )
+    net = replace(ft._ctr_net(run.model, data, "finetune", OPTS, cpu), head=run.head)
+    idx, s = net.predict(np.flatnonzero(data.window == "valid"), False)
+    again = {"auc": roc_auc(data.clicked[idx], s), "ap": average_precision(data.clicked[idx], s)}
+    assert run.result["valid"] == again
