@@ -228,15 +228,21 @@ def _tests(tests: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def _git_rev() -> str:
+def _git_rev(code: Path = Path(__file__).resolve().parent) -> str:
+    """Short commit of the code that made the report, marked when files under `code` differ from
+    it. Only the code counts: a result set's own outputs (dvc.lock, reports) are rewritten by
+    the very run that makes this report."""
     try:
+        git = ["git", "-C", str(code)]
         rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+            [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
         dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+            [*git, "status", "--porcelain", "--untracked-files=no", "--", "."],
+            capture_output=True,
+            text=True,
         ).stdout.strip()
-        return rev + (" (with uncommitted changes)" if dirty else "")
+        return rev + (" (with uncommitted changes to ptum/)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 

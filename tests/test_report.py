@@ -51,3 +51,31 @@ def test_a_task_that_was_not_available_is_a_section_that_says_why(tmp_path):
     assert demo.lstrip().startswith(f"Not available on this data: {why}.")
     assert f"demo: not available on this data: {why}." in text
     assert "## CTR" not in text  # a task that was not run at all is left out
+
+
+def test_the_revision_is_marked_dirty_by_code_changes_only(tmp_path):
+    import subprocess
+
+    from ptum.report import _git_rev
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+
+    code = tmp_path / "ptum"
+    code.mkdir()
+    (code / "m.py").write_text("x = 1\n")
+    (tmp_path / "dvc.lock").write_text("a\n")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "c")
+    rev = subprocess.run(
+        ["git", "-C", str(tmp_path), "rev-parse", "--short", "HEAD"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    (tmp_path / "dvc.lock").write_text("b\n")  # the run's own output: not a code change
+    assert _git_rev(code) == rev
+    (code / "m.py").write_text("x = 2\n")
+    assert _git_rev(code) == f"{rev} (with uncommitted changes to ptum/)"
+    assert _git_rev(tmp_path / "missing") == "unknown"
