@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 from ptum import paths
 from ptum.config import Params, TuneConfig, to_dict
-from ptum.stages.errors import reading
+from ptum.stages.errors import StageError, reading
 from ptum.stages.finetune import cell_options
 from ptum.stages.pretrain import train_options
 from ptum.tune import (
     SearchSpace,
     StudySpec,
     TrialSetup,
+    WorkerFailed,
     check_store,
     default_study_name,
     tune,
@@ -76,7 +79,7 @@ def run(
     setup = trial_setup(p, prepared=prepared)
     name = p.tune.study_name or default_study_name(setup, p.tune.seed)
     spec = study_spec(p.tune, study_name=name, worker=worker)
-    with reading(prepared, paths.TOKENIZED):
+    with reading(prepared, paths.TOKENIZED), _worker_failures():
         summary = tune(
             setup=setup,
             spec=spec,
@@ -85,3 +88,13 @@ def run(
             n_workers=workers or p.tune.workers,
         )
     return {k: v for k, v in summary.items() if k != "pareto_front"}
+
+
+@contextmanager
+def _worker_failures() -> Iterator[None]:
+    """A local worker that failed or was killed is a one-line error, not a bug: the study keeps
+    its finished trials and a rerun resumes it (the worker's own error is printed above)."""
+    try:
+        yield
+    except WorkerFailed as exc:
+        raise StageError(f"tune: {exc}") from exc

@@ -22,7 +22,7 @@ from ptum.tune.integrity import StudyDamaged, check_store, check_values
 from ptum.tune.objective import load_data, make_objective
 from ptum.tune.outputs import write_outputs
 from ptum.tune.plots import write_plots
-from ptum.tune.search import run_worker, tune
+from ptum.tune.search import WorkerFailed, run_worker, tune
 from ptum.tune.storage import make_storage
 from ptum.tune.study import (
     PRUNERS,
@@ -44,6 +44,7 @@ __all__ = [
     "StorageUnreachable",
     "StudySpec",
     "TrialSetup",
+    "WorkerFailed",
     "check_store",
     "check_values",
     "default_study_name",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -164,6 +165,24 @@ def _run_workers(
             p.join(timeout=1.0)
             bar.refresh()  # a no-op when stderr is not a terminal
     bar.close()
-    failed = [p.name for p in procs if p.exitcode != 0]
+    failed = [_how_it_ended(p.name, p.exitcode) for p in procs if p.exitcode != 0]
     if failed:
-        raise RuntimeError(f"tune: worker(s) {failed} failed; rerun to resume the study")
+        raise WorkerFailed(
+            f"{'; '.join(failed)}; the study keeps every finished trial: rerun `ptum tune` "
+            "to resume it"
+        )
+
+
+class WorkerFailed(RuntimeError):
+    """A local tuning worker process ended with an error or was killed."""
+
+
+def _how_it_ended(name: str, exitcode: int | None) -> str:
+    """'tune-worker-1 was killed by SIGKILL' or 'tune-worker-0 failed (exit code 1, its error
+    is above)'."""
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"{name} was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"{name} was killed by signal {-exitcode}"
+    return f"{name} failed (exit code {exitcode}, its error is above)"

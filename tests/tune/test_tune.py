@@ -506,3 +506,18 @@ def test_no_task_to_score_trials_on_is_reported_without_a_study(
     }
     assert json.loads((out / "figures" / "study.json").read_text()) == summary
     assert not db.exists() and setup.work_dir is not None and setup.work_dir.is_dir()
+
+
+def test_a_failed_or_killed_local_worker_is_one_line_that_says_how_to_resume(monkeypatch):
+    import ptum.stages.tune as stage
+    from ptum.stages.errors import StageError
+    from ptum.tune.search import WorkerFailed, _how_it_ended
+
+    assert _how_it_ended("tune-worker-1", -9) == "tune-worker-1 was killed by SIGKILL"
+    assert (
+        _how_it_ended("tune-worker-0", 1)
+        == "tune-worker-0 failed (exit code 1, its error is above)"
+    )
+    with pytest.raises(StageError, match=r"^tune: tune-worker-1 was killed by SIGKILL; .*rerun"):
+        with stage._worker_failures():
+            raise WorkerFailed("tune-worker-1 was killed by SIGKILL; rerun `ptum tune`")
