@@ -33,8 +33,8 @@ from ptum import checkpoint
 from ptum.config import load_params
 from ptum.finetune.baselines import tfidf_lr_logits
 from ptum.finetune.data import load_demo
+from ptum.finetune.demo import run_demo
 from ptum.finetune.metrics import accuracy
-from ptum.finetune.train import run_demo
 from ptum.stages.finetune import cell_options
 
 ROOT = Path(__file__).resolve().parents[1]

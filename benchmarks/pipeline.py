@@ -46,7 +46,11 @@ torch.set_num_threads(1)
 from ptum import checkpoint
 from ptum.config import load_params
 from ptum.finetune.data import load_demo, load_ctr
-from ptum.finetune.train import run_demo, run_ctr
+try:
+    from ptum.finetune.ctr import run_ctr
+    from ptum.finetune.demo import run_demo
+except ImportError:
+    from ptum.finetune.train import run_demo, run_ctr
 try:
     from ptum.stages.finetune import cell_options
 except ImportError:

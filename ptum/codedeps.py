@@ -68,7 +68,7 @@ def closure(start: Iterable[Path]) -> set[Path]:
 
 
 def module_closure(*modules: str) -> list[Path]:
-    """The sorted import closure of the named ptum modules (e.g. "ptum.finetune.train")."""
+    """The sorted import closure of the named ptum modules (e.g. "ptum.finetune.cell")."""
     files = [module_file(m) for m in modules]
     missing = [m for m, f in zip(modules, files, strict=True) if f is None]
     if missing:

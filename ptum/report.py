@@ -228,7 +228,10 @@ def _tests(tests: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def _git_rev(code: Path = Path(__file__).resolve().parent) -> str:
+CODE = Path(__file__).resolve().parent  # the ptum package: what marks a report's revision dirty
+
+
+def _git_rev(code: Path = CODE) -> str:
     """Short commit of the code that made the report, marked when files under `code` differ from
     it. Only the code counts: a result set's own outputs (dvc.lock, reports) are rewritten by
     the very run that makes this report."""

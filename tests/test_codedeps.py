@@ -13,9 +13,9 @@ def _rel(paths):
 
 
 def test_closure_follows_imports_transitively_and_stops_at_the_package():
-    files = _rel(module_closure("ptum.finetune.train"))
-    # train -> data.corpus -> data.verified -> hashing (transitive), train -> models.layers
-    assert {"ptum/finetune/train.py", "ptum/data/verified.py", "ptum/hashing.py"} <= files
+    files = _rel(module_closure("ptum.finetune.demo"))
+    # demo -> data.corpus -> data.verified -> hashing (transitive), demo -> models.layers
+    assert {"ptum/finetune/demo.py", "ptum/data/verified.py", "ptum/hashing.py"} <= files
     assert "ptum/models/layers.py" in files
     # fine-tuning runs no pre-training code
     assert not any(f.startswith(("ptum/tune", "ptum/serving", "ptum/pretrain")) for f in files)

@@ -15,7 +15,7 @@ from ptum.io import atomic_write_text
 
 if TYPE_CHECKING:
     from ptum.finetune.cells import Cell, SplitSpec
-    from ptum.finetune.train import CellOptions
+    from ptum.finetune.options import CellOptions
 
 
 class CacheEntryCorrupt(ValueError):

@@ -20,10 +20,11 @@ from torch import Tensor
 
 from ptum.finetune.baselines import run_ctr_baseline, run_demo_baseline, tfidf_lr_logits
 from ptum.finetune.cells import Cell, GridOptions, SplitSpec
+from ptum.finetune.ctr import ctr_frozen_vectors, run_ctr
 from ptum.finetune.data import CtrTask, DemoTask
+from ptum.finetune.demo import demo_frozen_vectors, run_demo
 from ptum.finetune.factors import Factors
 from ptum.finetune.options import CellOptions
-from ptum.finetune.train import ctr_frozen_vectors, demo_frozen_vectors, run_ctr, run_demo
 from ptum.models.user_model import UserModel
 
 
@@ -39,7 +40,7 @@ class Worker:
     splits: dict[int, DemoTask | CtrTask] = field(default_factory=dict)
     # (label, ratio, seed, select) -> tfidf_lr_logits: the same for every mode and class weight
     wides: dict[tuple[str, float, int, str], np.ndarray] = field(default_factory=dict)
-    # model -> frozen mode's vectors (train.demo_frozen_vectors / train.ctr_frozen_vectors):
+    # model -> frozen mode's vectors (demo.demo_frozen_vectors / ctr.ctr_frozen_vectors):
     # they depend on the model and the task's histories only, which no repeat re-draws.
     frozen: dict[str, Tensor | tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
 

@@ -21,7 +21,7 @@ import polars as pl
 from ptum.data import verified
 from ptum.data.corpus import Corpus, load_corpus
 from ptum.data.prepare.splits import ratio_column, split_impressions, split_labels
-from ptum.finetune.train import CtrData
+from ptum.finetune.ctr import CtrData
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,14 @@
-"""What the Demo and CTR cells share: the model a mode starts from, the optimizer's learning
-rates, and the epoch loop with early stopping on validation."""
+"""What the Demo and CTR cells (`ptum.finetune.demo`, `ptum.finetune.ctr`) share: the model a
+mode starts from, the optimizer's learning rates, the epoch loop with early stopping on
+validation, and the result's split sizes.
+
+Modes (paper Tables 2-3):
+    scratch   the architecture of the pre-trained checkpoint, randomly initialised, trained end
+              to end on the task;
+    frozen    "+PTUM (no finetune)": the pre-trained user model is fixed; user (and candidate)
+              vectors are computed once and only the head trains;
+    finetune  "+PTUM (finetune)": pre-trained weights, everything trains.
+"""
 
 from __future__ import annotations
 
@@ -25,6 +34,11 @@ class CellRun:
     result: dict
     model: UserModel
     head: torch.nn.Module
+
+
+def split_sizes(train: np.ndarray, valid: np.ndarray, test: np.ndarray) -> dict[str, int]:
+    """The result's split sizes: rows (Demo) or impressions (CTR) of each split."""
+    return {"n_train": len(train), "n_valid": len(valid), "n_test": len(test)}
 
 
 def init_model(pretrained: UserModel, mode: str, seed: int) -> UserModel:

@@ -21,9 +21,10 @@ from tqdm import tqdm
 from ptum import checkpoint
 from ptum.data.corpus import read_tokens
 from ptum.data.prepare import available_tasks
+from ptum.finetune.ctr import run_ctr
 from ptum.finetune.data import load_ctr, load_demo
+from ptum.finetune.demo import run_demo
 from ptum.finetune.options import CellOptions
-from ptum.finetune.train import run_ctr, run_demo
 from ptum.heads import BiasedCtrHead, CtrHead, DemoHead
 from ptum.models.id_vocab import item_table_digest
 from ptum.models.user_model import UserModel

@@ -7,6 +7,7 @@ function that does the work. The returned dict is the stage's summary, printed b
 
     params.yaml section -> ptum.stages.STAGE.run -> library function -> files under ptum.paths
 
-`ptum.cli` parses arguments and dispatches here; `errors` is the CLI's error policy and
-`launch` the loopback-only launcher of data-parallel pre-training.
+`ptum.cli` parses arguments and dispatches here; `errors` is the CLI's error policy, `launch`
+the loopback-only launcher of data-parallel pre-training on this machine and `multinode` its
+launcher across machines (torch's elastic agent).
 """

@@ -1,9 +1,10 @@
 """Stage `pretrain@ARCH`: pre-train one user model with MBP + NBP (models/pretrain/ARCH).
 
 With more than one process (`pretrain.processes`, `ptum pretrain --nproc N`) the same `ptum`
-command runs once per data-parallel rank, started by `ptum.stages.launch` on this machine, or on
-each of several machines (`--nnodes N --node-rank R --rdzv-endpoint HOST:PORT`); each rank then
-comes back here with WORLD_SIZE set and joins the process group in the library.
+command runs once per data-parallel rank, started by `ptum.stages.launch` on this machine, or by
+`ptum.stages.multinode` on each of several machines (`--nnodes N --node-rank R --rdzv-endpoint
+HOST:PORT`); each rank then comes back here with WORLD_SIZE set and joins the process group in
+the library.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ptum import paths
 from ptum.config import Params, PretrainConfig, to_dict
 from ptum.hashing import sha256_bytes
 from ptum.pretrain.options import TrainOptions
-from ptum.stages import launch
+from ptum.stages import launch, multinode
 from ptum.stages.errors import reading
 
 
@@ -87,9 +88,9 @@ def run(
     report = report_dir(arch, out)
     procs = nproc or p.pretrain.processes
     if "WORLD_SIZE" in os.environ:
-        launch.die_with_agent()  # a rank of `run_nodes` dies with it
-    elif launch.check_nodes(nnodes, node_rank, rdzv_endpoint) is not None:
-        launch.run_nodes(
+        multinode.die_with_agent()  # a rank of `run_nodes` dies with it
+    elif multinode.check_nodes(nnodes, node_rank, rdzv_endpoint) is not None:
+        multinode.run_nodes(
             ["-m", "ptum", *command],
             nnodes=nnodes,
             node_rank=node_rank,

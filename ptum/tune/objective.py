@@ -34,9 +34,10 @@ import optuna
 import torch
 
 from ptum import checkpoint
+from ptum.finetune.ctr import run_ctr
 from ptum.finetune.data import CtrTask, DemoTask, load_ctr, load_demo
+from ptum.finetune.demo import run_demo
 from ptum.finetune.options import CellOptions
-from ptum.finetune.train import run_ctr, run_demo
 from ptum.models.user_model import UserModel
 from ptum.pretrain.options import TrainOptions, pick_device
 from ptum.pretrain.setup import PretrainInputs, load_inputs

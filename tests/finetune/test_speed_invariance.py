@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import ptum.finetune.cell as cell_module
-import ptum.finetune.train as ft
+import ptum.finetune.ctr as ctr_cell
+import ptum.finetune.demo as demo_cell
 from ptum import checkpoint
 from ptum.config import FinetuneConfig
 from ptum.data.corpus import tokenizer_digest
@@ -21,6 +22,7 @@ from ptum.finetune.cell import Worker
 from ptum.finetune.cells import GridAxes
 from ptum.finetune.data import load_ctr, load_demo
 from ptum.finetune.grid import run_grid
+from ptum.finetune.loop import CellRun
 from ptum.models.user_model import ModelConfig, UserModel
 from ptum.stages.finetune import cell_options, grid_options
 from tests.finetune.conftest import SPLIT
@@ -88,16 +90,16 @@ def test_given_frozen_vectors_give_a_demo_cell_the_result_it_computes_alone(
     pretrained = _model(drop_ckpts, "hsa")
     pretrained.train()
     before = {k: v.clone() for k, v in pretrained.state_dict().items()}
-    vectors = ft.demo_frozen_vectors(pretrained, demo.corpus)
+    vectors = demo_cell.demo_frozen_vectors(pretrained, demo.corpus)
     # The shared model is left as it was: weights and training mode.
     assert pretrained.training
     assert all(torch.equal(before[k], v) for k, v in pretrained.state_dict().items())
     y, classes = demo.labels["gender"]
     wide = tfidf_lr_logits(demo, "gender", 1.0, select="acc", seed=3)
 
-    def run(**kw) -> ft.CellRun:
+    def run(**kw) -> CellRun:
         torch.manual_seed(999)  # what ran before must not matter either
-        return ft.run_demo(
+        return demo_cell.run_demo(
             pretrained=pretrained,
             corpus=demo.corpus,
             y=y,
@@ -124,9 +126,9 @@ def test_given_frozen_vectors_give_a_ctr_cell_the_result_it_computes_alone(
     d = tiny_pipeline
     task = load_ctr(d / "prepared", d / "tokenized", 20, [1.0])
     pretrained = _model(drop_ckpts, "nativectr")
-    vectors = ft.ctr_frozen_vectors(pretrained, task.data)
+    vectors = ctr_cell.ctr_frozen_vectors(pretrained, task.data)
     runs = [
-        ft.run_ctr(
+        ctr_cell.run_ctr(
             pretrained=pretrained,
             data=task.data,
             train_idx=np.flatnonzero(task.subsets[1.0]),

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import ptum.finetune.train as ft
+import ptum.finetune.ctr as ctr_cell
+import ptum.finetune.demo as demo_cell
 from ptum.config import FinetuneConfig
 from ptum.finetune.data import load_ctr, load_demo
 from ptum.finetune.loop import optimizer
@@ -50,7 +51,7 @@ def demo(tiny_pipeline):
 def _demo(pretrained, demo, mode, **kw):
     y, classes = demo.labels["gender"]
     rows = np.flatnonzero(demo.subsets[1.0] & (y >= 0))
-    return ft.run_demo(
+    return demo_cell.run_demo(
         pretrained=pretrained,
         corpus=demo.corpus,
         y=y,
@@ -103,7 +104,7 @@ def test_encoder_lr_scale_sets_the_encoder_learning_rate(pretrained):
 
 def test_finetune_with_a_smaller_encoder_lr_moves_the_encoder_less(pretrained, demo):
     def shift(scale: float) -> float:
-        out = ft.run_demo(
+        out = demo_cell.run_demo(
             pretrained=pretrained,
             corpus=demo.corpus,
             y=demo.labels["gender"][0],
@@ -128,7 +129,7 @@ def test_test_split_is_scored_once_after_training(pretrained, demo, monkeypatch)
     steps = {"n": 0}
     calls: list[tuple[int, set[int]]] = []
     orig_step = torch.optim.AdamW.step
-    orig_vectors = ft.user_vectors
+    orig_vectors = demo_cell.user_vectors
 
     def step(self, *a, **k):
         steps["n"] += 1
@@ -139,7 +140,7 @@ def test_test_split_is_scored_once_after_training(pretrained, demo, monkeypatch)
         return orig_vectors(model, corpus, rows, device)
 
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
-    monkeypatch.setattr(ft, "user_vectors", vectors)
+    monkeypatch.setattr(demo_cell, "user_vectors", vectors)
     _demo(pretrained, demo, "finetune")
     touching = [(s, rows) for s, rows in calls if rows & test_rows]
     assert touching, "the test split was never scored"
@@ -157,7 +158,7 @@ def test_ctr_cell_runs_every_mode(pretrained, tiny_pipeline):
     assert set(task.data.window) == {"train", "valid", "test"}
     train_idx = np.flatnonzero(task.subsets[1.0])
     for mode in ("scratch", "frozen", "finetune"):
-        run = ft.run_ctr(
+        run = ctr_cell.run_ctr(
             pretrained=pretrained,
             data=task.data,
             train_idx=train_idx,
@@ -182,7 +183,7 @@ def test_a_demo_head_with_a_wide_input_starts_from_it_exactly(pretrained, demo):
     # lr ~ 0: nothing learns, so the cell predicts the wide input's argmax on every test row.
     opts = replace(OPTS, lr=1e-12, max_epochs=2)
     rows = np.flatnonzero(demo.subsets[1.0] & (y >= 0))
-    r = ft.run_demo(
+    r = demo_cell.run_demo(
         pretrained=pretrained,
         corpus=demo.corpus,
         y=y,
@@ -205,7 +206,7 @@ def test_biased_ctr_head_trains_every_mode_and_scores_what_it_saves(pretrained, 
     d = tiny_pipeline
     task = load_ctr(d / "prepared", d / "tokenized", 20, [1.0])
     for mode in ("frozen", "finetune"):
-        run = ft.run_ctr(
+        run = ctr_cell.run_ctr(
             pretrained=pretrained,
             data=task.data,
             train_idx=np.flatnonzero(task.subsets[1.0]),
@@ -253,17 +254,17 @@ def test_the_reported_validation_scores_are_those_of_the_selected_weights(
     wide = np.random.default_rng(0).normal(size=(len(y), len(classes))).astype(np.float32)
     for kw in ({}, {"wide": wide}):
         run = _demo(pretrained, demo, "finetune", **kw)
-        net = ft._DemoNet.build(run.model, run.head, demo.corpus, False, kw.get("wide"), cpu)
-        again = ft._demo_scores(y[valid_rows], net.predict(valid_rows), len(classes))
+        net = demo_cell._DemoNet.build(run.model, run.head, demo.corpus, False, kw.get("wide"), cpu)
+        again = demo_cell._demo_scores(y[valid_rows], net.predict(valid_rows), len(classes))
         assert run.result["valid"] == again and run.result["epochs"] >= 1
 
     d = tiny_pipeline
     data = load_ctr(d / "prepared", d / "tokenized", 20, [1.0]).data
     train_idx = np.flatnonzero(data.window == "train")
-    run = ft.run_ctr(
+    run = ctr_cell.run_ctr(
         pretrained=pretrained, data=data, train_idx=train_idx, mode="finetune", seed=0, opts=OPTS
     )
-    net = replace(ft._ctr_net(run.model, data, "finetune", OPTS, cpu), head=run.head)
+    net = replace(ctr_cell._ctr_net(run.model, data, "finetune", OPTS, cpu), head=run.head)
     idx, s = net.predict(np.flatnonzero(data.window == "valid"), False)
     again = {"auc": roc_auc(data.clicked[idx], s), "ap": average_precision(data.clicked[idx], s)}
     assert run.result["valid"] == again

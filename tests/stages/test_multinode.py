@@ -1,5 +1,5 @@
 """`ptum pretrain --nnodes N --node-rank R --rdzv-endpoint HOST:PORT`: pre-training across
-machines with torch's elastic agent and c10d rendezvous (`ptum.stages.launch.run_nodes`).
+machines with torch's elastic agent and c10d rendezvous (`ptum.stages.multinode.run_nodes`).
 
 Two "machines" here are two `ptum` processes on 127.0.0.1 sharing one project directory: they
 must meet, not trip over the output's lock, and train exactly what `--nproc 2` trains.
@@ -23,7 +23,7 @@ import torch
 
 from ptum import cli, locks
 from ptum.config import Params
-from ptum.stages import launch
+from ptum.stages import launch, multinode
 from ptum.stages.pretrain import rendezvous_id
 from tests.pretrain.test_train import _project, _ptum, _weights
 from tests.stages.test_launch import LINUX, _children, _listening
@@ -43,13 +43,13 @@ def _free_port() -> int:
     [("10.0.0.1:29400", ("10.0.0.1", 29400)), ("[fd00::1]:1", ("fd00::1", 1))],
 )
 def test_parse_endpoint(text, expected):
-    assert launch.parse_endpoint(text) == expected
+    assert multinode.parse_endpoint(text) == expected
 
 
 @pytest.mark.parametrize("text", ["10.0.0.1", ":29400", "h:0", "h:65536", "h:x", "fd00::1:29400"])
 def test_parse_endpoint_refuses_what_is_not_host_port(text):
     with pytest.raises(ValueError, match="expected HOST:PORT") as e:
-        launch.parse_endpoint(text)
+        multinode.parse_endpoint(text)
     assert "\n" not in str(e.value)
 
 
@@ -122,24 +122,24 @@ def test_rendezvous_id_is_what_the_machines_must_agree_on():
 
 def test_node_0_refuses_a_machine_with_another_configuration():
     port = _free_port()
-    host = launch.node_store("127.0.0.1", port, node_rank=0, run_id="a")
+    host = multinode.node_store("127.0.0.1", port, node_rank=0, run_id="a")
     try:
-        launch.node_store("127.0.0.1", port, node_rank=1, run_id="a")  # the same: welcome
+        multinode.node_store("127.0.0.1", port, node_rank=1, run_id="a")  # the same: welcome
         with pytest.raises(ValueError, match="runs another configuration.*rendezvous a"):
-            launch.node_store("127.0.0.1", port, node_rank=1, run_id="b")
+            multinode.node_store("127.0.0.1", port, node_rank=1, run_id="b")
     finally:
         del host
 
 
 def test_node_0_must_be_the_machine_at_the_endpoint():
     with pytest.raises(ValueError, match=r"--rdzv-endpoint 192\.0\.2\.1:\d+: cannot listen there"):
-        launch.node_store("192.0.2.1", _free_port(), node_rank=0, run_id="a")  # TEST-NET-1
+        multinode.node_store("192.0.2.1", _free_port(), node_rank=0, run_id="a")  # TEST-NET-1
 
 
 @pytest.mark.skipif(not LINUX, reason="reads /proc/net/tcp")
 def test_node_0_listens_on_the_endpoints_address_only():
     port = _free_port()
-    store = launch.node_store("127.0.0.1", port, node_rank=0, run_id="a")
+    store = multinode.node_store("127.0.0.1", port, node_rank=0, run_id="a")
     try:
         assert {(a, p) for a, p in _listening({os.getpid()}) if p == port} == {("127.0.0.1", port)}
     finally:
@@ -147,12 +147,12 @@ def test_node_0_listens_on_the_endpoints_address_only():
 
 
 def test_node_env_points_ranks_at_their_agent_and_loopback(monkeypatch):
-    env = launch.node_env({}, "127.0.0.1")
-    assert env[launch.AGENT_ENV].isdigit() and env["OMP_NUM_THREADS"] == "1"
+    env = multinode.node_env({}, "127.0.0.1")
+    assert env[multinode.AGENT_ENV].isdigit() and env["OMP_NUM_THREADS"] == "1"
     assert env["GLOO_SOCKET_IFNAME"] == launch.loopback_interface()
     # Another machine's address: gloo's interface is the user's choice (GLOO_SOCKET_IFNAME).
-    assert "GLOO_SOCKET_IFNAME" not in launch.node_env({}, "192.0.2.1")
-    assert "OMP_NUM_THREADS" not in launch.node_env({"OMP_NUM_THREADS": "4"}, "192.0.2.1")
+    assert "GLOO_SOCKET_IFNAME" not in multinode.node_env({}, "192.0.2.1")
+    assert "OMP_NUM_THREADS" not in multinode.node_env({"OMP_NUM_THREADS": "4"}, "192.0.2.1")
 
 
 # ---------------------------------------------------------------- two "machines" (subprocesses)
@@ -195,9 +195,9 @@ def test_two_nodes_train_what_nproc_2_trains_bit_for_bit(tmp_path, tiny_pipeline
 NODE = textwrap.dedent(
     """
     import sys
-    from ptum.stages import launch
+    from ptum.stages import multinode
     rank_script, out, node, endpoint, *fail = sys.argv[1:]
-    launch.run_nodes(
+    multinode.run_nodes(
         [rank_script, out, node, *fail],
         nnodes=2, node_rank=int(node), endpoint=endpoint, nproc=1, run_id="test",
     )
@@ -209,8 +209,8 @@ RANK = textwrap.dedent(
     import torch, torch.distributed as dist
     out, node, *fail = sys.argv[1:]
     if fail == ["orphan"]:  # as `ptum pretrain` does in a rank: die with the agent
-        from ptum.stages import launch
-        launch.die_with_agent()
+        from ptum.stages import multinode
+        multinode.die_with_agent()
         open(os.path.join(out, "pid" + node), "w").write(str(os.getpid()))
         time.sleep(300)
     dist.init_process_group("gloo")
@@ -280,14 +280,14 @@ def test_a_failing_rank_ends_every_node(tmp_path):
 
 @pytest.mark.slow
 def test_a_machine_alone_gives_up_after_the_join_timeout(monkeypatch):
-    monkeypatch.setattr(launch, "JOIN_TIMEOUT_S", 2)
+    monkeypatch.setattr(multinode, "JOIN_TIMEOUT_S", 2)
     monkeypatch.setenv("TORCHELASTIC_SIGNALS_TO_HANDLE", "SIGTERM")  # torch sets it: restored
     endpoint = f"127.0.0.1:{_free_port()}"
     run = dict(nnodes=2, endpoint=endpoint, nproc=1, run_id="alone")
-    with pytest.raises(launch.RendezvousFailed, match="not all 2 machines joined within 2s"):
-        launch.run_nodes(["-c", "pass"], node_rank=0, **run)
+    with pytest.raises(multinode.RendezvousFailed, match="not all 2 machines joined within 2s"):
+        multinode.run_nodes(["-c", "pass"], node_rank=0, **run)
     with pytest.raises(ValueError, match="no rendezvous there.*start node 0"):
-        launch.run_nodes(["-c", "pass"], node_rank=1, **run)
+        multinode.run_nodes(["-c", "pass"], node_rank=1, **run)
 
 
 @pytest.mark.slow
