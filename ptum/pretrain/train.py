@@ -224,6 +224,22 @@ class _Run:
     id_vocab: IdVocab | None
 
 
+def _stop_agreed(stop: _StopFlag, run: _Run) -> bool:
+    """Whether any rank got a stop signal, the same answer on every rank: a signal may reach
+    one machine's ranks only (its agent was told to stop), and a save is collective, so every
+    rank must stop at the same step (one small all-reduce per step)."""
+    if run.world == 1:
+        return stop.signum is not None
+    flag = torch.tensor([stop.signum or 0], device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    # The answer is the reduced flag alone: a signal handled after the all-reduce (Python runs
+    # handlers when the blocking call returns) counts at the next step, on every rank alike.
+    agreed = int(flag.item())
+    if agreed:
+        stop.signum = agreed
+    return bool(agreed)
+
+
 @contextmanager
 def _stop_signals() -> Iterator[_StopFlag]:
     """A flag SIGTERM/SIGINT set inside the block (the previous handlers are restored after)."""
@@ -320,8 +336,8 @@ def _train_loop(
         epoch_bar.update()
         if on_epoch is not None:
             on_epoch(pos.epoch, run.model, metrics | timing)
-        if stop.signum is not None and pos.epoch < opts.epochs:
-            raise Interrupted(stop.signum)
+        if _stop_agreed(stop, run) and pos.epoch < opts.epochs:
+            raise Interrupted(stop.signum or signal.SIGTERM)
         last = metrics | timing
     if opts.max_steps and pos.epoch < opts.epochs:
         _save(run, pos, pos.epoch, opts.max_steps - pos.epoch * run.steps_per_epoch)
@@ -383,7 +399,7 @@ def _train_epoch(
         batch_bar.update()
         if batch_bar.n % 10 == 0:
             batch_bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", refresh=False)
-        if stop.signum is not None and step + 1 < run.steps_per_epoch:
+        if _stop_agreed(stop, run) and step + 1 < run.steps_per_epoch:
             _save(run, pos, epoch, step + 1)
-            raise Interrupted(stop.signum)
+            raise Interrupted(stop.signum or signal.SIGTERM)
     return ran

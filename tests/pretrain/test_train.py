@@ -189,6 +189,36 @@ def test_resume_after_kill_gives_the_same_weights(tmp_path, tiny_pipeline):
     assert [h["valid_loss"] for h in hist_a] == [h["valid_loss"] for h in hist_b]
 
 
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, tiny_pipeline):
+    # One machine's ranks only may be told to stop (its agent got SIGTERM): the others must
+    # stop with them at the same step, since the save is collective, not wait on a collective
+    # that never comes until the launcher's 30 s grace kills them.
+    run = _project(tmp_path / "run", tiny_pipeline, epochs=40, batch_size=16)
+    p = _ptum(run, "pretrain", "--arch", "hsa", "--nproc", "2")
+    ckpt = run / "models" / "pretrain" / "hsa"
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if checkpoint.exists(ckpt) and checkpoint.read_meta(ckpt)["epoch"] >= 1:
+            break
+        time.sleep(0.05)
+    ranks = _children(p.pid)
+    assert p.poll() is None and len(ranks) == 2, "run finished before it could be interrupted"
+    t0 = time.monotonic()
+    os.kill(ranks[1], signal.SIGTERM)
+    out = p.communicate(timeout=120)[0]
+    assert time.monotonic() - t0 < 20, f"ranks waited for the launcher's grace:\n{out}"
+    assert out.count("interrupted by signal 15") == 2, out  # both ranks saved and stopped
+    saved = checkpoint.read_meta(ckpt)
+    assert not saved["complete"] and 1 <= saved["epoch"] < 40
+
+
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path, tiny_pipeline):
     one = _project(tmp_path / "one", tiny_pipeline, epochs=2, batch_size=16)
