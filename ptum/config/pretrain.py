@@ -62,7 +62,8 @@ class PretrainConfig:
     # Bit-identical reruns: deterministic kernels, 1 torch thread (ptum.pretrain.train).
     deterministic: bool = True
     grad_clip: float = 1.0
-    # Data-parallel processes (torchrun; gloo on CPU, NCCL on GPU). 1 = plain single process.
+    # Data-parallel processes on this machine (ptum.stages.launch: loopback store; gloo on CPU,
+    # NCCL on GPU). 1 = plain single process. Several machines: ptum pretrain --nnodes.
     processes: int = 1
     device: str = "auto"
     # Take k / lam / p / lr from the tuning stage's best_params.json.

@@ -38,7 +38,8 @@ def pretrain_arch(
     pool: Sequence[str] | None = None,
 ) -> dict:
     """Pre-train one architecture into checkpoint `out_dir`; return the last epoch's metrics.
-    Under torchrun (WORLD_SIZE > 1) joins the process group.
+    As a rank (WORLD_SIZE > 1: ptum's launcher, the multi-node agent or a user's torchrun) joins
+    the process group.
 
     behavior_encoder: "" = the architecture's own; model_sizes: word_dim, dim, ...; device:
     "auto" | "cpu" | "cuda[:N]"; params: recorded in the checkpoint's meta as pretrain_params.
@@ -84,7 +85,7 @@ def pretrain_arch(
 
 
 def _join_process_group(device_name: str) -> torch.device:
-    """The device to train on; under torchrun (WORLD_SIZE > 1) first joins the process group
+    """The device to train on; as a rank (WORLD_SIZE > 1) first joins the process group
     (NCCL on GPU, each process on its LOCAL_RANK's GPU; gloo on CPU)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     device = pick_device(device_name)

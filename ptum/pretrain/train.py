@@ -1,4 +1,4 @@
-"""The pre-training loop: explicit, resumable, optionally data-parallel (torchrun + DDP).
+"""The pre-training loop: explicit, resumable, optionally data-parallel (ranks + DDP).
 
 Determinism: the user order of an epoch, the samples of a step and the dropout noise of a step
 are pure functions of (seed, epoch, step), so a run resumed from any saved step ends with the
