@@ -17,6 +17,7 @@ import errno
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -28,6 +29,9 @@ from ptum import paths
 # Error classes from native readers, matched by module and name so that this module imports
 # none of them (the CLI must start without importing polars, torch or onnxruntime).
 POLARS_INPUT_ERRORS = {"ComputeError", "SchemaError", "ColumnNotFoundError", "NoDataError"}
+GLOO_PEER_LOST = re.compile(
+    r"gloo/transport/\S*\] (.*?Connection (?:closed|reset) by peer(?: \[[^\]]*\]:\d+)?)"
+)
 REPORT_TO = "this is a bug in ptum, not in your input: please report it with the traceback above"
 
 
@@ -50,6 +54,38 @@ def _native_kind(exc: BaseException) -> str | None:
         if module.startswith("onnxruntime"):
             return f"onnxruntime {cls.__name__}"
     return None
+
+
+def _how_it_ended(returncode: int) -> str:
+    """'was killed by SIGKILL' or 'exited with status 1 (its error is above)'."""
+    if returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"was killed by signal {-returncode}"
+    return f"exited with status {returncode} (its error is above)"
+
+
+def _from_distributed(exc: BaseException) -> bool:
+    """A collective that failed because a peer went away: torch's Dist*Error, or the plain
+    RuntimeError of gloo's transport, raised inside torch.distributed or inside backward (DDP's
+    gradient all-reduce): 'Connection closed by peer', 'Connection reset by peer'."""
+    if type(exc).__name__ in {"DistBackendError", "DistNetworkError"}:
+        return True
+    if not isinstance(exc, RuntimeError):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = tb.tb_frame.f_code.co_filename.replace(os.sep, "/") if tb is not None else ""
+    return "/torch/distributed/" in where or GLOO_PEER_LOST.search(str(exc)) is not None
+
+
+def _peer_reason(exc: BaseException) -> str:
+    """gloo's own words without its source path and advice ('Read error [127.0.0.1]:2249:
+    Connection reset by peer'), else the error's first line."""
+    m = GLOO_PEER_LOST.search(str(exc))
+    return f"gloo: {m.group(1)}" if m else _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -167,9 +203,12 @@ def explain(exc: BaseException) -> str | None:
     if isinstance(exc, OSError):
         return _os_message(exc)
     if isinstance(exc, subprocess.CalledProcessError):
+        return f"a process of this stage {_how_it_ended(exc.returncode)}: {' '.join(map(str, exc.cmd))}"
+    if _from_distributed(exc):
         return (
-            f"a process of this stage exited with status {exc.returncode} (its error is above): "
-            f"{' '.join(map(str, exc.cmd))}"
+            f"lost a peer of this data-parallel run ({_peer_reason(exc)}); another process or "
+            "machine of the run stopped: rerun it (on every machine) to resume from the last "
+            "checkpoint"
         )
     kind = _native_kind(exc)
     if kind is not None:

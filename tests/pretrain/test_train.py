@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -217,6 +218,31 @@ def test_a_stop_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path, t
     assert out.count("interrupted by signal 15") == 2, out  # both ranks saved and stopped
     saved = checkpoint.read_meta(ckpt)
     assert not saved["complete"] and 1 <= saved["epoch"] < 40
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_a_lost_rank_is_one_line_not_a_bug(tmp_path, tiny_pipeline):
+    # A rank killed outright (out of memory, its machine lost): its peers fail their next
+    # collective; that is an event of the infrastructure, named as such, not a bug of ptum.
+    run = _project(tmp_path / "run", tiny_pipeline, epochs=40, batch_size=16)
+    p = _ptum(run, "pretrain", "--arch", "hsa", "--nproc", "2")
+    ckpt = run / "models" / "pretrain" / "hsa"
+    deadline = time.time() + 300
+    while time.time() < deadline and p.poll() is None:
+        if checkpoint.exists(ckpt) and checkpoint.read_meta(ckpt)["epoch"] >= 1:
+            break
+        time.sleep(0.05)
+    ranks = _children(p.pid)
+    assert p.poll() is None and len(ranks) == 2, "run finished before it could be interrupted"
+    os.kill(ranks[1], signal.SIGKILL)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 2, out
+    assert "bug" not in out and "Traceback" not in out, out
+    assert "a process of this stage was killed by SIGKILL" in out, out
+    # The surviving rank names the loss in gloo's words when its collective saw it first.
+    lost = [line for line in out.splitlines() if "lost a peer" in line]
+    assert all(re.search(r"\(gloo: .*by peer\S*\); another process", x) for x in lost), out
 
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ import pytest
 
 from ptum import cli
 from ptum.data.verified import write_manifest
+from ptum.stages.errors import explain
 
 ROOT = Path(__file__).resolve().parents[2]
 PARAMS = ["--params", str(ROOT / "params.yaml")]
@@ -202,3 +203,28 @@ def test_interrupt_is_exit_130(capsys, monkeypatch):
     _fail_with(monkeypatch, "prepare", "prepare", KeyboardInterrupt())
     code, err = _run(["prepare"], capsys)
     assert code == 130 and err == "ptum prepare: interrupted"
+
+
+def test_a_lost_peer_of_a_data_parallel_run_is_one_line_in_gloo_words():
+    gloo = (
+        "[/__w/pytorch/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection "
+        "closed by peer [127.0.0.1]:8366. This is typically caused by a remote worker crashing."
+    )
+    line = explain(RuntimeError(gloo))
+    assert line is not None and line.startswith(
+        "lost a peer of this data-parallel run (gloo: Connection closed by peer [127.0.0.1]:8366); "
+    )
+    assert "rerun it (on every machine)" in line
+    assert explain(RuntimeError("an ordinary bug")) is None  # other RuntimeErrors stay bugs
+
+
+def test_a_killed_process_of_a_stage_names_its_signal():
+    import subprocess
+
+    killed = subprocess.CalledProcessError(-9, ["python", "-m", "ptum", "(rank 1 of 2)"])
+    assert (
+        explain(killed)
+        == "a process of this stage was killed by SIGKILL: python -m ptum (rank 1 of 2)"
+    )
+    failed = subprocess.CalledProcessError(3, ["x"])
+    assert explain(failed) == "a process of this stage exited with status 3 (its error is above): x"
