@@ -114,26 +114,30 @@ def versus_baselines(res: dict) -> list[str]:
     baseline of the same label and ratio, losses stated first."""
     rows = res.get("versus_baselines", [])
     lost = [v for v in rows if v["pretrained_below_baseline"]]
+    won = [v for v in rows if v.get("above_baseline")]
     lines = [
         f"The best pre-trained cell is below the strongest baseline in {len(lost)} of {len(rows)} "
-        "(label, ratio, metric) comparisons.",
+        f"(label, ratio, metric) comparisons, and above it in {len(won)} (mean difference "
+        "> 0, Holm-adjusted paired t p < 0.05).",
         "",
         "| label | ratio | metric | strongest baseline | mean [95% CI] | best pre-trained | mean "
-        "| diff (pts) | p (paired t) | verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| diff (pts) | p (paired t) | p (Holm) | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for v in sorted(rows, key=lambda v: not v["pretrained_below_baseline"]):
         lo, hi = v["baseline_ci"]
         if v["pretrained_below_baseline"]:
             verdict = "below baseline" + (" (within its CI)" if v["within_baseline_ci"] else "")
+        elif v.get("above_baseline"):
+            verdict = "above baseline"
         else:
-            verdict = "at or above baseline"
+            verdict = "not below, not significantly above"
         model, mode = v["pretrained"].split("/")
         lines.append(
             f"| {v['label']} | {round(v['ratio'] * 100)}% | {v['metric']} | {v['baseline']} | "
             f"{_pct(v['baseline_mean'])} [{_pct(lo)}, {_pct(hi)}] | {_method(model, mode)} | "
             f"{_pct(v['pretrained_mean'])} | {100 * (v['pretrained_mean'] - v['baseline_mean']):+.2f} | "
-            f"{_p(v.get('p_ttest'))} | {verdict} |"
+            f"{_p(v.get('p_ttest'))} | {_p(v.get('p_holm'))} | {verdict} |"
         )
     return lines + [""]
 
@@ -232,19 +236,15 @@ CODE = Path(__file__).resolve().parent  # the ptum package: what marks a report'
 
 
 def _git_rev(code: Path = CODE) -> str:
-    """Short commit of the code that made the report, marked when files under `code` differ from
-    it. Only the code counts: a result set's own outputs (dvc.lock, reports) are rewritten by
-    the very run that makes this report."""
+    """Short commit of the code that made the report, marked when files under `code` differ
+    (not the result set's own outputs, which the very run rewrites)."""
     try:
         git = ["git", "-C", str(code)]
         rev = subprocess.run(
             [*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
         ).stdout.strip()
-        dirty = subprocess.run(
-            [*git, "status", "--porcelain", "--untracked-files=no", "--", "."],
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
+        status = [*git, "status", "--porcelain", "--untracked-files=no", "--", "."]
+        dirty = subprocess.run(status, capture_output=True, text=True).stdout.strip()
         return rev + (" (with uncommitted changes to ptum/)" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -12,7 +12,15 @@ ARCHITECTURE_NAMES = ("hsa", "han", "hura", "gru4rec", "nativectr", "bert4rec")
 # ptum.models.BEHAVIOR_ENCODERS (pretrain.behavior_encoder; "" = the architecture's own).
 BEHAVIOR_ENCODER_NAMES = ("selfattn", "cnn", "lstm", "id", "hybrid")
 # ptum.data.synthetic.PRESETS (data.size).
-SYNTHETIC_SIZES = ("tiny", "small", "default", "large", "regime")
+SYNTHETIC_SIZES = (
+    "tiny",
+    "small",
+    "default",
+    "large",
+    "regime",
+    "positive_control",
+    "null_control",
+)
 # ptum.finetune.options.MODES (finetune.modes).
 MODE_NAMES = ("scratch", "frozen", "finetune")
 # The downstream tasks (sensitivity.tasks, regime.tasks): ptum.finetune.summary.METRICS' keys.

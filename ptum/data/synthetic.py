@@ -22,143 +22,34 @@ Generative model (documented in docs/data.md, "The synthetic generator", so resu
    ad audience see impressions at random times within their active span; an impression is
    clicked with probability sigmoid(-2.5 + 12 * interest[ad topic] + ad quality), ad quality
    ~ N(0, 0.3): CTR depends mostly on the user-ad topic match.
+6. Controls for the statistics (three fields, all off by default; off, the draws are those of
+   a spec without them). `null`: after every other draw, gender and age are re-drawn uniformly
+   and clicks with one probability (the mean of the click probabilities above), from a stream
+   of their own; behaviors, labeled users and impression times stay those of the spec without
+   `null`. Labels and clicks are then independent of everything a model sees: any model's
+   expected accuracy is 1/classes and its expected AUC 0.5. `niches`: group g = gender * 4 +
+   age owns the topics t with t % 8 == g, and `label_signal` of a user's mean interest goes to
+   their group's topics, so both labels follow from which topics a user browses.
+   `labeled_history`: labeled users keep only their first N behaviors (light users), so the
+   labeled set shows a few words of each topic, while the long histories of the unlabeled
+   users show which words go together.
 
 Same preset + seed -> identical tables.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 
-GENDERS = ("F", "M")
-AGE_BUCKETS = ("<20", "20-40", "40-60", ">60")
+from ptum.data.synthetic_spec import AGE_BUCKETS, GENDERS, PRESETS, SyntheticSpec, spec_for
+from ptum.data.synthetic_text import ads, items, vocabulary, zipf_cdf
+
+__all__ = ["AGE_BUCKETS", "GENDERS", "PRESETS", "SyntheticSpec", "generate", "spec_for"]
+
 EPOCH0 = 1_700_000_000  # timestamps start here (2023-11-14), seconds
-
-
-@dataclass(frozen=True)
-class SyntheticSpec:
-    """Sizes and knobs of the synthetic generator."""
-
-    n_users: int
-    mean_behaviors: float
-    n_items_per_topic: int
-    n_topics: int = 24
-    words_per_topic: int = 60
-    n_general_words: int = 200
-    n_ads: int = 300
-    labeled_frac: float = 0.2
-    audience_frac: float = 0.4
-    mean_impressions: float = 30.0
-    stickiness: float = 0.55
-    repeat_prob: float = 0.08
-    shared_title_frac: float = 0.03
-    interest_concentration: float = 0.3
-    # Weight of the gender/age topic affinities in the mean interest (rest is uniform).
-    label_signal: float = 0.8
-
-
-PRESETS: dict[str, SyntheticSpec] = {
-    "tiny": SyntheticSpec(
-        n_users=300,
-        mean_behaviors=20,
-        n_items_per_topic=15,
-        n_topics=6,
-        words_per_topic=20,
-        n_general_words=40,
-        n_ads=30,
-        labeled_frac=0.5,
-        audience_frac=0.5,
-        mean_impressions=12,
-    ),
-    # The embedded default (params.yaml, DataConfig), sized so that the whole `dvc repro` stays
-    # well under 15 minutes on 2 CPU cores (docs/benchmarks.md, "Wall time of make run").
-    "small": SyntheticSpec(
-        n_users=3_500, mean_behaviors=25, n_items_per_topic=60, labeled_frac=0.25
-    ),
-    # 6,000 users, the paper-scale grid: its result set is experiments/synthetic-default.
-    "default": SyntheticSpec(
-        n_users=6_000, mean_behaviors=30, n_items_per_topic=150, labeled_frac=0.25
-    ),
-    "large": SyntheticSpec(n_users=50_000, mean_behaviors=60, n_items_per_topic=400),
-    # The paper's regime (experiments/synthetic-regime): few labeled users, a large unlabeled
-    # pool. About 1,900 labeled users (a Demo label or CTR impressions) among 56,000, so that
-    # pools of 1x, 5x and 25x them fit in the pre-training corpus's training users.
-    "regime": SyntheticSpec(
-        n_users=56_000,
-        mean_behaviors=25,
-        n_items_per_topic=150,
-        labeled_frac=0.018,
-        audience_frac=0.018,
-    ),
-}
-
-_ONSETS = (
-    "b",
-    "c",
-    "d",
-    "f",
-    "g",
-    "k",
-    "l",
-    "m",
-    "n",
-    "p",
-    "r",
-    "s",
-    "t",
-    "v",
-    "z",
-    "br",
-    "st",
-    "tr",
-    "pl",
-    "gr",
-    "sh",
-    "ch",
-)
-_VOWELS = ("a", "e", "i", "o", "u", "ai", "ou", "ea")
-
-
-def _words(rng: np.random.Generator, n: int, taken: set[str]) -> list[str]:
-    """n distinct pseudo-words of 2-3 syllables, none in `taken` (which is updated)."""
-    out: list[str] = []
-    while len(out) < n:
-        k = int(rng.integers(2, 4))
-        w = "".join(
-            _ONSETS[rng.integers(len(_ONSETS))] + _VOWELS[rng.integers(len(_VOWELS))]
-            for _ in range(k)
-        )
-        if w not in taken:
-            taken.add(w)
-            out.append(w)
-    return out
-
-
-def _zipf_cdf(n: int, s: float = 1.1) -> np.ndarray:
-    w = 1.0 / np.arange(1, n + 1) ** s
-    return np.cumsum(w / w.sum())
-
-
-def _title(
-    rng: np.random.Generator,
-    topic_words: list[str],
-    general: list[str],
-    n_words: int,
-    topic_share: float,
-) -> str:
-    cdf = _zipf_cdf(len(topic_words), 0.9)
-    words = []
-    for _ in range(n_words):
-        if rng.random() < topic_share:
-            words.append(topic_words[int(np.searchsorted(cdf, rng.random()))])
-        else:
-            words.append(general[int(rng.integers(len(general)))])
-    words[0] = words[0].capitalize()
-    return " ".join(words)
 
 
 def generate(
@@ -177,28 +68,22 @@ def generate(
     # One generator drawn in a fixed order (vocabulary, items, users, behaviors, labels, ads,
     # impressions): the order is part of "same preset + seed -> identical tables".
     rng = np.random.default_rng(seed)
-    topic_words, general, ad_words = _vocabulary(rng, spec)
-    item_topic, titles = _items(rng, spec, topic_words, general)
+    topic_words, general, ad_words = vocabulary(rng, spec)
+    item_topic, titles = items(rng, spec, topic_words, general)
     gender, age, interest = _users(rng, spec)
     seq = _sequences(rng, spec, interest)
 
     user_ids = np.array([f"u{u:07d}" for u in range(spec.n_users)])
-    title_series = pl.Series("text", titles, dtype=pl.String)
-    behaviors = pl.DataFrame(
-        {
-            "user_id": user_ids[seq.owner],
-            "timestamp": seq.timestamp.astype(np.int64),
-            "text": title_series.gather(seq.item),
-        }
-    )
-
-    labels = _labels(rng, spec, user_ids, gender, age)
-
-    ad_topic, ad_titles, ad_quality = _ads(rng, spec, ad_words, topic_words, general)
+    labeled = rng.random(spec.n_users) < spec.labeled_frac  # (U,) who publish their labels
+    behaviors = _behavior_table(seq, user_ids, titles, labeled, spec.labeled_history)
+    ad_topic, ad_titles, ad_quality = ads(rng, spec, ad_words, topic_words, general)
     imp_user, imp_ad, imp_ts = _impression_events(rng, spec, seq)
     logit = -2.5 + 12.0 * interest[imp_user, ad_topic[imp_ad]] + ad_quality[imp_ad]
     click_prob = 1 / (1 + np.exp(-logit))
     clicked = (rng.random(len(imp_user)) < click_prob).astype(np.int8)
+    if spec.null:
+        gender, age, click_prob, clicked = _null_labels(seed, spec, click_prob)
+    labels = _labels(user_ids, labeled, gender, age)
     if latent is not None:
         latent.update(
             interest=interest,
@@ -223,37 +108,22 @@ def generate(
     return behaviors, labels, impressions
 
 
-def _vocabulary(
-    rng: np.random.Generator, spec: SyntheticSpec
-) -> tuple[list[list[str]], list[str], list[str]]:
-    """(words of each topic, general words, ad words): distinct pseudo-words."""
-    taken: set[str] = set()
-    topic_words = [_words(rng, spec.words_per_topic, taken) for _ in range(spec.n_topics)]
-    general = _words(rng, spec.n_general_words, taken)
-    ad_words = _words(rng, 40, taken)
-    return topic_words, general, ad_words
-
-
-def _items(
-    rng: np.random.Generator,
-    spec: SyntheticSpec,
-    topic_words: list[list[str]],
-    general: list[str],
-) -> tuple[np.ndarray, list[str]]:
-    """(topic of each item (n_items,), titles). Topic-major layout: item i of topic t is
-    t * n_items_per_topic + i, its popularity rank within the topic i."""
-    n_items = spec.n_topics * spec.n_items_per_topic
-    item_topic = np.repeat(np.arange(spec.n_topics), spec.n_items_per_topic)
-    titles: list[str] = []
-    for i in range(n_items):
-        n_words = int(rng.integers(4, 13))
-        titles.append(_title(rng, topic_words[item_topic[i]], general, n_words, 0.7))
-    shared = rng.random(n_items) < spec.shared_title_frac
-    for dup in np.flatnonzero(shared):
-        t = item_topic[dup]
-        j = int(rng.integers(t * spec.n_items_per_topic, (t + 1) * spec.n_items_per_topic))
-        titles[dup] = titles[j]
-    return item_topic, titles
+def _behavior_table(
+    seq: _Sequences, user_ids: np.ndarray, titles: list[str], labeled: np.ndarray, history: int
+) -> pl.DataFrame:
+    """The behaviors table, user-major; with `history` > 0 the `labeled` users keep only their
+    first `history` behaviors."""
+    behaviors = pl.DataFrame(
+        {
+            "user_id": user_ids[seq.owner],
+            "timestamp": seq.timestamp.astype(np.int64),
+            "text": pl.Series("text", titles, dtype=pl.String).gather(seq.item),
+        }
+    )
+    if history:
+        pos = np.arange(len(seq.owner)) - seq.starts[seq.owner]
+        behaviors = behaviors.filter(~labeled[seq.owner] | (pos < history))
+    return behaviors
 
 
 def _users(
@@ -264,24 +134,38 @@ def _users(
     U, T = spec.n_users, spec.n_topics
     gender = rng.choice(2, size=U, p=[0.42, 0.58])
     age = rng.choice(4, size=U, p=[0.08, 0.32, 0.35, 0.25])
-    aff_gender = rng.dirichlet(np.ones(T) * 0.3, size=2)
-    aff_age = rng.dirichlet(np.ones(T) * 0.3, size=4)
     sig = spec.label_signal
-    mean = (1 - sig) / T + sig / 2 * (aff_gender[gender] + aff_age[age])  # (U, T)
+    if spec.niches:
+        # Group g = gender * 4 + age owns the topics t with t % 8 == g (its niches).
+        group = gender * len(AGE_BUCKETS) + age  # (U,)
+        own = np.arange(T) % (len(GENDERS) * len(AGE_BUCKETS)) == group[:, None]  # (U, T)
+        mean = (1 - sig) / T + sig * own / own.sum(1, keepdims=True)
+    else:
+        aff_gender = rng.dirichlet(np.ones(T) * 0.3, size=2)
+        aff_age = rng.dirichlet(np.ones(T) * 0.3, size=4)
+        mean = (1 - sig) / T + sig / 2 * (aff_gender[gender] + aff_age[age])  # (U, T)
     alpha = np.maximum(spec.interest_concentration * T * mean, 1e-3)
     interest = np.stack([rng.dirichlet(a) for a in alpha])  # (U, T)
     return gender, age, interest
 
 
+def _null_labels(
+    seed: int, spec: SyntheticSpec, click_prob: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The null control's (gender (U,), age (U,), click probability (M,), clicked (M,)):
+    uniform classes and one click probability (the mean of `click_prob`), drawn from a stream
+    of their own after every other draw, so nothing a model sees tells them apart."""
+    rng = np.random.default_rng([seed, 1])
+    gender = rng.integers(len(GENDERS), size=spec.n_users)
+    age = rng.integers(len(AGE_BUCKETS), size=spec.n_users)
+    p = np.full(len(click_prob), click_prob.mean() if len(click_prob) else 0.0)
+    return gender, age, p, (rng.random(len(p)) < p).astype(np.int8)
+
+
 def _labels(
-    rng: np.random.Generator,
-    spec: SyntheticSpec,
-    user_ids: np.ndarray,
-    gender: np.ndarray,
-    age: np.ndarray,
+    user_ids: np.ndarray, labeled: np.ndarray, gender: np.ndarray, age: np.ndarray
 ) -> pl.DataFrame:
-    """The labels table: the `labeled_frac` of users (drawn at random) who publish theirs."""
-    labeled = rng.random(spec.n_users) < spec.labeled_frac
+    """The labels table: the users who publish theirs (`labeled`, (U,) bool)."""
     return pl.DataFrame(
         {
             "user_id": user_ids[labeled],
@@ -308,7 +192,7 @@ def _sequences(rng: np.random.Generator, spec: SyntheticSpec, interest: np.ndarr
     U, T = spec.n_users, spec.n_topics
     interest_cdf = np.cumsum(interest, axis=1)
     interest_cdf[:, -1] = 1.0
-    item_cdf = _zipf_cdf(spec.n_items_per_topic)
+    item_cdf = zipf_cdf(spec.n_items_per_topic)
     lengths = np.clip(
         rng.lognormal(np.log(spec.mean_behaviors) - 0.32, 0.8, size=U), 3, 8 * spec.mean_behaviors
     ).astype(np.int64)
@@ -343,25 +227,6 @@ def _session_times(
     return EPOCH0 + cum - np.repeat(cum[starts] - gaps[starts], lengths)
 
 
-def _ads(
-    rng: np.random.Generator,
-    spec: SyntheticSpec,
-    ad_words: list[str],
-    topic_words: list[list[str]],
-    general: list[str],
-) -> tuple[np.ndarray, list[str], np.ndarray]:
-    """(topic (n_ads,), title, quality (n_ads,)) of each ad: two ad words, then topic words."""
-    ad_topic = rng.integers(spec.n_topics, size=spec.n_ads)
-    ad_titles = [
-        " ".join([ad_words[int(rng.integers(len(ad_words)))] for _ in range(2)]).capitalize()
-        + " "
-        + _title(rng, topic_words[t], general, int(rng.integers(4, 9)), 0.85).lower()
-        for t in ad_topic
-    ]
-    ad_quality = rng.normal(0.0, 0.3, spec.n_ads)
-    return ad_topic, ad_titles, ad_quality
-
-
 def _impression_events(
     rng: np.random.Generator, spec: SyntheticSpec, seq: _Sequences
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -390,10 +255,3 @@ def _distinct_events(user: np.ndarray, ad: np.ndarray, ts: np.ndarray) -> np.nda
         if not same.any():
             return ts
         ts[order[1:][same]] += 1
-
-
-def spec_for(size: str, **overrides: Any) -> SyntheticSpec:
-    """Look up a preset by name (clear error on unknown names), optionally overriding fields."""
-    if size not in PRESETS:
-        raise ValueError(f"unknown synthetic size {size!r}; presets: {sorted(PRESETS)}")
-    return replace(PRESETS[size], **overrides)

@@ -38,8 +38,7 @@ def pretrain_arch(
     pool: Sequence[str] | None = None,
 ) -> dict:
     """Pre-train one architecture into checkpoint `out_dir`; return the last epoch's metrics.
-    As a rank (WORLD_SIZE > 1: ptum's launcher, the multi-node agent or a user's torchrun) joins
-    the process group.
+    As a rank (WORLD_SIZE > 1) joins the process group.
 
     behavior_encoder: "" = the architecture's own; model_sizes: word_dim, dim, ...; device:
     "auto" | "cpu" | "cuda[:N]"; params: recorded in the checkpoint's meta as pretrain_params.

@@ -38,28 +38,12 @@ from ptum.pretrain.data import make_batch, step_rng
 from ptum.pretrain.objective import autocast, evaluate, objective_module
 from ptum.pretrain.options import TrainOptions, check_negatives, deterministic_mode, pick_device
 from ptum.pretrain.resume import Position, load_position
+from ptum.pretrain.stopping import Interrupted, StopFlag, stop_agreed, stop_signals
 from ptum.progress import LogLines, progress
-
-
-class _StopFlag:
-    """Set by SIGTERM/SIGINT; the loop saves a checkpoint at the next step boundary and exits."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-
-    def __call__(self, signum: int, _frame: Any) -> None:
-        self.signum = signum
-
 
 # Per-epoch figures that depend on the machine, not on the inputs: logged and reported, never
 # stored in the checkpoint (its bytes must be a function of its inputs).
 TIMING_KEYS = ("users_per_s", "epoch_seconds")
-
-
-class Interrupted(RuntimeError):
-    def __init__(self, signum: int):
-        super().__init__(f"interrupted by signal {signum}; checkpoint saved")
-        self.signum = signum
 
 
 def _dist_info() -> tuple[int, int]:
@@ -165,7 +149,7 @@ def _pretrain(
     # disable=None: tqdm turns itself off when stderr is not a terminal (CI logs stay short).
     disable = True if rank != 0 or progress is False else (None if progress is None else False)
     with (
-        _stop_signals() as stop,
+        stop_signals() as stop,
         _progress_bars(opts.epochs, pos.epoch, steps_per_epoch, disable) as bars,
     ):
         last = _train_loop(run, pos, stop, bars, log, on_epoch)
@@ -224,34 +208,6 @@ class _Run:
     id_vocab: IdVocab | None
 
 
-def _stop_agreed(stop: _StopFlag, run: _Run) -> bool:
-    """Whether any rank got a stop signal, the same answer on every rank: a signal may reach
-    one machine's ranks only (its agent was told to stop), and a save is collective, so every
-    rank must stop at the same step (one small all-reduce per step)."""
-    if run.world == 1:
-        return stop.signum is not None
-    flag = torch.tensor([stop.signum or 0], device=run.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    # The answer is the reduced flag alone: a signal handled after the all-reduce (Python runs
-    # handlers when the blocking call returns) counts at the next step, on every rank alike.
-    agreed = int(flag.item())
-    if agreed:
-        stop.signum = agreed
-    return bool(agreed)
-
-
-@contextmanager
-def _stop_signals() -> Iterator[_StopFlag]:
-    """A flag SIGTERM/SIGINT set inside the block (the previous handlers are restored after)."""
-    stop = _StopFlag()
-    old = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        yield stop
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-
-
 @contextmanager
 def _progress_bars(
     epochs: int, initial: int, steps_per_epoch: int, disable: bool | None
@@ -301,7 +257,7 @@ def _save(run: _Run, pos: Position, epoch: int, step: int) -> None:
 def _train_loop(
     run: _Run,
     pos: Position,
-    stop: _StopFlag,
+    stop: StopFlag,
     bars: tuple[tqdm | LogLines, tqdm | LogLines],
     log: Callable[[str], None],
     on_epoch: Callable[[int, UserModel, dict], None] | None,
@@ -336,7 +292,7 @@ def _train_loop(
         epoch_bar.update()
         if on_epoch is not None:
             on_epoch(pos.epoch, run.model, metrics | timing)
-        if _stop_agreed(stop, run) and pos.epoch < opts.epochs:
+        if stop_agreed(stop, run.world, run.device) and pos.epoch < opts.epochs:
             raise Interrupted(stop.signum or signal.SIGTERM)
         last = metrics | timing
     if opts.max_steps and pos.epoch < opts.epochs:
@@ -355,7 +311,7 @@ def _log_line(values: dict[str, Any]) -> str:
 
 
 def _train_epoch(
-    run: _Run, pos: Position, stop: _StopFlag, batch_bar: tqdm | LogLines
+    run: _Run, pos: Position, stop: StopFlag, batch_bar: tqdm | LogLines
 ) -> int | None:
     """Run the steps of epoch pos.epoch from pos.step_in_epoch, keeping the running loss sums in
     pos.partial; returns how many steps ran, or None when opts.max_steps stopped the epoch.
@@ -399,7 +355,7 @@ def _train_epoch(
         batch_bar.update()
         if batch_bar.n % 10 == 0:
             batch_bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", refresh=False)
-        if _stop_agreed(stop, run) and step + 1 < run.steps_per_epoch:
+        if stop_agreed(stop, run.world, run.device) and step + 1 < run.steps_per_epoch:
             _save(run, pos, epoch, step + 1)
             raise Interrupted(stop.signum or signal.SIGTERM)
     return ran

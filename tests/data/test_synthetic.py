@@ -99,3 +99,57 @@ def test_impressions_never_repeat_an_event():
     user, ad, ts = (rng.integers(0, k, 5_000) for k in (20, 5, 30))
     out = _distinct_events(user, ad, ts)
     assert len(set(zip(user, ad, out))) == len(out) and (out >= ts).all()
+
+
+@pytest.fixture(scope="module")
+def controls():
+    """(positive, null) control tables and the positive's hidden variables (docs/data.md)."""
+    latent: dict = {}
+    positive = generate(spec_for("positive_control"), seed=3, latent=latent)
+    return positive, generate(spec_for("null_control"), seed=3), latent
+
+
+def test_the_controls_share_behaviors_and_labeled_users_and_differ_in_labels(controls):
+    (beh, labels, imps), (null_beh, null_labels, null_imps), _ = controls
+    assert beh.equals(null_beh)
+    assert labels["user_id"].equals(null_labels["user_id"])
+    assert imps.drop("clicked").equals(null_imps.drop("clicked"))
+    assert (labels["gender"] != null_labels["gender"]).mean() > 0.3
+
+
+def _topic_match_gap(beh: pl.DataFrame, imps: pl.DataFrame) -> float:
+    """Click rate of impressions whose ad's last word (a topic word) the user has browsed,
+    minus that of the others."""
+    seen = beh.with_columns(w=pl.col("text").str.to_lowercase().str.split(" ")).explode("w")
+    seen = seen.select("user_id", "w").unique()
+    imp = imps.with_columns(w=pl.col("text").str.split(" ").list.get(-1))
+    matched = imp.join(seen, on=["user_id", "w"], how="semi")["clicked"].mean()
+    unmatched = imp.join(seen, on=["user_id", "w"], how="anti")["clicked"].mean()
+    return float(matched) - float(unmatched)
+
+
+def test_null_control_labels_are_uniform_and_clicks_ignore_the_topic_match(controls):
+    (beh, _, imps), (_, null_labels, null_imps), _ = controls
+    for col, k in (("gender", 2), ("age", 4)):
+        share = null_labels[col].value_counts()["count"] / null_labels.height
+        assert len(share) == k and (share - 1 / k).abs().max() < 0.1, col
+    assert _topic_match_gap(beh, imps) > 0.05  # the same impressions without `null`
+    assert abs(_topic_match_gap(beh, null_imps)) < 0.03
+
+
+def test_positive_control_labels_follow_niches_that_light_labeled_users_show_little_of(controls):
+    """Group g = gender * 4 + age browses mostly the topics t with t % 8 == g; labeled users
+    keep 5 behaviors, unlabeled ones about 20."""
+    (beh, labels, _), _, latent = controls
+    per_user = beh.group_by("user_id").len()
+    labeled = per_user["user_id"].is_in(labels["user_id"].implode())
+    assert per_user.filter(labeled)["len"].max() == 5
+    assert per_user.filter(~labeled)["len"].mean() > 15
+    interest, gender, age = latent["interest"], latent["gender"], latent["age"]
+    own = np.arange(interest.shape[1]) % 8 == (gender * 4 + age)[:, None]
+    assert (interest * own).sum(1).mean() > 0.8
+
+
+def test_niches_need_a_topic_per_group():
+    with pytest.raises(ValueError, match="n_topics >= 8"):
+        spec_for("positive_control", n_topics=6)
