@@ -217,7 +217,10 @@ def write_outputs(
                     row[f"{task}/{label} {kind}"] = round(100 * r["diff"], 3)
             ax.axhline(0, color="grey", lw=0.8)
             ax.set_xscale("log")
-            ax.set_xlabel("pre-training users (log)")
+            pools = sorted({(r["pool_users"], r["pool"]) for r in rows})
+            ax.set_xticks([n for n, _ in pools], [f"{n:,}\n({m}x)" for n, m in pools])
+            ax.minorticks_off()
+            ax.set_xlabel("pre-training users (log scale; pool / labeled users)")
             title = "finetune - scratch" if kind == "gain" else "best pre-trained - best baseline"
             ax.set_title(f"{title}\n({metric}, {round(lo * 100)}% labels)", fontsize=9)
             ax.legend(fontsize=7)
