@@ -18,6 +18,7 @@ SYNTHETIC_SIZES = (
     "default",
     "large",
     "regime",
+    "paper",
     "positive_control",
     "null_control",
 )

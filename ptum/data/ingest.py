@@ -1,6 +1,7 @@
 """Ingestion: bring any source into the generic format under data/raw/.
 
-- synthetic: generate (seeded) and write behaviors/labels/impressions.parquet.
+- synthetic: generate (seeded) and write behaviors/labels/impressions.parquet; the behaviors
+  are written in chunks of whole users (`synthetic.generate_chunks`), one at a time in memory.
 - movielens: read a local 100K or 1M directory (or download and verify the GroupLens zip) and
   write the same three Parquet files. These are derivatives of licensed data: data/raw/ is
   ignored by git and only versioned in the local DVC cache.
@@ -14,11 +15,14 @@ messages name it and its lines).
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import polars as pl
+import pyarrow.parquet as pq
 
 from ptum.data import generic, movielens, synthetic
 from ptum.data.errors import DataError
@@ -95,10 +99,10 @@ def ingest(
         info: dict = {"source": source, "path": path}
         src = (root / path).resolve() if path else None
         if source == "synthetic":
-            spec = synthetic.spec_for(size)
-            beh, labels, imps = synthetic.generate(spec, seed)
+            beh, labels, imps = synthetic.generate_chunks(synthetic.spec_for(size), seed)
+            write_chunks(beh, tmp / "behaviors.parquet")
             info.update(size=size, seed=seed)
-            frames = {"behaviors": beh, "labels": labels, "impressions": imps}
+            frames = {"labels": labels, "impressions": imps}
         elif source == "movielens":
             frames = _read_movielens(src, root, movielens_variant, click_threshold, age_edges, info)
         elif source == "ptum_tsv":
@@ -117,6 +121,23 @@ def ingest(
         info["files"] = sha256_files(tmp)
         (tmp / "manifest.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return info
+
+
+def write_chunks(chunks: Iterator[pl.DataFrame], path: Path) -> None:
+    """Write frames of one schema to one Parquet file, a row group (or more) each, holding one
+    frame at a time. A single frame is written by Polars itself, so a log that fits one chunk
+    gets the bytes `DataFrame.write_parquet` gives it."""
+    first = next(chunks)
+    second = next(chunks, None)
+    if second is None:
+        first.write_parquet(path)
+        return
+    table = first.to_arrow()
+    with pq.ParquetWriter(path, table.schema, compression="zstd") as writer:
+        writer.write_table(table)
+        del first, table
+        for frame in itertools.chain([second], chunks):
+            writer.write_table(frame.to_arrow())
 
 
 def _read_movielens(

@@ -39,6 +39,7 @@ Same preset + seed -> identical tables.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,9 +48,22 @@ import polars as pl
 from ptum.data.synthetic_spec import AGE_BUCKETS, GENDERS, PRESETS, SyntheticSpec, spec_for
 from ptum.data.synthetic_text import ads, items, vocabulary, zipf_cdf
 
-__all__ = ["AGE_BUCKETS", "GENDERS", "PRESETS", "SyntheticSpec", "generate", "spec_for"]
+__all__ = [
+    "AGE_BUCKETS",
+    "GENDERS",
+    "PRESETS",
+    "SyntheticSpec",
+    "generate",
+    "generate_chunks",
+    "spec_for",
+]
 
 EPOCH0 = 1_700_000_000  # timestamps start here (2023-11-14), seconds
+# Behaviors per step of the per-behavior draws (a few (rows, n_topics) float64 temporaries).
+STEP_ROWS = 1_000_000
+# Behaviors per chunk of `generate_chunks` (whole users; ingest writes one Parquet row group
+# each). Every preset but `paper` fits in one, so its file is the one-frame file it always was.
+CHUNK_ROWS = 4_000_000
 
 
 def generate(
@@ -63,7 +77,23 @@ def generate(
         impressions: user_id str, timestamp i64, text str, clicked i8.
 
     If `latent` is a dict, it receives the hidden variables (interest, topics, click
-    probabilities), so analyses can measure what an ideal model could reach.
+    probabilities), so analyses can measure what an ideal model could reach. The whole log in
+    memory: for a big one (the `paper` preset), `generate_chunks`.
+    """
+    chunks, labels, impressions = generate_chunks(spec, seed, latent)
+    return pl.concat(list(chunks), rechunk=True), labels, impressions
+
+
+def generate_chunks(
+    spec: SyntheticSpec, seed: int, latent: dict | None = None, chunk_rows: int | None = None
+) -> tuple[Iterator[pl.DataFrame], pl.DataFrame, pl.DataFrame]:
+    """`generate`'s tables with the behaviors as an iterator of frames of whole users (user
+    order, each about `chunk_rows` rows, default CHUNK_ROWS; concatenated, they are
+    `generate`'s behaviors).
+
+    Every draw is made before this returns; the per-behavior strings (user ids, titles) are
+    built one chunk at a time as the iterator is consumed. What stays whole in memory is a few
+    bytes per behavior (item int32, time offset int32).
     """
     # One generator drawn in a fixed order (vocabulary, items, users, behaviors, labels, ads,
     # impressions): the order is part of "same preset + seed -> identical tables".
@@ -72,10 +102,7 @@ def generate(
     item_topic, titles = items(rng, spec, topic_words, general)
     gender, age, interest = _users(rng, spec)
     seq = _sequences(rng, spec, interest)
-
-    user_ids = np.array([f"u{u:07d}" for u in range(spec.n_users)])
     labeled = rng.random(spec.n_users) < spec.labeled_frac  # (U,) who publish their labels
-    behaviors = _behavior_table(seq, user_ids, titles, labeled, spec.labeled_history)
     ad_topic, ad_titles, ad_quality = ads(rng, spec, ad_words, topic_words, general)
     imp_user, imp_ad, imp_ts = _impression_events(rng, spec, seq)
     logit = -2.5 + 12.0 * interest[imp_user, ad_topic[imp_ad]] + ad_quality[imp_ad]
@@ -83,7 +110,7 @@ def generate(
     clicked = (rng.random(len(imp_user)) < click_prob).astype(np.int8)
     if spec.null:
         gender, age, click_prob, clicked = _null_labels(seed, spec, click_prob)
-    labels = _labels(user_ids, labeled, gender, age)
+    labels = _labels(labeled, gender, age)
     if latent is not None:
         latent.update(
             interest=interest,
@@ -99,30 +126,43 @@ def generate(
         )
     impressions = pl.DataFrame(
         {
-            "user_id": user_ids[imp_user],
+            "user_id": _user_ids(imp_user),
             "timestamp": imp_ts,
             "text": pl.Series(ad_titles, dtype=pl.String).gather(imp_ad),
             "clicked": clicked,
         }
     )
-    return behaviors, labels, impressions
+    text = pl.Series("text", titles, dtype=pl.String)
+    chunks = (
+        _behavior_chunk(seq, text, labeled, spec.labeled_history, u0, u1)
+        for u0, u1 in _user_ranges(seq.lengths, chunk_rows or CHUNK_ROWS)
+    )
+    return chunks, labels, impressions
 
 
-def _behavior_table(
-    seq: _Sequences, user_ids: np.ndarray, titles: list[str], labeled: np.ndarray, history: int
+def _user_ids(users: np.ndarray) -> pl.Series:
+    """The id strings "u0000042" of user indices (any shape-(k,) integer array)."""
+    return "u" + pl.Series("user_id", users, dtype=pl.Int64).cast(pl.String).str.zfill(7)
+
+
+def _behavior_chunk(
+    seq: _Sequences, text: pl.Series, labeled: np.ndarray, history: int, u0: int, u1: int
 ) -> pl.DataFrame:
-    """The behaviors table, user-major; with `history` > 0 the `labeled` users keep only their
-    first `history` behaviors."""
+    """The behaviors of users u0..u1-1, user-major; with `history` > 0 the `labeled` users
+    keep only their first `history` behaviors."""
+    lengths = seq.lengths[u0:u1]
+    s0, s1 = int(seq.starts[u0]), int(seq.starts[u0] + lengths.sum())
+    owner = np.repeat(np.arange(u1 - u0), lengths)  # (n,) user within the chunk
     behaviors = pl.DataFrame(
         {
-            "user_id": user_ids[seq.owner],
-            "timestamp": seq.timestamp.astype(np.int64),
-            "text": pl.Series("text", titles, dtype=pl.String).gather(seq.item),
+            "user_id": _user_ids(np.arange(u0, u1)).gather(owner),
+            "timestamp": EPOCH0 + seq.offset[s0:s1].astype(np.int64),
+            "text": text.gather(seq.item[s0:s1]),
         }
     )
     if history:
-        pos = np.arange(len(seq.owner)) - seq.starts[seq.owner]
-        behaviors = behaviors.filter(~labeled[seq.owner] | (pos < history))
+        pos = _positions(lengths)
+        behaviors = behaviors.filter(~labeled[u0:u1][owner] | (pos < history))
     return behaviors
 
 
@@ -145,7 +185,9 @@ def _users(
         aff_age = rng.dirichlet(np.ones(T) * 0.3, size=4)
         mean = (1 - sig) / T + sig / 2 * (aff_gender[gender] + aff_age[age])  # (U, T)
     alpha = np.maximum(spec.interest_concentration * T * mean, 1e-3)
-    interest = np.stack([rng.dirichlet(a) for a in alpha])  # (U, T)
+    interest = np.empty((U, T))  # (U, T)
+    for u in range(U):
+        interest[u] = rng.dirichlet(alpha[u])
     return gender, age, interest
 
 
@@ -162,13 +204,11 @@ def _null_labels(
     return gender, age, p, (rng.random(len(p)) < p).astype(np.int8)
 
 
-def _labels(
-    user_ids: np.ndarray, labeled: np.ndarray, gender: np.ndarray, age: np.ndarray
-) -> pl.DataFrame:
+def _labels(labeled: np.ndarray, gender: np.ndarray, age: np.ndarray) -> pl.DataFrame:
     """The labels table: the users who publish theirs (`labeled`, (U,) bool)."""
     return pl.DataFrame(
         {
-            "user_id": user_ids[labeled],
+            "user_id": _user_ids(np.flatnonzero(labeled)),
             "gender": np.array(GENDERS)[gender[labeled]],
             "age": np.array(AGE_BUCKETS)[age[labeled]],
         }
@@ -177,54 +217,113 @@ def _labels(
 
 @dataclass(frozen=True)
 class _Sequences:
-    """Every user's behaviors, user-major (N = total behaviors)."""
+    """Every user's behaviors, user-major (N = total behaviors), a few bytes per behavior."""
 
-    lengths: np.ndarray  # (U,) behaviors per user
-    starts: np.ndarray  # (U,) index of each user's first behavior
-    owner: np.ndarray  # (N,) user of each behavior
-    item: np.ndarray  # (N,) item of each behavior
-    timestamp: np.ndarray  # (N,) seconds, increasing within a user
+    lengths: np.ndarray  # (U,) int64 behaviors per user
+    starts: np.ndarray  # (U,) int64 index of each user's first behavior
+    item: np.ndarray  # (N,) int32 item of each behavior
+    offset: np.ndarray  # (N,) int32 timestamp - EPOCH0, seconds, increasing within a user
 
 
 def _sequences(rng: np.random.Generator, spec: SyntheticSpec, interest: np.ndarray) -> _Sequences:
-    """Behaviors, vectorised over all users at once: a sticky Markov chain over topics, items
-    by popularity within the topic, some revisits, timestamps in sessions."""
-    U, T = spec.n_users, spec.n_topics
+    """Behaviors: a sticky Markov chain over topics, items by popularity within the topic, some
+    revisits, timestamps in sessions.
+
+    Each random quantity is one whole-array draw of N values, in a fixed order; a draw is made
+    in steps of whole users (STEP_ROWS behaviors), which gives the same values (a generator
+    draws element by element), and everything else is per user, so no (N, T) array is needed.
+    """
+    T, per_topic = spec.n_topics, spec.n_items_per_topic
     interest_cdf = np.cumsum(interest, axis=1)
     interest_cdf[:, -1] = 1.0
-    item_cdf = zipf_cdf(spec.n_items_per_topic)
+    item_cdf = zipf_cdf(per_topic)
     lengths = np.clip(
-        rng.lognormal(np.log(spec.mean_behaviors) - 0.32, 0.8, size=U), 3, 8 * spec.mean_behaviors
+        rng.lognormal(np.log(spec.mean_behaviors) - 0.32, 0.8, size=spec.n_users),
+        3,
+        8 * spec.mean_behaviors,
     ).astype(np.int64)
-    owner = np.repeat(np.arange(U), lengths)  # (N,)
     starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    steps = [
+        (u0, u1, *_rows(starts, lengths, u0, u1)) for u0, u1 in _user_ranges(lengths, STEP_ROWS)
+    ]
     n = int(lengths.sum())
-    pos = np.arange(n) - starts[owner]
-    fresh = (interest_cdf[owner] < rng.random(n)[:, None]).sum(axis=1)  # topic ~ interest
-    fresh = np.minimum(fresh, T - 1)
-    stay = (rng.random(n) < spec.stickiness) & (pos > 0)
-    src = np.maximum.accumulate(np.where(stay, 0, np.arange(n)))
-    topic = fresh[src]
-    rank = np.minimum(np.searchsorted(item_cdf, rng.random(n)), spec.n_items_per_topic - 1)
-    item = topic * spec.n_items_per_topic + rank
-    lag = rng.geometric(0.3, size=n)
-    repeat = (rng.random(n) < spec.repeat_prob) & (lag <= pos)
-    item = np.where(repeat, item[np.arange(n) - np.where(repeat, lag, 0)], item)
-    ts = _session_times(rng, pos, starts, lengths)
-    return _Sequences(lengths=lengths, starts=starts, owner=owner, item=item, timestamp=ts)
+    topic = np.empty(n, dtype=np.int16 if T <= np.iinfo(np.int16).max else np.int32)
+    for u0, u1, s0, s1 in steps:  # topic ~ interest
+        fresh = (
+            interest_cdf[np.repeat(np.arange(u0, u1), lengths[u0:u1])]
+            < rng.random(s1 - s0)[:, None]
+        ).sum(axis=1)
+        topic[s0:s1] = np.minimum(fresh, T - 1)
+    for u0, u1, s0, s1 in steps:  # stay in the topic, or take the fresh one
+        pos = _positions(lengths[u0:u1])
+        stay = (rng.random(s1 - s0) < spec.stickiness) & (pos > 0)
+        topic[s0:s1] = topic[s0:s1][np.maximum.accumulate(np.where(stay, 0, np.arange(s1 - s0)))]
+    item = np.empty(n, dtype=np.int32)
+    for _, _, s0, s1 in steps:  # the item, by popularity within the topic
+        rank = np.minimum(np.searchsorted(item_cdf, rng.random(s1 - s0)), per_topic - 1)
+        item[s0:s1] = topic[s0:s1].astype(np.int64) * per_topic + rank
+    del topic
+    lag = np.concatenate([_narrow(rng.geometric(0.3, size=s1 - s0)) for *_, s0, s1 in steps])
+    for u0, u1, s0, s1 in steps:  # revisits
+        pos = _positions(lengths[u0:u1])
+        repeat = (rng.random(s1 - s0) < spec.repeat_prob) & (lag[s0:s1] <= pos)
+        back = np.arange(s1 - s0) - np.where(repeat, lag[s0:s1], 0)
+        item[s0:s1] = np.where(repeat, item[s0:s1][back], item[s0:s1])
+    del lag
+    offset = _session_times(rng, steps, lengths)
+    return _Sequences(lengths=lengths, starts=starts, item=item, offset=offset)
 
 
 def _session_times(
-    rng: np.random.Generator, pos: np.ndarray, starts: np.ndarray, lengths: np.ndarray
+    rng: np.random.Generator, steps: list[tuple[int, int, int, int]], lengths: np.ndarray
 ) -> np.ndarray:
-    """Timestamps (N,) of behaviors at positions `pos` within their user's sequence: short gaps
-    (minutes) inside a session, long gaps (hours to days) between, a random first day."""
-    n = len(pos)
-    in_session = rng.random(n) < 0.75
-    gaps = np.where(in_session, rng.exponential(120.0, n), rng.exponential(20 * 3600.0, n))
-    gaps = np.where(pos == 0, rng.uniform(0, 10 * 86400.0, n), gaps).astype(np.int64) + 1
-    cum = np.cumsum(gaps)
-    return EPOCH0 + cum - np.repeat(cum[starts] - gaps[starts], lengths)
+    """Timestamps - EPOCH0 (N,) int32 of every behavior (`steps`: `_sequences`' user and row
+    ranges): short gaps (minutes) inside a session, long gaps (hours to days) between, a
+    random first day. Each gap is the whole seconds of its draw, plus one."""
+    in_session = np.concatenate([rng.random(s1 - s0) < 0.75 for *_, s0, s1 in steps])
+    gap = np.empty(len(in_session), dtype=np.int32)
+    for *_, s0, s1 in steps:  # in a session: minutes
+        gap[s0:s1] = np.where(in_session[s0:s1], rng.exponential(120.0, s1 - s0), 0)
+    for *_, s0, s1 in steps:  # between sessions: hours to days
+        far = ~in_session[s0:s1]
+        gap[s0:s1][far] = rng.exponential(20 * 3600.0, s1 - s0)[far]
+    del in_session
+    for u0, u1, s0, s1 in steps:  # the first behavior: a random day
+        first = _positions(lengths[u0:u1]) == 0
+        gap[s0:s1][first] = rng.uniform(0, 10 * 86400.0, s1 - s0)[first]
+        cum = np.cumsum(gap[s0:s1].astype(np.int64) + 1)
+        local = np.concatenate([[0], np.cumsum(lengths[u0:u1])[:-1]])
+        gap[s0:s1] = _narrow(
+            cum - np.repeat(cum[local] - gap[s0:s1][local] - 1, lengths[u0:u1]), np.int32
+        )
+    return gap
+
+
+def _narrow(a: np.ndarray, dtype: type = np.int16) -> np.ndarray:
+    """`a` (integers) as `dtype`, refused where a value does not fit."""
+    if len(a) and (a.max() > np.iinfo(dtype).max or a.min() < np.iinfo(dtype).min):
+        raise OverflowError(f"values up to {a.max()} do not fit {np.dtype(dtype).name}")
+    return a.astype(dtype)
+
+
+def _user_ranges(lengths: np.ndarray, rows: int) -> list[tuple[int, int]]:
+    """Consecutive user ranges [u0, u1) covering every user, each of about `rows` behaviors
+    (at least one user)."""
+    ends = np.cumsum(lengths)
+    cuts = np.unique(np.searchsorted(ends, np.arange(rows, ends[-1], rows), side="right"))
+    bounds = [0, *[int(c) for c in cuts if 0 < c < len(lengths)], len(lengths)]
+    return list(zip(bounds[:-1], bounds[1:], strict=False))
+
+
+def _rows(starts: np.ndarray, lengths: np.ndarray, u0: int, u1: int) -> tuple[int, int]:
+    """The behavior rows [s0, s1) of users u0..u1-1."""
+    return int(starts[u0]), int(starts[u1 - 1] + lengths[u1 - 1])
+
+
+def _positions(lengths: np.ndarray) -> np.ndarray:
+    """(sum(lengths),) each behavior's position within its user, for consecutive users."""
+    local = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    return np.arange(int(lengths.sum())) - np.repeat(local, lengths)
 
 
 def _impression_events(
@@ -235,9 +334,9 @@ def _impression_events(
     audience = np.flatnonzero(rng.random(spec.n_users) < spec.audience_frac)
     n_imp = rng.poisson(spec.mean_impressions, size=len(audience)) + 1
     imp_user = np.repeat(audience, n_imp)
-    ts, starts, lengths = seq.timestamp, seq.starts, seq.lengths
-    first = ts[starts[imp_user]]
-    last = ts[starts[imp_user] + lengths[imp_user] - 1]
+    first_row = seq.starts[imp_user]
+    first = EPOCH0 + seq.offset[first_row].astype(np.int64)
+    last = EPOCH0 + seq.offset[first_row + seq.lengths[imp_user] - 1].astype(np.int64)
     imp_ts = (first + rng.random(len(imp_user)) * (last - first + 3600)).astype(np.int64)
     imp_ad = rng.integers(spec.n_ads, size=len(imp_user))
     return imp_user, imp_ad, _distinct_events(imp_user, imp_ad, imp_ts)

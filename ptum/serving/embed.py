@@ -137,10 +137,10 @@ def load_served(model_dir: Path, *, demo: bool) -> Served:
     )
 
 
-def _frame(user_ids: list[str], vectors: np.ndarray, served: Served) -> pl.DataFrame:
+def _frame(user_ids: pl.Series, vectors: np.ndarray, served: Served) -> pl.DataFrame:
     """The output rows of some users: (B,) ids, (B, D) vectors, and each head's prediction."""
     columns = {
-        "user_id": pl.Series("user_id", user_ids, dtype=pl.String),
+        "user_id": user_ids.cast(pl.String),
         "vector": pl.Series("vector", vectors).cast(pl.List(pl.Float32)),
     }
     for label, (s, classes) in served.heads.items():

@@ -87,12 +87,13 @@ def read_behaviors(path: Path, *, on_duplicates: str = "drop") -> Behaviors:
 class Sequences:
     """Every user's kept behaviors as flat arrays (rows grouped by user, oldest first).
 
-    user_ids: (U,) sorted; offsets: (U + 1,) row range of each user; texts: distinct texts,
+    user_ids: (U,) sorted (a Series: no Python object per user); offsets: (U + 1,) row range
+    of each user; texts: distinct texts,
     item i + 1 = texts[i] (0 = padding); items, gaps, positions: (R,) per kept behavior;
     n_total: (U,) behaviors before truncation.
     """
 
-    user_ids: list[str]
+    user_ids: pl.Series
     offsets: np.ndarray
     texts: list[str]
     items: np.ndarray
@@ -109,7 +110,7 @@ def user_sequences(behaviors: Behaviors, max_behaviors: int) -> Sequences:
     k = views.kept_rows(n_rows, ts, n_rows, max_behaviors)
     kept = np.diff(k.offsets)  # (U,): every user has a behavior
     return Sequences(
-        user_ids=behaviors.users.to_list(),
+        user_ids=behaviors.users,
         offsets=k.offsets,
         texts=behaviors.texts.to_list(),
         items=item[k.rows].astype(np.int64),

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import polars as pl
+import pyarrow.parquet as pq
 import pytest
 
+from ptum.data import synthetic
 from ptum.data.synthetic import PRESETS, generate, spec_for
 
 
@@ -153,3 +157,63 @@ def test_positive_control_labels_follow_niches_that_light_labeled_users_show_lit
 def test_niches_need_a_topic_per_group():
     with pytest.raises(ValueError, match="n_topics >= 8"):
         spec_for("positive_control", n_topics=6)
+
+
+def _digest(tables: tuple[pl.DataFrame, ...]) -> str:
+    """SHA-256 (first 16 hex digits) of the tables' column names, dtypes and values."""
+    h = hashlib.sha256()
+    for df in tables:
+        for name, s in df.to_dict().items():
+            h.update(f"{name}:{s.dtype}".encode())
+            values = "\x00".join(s.to_list()) if s.dtype == pl.String else s.to_numpy().tobytes()
+            h.update(values.encode() if isinstance(values, str) else values)
+    return h.hexdigest()[:16]
+
+
+# The tables (seed 7) the generator drew before its draws went in steps of whole users: any
+# change to a draw, its order or a dtype changes them (a preset's data is part of every result).
+PINNED = {
+    "tiny": "70b0c0a74640da03",
+    "positive_control": "6e5402e351adf1c5",
+    "null_control": "1ec640466cc3ba3a",
+}
+
+
+@pytest.mark.parametrize("size", sorted(PINNED))
+def test_presets_draw_the_tables_they_always_drew(size):
+    assert _digest(generate(spec_for(size), seed=7)) == PINNED[size]
+
+
+def test_streamed_generation_equals_the_whole_tables(monkeypatch):
+    """Drawn in steps of a few hundred behaviors and yielded in chunks of whole users, the
+    tables are those of one step and one frame (labeled_history: the cut is per chunk)."""
+    spec = spec_for("positive_control")
+    whole = generate(spec, seed=3)
+    monkeypatch.setattr(synthetic, "STEP_ROWS", 700)
+    chunks, labels, impressions = synthetic.generate_chunks(spec, seed=3, chunk_rows=2_000)
+    chunks = list(chunks)
+    assert len(chunks) > 3
+    users = [set(c["user_id"]) for c in chunks]
+    assert sum(map(len, users)) == len(set().union(*users))  # no user in two chunks
+    assert pl.concat(chunks).equals(whole[0])
+    assert labels.equals(whole[1]) and impressions.equals(whole[2])
+
+
+def test_ingest_writes_chunks_as_row_groups_of_one_file(monkeypatch, tmp_path):
+    from ptum.data.ingest import ingest
+
+    monkeypatch.setattr(synthetic, "CHUNK_ROWS", 1_000)
+    ingest(source="synthetic", path="", out_dir=tmp_path / "raw", size="tiny", seed=7)
+    path = tmp_path / "raw" / "behaviors.parquet"
+    assert pq.ParquetFile(path).num_row_groups > 3
+    assert pl.read_parquet(path).equals(generate(spec_for("tiny"), seed=7)[0])
+
+
+def test_the_paper_preset_has_the_papers_sizes():
+    """500,000 users, ~63M behaviors (the mean realized at 2,000 users), 20,000 labeled."""
+    spec = spec_for("paper")
+    assert spec.n_users == 500_000 and round(spec.labeled_frac * spec.n_users) == 20_000
+    assert spec.n_topics * spec.n_items_per_topic == 48_000
+    beh, labels, _ = generate(spec_for("paper", n_users=2_000), seed=7)
+    assert 60e6 < beh.height / 2_000 * spec.n_users < 66e6
+    assert 50 < labels.height < 110

@@ -42,9 +42,8 @@ def few_labeled(tmp_path_factory):
     impressions), so that pools of 1x and 2x the labeled users fit."""
     root = tmp_path_factory.mktemp("regime")
     spec = replace(synthetic.PRESETS["tiny"], n_users=400, labeled_frac=0.12, audience_frac=0.1)
-    presets = {**synthetic.PRESETS, "few_labeled": spec}
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(synthetic, "PRESETS", presets)
+        mp.setitem(synthetic.PRESETS, "few_labeled", spec)  # the dict spec_for reads
         ingest(source="synthetic", path="", out_dir=root / "raw", size="few_labeled", seed=7)
     prepare(
         root / "raw",

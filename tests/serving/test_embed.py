@@ -278,7 +278,7 @@ def test_embed_and_prepare_build_the_same_sequences_from_a_log_with_a_duplicate(
     behaviors = read_behaviors(log)
     assert behaviors.rows_dropped == {"duplicate_event": 1}
     seqs = user_sequences(behaviors, 3)
-    assert seqs.user_ids == view["user_id"].to_list() == ["u1", "u2"]
+    assert seqs.user_ids.to_list() == view["user_id"].to_list() == ["u1", "u2"]
     expected = {
         "u1": (["second title", "same second, other title", "third title"], [10, 0, 15], 4),
         "u2": (["first title", "third title"], [0, 4], 2),
