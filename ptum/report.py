@@ -8,49 +8,17 @@ opens with the comparison against the strongest baseline, losses first.
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 from pathlib import Path
 
 from ptum.data import verified
-
-MODE_NAMES = {
-    "scratch": "{m}",
-    "frozen": "{m}+PTUM (no finetune)",
-    "finetune": "{m}+PTUM (finetune)",
-}
-MODEL_NAMES = {
-    "han": "HAN",
-    "hura": "HURA",
-    "hsa": "HSA",
-    "gru4rec": "GRU4Rec",
-    "nativectr": "NativeCTR",
-    "bert4rec": "BERT4Rec",
-}
-
-
-def _pct(x: float | None) -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return "n/a"
-    return f"{100 * x:.2f}"
-
-
-def _p(p: float | None) -> str:
-    if p is None or (isinstance(p, float) and math.isnan(p)):
-        return "n/a"
-    return f"{p:.3g}"
-
-
-def _method(model: str, mode: str) -> str:
-    if mode == "baseline":
-        return f"baseline: {model}"
-    return MODE_NAMES[mode].format(m=MODEL_NAMES.get(model, model))
+from ptum.report_format import MODEL_NAMES, method, pct, pval
 
 
 def _cell_text(c: dict, m: str) -> str:
     return (
-        f"{_pct(c[f'{m}_mean'])} ± {_pct(c[f'{m}_std'])} "
-        f"[{_pct(c[f'{m}_ci_lo'])}, {_pct(c[f'{m}_ci_hi'])}]"
+        f"{pct(c[f'{m}_mean'])} ± {pct(c[f'{m}_std'])} "
+        f"[{pct(c[f'{m}_ci_lo'])}, {pct(c[f'{m}_ci_hi'])}]"
     )
 
 
@@ -87,7 +55,7 @@ def _table(res: dict, metrics: list[str], names: list[str]) -> list[str]:
                 if (m, mode) in methods
             ]
         for model, mode in methods:
-            row = [_method(model, mode)]
+            row = [method(model, mode)]
             for r in ratios:
                 c = next(
                     (
@@ -101,7 +69,7 @@ def _table(res: dict, metrics: list[str], names: list[str]) -> list[str]:
                     if c is None:
                         row.append("")
                     elif m == "user_auc":
-                        row.append(f"{_pct(c['user_auc_mean'])} ± {_pct(c['user_auc_std'])}")
+                        row.append(f"{pct(c['user_auc_mean'])} ± {pct(c['user_auc_std'])}")
                     else:
                         row.append(_cell_text(c, m))
             lines.append("| " + " | ".join(row) + " |")
@@ -132,12 +100,13 @@ def versus_baselines(res: dict) -> list[str]:
             verdict = "above baseline"
         else:
             verdict = "not below, not significantly above"
+        verdict += FRAGILE if v.get("fragile") else ""
         model, mode = v["pretrained"].split("/")
         lines.append(
             f"| {v['label']} | {round(v['ratio'] * 100)}% | {v['metric']} | {v['baseline']} | "
-            f"{_pct(v['baseline_mean'])} [{_pct(lo)}, {_pct(hi)}] | {_method(model, mode)} | "
-            f"{_pct(v['pretrained_mean'])} | {100 * (v['pretrained_mean'] - v['baseline_mean']):+.2f} | "
-            f"{_p(v.get('p_ttest'))} | {_p(v.get('p_holm'))} | {verdict} |"
+            f"{pct(v['baseline_mean'])} [{pct(lo)}, {pct(hi)}] | {method(model, mode)} | "
+            f"{pct(v['pretrained_mean'])} | {100 * (v['pretrained_mean'] - v['baseline_mean']):+.2f} | "
+            f"{pval(v.get('p_ttest'))} | {pval(v.get('p_users'))} | {pval(v.get('p_holm'))} | {verdict} |"
         )
     return lines + [""]
 
@@ -177,6 +146,9 @@ def learning_curves(histories: dict[str, Path], points: int = 6) -> list[str]:
     ]
 
 
+BOTH = "over repeats (paired t) and over test users (paired bootstrap), Holm on the larger"
+FRAGILE = " (fragile: Holm p within 3x of 0.05)"
+
 CLAIMS = {
     "C1": "fine-tuned beats scratch at the lowest label ratio",
     "C2": "the gain over scratch is larger at the lowest ratio than at the highest (interaction)",
@@ -195,39 +167,46 @@ def claims(res: dict) -> list[str]:
             tests = [r for r in here if r["claim"] == c]
             if tests:
                 held = sum(r["holds"] for r in tests)
+                shaky = sum(r.get("fragile", False) for r in tests)
                 lines.append(
                     f"- {m}, {c} ({text}): holds for {held}/{len(tests)} (label, model) pairs "
-                    "(mean difference > 0, Holm-adjusted paired t p < 0.05)."
+                    f"(mean difference > 0, Holm-adjusted p < 0.05 {BOTH})"
+                    + (
+                        f"; {shaky} verdict(s) fragile (Holm p within 3x of 0.05)."
+                        if shaky
+                        else "."
+                    )
                 )
     lines += [
         "",
-        "| claim | metric | label | model | ratio | mean diff (pts) | wins | p (paired t) "
-        "| p (Holm) | p (Wilcoxon) | holds |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| claim | metric | label | model | ratio | mean diff (pts) | wins | p (repeats) "
+        "| p (users) | p (Holm) | p (Wilcoxon) | holds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ratio = r["ratio"] if isinstance(r["ratio"], str) else f"{round(r['ratio'] * 100)}%"
         lines.append(
             f"| {r['claim']} | {r['metric']} | {r['label']} | "
             f"{MODEL_NAMES.get(r['model'], r['model'])} | {ratio} | {100 * r['mean_diff']:+.2f} | "
-            f"{r['wins']}/{r['n']} | {_p(r['p_ttest'])} | {_p(r['p_holm'])} | "
-            f"{_p(r['p_wilcoxon'])} | {'yes' if r['holds'] else 'no'} |"
+            f"{r['wins']}/{r['n']} | {pval(r['p_ttest'])} | {pval(r.get('p_users'))} | "
+            f"{pval(r['p_holm'])} | {pval(r['p_wilcoxon'])} | {'yes' if r['holds'] else 'no'}"
+            f"{FRAGILE if r.get('fragile') else ''} |"
         )
     return lines + [""]
 
 
 def _tests(tests: list[dict]) -> list[str]:
     lines = [
-        "| label | model | ratio | comparison | metric | mean diff (pts) | wins | p (paired t) "
-        "| p (Wilcoxon) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| label | model | ratio | comparison | metric | mean diff (pts) | wins | p (repeats) "
+        "| p (users) | p (Wilcoxon) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in tests:
         lines.append(
             f"| {t['label']} | {MODEL_NAMES.get(t['model'], t['model'])} | "
             f"{round(t['ratio'] * 100)}% | {t['comparison']} | {t['metric']} | "
-            f"{100 * t['mean_diff']:+.2f} | {t['wins']}/{t['n']} | {_p(t['p_ttest'])} | "
-            f"{_p(t['p_wilcoxon'])} |"
+            f"{100 * t['mean_diff']:+.2f} | {t['wins']}/{t['n']} | {pval(t['p_ttest'])} | "
+            f"{pval(t.get('p_users'))} | {pval(t['p_wilcoxon'])} |"
         )
     return lines + [""]
 

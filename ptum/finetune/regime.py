@@ -11,8 +11,9 @@ splits for every pool). Per pool, label, ratio and metric, two comparisons paire
   edge  the best pre-trained cell (frozen or finetune) - the strongest baseline, both chosen by
         their mean validation score (never the test score they are then compared on).
 
-Each is a mean difference over repeats with its 95% t-interval and a paired t-test, Holm-
-corrected over every comparison of the task on the same metric.
+Each is a mean difference over repeats with its 95% t-interval, tested paired over repeats (t)
+and over test users (bootstrap; ptum.finetune.stats), Holm-corrected on the larger p over every
+comparison of the task on the same metric.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ from ptum.data.prepare.tasks import why_unavailable
 from ptum.finetune.cells import GridAxes, GridOptions
 from ptum.finetune.grid import run_grid
 from ptum.finetune.options import MODES
+from ptum.finetune.results import test_users
 from ptum.finetune.stats import holm, paired_test
-from ptum.finetune.summary import METRICS, PRETRAINED
+from ptum.finetune.summary import METRICS, PRETRAINED, Comparisons, comparisons, predictions_frame
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,8 @@ class Regime:
     pools: tuple[int, ...]  # pool sizes, as multiples of the labeled users
     ratios: tuple[float, ...]
     repeats: int
+    bootstrap: int  # replicates of the test over users
+    seed: int  # of the user draws
     labeled: int | None = None  # keep this many labeled users (the rest: unlabeled); None: all
 
 
@@ -91,19 +95,28 @@ def run(
             pretrain(users, model, ckpt_root / model, pretrain_reports / f"pool{m}" / model)
             axes = GridAxes(task, None, (model,), MODES, regime.ratios, regime.repeats, True)
             runs = run_grid(axes, replace(grid, ckpt_root=ckpt_root, pool=tuple(users)))
-            rows += [{"pool": m, "pool_users": n, **r} for r in compare(task, model, runs)]
+            user_ids, n_classes = test_users(axes, grid)
+            tests = comparisons(
+                task,
+                runs,
+                predictions_frame(task, runs, user_ids),
+                n_classes=n_classes,
+                n_boot=regime.bootstrap,
+                seed=regime.seed,
+            )
+            rows += [{"pool": m, "pool_users": n, **r} for r in compare(task, model, runs, tests)]
         for metric in METRICS[task]:
             family = [r for r in rows if r["metric"] == metric]
-            ps = [np.nan if r["p_ttest"] is None else r["p_ttest"] for r in family]
+            ps = [np.nan if r["p"] is None else r["p"] for r in family]
             for r, p in zip(family, holm(ps)):
                 r["p_holm"] = None if np.isnan(p) else float(p)
         out["tasks"][task] = {"model": model, "available": True, "rows": rows}
     return out
 
 
-def compare(task: str, model: str, runs: list[dict]) -> list[dict]:
+def compare(task: str, model: str, runs: list[dict], tests: Comparisons) -> list[dict]:
     """The gain and the edge (module docstring) per label, ratio and metric of one pool's
-    grid `runs` (cell results)."""
+    grid `runs` (cell results); `tests`: their paired tests over users."""
     rows = []
     for label in sorted({r["label"] for r in runs}):
         for ratio in sorted({r["ratio"] for r in runs}):
@@ -119,8 +132,10 @@ def compare(task: str, model: str, runs: list[dict]) -> list[dict]:
                     if a is None or b is None or a not in series or b not in series:
                         continue
                     diff = _paired(series[a]["test"], series[b]["test"])
-                    if diff is None:
+                    both = tests.paired(label, a, b, ratio, metric)
+                    if diff is None or both is None:
                         continue
+                    diff |= {k: nan_none(both[k]) for k in ("p_users", "se_users", "p")}
                     rows.append(
                         {
                             "label": label,
@@ -153,6 +168,11 @@ def _best_on_valid(series: dict, keep: Callable[[tuple[str, str]], bool]) -> tup
     cands = sorted(k for k in series if keep(k))
     scores = {k: float(np.nanmean(list(series[k]["valid"].values()))) for k in cands}
     return max(cands, key=lambda k: scores[k]) if cands else None
+
+
+def nan_none(x: float | None) -> float | None:
+    """JSON-safe: an undefined p-value is null."""
+    return None if x is None or np.isnan(x) else float(x)
 
 
 def _paired(a: dict[int, float], b: dict[int, float], level: float = 0.95) -> dict | None:
@@ -239,8 +259,8 @@ def markdown(results: dict) -> str:
         "",
         f"Labeled users (Demo label or CTR impression): {results['labeled_users']}; "
         f"pre-training corpus: {results['pretrain_users']} training users. Differences are test "
-        "points (x100), mean over re-drawn splits with their 95% t-interval; p: paired t-test, "
-        "Holm-corrected per task and metric. gain = finetune - scratch; edge = best pre-trained "
+        "points (x100), mean over re-drawn splits with their 95% t-interval; p: paired over "
+        "repeats (t) and over test users (bootstrap), Holm on the larger p per task and metric. gain = finetune - scratch; edge = best pre-trained "
         "cell - strongest baseline, both chosen on validation.",
         "",
     ]
@@ -253,16 +273,20 @@ def markdown(results: dict) -> str:
             continue
         lines += [
             "| pool | users | label | ratio | metric | comparison | a | b | a mean | b mean "
-            "| diff [95% CI] | wins | p_Holm |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| diff [95% CI] | wins | p (repeats) | p (users) | p_Holm |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in res["rows"]:
-            p = "n/a" if r.get("p_holm") is None else f"{r['p_holm']:.3g}"
+            p, pt, pu = (
+                "n/a" if r.get(k) is None else f"{r[k]:.3g}"
+                for k in ("p_holm", "p_ttest", "p_users")
+            )
             lines.append(
                 f"| {r['pool']}x | {r['pool_users']} | {r['label']} | {r['ratio']:g} | "
                 f"{r['metric']} | {r['comparison']} | {r['a']} | {r['b']} | "
                 f"{100 * r['a_mean']:.2f} | {100 * r['b_mean']:.2f} | {100 * r['diff']:+.2f} "
-                f"[{100 * r['ci_lo']:+.2f}, {100 * r['ci_hi']:+.2f}] | {r['wins']}/{r['n']} | {p} |"
+                f"[{100 * r['ci_lo']:+.2f}, {100 * r['ci_hi']:+.2f}] | {r['wins']}/{r['n']} | {pt} | {pu} "
+                f"| {p} |"
             )
         lines.append("")
     return "\n".join(lines) + "\n"

@@ -30,7 +30,7 @@ def run_task(axes: GridAxes, options: GridOptions, *, bootstrap: int, out: Path)
     if why is not None:
         return write_unavailable(task, why, out, options.cache_dir)
     runs = run_grid(axes, options)
-    user_ids, n_classes = _test_users(axes, options)
+    user_ids, n_classes = test_users(axes, options)
     preds = predictions_frame(task, runs, user_ids)
     summary = summarize(task, runs, preds, n_classes=n_classes, n_boot=bootstrap, seed=options.seed)
     pred_path = out.with_name(out.stem + "_predictions.parquet")
@@ -61,7 +61,7 @@ def write_unavailable(task: str, why: str, out: Path, cache_dir: Path) -> dict:
     return result
 
 
-def _test_users(axes: GridAxes, options: GridOptions) -> tuple[list[str], dict[str, int]]:
+def test_users(axes: GridAxes, options: GridOptions) -> tuple[list[str], dict[str, int]]:
     """(user id of each row the cells' predictions index, classes per Demo label ({} for CTR))."""
     data = (options.prepared, options.tokenized, options.max_behaviors, list(axes.ratios))
     if axes.task == "demo":

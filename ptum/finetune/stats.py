@@ -4,13 +4,19 @@ Which level varies: a repeat r re-draws the labeled-user split (Demo) or the CTR
 split, and the model seeds; within a repeat, test users are a sample of users. So:
 
 - mean ± std of a metric over repeats;
-- a 95% CI per cell by a bootstrap over test *users* (CTR: a user's impressions move together),
-  stratified by repeat: each replicate resamples the users of every repeat and averages the
+- a 95% CI per cell by a bootstrap over test *users* (CTR: a user's impressions move together):
+  each replicate resamples the task's test users once for every repeat and averages the
   repeats' metrics;
 - paired tests between methods over repeats (every method of repeat r saw the same split);
+- the same differences tested over test *users* (`user_contrast`): the repeats re-split one set
+  of labeled users and score CTR on one test window, so a method's luck on that sample of users
+  recurs in every repeat and the test over repeats cannot see it (`UserBootstrap`: users are
+  resampled jointly across repeats and methods, paired; the difference's bootstrap standard error
+  gives a normal p-value). A verdict needs both (`both_p`: the larger p, an intersection-union test);
 - the "larger gain with fewer labels" claim as an interaction: per repeat, the gain at the lowest
   ratio minus the gain at the highest, tested against 0;
-- Holm's step-down correction over the family of claims tested.
+- Holm's step-down correction over the family of claims tested; a verdict whose adjusted p is
+  within a factor of 3 of alpha is marked fragile (`fragile`).
 
 Weighted metrics below take a (B, n) weight matrix (how often each example is drawn in each of B
 replicates) and return (B,) values; with unit weights they equal ptum.finetune.metrics.
@@ -114,28 +120,103 @@ def bootstrap_ci(
     n_boot: int = 1000,
     seed: int = 0,
     level: float = 0.95,
-    chunk: int = 100,
 ) -> tuple[float, float]:
     """Percentile CI of the mean over repeats of `metric`, resampling test users with
-    replacement within each repeat (all of a user's examples move together)."""
-    rng = np.random.default_rng(seed)
-    total = np.zeros(n_boot)
-    for p in repeats:
-        users, inverse = np.unique(p.user, return_inverse=True)
-        for start in range(0, n_boot, chunk):
-            b = min(chunk, n_boot - start)
-            draws = rng.integers(0, len(users), (b, len(users)))
-            counts = np.zeros((b, len(users)))
-            np.add.at(counts, (np.repeat(np.arange(b), len(users)), draws.ravel()), 1.0)
-            total[start : start + b] += metric_values(
-                metric, p.y, p.out, counts[:, inverse], n_classes
+    replacement (all of a user's examples move together; a user in several repeats is drawn
+    once for all of them): `UserBootstrap.interval` of one cell."""
+    users = UserBootstrap(np.concatenate([p.user for p in repeats]), n_boot=n_boot, seed=seed)
+    return users.interval([(i, p) for i, p in enumerate(repeats)], metric, n_classes, level)
+
+
+def _user_counts(rng: np.random.Generator, b: int, n_users: int) -> np.ndarray:
+    """(b, n_users) how often each user is drawn in each of b bootstrap replicates."""
+    draws = rng.integers(0, n_users, (b, n_users)) + n_users * np.arange(b)[:, None]
+    return np.bincount(draws.ravel(), minlength=b * n_users).reshape(b, n_users).astype(float)
+
+
+class UserBootstrap:
+    """Tests of differences over test users. One set of draws serves the whole grid: replicate b
+    draws users with replacement from every test user of the task (a user's examples move
+    together), the same draw for every cell and repeat, so differences stay paired on the same
+    users and each (cell, repeat, metric) is computed once (`replicates`, cached)."""
+
+    def __init__(self, users: np.ndarray, *, n_boot: int, seed: int, chunk: int = 100):
+        self.users = np.unique(np.asarray(users, dtype=str))
+        rng = np.random.default_rng(seed)
+        self.counts = np.concatenate(
+            [
+                _user_counts(rng, min(chunk, n_boot - start), len(self.users))
+                for start in range(0, n_boot, chunk)
+            ]
+        )
+        self.chunk = chunk
+        self._cache: dict[tuple, tuple[float, np.ndarray]] = {}
+
+    def replicates(
+        self, key: tuple | int, p: Predictions, metric: str, n_classes: int = 0
+    ) -> tuple[float, np.ndarray]:
+        """(the metric on p as it is, its (n_boot,) values under the draws); `key` names p."""
+        if (key, metric) not in self._cache:
+            idx = np.searchsorted(self.users, np.asarray(p.user, dtype=str))
+            point = metric_values(metric, p.y, p.out, np.ones((1, len(idx))), n_classes)[0]
+            boot = np.concatenate(
+                [
+                    metric_values(
+                        metric, p.y, p.out, self.counts[s : s + self.chunk][:, idx], n_classes
+                    )
+                    for s in range(0, len(self.counts), self.chunk)
+                ]
             )
-    mean = total / len(repeats)
-    mean = mean[~np.isnan(mean)]
-    if len(mean) == 0:
-        return float("nan"), float("nan")
-    alpha = (1 - level) / 2
-    return float(np.quantile(mean, alpha)), float(np.quantile(mean, 1 - alpha))
+            self._cache[(key, metric)] = (float(point), boot)
+        return self._cache[(key, metric)]
+
+    def interval(
+        self,
+        reps: Sequence[tuple[tuple | int, Predictions]],
+        metric: str,
+        n_classes: int = 0,
+        level: float = 0.95,
+    ) -> tuple[float, float]:
+        """Percentile CI of one cell's mean over its repeats (`reps`: (key, predictions))."""
+        boot = np.mean([self.replicates(k, p, metric, n_classes)[1] for k, p in reps], axis=0)
+        boot = boot[~np.isnan(boot)]
+        if len(boot) == 0:
+            return float("nan"), float("nan")
+        alpha = (1 - level) / 2
+        return float(np.quantile(boot, alpha)), float(np.quantile(boot, 1 - alpha))
+
+    def contrast(
+        self,
+        terms: Sequence[tuple[float, Sequence[tuple[tuple, Predictions]]]],
+        metric: str,
+        n_classes: int = 0,
+    ) -> dict:
+        """sum_k coef_k * (mean over repeats of `metric` of cell k; a term lists its repeats as
+        (key, predictions)): diff, se_users (the replicates' standard deviation) and p_users
+        (two-sided, normal; nan when se is 0 or undefined)."""
+        diff, boot = 0.0, np.zeros(len(self.counts))
+        for coef, reps in terms:
+            values = [self.replicates(k, p, metric, n_classes) for k, p in reps]
+            diff += coef * float(np.mean([v for v, _ in values]))
+            boot = boot + coef * np.mean([b for _, b in values], axis=0)
+        boot = boot[~np.isnan(boot)]
+        se = float(boot.std(ddof=1)) if len(boot) > 1 else float("nan")
+        ok = se > 0 and not np.isnan(diff)
+        p = float(2 * stats.norm.sf(abs(diff) / se)) if ok else float("nan")
+        return {"diff": diff, "se_users": se, "p_users": p}
+
+
+def both_p(p_repeats: float | None, p_users: float | None) -> float:
+    """A difference holds only if it holds over the re-drawn splits and over the test users:
+    the larger of the two p-values (nan if either is undefined)."""
+    ps = [np.nan if p is None else float(p) for p in (p_repeats, p_users)]
+    return float("nan") if any(np.isnan(ps)) else max(ps)
+
+
+def fragile(p_holm: float | None, alpha: float = 0.05, factor: float = 3.0) -> bool:
+    """A verdict that a rerun on another machine or seed could flip: its adjusted p-value is
+    within `factor` of alpha on either side."""
+    return p_holm is not None and not np.isnan(p_holm) and alpha / factor < p_holm < alpha * factor
 
 
 def per_user_auc(y: np.ndarray, score: np.ndarray, user: np.ndarray) -> float:

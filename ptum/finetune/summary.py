@@ -10,6 +10,7 @@ Holm-corrected verdict. The report stage renders this; a test recomputes a cell 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import cast
 
 import numpy as np
@@ -18,7 +19,9 @@ import polars as pl
 from ptum.finetune.metrics import accuracy, average_precision, macro_f1, roc_auc
 from ptum.finetune.stats import (
     Predictions,
-    bootstrap_ci,
+    UserBootstrap,
+    both_p,
+    fragile,
     holm,
     interaction_test,
     paired_test,
@@ -105,78 +108,116 @@ def summarize(
 ) -> dict:
     """Cells (mean, std, CI, per-user AUC), paired tests and claims of one task's grid."""
     metrics = METRICS[task]
-    out_col = "pred" if task == "demo" else "score"
     n_classes = n_classes or {}
-    per_run = pl.DataFrame(
-        [{**{k: r[k] for k in KEYS + ["seed"]}, **{m: r["test"][m] for m in metrics}} for r in runs]
-    )
+    tests = comparisons(task, runs, preds, n_classes=n_classes, n_boot=n_boot, seed=seed)
+    per_run, sets, users = tests.per_run, tests.sets, tests.users
     cells = []
     for key, g in per_run.group_by(KEYS, maintain_order=True):
         row = dict(zip(KEYS, key))
         row["n"] = g.height
-        sub = preds.filter(
-            (pl.col("label") == row["label"])
-            & (pl.col("model") == row["model"])
-            & (pl.col("mode") == row["mode"])
-            & (pl.col("ratio") == row["ratio"])
-        )
-        reps = [
-            Predictions(s["y"].to_numpy(), s[out_col].to_numpy(), s["user_id"].to_numpy())
-            for _, s in sub.group_by("seed", maintain_order=True)
-        ]
+        reps = [(k, p) for k, p in sets.items() if k[:4] == tuple(key)]
         for m in metrics:
             # Polars types a column's mean and std as any Python value; these are floats.
             row[f"{m}_mean"] = _nan(float(cast(float, g[m].mean())))
             row[f"{m}_std"] = _nan(float(cast(float, g[m].std()))) if g.height > 1 else 0.0
-            lo, hi = bootstrap_ci(
-                reps, m, n_classes=n_classes.get(row["label"], 0), n_boot=n_boot, seed=seed
-            )
+            lo, hi = users.interval(reps, m, n_classes.get(row["label"], 0))
             row[f"{m}_ci_lo"], row[f"{m}_ci_hi"] = _nan(lo), _nan(hi)
         if task == "ctr":
-            u = [per_user_auc(p.y, p.out, p.user) for p in reps]
+            u = [per_user_auc(p.y, p.out, p.user) for _, p in reps]
             row["user_auc_mean"] = _nan(float(np.nanmean(u))) if u else None
             row["user_auc_std"] = _nan(float(np.nanstd(u, ddof=1))) if len(u) > 1 else 0.0
         cells.append(row)
-    tests = paired_tests(per_run, metrics)
     return {
         "cells": cells,
-        "tests": tests,
-        "claims": claims(per_run, metrics),
-        "versus_baselines": versus_baselines(per_run, cells, metrics),
+        "tests": paired_tests(tests, metrics),
+        "claims": claims(tests, metrics),
+        "versus_baselines": versus_baselines(tests, cells, metrics),
     }
 
 
-def _series(per_run: pl.DataFrame, label: str, model: str, mode: str, ratio: float, m: str):
-    g = per_run.filter(
-        (pl.col("label") == label)
-        & (pl.col("model") == model)
-        & (pl.col("mode") == mode)
-        & (pl.col("ratio") == ratio)
-    ).sort("seed")
-    return g["seed"].to_list(), g[m].to_numpy()
+@dataclass(frozen=True)
+class Comparisons:
+    """What the comparisons read: each run's test metrics (`per_run`) and each run's test
+    predictions by (label, model, mode, ratio, seed), for the tests over users."""
+
+    per_run: pl.DataFrame
+    sets: dict[tuple, Predictions]
+    n_classes: dict[str, int]
+    users: UserBootstrap
+
+    def series(self, label: str, model: str, mode: str, ratio: float, m: str):
+        g = self.per_run.filter(
+            (pl.col("label") == label)
+            & (pl.col("model") == model)
+            & (pl.col("mode") == mode)
+            & (pl.col("ratio") == ratio)
+        ).sort("seed")
+        return g["seed"].to_list(), g[m].to_numpy()
+
+    def over_users(self, label: str, m: str, terms: list[tuple[float, tuple]], seeds) -> dict:
+        """user_contrast of sum coef * cell over `seeds`; a term's cell is (model, mode, ratio)."""
+        keyed = [
+            (c, [((label, *cell, s), self.sets[(label, *cell, s)]) for s in seeds])
+            for c, cell in terms
+        ]
+        return self.users.contrast(keyed, m, self.n_classes.get(label, 0))
+
+    def paired(self, label, a: tuple[str, str], b: tuple[str, str], ratio, m) -> dict | None:
+        """Method a vs b over the repeats both ran: paired over repeats and over test users;
+        `p` needs both (stats.both_p)."""
+        sa, va = self.series(label, *a, ratio, m)
+        sb, vb = self.series(label, *b, ratio, m)
+        common = sorted(set(sa) & set(sb))
+        if len(common) < 2:
+            return None
+        ia, ib = [sa.index(s) for s in common], [sb.index(s) for s in common]
+        t = paired_test(va[ia], vb[ib])
+        u = self.over_users(label, m, [(1.0, (*a, ratio)), (-1.0, (*b, ratio))], common)
+        return {**t, **_users(u), "p": both_p(t["p_ttest"], u["p_users"])}
 
 
-def _paired(per_run, label, a: tuple[str, str], b: tuple[str, str], ratio, m) -> dict | None:
-    """Paired test of method a vs b over the repeats both ran."""
-    sa, va = _series(per_run, label, *a, ratio, m)
-    sb, vb = _series(per_run, label, *b, ratio, m)
-    common = sorted(set(sa) & set(sb))
-    if len(common) < 2:
-        return None
-    ia, ib = [sa.index(s) for s in common], [sb.index(s) for s in common]
-    return paired_test(va[ia], vb[ib])
+def comparisons(
+    task: str,
+    runs: list[dict],
+    preds: pl.DataFrame,
+    *,
+    n_classes: dict[str, int],
+    n_boot: int,
+    seed: int,
+) -> Comparisons:
+    """The paired tests (over repeats and over test users) of one grid's runs, for callers
+    that compare cells of their own choosing (ptum.finetune.regime)."""
+    metrics = METRICS[task]
+    per_run = pl.DataFrame(
+        [{**{k: r[k] for k in KEYS + ["seed"]}, **{m: r["test"][m] for m in metrics}} for r in runs]
+    )
+    sets = _prediction_sets(preds, "pred" if task == "demo" else "score")
+    users = UserBootstrap(preds["user_id"].unique().to_numpy(), n_boot=n_boot, seed=seed)
+    return Comparisons(per_run, sets, n_classes, users)
 
 
-def paired_tests(per_run: pl.DataFrame, metrics: list[str]) -> list[dict]:
+def _users(u: dict) -> dict:
+    return {"se_users": _nan(u["se_users"]), "p_users": _nan(u["p_users"])}
+
+
+def _prediction_sets(preds: pl.DataFrame, out_col: str) -> dict[tuple, Predictions]:
+    """(label, model, mode, ratio, seed) -> that run's test Predictions."""
+    return {
+        key: Predictions(g["y"].to_numpy(), g[out_col].to_numpy(), g["user_id"].to_numpy())
+        for key, g in preds.partition_by(KEYS + ["seed"], as_dict=True).items()
+    }
+
+
+def paired_tests(tests: Comparisons, metrics: list[str]) -> list[dict]:
     """frozen / finetune vs scratch, per (label, model, ratio) and metric, paired by repeat."""
     out = []
-    neural = per_run.filter(pl.col("mode") != "baseline")
+    neural = tests.per_run.filter(pl.col("mode") != "baseline")
     for (label, model, ratio), _ in neural.group_by(
         ["label", "model", "ratio"], maintain_order=True
     ):
         for mode in PRETRAINED:
             for m in metrics:
-                t = _paired(per_run, label, (model, mode), (model, "scratch"), ratio, m)
+                t = tests.paired(label, (model, mode), (model, "scratch"), ratio, m)
                 if t is not None:
                     out.append(
                         {
@@ -191,16 +232,16 @@ def paired_tests(per_run: pl.DataFrame, metrics: list[str]) -> list[dict]:
     return out
 
 
-def claims(per_run: pl.DataFrame, metrics: list[str]) -> list[dict]:
-    """The paper's claims per (label, model), each a paired test over repeats, Holm-corrected
-    over every claim test of the task on the same metric:
+def claims(tests: Comparisons, metrics: list[str]) -> list[dict]:
+    """The paper's claims per (label, model), each paired over repeats and over test users,
+    Holm-corrected over every claim test of the task on the same metric:
 
     C1  finetune beats scratch at the lowest label ratio;
     C2  the gain (finetune - scratch) is larger at the lowest ratio than at the highest
         (difference in differences per repeat);
     C3  finetune beats frozen (no finetune) at the lowest label ratio.
     """
-    neural = per_run.filter(pl.col("mode") != "baseline")
+    neural = tests.per_run.filter(pl.col("mode") != "baseline")
     if neural.height == 0:
         return []
     ratios = sorted(set(neural["ratio"].to_list()))
@@ -209,56 +250,65 @@ def claims(per_run: pl.DataFrame, metrics: list[str]) -> list[dict]:
     for m in metrics:
         family = []
         for (label, model), _ in neural.group_by(["label", "model"], maintain_order=True):
-            t1 = _paired(per_run, label, (model, "finetune"), (model, "scratch"), lo, m)
+            t1 = tests.paired(label, (model, "finetune"), (model, "scratch"), lo, m)
             if t1:
                 family.append({"claim": "C1", "ratio": lo, **t1, "label": label, "model": model})
-            if hi != lo:
-                s = {
-                    (mode, r): dict(zip(*_series(per_run, label, model, mode, r, m)))
-                    for mode in ("finetune", "scratch")
-                    for r in (lo, hi)
-                }
-                common = sorted(set.intersection(*(set(v) for v in s.values())))
-                if len(common) >= 2:
-                    t2 = interaction_test(
-                        *(
-                            np.array([s[k][c] for c in common])
-                            for k in (
-                                ("finetune", lo),
-                                ("scratch", lo),
-                                ("finetune", hi),
-                                ("scratch", hi),
-                            )
-                        )
-                    )
-                    family.append(
-                        {
-                            "claim": "C2",
-                            "ratio": f"{lo:g} vs {hi:g}",
-                            **t2,
-                            "label": label,
-                            "model": model,
-                        }
-                    )
-            t3 = _paired(per_run, label, (model, "finetune"), (model, "frozen"), lo, m)
+            t2 = _interaction(tests, label, model, lo, hi, m) if hi != lo else None
+            if t2:
+                family.append(
+                    {
+                        "claim": "C2",
+                        "ratio": f"{lo:g} vs {hi:g}",
+                        **t2,
+                        "label": label,
+                        "model": model,
+                    }
+                )
+            t3 = tests.paired(label, (model, "finetune"), (model, "frozen"), lo, m)
             if t3:
                 family.append({"claim": "C3", "ratio": lo, **t3, "label": label, "model": model})
-        adjusted = holm([f["p_ttest"] for f in family])
-        for f, p in zip(family, adjusted):
+        for f in _verdicts(family, "holds"):
             f["metric"] = m
-            f["p_holm"] = _nan(p)
-            f["holds"] = bool(f["mean_diff"] > 0 and p is not None and not np.isnan(p) and p < 0.05)
             out.append(f)
     return out
 
 
-def versus_baselines(per_run: pl.DataFrame, cells: list[dict], metrics: list[str]) -> list[dict]:
+def _interaction(
+    tests: Comparisons, label: str, model: str, lo: float, hi: float, m: str
+) -> dict | None:
+    """C2's difference in differences (finetune - scratch at lo) - (the same at hi), over the
+    repeats every cell ran, paired over repeats and over test users."""
+    cells = [("finetune", lo), ("scratch", lo), ("finetune", hi), ("scratch", hi)]
+    s = [dict(zip(*tests.series(label, model, mode, r, m))) for mode, r in cells]
+    common = sorted(set.intersection(*(set(v) for v in s)))
+    if len(common) < 2:
+        return None
+    t = interaction_test(*(np.array([v[c] for c in common]) for v in s))
+    coefs = (1.0, -1.0, -1.0, 1.0)
+    u = tests.over_users(
+        label, m, [(c, (model, mode, r)) for c, (mode, r) in zip(coefs, cells)], common
+    )
+    return {**t, **_users(u), "p": both_p(t["p_ttest"], u["p_users"])}
+
+
+def _verdicts(family: list[dict], key: str, alpha: float = 0.05) -> list[dict]:
+    """Holm over the family's `p` (over repeats and users); `key` holds when the mean difference
+    is > 0 and the adjusted p < alpha; `fragile` when that p is within 3x of alpha."""
+    adjusted = holm([f.get("p", float("nan")) for f in family])
+    for f, p in zip(family, adjusted):
+        f["p_holm"] = _nan(p)
+        f[key] = bool(f.get("mean_diff", 0.0) > 0 and not np.isnan(p) and p < alpha)
+        f["fragile"] = fragile(_nan(p), alpha)
+    return family
+
+
+def versus_baselines(tests: Comparisons, cells: list[dict], metrics: list[str]) -> list[dict]:
     """Per (label, ratio, metric): the strongest baseline and the best pre-trained cell (by mean
-    over repeats), and a paired test of the best pre-trained cell against that baseline.
-    `above_baseline` like a claim's `holds`: mean difference > 0 and paired t p < 0.05 after
-    Holm's correction over the task's comparisons on the same metric. (Not being below the
-    baseline by the means is no verdict: on labels independent of behaviors it happens in
-    about half the comparisons; docs/data.md, "Controls for the statistics".)"""
+    over repeats), and a paired test (over repeats and over test users) of the best pre-trained
+    cell against that baseline. `above_baseline` like a claim's `holds`: mean difference > 0
+    and p < 0.05 after Holm's correction over the task's comparisons on the same metric. (Not
+    being below the baseline by the means is no verdict: on labels independent of behaviors it
+    happens in about half the comparisons; docs/data.md, "Controls for the statistics".)"""
     out = []
     groups = {(c["label"], c["ratio"]) for c in cells}
     for label, ratio in sorted(groups):
@@ -275,8 +325,8 @@ def versus_baselines(per_run: pl.DataFrame, cells: list[dict], metrics: list[str
             scratch = best([c for c in here if c["mode"] == "scratch"])
             if base is None or pre is None:
                 continue
-            t = _paired(
-                per_run, label, (pre["model"], pre["mode"]), (base["model"], "baseline"), ratio, m
+            t = tests.paired(
+                label, (pre["model"], pre["mode"]), (base["model"], "baseline"), ratio, m
             )
             out.append(
                 {
@@ -294,13 +344,13 @@ def versus_baselines(per_run: pl.DataFrame, cells: list[dict], metrics: list[str
                     "pretrained_below_baseline": pre[key] < base[key] - 1e-9,
                     "within_baseline_ci": base[f"{m}_ci_lo"] is not None
                     and pre[key] >= base[f"{m}_ci_lo"],
-                    **({"p_ttest": t["p_ttest"], "mean_diff": t["mean_diff"]} if t else {}),
+                    **(
+                        {k: t[k] for k in ("p_ttest", "p_users", "se_users", "p", "mean_diff")}
+                        if t
+                        else {}
+                    ),
                 }
             )
     for m in metrics:
-        family = [v for v in out if v["metric"] == m]
-        adjusted = holm([v.get("p_ttest", float("nan")) for v in family])
-        for v, p in zip(family, adjusted):
-            v["p_holm"] = _nan(p)
-            v["above_baseline"] = bool(v.get("mean_diff", 0.0) > 0 and not np.isnan(p) and p < 0.05)
+        _verdicts([v for v in out if v["metric"] == m], "above_baseline")
     return out

@@ -21,6 +21,8 @@ def experiment(p: Params) -> reg.Regime:
         pools=tuple(r.pools),
         ratios=tuple(r.ratios),
         repeats=r.repeats,
+        bootstrap=p.finetune.bootstrap,
+        seed=p.finetune.seed,
         labeled=r.labeled_users or None,
     )
 

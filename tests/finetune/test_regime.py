@@ -4,6 +4,7 @@ pool, gains and edges paired by repeat; on a tiny synthetic set whose labeled sh
 from __future__ import annotations
 
 import json
+import zlib
 from dataclasses import replace
 
 import numpy as np
@@ -27,6 +28,7 @@ from ptum.finetune import regime as reg
 from ptum.finetune.baselines import DEMO_BASELINES
 from ptum.finetune.cache import CellKeys
 from ptum.finetune.cells import Cell
+from ptum.finetune.summary import comparisons, predictions_frame
 from ptum.stages.finetune import grid_options
 from ptum.stages.prepare import prepare_options
 from ptum.stages.pretrain import pretrain_one
@@ -101,7 +103,16 @@ def test_the_regime_section_is_checked_at_load():
 
 
 def _run(c: Cell, valid: float, test: float) -> dict:
-    return {**c.__dict__, "valid": {"auc": valid, "ap": valid}, "test": {"auc": test, "ap": test}}
+    """A cell result; its saved predictions (10 impressions of 5 users) are noise: only the
+    test over users reads them."""
+    rng = np.random.default_rng(zlib.crc32(f"{c.model}/{c.mode}/{c.seed}".encode()))
+    pred = {"row": list(range(10)), "y": [0, 1] * 5, "score": rng.normal(size=10).tolist()}
+    return {
+        **c.__dict__,
+        "valid": {"auc": valid, "ap": valid},
+        "test": {"auc": test, "ap": test},
+        "pred": pred,
+    }
 
 
 def test_the_edge_compares_methods_chosen_on_validation_not_on_test():
@@ -118,7 +129,11 @@ def test_the_edge_compares_methods_chosen_on_validation_not_on_test():
             ("nativectr", "scratch", 0.69, 0.64),
         ]:
             runs.append(_run(Cell("ctr", "click", model, mode, 1.0, seed), valid, test))
-    rows = {(r["metric"], r["comparison"]): r for r in reg.compare("ctr", "nativectr", runs)}
+    users = [f"u{i // 2}" for i in range(10)]
+    tests = comparisons(
+        "ctr", runs, predictions_frame("ctr", runs, users), n_classes={}, n_boot=100, seed=0
+    )
+    rows = {(r["metric"], r["comparison"]): r for r in reg.compare("ctr", "nativectr", runs, tests)}
     edge = rows[("auc", "edge")]
     assert (edge["a"], edge["b"]) == ("nativectr/frozen", "svd_feature_lr/baseline")
     assert edge["diff"] == pytest.approx(0.03)  # mean of 0.02, 0.03, 0.04
@@ -126,6 +141,11 @@ def test_the_edge_compares_methods_chosen_on_validation_not_on_test():
     gain = rows[("auc", "gain")]
     assert (gain["a"], gain["b"]) == ("nativectr/finetune", "nativectr/scratch")
     assert gain["diff"] == pytest.approx(0.07) and gain["n"] == 3
+    # Judged over repeats and over users: the larger p (none when either is undefined).
+    for r in rows.values():
+        both = None if None in (r["p_ttest"], r["p_users"]) else max(r["p_ttest"], r["p_users"])
+        assert r["p"] == both
+    assert edge["p"] is not None and gain["p"] is not None
 
 
 def test_only_the_factor_baselines_cache_per_pool():
@@ -172,7 +192,9 @@ def test_run_pretrains_each_pool_once_and_compares_per_pool(few_labeled, tmp_pat
         ckpt_root=tmp_path / "unused",
         cache_dir=tmp_path / "cache",
     )
-    experiment = reg.Regime(models={"demo": "hsa"}, pools=(1, 2), ratios=(1.0,), repeats=2)
+    experiment = reg.Regime(
+        models={"demo": "hsa"}, pools=(1, 2), ratios=(1.0,), repeats=2, bootstrap=100, seed=0
+    )
     res = reg.run(
         experiment,
         grid,

@@ -8,7 +8,10 @@ from statsmodels.stats.multitest import multipletests
 from ptum.finetune.metrics import accuracy, average_precision, macro_f1, roc_auc
 from ptum.finetune.stats import (
     Predictions,
+    UserBootstrap,
     bootstrap_ci,
+    both_p,
+    fragile,
     holm,
     interaction_test,
     paired_test,
@@ -113,3 +116,70 @@ def test_per_user_auc_skips_users_with_one_class():
     s = np.array([0.9, 0.1, 0.2, 0.8, 0.5, 0.6, 0.3, 0.4])
     u = np.array(["a", "a", "b", "b", "c", "c", "d", "d"])  # c: clicks only, d: none
     assert per_user_auc(y, s, u) == pytest.approx((1.0 + 0.0) / 2)
+
+
+def _two_methods(seed: int, *, skill_a: float, skill_b: float, n: int = 300, reps: int = 8):
+    """Two methods scored on the same n test users in every repeat (as CTR's one test window):
+    each is right on a fixed set of users (drawn once with its skill) and a repeat flips 2% of
+    its predictions. Returns (terms of A - B for UserBootstrap.contrast, per-repeat accuracies
+    of A and of B)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    users = np.array([f"u{i}" for i in range(n)])
+    right = {m: rng.random(n) < skill for m, skill in (("a", skill_a), ("b", skill_b))}
+    reps_of: dict[str, list] = {"a": [], "b": []}
+    acc: dict[str, list] = {"a": [], "b": []}
+    for r in range(reps):
+        for m in ("a", "b"):
+            pred = np.where(right[m] ^ (rng.random(n) < 0.02), y, 1 - y)
+            reps_of[m].append(((m, r), Predictions(y, pred, users)))
+            acc[m].append(accuracy(y, pred))
+    terms = [(1.0, reps_of["a"]), (-1.0, reps_of["b"])]
+    return terms, np.array(acc["a"]), np.array(acc["b"]), users
+
+
+def test_the_test_over_users_sees_the_luck_of_one_sample_that_repeats_cannot():
+    """Equal skill, but A happens to be right on more of these 300 users (4 points): the
+    repeats re-score the same users, so the paired t over repeats calls the luck a sure
+    difference; the test over users does not. The null control showed this on real grids."""
+    terms, a, b, users = _two_methods(1, skill_a=0.6, skill_b=0.6)
+    u = UserBootstrap(users, n_boot=1000, seed=0).contrast(terms, "acc")
+    assert u["diff"] == pytest.approx(float(np.mean(a - b)))
+    assert u["diff"] > 0.03 and paired_test(a, b)["p_ttest"] < 1e-5
+    # The standard error of a difference of two independent 60% accuracies on 300 users.
+    assert u["se_users"] == pytest.approx(np.sqrt(2 * 0.6 * 0.4 / 300), rel=0.15)
+    assert u["p_users"] > 0.2
+    assert both_p(paired_test(a, b)["p_ttest"], u["p_users"]) == u["p_users"]
+
+
+def test_the_test_over_users_detects_a_real_difference():
+    terms, a, b, users = _two_methods(2, skill_a=0.8, skill_b=0.6)
+    u = UserBootstrap(users, n_boot=1000, seed=0).contrast(terms, "acc")
+    assert u["diff"] == pytest.approx(float(np.mean(a - b))) and u["diff"] > 0.1
+    assert u["p_users"] < 1e-4
+
+
+def test_identical_methods_have_no_users_p_and_a_cell_is_computed_once():
+    terms, _, _, users = _two_methods(3, skill_a=0.7, skill_b=0.7)
+    boot = UserBootstrap(users, n_boot=200, seed=0)
+    same = boot.contrast([(1.0, terms[0][1]), (-1.0, terms[0][1])], "acc")
+    assert same["diff"] == 0 and np.isnan(same["p_users"])
+    assert np.isnan(both_p(0.01, same["p_users"])) and both_p(0.01, 0.2) == 0.2
+    first = boot.replicates(*terms[0][1][0], "acc")
+    assert boot.replicates(*terms[0][1][0], "acc")[1] is first[1]  # cached
+
+
+def test_the_interval_over_users_matches_the_one_cell_bootstrap():
+    terms, _, _, users = _two_methods(4, skill_a=0.7, skill_b=0.6)
+    boot = UserBootstrap(users, n_boot=500, seed=0)
+    assert boot.interval(terms[0][1], "acc") == bootstrap_ci(
+        [p for _, p in terms[0][1]], "acc", n_boot=500, seed=0
+    )
+
+
+@pytest.mark.parametrize(
+    ("p", "shaky"), [(0.001, False), (0.016, False), (0.02, True), (0.14, True), (0.2, False)]
+)
+def test_a_verdict_within_3x_of_alpha_is_fragile(p, shaky):
+    assert fragile(p) is shaky
+    assert fragile(None) is False and fragile(float("nan")) is False
