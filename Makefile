@@ -17,11 +17,16 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/dvc repro
 
+# Tests run in TEST_WORKERS processes (pytest-xdist), each test module on one of them (its
+# module fixtures built once); TEST_WORKERS=0 runs them in this process.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope
+
 test: $(STAMP)
-	$(BIN)/pytest -q
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(BIN)/pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check ptum flows tests benchmarks
