@@ -2,7 +2,7 @@
 
 Layers, lowest first (a module may import its own layer and the ones below it):
     config, io, paths, hashing, locks, codedeps, presets, progress  ->  models, heads
-    ->  data, tokenize  ->  checkpoint  ->  pretrain  ->  finetune, tune, serving, report  ->  stages  ->  cli
+    ->  data, tokenize  ->  checkpoint  ->  pretrain  ->  finetune, tune, serving, report(_format)  ->  stages  ->  cli
 Every import counts, also one inside a function or under `if TYPE_CHECKING`: a type-only
 import is still a dependency a reader follows.
 """
@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("data", "tokenize"),
     ("checkpoint",),
     ("pretrain",),
-    ("finetune", "tune", "serving", "report"),
+    ("finetune", "tune", "serving", "report", "report_format"),
     ("stages",),
     ("cli", "__main__"),
 ]
