@@ -63,7 +63,9 @@ def weighted_ap(y: np.ndarray, score: np.ndarray, w: np.ndarray) -> np.ndarray:
     tp = np.cumsum(w * yf, axis=1)[:, last]  # (B, G)
     seen = np.cumsum(w, axis=1)[:, last]
     with np.errstate(invalid="ignore", divide="ignore"):
-        precision = tp / seen
+        # A group with no weight yet above it (its users not drawn) adds no recall; its
+        # precision is 0/0, taken as 0 so it does not turn the replicate into nan.
+        precision = np.where(seen > 0, tp / seen, 0.0)
         recall = tp / tp[:, -1:]
     return np.sum(np.diff(recall, axis=1, prepend=0.0) * precision, axis=1)
 

@@ -183,3 +183,13 @@ def test_the_interval_over_users_matches_the_one_cell_bootstrap():
 def test_a_verdict_within_3x_of_alpha_is_fragile(p, shaky):
     assert fragile(p) is shaky
     assert fragile(None) is False and fragile(float("nan")) is False
+
+
+def test_a_weightless_top_example_leaves_average_precision_defined():
+    """A bootstrap replicate that does not draw the user of the highest score (about 1 in e of
+    them) must score AP on the examples it drew, not nan."""
+    y, s = _data(seed=6)
+    w = np.ones(len(y))
+    w[np.argmax(s)] = 0
+    keep = w > 0
+    assert weighted_ap(y, s, w[None])[0] == pytest.approx(average_precision(y[keep], s[keep]))
