@@ -88,14 +88,14 @@ def run(
             out["tasks"][task] = {"model": model, "available": False, "why_not": why}
             continue
         rows: list[dict] = []
+        axes = GridAxes(task, None, (model,), MODES, regime.ratios, regime.repeats, True)
+        user_ids, n_classes = test_users(axes, grid)  # the same test users for every pool
         for m in regime.pools:
             n = m * labeled
             users = sorted(order[:n])
             ckpt_root = models_root / f"pool{m}"
             pretrain(users, model, ckpt_root / model, pretrain_reports / f"pool{m}" / model)
-            axes = GridAxes(task, None, (model,), MODES, regime.ratios, regime.repeats, True)
             runs = run_grid(axes, replace(grid, ckpt_root=ckpt_root, pool=tuple(users)))
-            user_ids, n_classes = test_users(axes, grid)
             tests = comparisons(
                 task,
                 runs,
