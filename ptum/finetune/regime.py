@@ -34,7 +34,14 @@ from ptum.finetune.grid import run_grid
 from ptum.finetune.options import MODES
 from ptum.finetune.results import test_users
 from ptum.finetune.stats import holm, paired_test
-from ptum.finetune.summary import METRICS, PRETRAINED, Comparisons, comparisons, predictions_frame
+from ptum.finetune.summary import (
+    METRICS,
+    PRETRAINED,
+    Comparisons,
+    comparisons,
+    nan_none,
+    predictions_frame,
+)
 
 
 @dataclass(frozen=True)
@@ -168,11 +175,6 @@ def _best_on_valid(series: dict, keep: Callable[[tuple[str, str]], bool]) -> tup
     cands = sorted(k for k in series if keep(k))
     scores = {k: float(np.nanmean(list(series[k]["valid"].values()))) for k in cands}
     return max(cands, key=lambda k: scores[k]) if cands else None
-
-
-def nan_none(x: float | None) -> float | None:
-    """JSON-safe: an undefined p-value is null."""
-    return None if x is None or np.isnan(x) else float(x)
 
 
 def _paired(a: dict[int, float], b: dict[int, float], level: float = 0.95) -> dict | None:

@@ -8,7 +8,7 @@ split, and the model seeds; within a repeat, test users are a sample of users. S
   each replicate resamples the task's test users once for every repeat and averages the
   repeats' metrics;
 - paired tests between methods over repeats (every method of repeat r saw the same split);
-- the same differences tested over test *users* (`user_contrast`): the repeats re-split one set
+- the same differences tested over test *users*: the repeats re-split one set
   of labeled users and score CTR on one test window, so a method's luck on that sample of users
   recurs in every repeat and the test over repeats cannot see it (`UserBootstrap`: users are
   resampled jointly across repeats and methods, paired; the difference's bootstrap standard error

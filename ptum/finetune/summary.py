@@ -93,7 +93,8 @@ def cell_metric(task: str, metric: str, y: np.ndarray, out: np.ndarray, n_classe
     raise ValueError(f"unknown metric {metric!r}")
 
 
-def _nan(x: float) -> float | None:
+def nan_none(x: float | None) -> float | None:
+    """JSON-safe: nan (an undefined metric or p-value) becomes null."""
     return None if x is None or np.isnan(x) else float(x)
 
 
@@ -118,14 +119,14 @@ def summarize(
         reps = [(k, p) for k, p in sets.items() if k[:4] == tuple(key)]
         for m in metrics:
             # Polars types a column's mean and std as any Python value; these are floats.
-            row[f"{m}_mean"] = _nan(float(cast(float, g[m].mean())))
-            row[f"{m}_std"] = _nan(float(cast(float, g[m].std()))) if g.height > 1 else 0.0
+            row[f"{m}_mean"] = nan_none(float(cast(float, g[m].mean())))
+            row[f"{m}_std"] = nan_none(float(cast(float, g[m].std()))) if g.height > 1 else 0.0
             lo, hi = users.interval(reps, m, n_classes.get(row["label"], 0))
-            row[f"{m}_ci_lo"], row[f"{m}_ci_hi"] = _nan(lo), _nan(hi)
+            row[f"{m}_ci_lo"], row[f"{m}_ci_hi"] = nan_none(lo), nan_none(hi)
         if task == "ctr":
             u = [per_user_auc(p.y, p.out, p.user) for _, p in reps]
-            row["user_auc_mean"] = _nan(float(np.nanmean(u))) if u else None
-            row["user_auc_std"] = _nan(float(np.nanstd(u, ddof=1))) if len(u) > 1 else 0.0
+            row["user_auc_mean"] = nan_none(float(np.nanmean(u))) if u else None
+            row["user_auc_std"] = nan_none(float(np.nanstd(u, ddof=1))) if len(u) > 1 else 0.0
         cells.append(row)
     return {
         "cells": cells,
@@ -155,7 +156,7 @@ class Comparisons:
         return g["seed"].to_list(), g[m].to_numpy()
 
     def over_users(self, label: str, m: str, terms: list[tuple[float, tuple]], seeds) -> dict:
-        """user_contrast of sum coef * cell over `seeds`; a term's cell is (model, mode, ratio)."""
+        """UserBootstrap.contrast of sum coef * cell over `seeds`; a cell is (model, mode, ratio)."""
         keyed = [
             (c, [((label, *cell, s), self.sets[(label, *cell, s)]) for s in seeds])
             for c, cell in terms
@@ -197,7 +198,7 @@ def comparisons(
 
 
 def _users(u: dict) -> dict:
-    return {"se_users": _nan(u["se_users"]), "p_users": _nan(u["p_users"])}
+    return {"se_users": nan_none(u["se_users"]), "p_users": nan_none(u["p_users"])}
 
 
 def _prediction_sets(preds: pl.DataFrame, out_col: str) -> dict[tuple, Predictions]:
@@ -296,9 +297,9 @@ def _verdicts(family: list[dict], key: str, alpha: float = 0.05) -> list[dict]:
     is > 0 and the adjusted p < alpha; `fragile` when that p is within 3x of alpha."""
     adjusted = holm([f.get("p", float("nan")) for f in family])
     for f, p in zip(family, adjusted):
-        f["p_holm"] = _nan(p)
+        f["p_holm"] = nan_none(p)
         f[key] = bool(f.get("mean_diff", 0.0) > 0 and not np.isnan(p) and p < alpha)
-        f["fragile"] = fragile(_nan(p), alpha)
+        f["fragile"] = fragile(nan_none(p), alpha)
     return family
 
 
