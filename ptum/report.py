@@ -86,14 +86,15 @@ FRAGILE = " (fragile: Holm p within 3x of 0.05)"
 
 def versus_baselines(res: dict) -> list[str]:
     """The comparison users ask for first: the best pre-trained cell against the strongest
-    baseline of the same label and ratio, losses stated first."""
+    baseline of the same label and ratio (both chosen on validation), losses stated first."""
     rows = res.get("versus_baselines", [])
     lost = [v for v in rows if v["pretrained_below_baseline"]]
     won = [v for v in rows if v.get("above_baseline")]
     lines = [
         f"The best pre-trained cell is below the strongest baseline in {len(lost)} of {len(rows)} "
         f"(label, ratio, metric) comparisons, and above it in {len(won)} (mean difference "
-        f"> 0, Holm-adjusted p < 0.05; p {BOTH}).",
+        f"> 0, Holm-adjusted p < 0.05; p {BOTH}). Both sides are chosen by their mean "
+        "validation score over repeats; the table gives their test scores.",
         "",
         "| label | ratio | metric | strongest baseline | mean [95% CI] | best pre-trained | mean "
         "| diff (pts) | p (repeats) | p (users) | p (Holm) | verdict |",

@@ -171,9 +171,10 @@ def _series(runs: list[dict], metric: str) -> dict[tuple[str, str], dict[str, di
 
 def _best_on_valid(series: dict, keep: Callable[[tuple[str, str]], bool]) -> tuple[str, str] | None:
     """The method among those `keep` accepts with the best mean validation score (ties: the
-    first in name order)."""
+    first in name order; a method with no defined validation score is never chosen)."""
     cands = sorted(k for k in series if keep(k))
     scores = {k: float(np.nanmean(list(series[k]["valid"].values()))) for k in cands}
+    cands = [k for k in cands if not np.isnan(scores[k])]
     return max(cands, key=lambda k: scores[k]) if cands else None
 
 

@@ -259,11 +259,13 @@ def interaction_test(
 
 
 def holm(p: Sequence[float]) -> np.ndarray:
-    """Holm's step-down adjusted p-values (nan stays nan and is not counted)."""
+    """Holm's step-down adjusted p-values. An undefined p (nan: e.g. a difference with no
+    spread over repeats) stays nan but counts as a test of the family (as p = 1), so it never
+    makes the others' correction smaller."""
     ps = np.asarray(p, dtype=float)
     out = np.full(len(ps), np.nan)
     ok = np.flatnonzero(~np.isnan(ps))
-    m = len(ok)
+    m = len(ps)
     order = ok[np.argsort(ps[ok], kind="mergesort")]
     running = 0.0
     for i, j in enumerate(order):

@@ -121,6 +121,7 @@ def summarize(
             # Polars types a column's mean and std as any Python value; these are floats.
             row[f"{m}_mean"] = nan_none(float(cast(float, g[m].mean())))
             row[f"{m}_std"] = nan_none(float(cast(float, g[m].std()))) if g.height > 1 else 0.0
+            row[f"{m}_valid_mean"] = nan_none(float(cast(float, g[f"valid_{m}"].mean())))
             lo, hi = users.interval(reps, m, n_classes.get(row["label"], 0))
             row[f"{m}_ci_lo"], row[f"{m}_ci_hi"] = nan_none(lo), nan_none(hi)
         if task == "ctr":
@@ -190,7 +191,14 @@ def comparisons(
     that compare cells of their own choosing (ptum.finetune.regime)."""
     metrics = METRICS[task]
     per_run = pl.DataFrame(
-        [{**{k: r[k] for k in KEYS + ["seed"]}, **{m: r["test"][m] for m in metrics}} for r in runs]
+        [
+            {
+                **{k: r[k] for k in KEYS + ["seed"]},
+                **{m: r["test"][m] for m in metrics},
+                **{f"valid_{m}": r["valid"][m] for m in metrics},
+            }
+            for r in runs
+        ]
     )
     sets = _prediction_sets(preds, "pred" if task == "demo" else "score")
     users = UserBootstrap(preds["user_id"].unique().to_numpy(), n_boot=n_boot, seed=seed)
@@ -304,9 +312,10 @@ def _verdicts(family: list[dict], key: str, alpha: float = 0.05) -> list[dict]:
 
 
 def versus_baselines(tests: Comparisons, cells: list[dict], metrics: list[str]) -> list[dict]:
-    """Per (label, ratio, metric): the strongest baseline and the best pre-trained cell (by mean
-    over repeats), and a paired test (over repeats and over test users) of the best pre-trained
-    cell against that baseline. `above_baseline` like a claim's `holds`: mean difference > 0
+    """Per (label, ratio, metric): the strongest baseline and the best pre-trained cell, both
+    chosen by their mean validation score over repeats (never by the test score they are then
+    compared on; ties: the first in (model, mode) order), and a paired test (over repeats and
+    over test users) of the best pre-trained cell against that baseline. `above_baseline` like a claim's `holds`: mean difference > 0
     and p < 0.05 after Holm's correction over the task's comparisons on the same metric. (Not
     being below the baseline by the means is no verdict: on labels independent of behaviors it
     happens in about half the comparisons; docs/data.md, "Controls for the statistics".)"""
@@ -317,9 +326,16 @@ def versus_baselines(tests: Comparisons, cells: list[dict], metrics: list[str]) 
         for m in metrics:
             key = f"{m}_mean"
 
-            def best(cs: list[dict], key: str = key) -> dict | None:
-                cs = [c for c in cs if c[key] is not None]
-                return max(cs, key=lambda c: c[key]) if cs else None
+            def best(cs: list[dict], m: str = m) -> dict | None:
+                cs = sorted(
+                    (
+                        c
+                        for c in cs
+                        if c[f"{m}_mean"] is not None and c[f"{m}_valid_mean"] is not None
+                    ),
+                    key=lambda c: (c["model"], c["mode"]),
+                )
+                return max(cs, key=lambda c: c[f"{m}_valid_mean"]) if cs else None
 
             base = best([c for c in here if c["mode"] == "baseline"])
             pre = best([c for c in here if c["mode"] in PRETRAINED])
@@ -336,9 +352,11 @@ def versus_baselines(tests: Comparisons, cells: list[dict], metrics: list[str]) 
                     "metric": m,
                     "baseline": base["model"],
                     "baseline_mean": base[key],
+                    "baseline_valid_mean": base[f"{m}_valid_mean"],
                     "baseline_ci": [base[f"{m}_ci_lo"], base[f"{m}_ci_hi"]],
                     "pretrained": f"{pre['model']}/{pre['mode']}",
                     "pretrained_mean": pre[key],
+                    "pretrained_valid_mean": pre[f"{m}_valid_mean"],
                     "scratch": scratch and scratch["model"],
                     "scratch_mean": scratch and scratch[key],
                     # A tie (equal up to float rounding of the mean) is not a loss.

@@ -93,9 +93,12 @@ def test_bootstrap_resamples_users_not_impressions():
 def test_holm_equals_statsmodels():
     p = np.array([0.01, 0.04, 0.03, 0.005, 0.5, 0.2])
     np.testing.assert_allclose(holm(p), multipletests(p, method="holm")[1])
+    # An undefined p stays undefined but is one of the family's tests (counted as p = 1).
     with_nan = holm([0.01, np.nan, 0.04])
     assert np.isnan(with_nan[1])
-    np.testing.assert_allclose(with_nan[[0, 2]], multipletests([0.01, 0.04], method="holm")[1])
+    as_one = multipletests([0.01, 1.0, 0.04], method="holm")[1]
+    np.testing.assert_allclose(with_nan[[0, 2]], as_one[[0, 2]])
+    assert with_nan[2] == pytest.approx(0.08)
 
 
 def test_paired_and_interaction_tests_are_scipy_t_tests():
