@@ -18,9 +18,10 @@ run: $(STAMP)
 	$(BIN)/dvc repro
 
 # Tests run in TEST_WORKERS processes (pytest-xdist), each test module on one of them (its
-# module fixtures built once); TEST_WORKERS=0 runs them in this process.
+# module fixtures built once); TEST_WORKERS=0 runs them in this process. The 30 slowest tests
+# are listed at the end (where the suite's time goes, also in CI logs).
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope
+PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=30
 
 test: $(STAMP)
 	$(PYTEST)

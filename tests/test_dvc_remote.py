@@ -34,6 +34,18 @@ def test_default_remote_is_a_directory_outside_the_repository():
     assert url.is_absolute() and ROOT not in url.parents and url != ROOT, url
 
 
+def test_every_result_set_pushes_to_the_same_default_remote():
+    """experiments/* are DVC projects of their own: their outputs (hours of cells) go to the
+    root's remote, so a new checkout restores them with `dvc pull`."""
+    root = _dvc(ROOT, "remote", "list", "--project").split()
+    sets = sorted(p.parent for p in (ROOT / "experiments").glob("*/.dvc"))
+    assert len(sets) >= 4
+    for d in sets:
+        remotes = _dvc(d, "remote", "list", "--project").split()
+        assert "(default)" in remotes, d
+        assert remotes[remotes.index("(default)") - 1] == root[root.index("(default)") - 1], d
+
+
 def test_push_then_pull_in_a_fresh_clone_restores_outputs_without_recomputing(tmp_path):
     repo, remote, clone = tmp_path / "repo", tmp_path / "remote", tmp_path / "clone"
     repo.mkdir()
