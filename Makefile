@@ -18,10 +18,11 @@ run: $(STAMP)
 	$(BIN)/dvc repro
 
 # Tests run in TEST_WORKERS processes (pytest-xdist), each test module on one of them (its
-# module fixtures built once); TEST_WORKERS=0 runs them in this process. The 30 slowest tests
-# are listed at the end (where the suite's time goes, also in CI logs).
+# module fixtures built once), the modules with slow tests first (tests/conftest.py; xdist
+# would otherwise reorder them by size); TEST_WORKERS=0 runs them in this process. The 30
+# slowest tests are listed at the end (where the suite's time goes, also in CI logs).
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope --durations=30
+PYTEST := $(BIN)/pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder --durations=30
 
 test: $(STAMP)
 	$(PYTEST)

@@ -1,8 +1,10 @@
 """Named sets of parameter overrides (as `section.key=value` strings).
 
 `QUICK` shrinks every stage so the whole pipeline runs in a few minutes on 2 CPU cores: the tiny
-synthetic log, tiny encoders, one epoch, two seeds, one model per task, no worker processes. Used by tests, `make quick` and the Prefect
-flow's `quick` parameter (as `dvc exp run -S ...` / `ptum STAGE --set ...`).
+synthetic log, tiny encoders, one epoch, two seeds, one model per task, no worker processes,
+one class weighting, 100 bootstrap replicates, a two-trial tuning study. Used by tests,
+`make quick` and the Prefect flow's `quick` parameter (as `dvc exp run -S ...` /
+`ptum STAGE --set ...`).
 """
 
 QUICK: tuple[str, ...] = (
@@ -29,6 +31,12 @@ QUICK: tuple[str, ...] = (
     "sensitivity.lams=[0.0, 1.0]",
     "sensitivity.ks=[2]",
     "sensitivity.repeats=2",
+    "finetune.bootstrap=100",
+    "finetune.class_weights=[none]",
+    "tune.n_trials=2",
+    "tune.epochs=1",
+    "tune.finetune_epochs=1",
+    "tune.prune_startup_trials=1",
 )
 
 
