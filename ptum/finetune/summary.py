@@ -311,6 +311,16 @@ def _verdicts(family: list[dict], key: str, alpha: float = 0.05) -> list[dict]:
     return family
 
 
+def _best_on_valid(cells: list[dict], m: str) -> dict | None:
+    """The cell with the best mean validation score on `m` (ties: the first in (model, mode)
+    order); a cell without a test or validation mean is never chosen."""
+    cs = sorted(
+        (c for c in cells if c[f"{m}_mean"] is not None and c[f"{m}_valid_mean"] is not None),
+        key=lambda c: (c["model"], c["mode"]),
+    )
+    return max(cs, key=lambda c: c[f"{m}_valid_mean"]) if cs else None
+
+
 def versus_baselines(tests: Comparisons, cells: list[dict], metrics: list[str]) -> list[dict]:
     """Per (label, ratio, metric): the strongest baseline and the best pre-trained cell, both
     chosen by their mean validation score over repeats (never by the test score they are then
@@ -326,20 +336,9 @@ def versus_baselines(tests: Comparisons, cells: list[dict], metrics: list[str]) 
         for m in metrics:
             key = f"{m}_mean"
 
-            def best(cs: list[dict], m: str = m) -> dict | None:
-                cs = sorted(
-                    (
-                        c
-                        for c in cs
-                        if c[f"{m}_mean"] is not None and c[f"{m}_valid_mean"] is not None
-                    ),
-                    key=lambda c: (c["model"], c["mode"]),
-                )
-                return max(cs, key=lambda c: c[f"{m}_valid_mean"]) if cs else None
-
-            base = best([c for c in here if c["mode"] == "baseline"])
-            pre = best([c for c in here if c["mode"] in PRETRAINED])
-            scratch = best([c for c in here if c["mode"] == "scratch"])
+            base = _best_on_valid([c for c in here if c["mode"] == "baseline"], m)
+            pre = _best_on_valid([c for c in here if c["mode"] in PRETRAINED], m)
+            scratch = _best_on_valid([c for c in here if c["mode"] == "scratch"], m)
             if base is None or pre is None:
                 continue
             t = tests.paired(
