@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,14 @@ from ptum.stages.prepare import prepare_options
 from ptum.tokenize import tokenize
 
 MOVIELENS_100K = Path(__file__).resolve().parents[2] / "shared" / "data" / "movielens-100k"
+
+# Under pytest-xdist (`make test`: one process per core) each test process and everything it
+# starts (stage subprocesses, grid workers) uses one torch/OpenMP thread: two processes with
+# a thread per core each wait on each other's threads, several times slower in all.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(1)
 
 
 # The longest modules (`make test --durations`), longest first.
