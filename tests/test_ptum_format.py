@@ -1,7 +1,7 @@
 """The paper's own data layout end to end: a PTUM `behavior.tsv` (behaviors only, no labels and
 no impressions) goes through `dvc repro` to the end. Pre-training, export and `ptum embed` work;
 the fine-tuning, sensitivity and tuning stages succeed and say that Demo and CTR are not
-available and why; the report says so too.
+available and why; the report, and what a Prefect run publishes of it, say so too.
 
 The project is a throw-away git + DVC repository made here with the root dvc.yaml, the ptum
 package and params.yaml at the quick preset's sizes (every stage in seconds).
@@ -20,6 +20,7 @@ import polars as pl
 import pytest
 import yaml
 
+from flows.artifacts import flatten_metrics
 from ptum.config.overrides import apply_overrides
 from ptum.presets import QUICK
 from tests.conftest import write_ptum_tsv
@@ -101,6 +102,20 @@ def test_finetune_says_the_task_is_not_available_and_why(repro, task):
     assert preds.height == 0 and "user_id" in preds.columns
     results_md = (proj / "reports/results.md").read_text()
     assert f"Not available on this data: {why}." in results_md
+
+
+def test_the_published_metrics_say_the_tasks_were_not_available(repro):
+    """The rows of a flow run's `ptum-metrics` artifact, made from `dvc metrics show` as
+    flows.pipeline.publish makes them (the flow test runs the Prefect side on generic data)."""
+    from dvc.repo import Repo
+
+    proj, _ = repro
+    with Repo(str(proj)) as repo:
+        rows = flatten_metrics(repo.metrics.show())
+    shown = {(r["file"], r["metric"]): r["value"] for r in rows}
+    for task in ("demo", "ctr"):
+        assert shown[(f"reports/finetune/{task}_metrics.json", "available")] is False, shown
+    assert not [r for r in rows if r["metric"] == "error"], rows
 
 
 def test_sensitivity_and_tune_say_nothing_was_available(repro):

@@ -26,8 +26,6 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import write_ptum_tsv
-
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,6 +34,8 @@ BIN = Path(sys.executable).parent
 # synthetic log, tiny encoders, one model per task; a few minutes on 2 CPUs.
 QUICK_RUN = ("quick=true",)
 WATCH_TIMEOUT = 1200
+# Vocabulary sizes of the two concurrent runs: both differ from the quick preset's 400.
+VOCABS = (320, 360)
 
 
 @dataclass
@@ -376,10 +376,11 @@ def test_failing_stage_fails_the_run_and_leaves_params_alone(served, tmp_path):
 
 
 def test_two_runs_at_once_are_serialized_and_each_records_its_own_params(served):
-    names = {epochs: f"epochs{epochs}-{uuid.uuid4().hex[:6]}" for epochs in (1, 2)}
+    """Two runs of the tokenize stage with different vocabulary sizes, triggered together."""
+    names = {vocab: f"vocab{vocab}-{uuid.uuid4().hex[:6]}" for vocab in VOCABS}
     before = set(_experiments(served))
     procs = {
-        epochs: subprocess.Popen(
+        vocab: subprocess.Popen(
             [
                 str(BIN / "prefect"),
                 "deployment",
@@ -393,9 +394,9 @@ def test_two_runs_at_once_are_serialized_and_each_records_its_own_params(served)
                 "--param",
                 "quick=true",
                 "--param",
-                'stages=["pretrain@hsa"]',
+                'stages=["tokenize"]',
                 "--param",
-                f'overrides=["pretrain.epochs={epochs}"]',
+                f'overrides=["tokenize.vocab_size={vocab}"]',
             ],
             cwd=served.copy,
             env=served.env,
@@ -403,13 +404,13 @@ def test_two_runs_at_once_are_serialized_and_each_records_its_own_params(served)
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for epochs, name in names.items()
+        for vocab, name in names.items()
     }
     for proc in procs.values():
         out, _ = proc.communicate(timeout=WATCH_TIMEOUT + 60)
         assert proc.returncode == 0, out
 
-    runs = {epochs: _flow_run(served, name) for epochs, name in names.items()}
+    runs = {vocab: _flow_run(served, name) for vocab, name in names.items()}
     first, second = sorted(runs.values(), key=lambda r: r["start_time"])
     assert second["start_time"] >= first["end_time"], (first, second)
     states = httpx.get(
@@ -421,37 +422,14 @@ def test_two_runs_at_once_are_serialized_and_each_records_its_own_params(served)
     assert len(new) == 2, new
     seen = set()
     for ref in new.values():
-        epochs = yaml.safe_load(_show(served, ref, "params.yaml"))["pretrain"]["epochs"]
-        computed = json.loads(_show(served, ref, "reports/pretrain/hsa/history.json"))
-        assert len(computed) == epochs, (ref, epochs, computed)
+        vocab = yaml.safe_load(_show(served, ref, "params.yaml"))["tokenize"]["vocab_size"]
+        computed = json.loads(_show(served, ref, "data/tokenized/report.json"))
+        assert computed["vocab_size"] == vocab, (ref, vocab, computed)
         lock = yaml.safe_load(_show(served, ref, "dvc.lock"))
-        assert lock["stages"]["pretrain@hsa"]["params"]["params.yaml"]["pretrain.epochs"] == epochs
-        seen.add(epochs)
-    assert seen == {1, 2}
-
-
-def test_a_ptum_behavior_tsv_run_completes_and_says_which_tasks_were_not_available(
-    served, tmp_path
-):
-    """The paper's layout (behaviors only): every stage task completes; the published results
-    and metrics say Demo and CTR were not available, and why."""
-    src = write_ptum_tsv(tmp_path / "behavior.tsv", users=60, seed=1)
-    name = f"ptumtsv-{uuid.uuid4().hex[:8]}"
-    result = _deployment_run(served, name, "quick=true", "source=ptum_tsv", f"data_path={src}")
-    assert result.returncode == 0, _explain(served, result)
-    run = _flow_run(served, name)
-    assert run["state_type"] == "COMPLETED"
-    states = {n: r["state_type"] for n, r in _task_runs(served, run["id"]).items()}
-    assert set(states.values()) == {"COMPLETED"}, states
-    assert {"finetune@demo", "finetune@ctr", "sensitivity", "tune", "export@hsa"} <= set(states)
-    artifacts = _artifacts(served, run["id"])
-    results = artifacts["ptum-results"]["data"]
-    assert "Not available on this data: no label columns" in results, results
-    assert "Not available on this data: no impressions" in results, results
-    table = artifacts["ptum-metrics"]["data"]
-    table = json.loads(table) if isinstance(table, str) else table
-    shown = {(r["file"], r["metric"]): r["value"] for r in table}
-    assert shown[("reports/finetune/demo_metrics.json", "available")] in (False, "False"), table
+        locked = lock["stages"]["tokenize"]["params"]["params.yaml"]["tokenize"]
+        assert locked["vocab_size"] == vocab
+        seen.add(vocab)
+    assert seen == set(VOCABS)
 
 
 def test_serve_stops_cleanly_on_sigterm(served):
