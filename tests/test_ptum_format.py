@@ -106,7 +106,7 @@ def test_finetune_says_the_task_is_not_available_and_why(repro, task):
 
 def test_the_published_metrics_say_the_tasks_were_not_available(repro):
     """The rows of a flow run's `ptum-metrics` artifact, made from `dvc metrics show` as
-    flows.pipeline.publish makes them (the flow test runs the Prefect side on generic data)."""
+    flows.pipeline.publish makes them (tests/flows/test_pipeline.py runs the Prefect side)."""
     from dvc.repo import Repo
 
     proj, _ = repro

@@ -107,8 +107,9 @@ READERS = {
 
 def refused_here(proj: Path, corrupt: Path, *args: str, capsys, monkeypatch) -> str:
     """`refused` through the same entry point (`ptum.cli.main`) in this process: no interpreter
-    start and torch import per run."""
+    start and torch import per run; as `ptum` in a process, without PTUM_DEBUG's tracebacks)."""
     monkeypatch.chdir(proj)
+    monkeypatch.delenv("PTUM_DEBUG", raising=False)
     capsys.readouterr()
     rc = cli.main(list(args))
     captured = capsys.readouterr()

@@ -26,6 +26,8 @@ import httpx
 import pytest
 import yaml
 
+from tests.conftest import write_ptum_tsv
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -36,6 +38,7 @@ QUICK_RUN = ("quick=true",)
 WATCH_TIMEOUT = 1200
 # Vocabulary sizes of the two concurrent runs: both differ from the quick preset's 400.
 VOCABS = (320, 360)
+USERS = 60  # users of the PTUM behavior.tsv written for the flow
 
 
 @dataclass
@@ -424,12 +427,41 @@ def test_two_runs_at_once_are_serialized_and_each_records_its_own_params(served)
     for ref in new.values():
         vocab = yaml.safe_load(_show(served, ref, "params.yaml"))["tokenize"]["vocab_size"]
         computed = json.loads(_show(served, ref, "data/tokenized/report.json"))
-        assert computed["vocab_size"] == vocab, (ref, vocab, computed)
+        assert computed["vocab_size_requested"] == vocab, (ref, vocab, computed)
         lock = yaml.safe_load(_show(served, ref, "dvc.lock"))
         locked = lock["stages"]["tokenize"]["params"]["params.yaml"]["tokenize"]
         assert locked["vocab_size"] == vocab
         seen.add(vocab)
     assert seen == set(VOCABS)
+
+
+def test_a_run_on_a_ptum_behavior_tsv_outside_the_project_says_which_tasks_it_allows(
+    served, tmp_path
+):
+    """The flow's `source` and `data_path` parameters on a file outside the project (the paper's
+    layout, behaviors only), up to `prepare`: the run completes and its experiment records what
+    the data allows. (The whole pipeline on this layout: tests/test_ptum_format.py.)"""
+    src = write_ptum_tsv(tmp_path / "behavior.tsv", users=USERS, seed=1)
+    name = f"ptumtsv-{uuid.uuid4().hex[:8]}"
+    before = set(_experiments(served))
+    result = _deployment_run(
+        served,
+        name,
+        "quick=true",
+        "source=ptum_tsv",
+        f"data_path={src}",
+        'stages=["prepare"]',
+    )
+    assert result.returncode == 0, _explain(served, result)
+    run = _flow_run(served, name)
+    assert run["state_type"] == "COMPLETED"
+    states = {n: r["state_type"] for n, r in _task_runs(served, run["id"]).items()}
+    assert states.get("ingest") == states.get("prepare") == "COMPLETED", states
+    (ref,) = [r for n, r in _experiments(served).items() if n not in before]
+    report = json.loads(_show(served, ref, "data/prepared/report.json"))
+    assert report["behaviors"]["users"] == USERS, report["behaviors"]
+    assert report["tasks"]["ctr"] is False and not report["tasks"]["demo"], report["tasks"]
+    assert set(report["tasks"]["why_not"]) == {"ctr", "demo"}, report["tasks"]
 
 
 def test_serve_stops_cleanly_on_sigterm(served):
