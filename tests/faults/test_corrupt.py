@@ -107,7 +107,7 @@ READERS = {
 
 def refused_here(proj: Path, corrupt: Path, *args: str, capsys, monkeypatch) -> str:
     """`refused` through the same entry point (`ptum.cli.main`) in this process: no interpreter
-    start and torch import per run; as `ptum` in a process, without PTUM_DEBUG's tracebacks)."""
+    start and torch import per run. PTUM_DEBUG is unset, as `ptum` in `refused` runs it."""
     monkeypatch.chdir(proj)
     monkeypatch.delenv("PTUM_DEBUG", raising=False)
     capsys.readouterr()
