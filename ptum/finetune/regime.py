@@ -210,6 +210,8 @@ def write_outputs(
 
     for d in (json_path.parent, md_path.parent, figures, plot.parent):
         d.mkdir(parents=True, exist_ok=True)
+    for stale in figures.glob("*.png"):  # the folder persists (a task may have gone)
+        stale.unlink()
     json_path.write_text(json.dumps(results, indent=1, sort_keys=True) + "\n")
     md_path.write_text(markdown(results))
     plot_rows: dict[int, dict] = {}  # pool size -> one column per task/label and comparison
