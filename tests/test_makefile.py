@@ -24,3 +24,17 @@ def test_make_recipes_find_the_venv_ptum_without_activation():
         check=True,
     )
     assert Path(out.stdout.strip()) == ROOT / ".venv" / "bin" / "ptum"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_make_quick_runs_in_a_temporary_copy_not_in_the_workspace():
+    """A plain `dvc exp run -S ...` applies the tiny params to params.yaml and overwrites the
+    workspace's outputs and dvc.lock; `--temp` keeps them (the experiment: `dvc exp show`)."""
+    out = subprocess.run(
+        ["make", "--no-print-directory", "-n", "quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "dvc exp run --temp " in out.stdout
