@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, help_text) in STAGES.items():
         s = sub.add_parser(name, help=help_text, description=help_text)
         s.add_argument(
-            "--params", type=Path, default=paths.PARAMS, help="params file (default: params.yaml)"
+            "--params", type=Path, default=None, help="params file (default: params.yaml)"
         )
         s.add_argument(
             "--set",
@@ -283,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     errors.track_json_reads()
     t0 = time.perf_counter()
     try:
-        params = load_params(args.params, args.overrides)
+        params = load_params(
+            args.params or paths.PARAMS, args.overrides, required=args.params is not None
+        )
         run, _ = STAGES[args.stage]
         # Ranks other than 0 of a group started by the user's own torchrun share rank 0's.
         rank = os.environ.get("RANK", "0") if "WORLD_SIZE" in os.environ else "0"

@@ -9,13 +9,16 @@ directory `<name>.tmp` beside it and swapped in the same way once every file of 
     atomic_write_json(path, report, indent=2, sort_keys=True)   # json.dumps(...) + "\\n"
     with atomic_path(path) as tmp:                              # writers that want a path
         df.write_parquet(tmp)
-    with atomic_dir(out_dir) as tmp:                            # a whole output directory
+    with atomic_dir(out_dir, marker="manifest.json", stage="tokenize") as tmp:  # a whole directory
         (tmp / "a.npy").write_bytes(...)
 
 Temp files are named `.<name>.<random>.tmp` (hidden, unique: two processes may write the same
 file at once, the last rename wins) and removed when the write fails; only a killed process
 leaves one behind (`temp_target` recognises them). The staging directory of `atomic_dir` has a
 fixed name, so a rerun clears what a killed run left; one directory output has one writer.
+`atomic_dir` replaces only what its writer wrote before (a `marker` file of that stage) or an
+empty directory: a `--out` pointed at a directory of the user's own files is refused, never
+emptied.
 """
 
 from __future__ import annotations
@@ -134,16 +137,51 @@ def atomic_write_json(path: Path, obj: Any, **dumps_kwargs: Any) -> None:
     atomic_write_text(path, json.dumps(obj, **dumps_kwargs) + "\n")
 
 
+class NotAnOutput(ValueError):
+    """A directory that atomic_dir would replace holds files its writer did not write."""
+
+
+def check_replaceable(path: Path, marker: str, stage: str | None = None) -> None:
+    """Raise NotAnOutput unless `path` is missing, empty (DVC's .gitignore aside) or an earlier
+    output of the same writer: it holds the file `marker` and, when that is a JSON object, its
+    "stage" is `stage` (a data manifest written by another stage does not count; a damaged
+    marker does, so that a rerun repairs its own output)."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise NotAnOutput(f"{path}: a file, not an output directory: give a directory to write")
+    if all(p.name == ".gitignore" for p in path.iterdir()):
+        return
+    written: object = stage
+    try:
+        doc = json.loads((path / marker).read_text())
+        if isinstance(doc, dict):
+            written = doc.get("stage")
+    except FileNotFoundError:
+        written = "(none)"
+    except (OSError, ValueError):
+        pass  # damaged: an earlier output of this writer that the rerun replaces
+    if written != stage:
+        of = f"of stage {stage}" if stage else "of this writer"
+        why = f"no {marker}" if written == "(none)" else f"its {marker} is another stage's"
+        raise NotAnOutput(
+            f"{path}: holds files that are not an earlier output {of} ({why}), and the output "
+            "directory is replaced whole: give a new or empty directory, or move its files away"
+        )
+
+
 @contextmanager
-def atomic_dir(path: Path) -> Iterator[Path]:
+def atomic_dir(path: Path, *, marker: str, stage: str | None = None) -> Iterator[Path]:
     """Yield an empty staging directory `<path>.tmp`; when the block ends normally every file
     in it is fsynced and it replaces the directory `path`; when the block raises it is removed
-    and `path` is left as it was.
+    and `path` is left as it was. `path` must be missing, empty or an earlier output of the
+    same writer (`check_replaceable(path, marker, stage)`), checked before anything is written.
 
     The previous directory is first renamed aside (`<path>.old`) and removed only after the new
     one is in place, so `path` is missing only between two renames, never half-written.
     """
     path = Path(path)
+    check_replaceable(path, marker, stage)
     tmp = path.with_name(path.name + TEMP_SUFFIX)
     if tmp.exists():
         shutil.rmtree(tmp)  # left by a killed run

@@ -112,7 +112,7 @@ def tokenize(
     if not np.array_equal(ids, np.arange(1, len(ids) + 1)):
         raise ValueError(f"{items_path}: item_id must be 1..N without gaps")
     texts = items["text"].to_list()
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, marker=verified.MANIFEST, stage="tokenize") as tmp:
         model = train(
             texts,
             vocab_size=vocab_size,

@@ -106,12 +106,72 @@ def test_configs_are_frozen():
         ("prepare.demo_split=[0.5, 0.5, 0.5]", "prepare.demo_split = (0.5, 0.5, 0.5)"),
         ("prepare.label_ratios=[0.2, 1.5]", "prepare.label_ratios = (0.2, 1.5)"),
         ("prepare.ctr_test_frac=0.9", "prepare.ctr_train_frac, ctr_test_frac = (0.15, 0.9)"),
+        ("prepare.ctr_train_frac=0", "prepare.ctr_train_frac, ctr_test_frac = (0.0, 0.1)"),
+        ("prepare.ctr_valid_frac=1", "prepare.ctr_valid_frac = 1.0"),
+        ("prepare.ctr_valid_frac=0", "prepare.ctr_valid_frac = 0.0"),  # no epoch selection
+        ("prepare.pretrain_valid_frac=-0.1", "prepare.pretrain_valid_frac = -0.1"),
+        ("prepare.pretrain_valid_frac=0", "prepare.pretrain_valid_frac = 0.0"),
+        ("prepare.label_ratios=[0.5, 0.2, 1.0]", "prepare.label_ratios = (0.5, 0.2, 1.0)"),
+        ("prepare.label_ratios=[0.2, 0.2, 1.0]", "prepare.label_ratios = (0.2, 0.2, 1.0)"),
+        ("prepare.label_ratios=[0.2, 0.201, 1.0]", "prepare.label_ratios = (0.2, 0.201, 1.0)"),
+        ("prepare.label_ratios=[0.2, 0.5]", "prepare.label_ratios = (0.2, 0.5)"),  # no 1.0
+        ("prepare.label_ratios=[.nan, 1.0]", "prepare.label_ratios = (nan, 1.0)"),
+        ("prepare.label_ratios=[]", "prepare.label_ratios = ()"),
+        ("tokenize.max_tokens=0", "tokenize.max_tokens = 0"),
+        ("tokenize.vocab_size=0", "tokenize.vocab_size = 0"),
+        ("tokenize.character_coverage=0.5", "tokenize.character_coverage = 0.5"),
+        ("data.age_edges=[40, 20]", "data.age_edges = (40, 20)"),
+        ("data.age_edges=[]", "data.age_edges = ()"),
+        ("export.example_batch=1", "export.example_batch = 1"),
+        ("export.example_tokens=0", "export.example_tokens = 0"),
+        ("embed.batch_size=0", "embed.batch_size = 0"),
     ],
 )
 def test_out_of_range_params_name_the_key_value_and_range(override, key):
     with pytest.raises(ConfigError, match="out of range: must be") as e:
         load_params(ROOT / "params.yaml", [override])
     assert str(e.value).startswith(key)
+
+
+SEEDS = ["data.seed", "prepare.seed", "tokenize.seed", "pretrain.seed", "finetune.seed"]
+SEEDS += ["tune.seed", "export.head_seed"]
+
+
+def _seed_keys(cls: type, prefix: str) -> set[str]:
+    return {f"{prefix}.{k}" for k in _keys(cls) if k == "seed" or k.endswith("_seed")}
+
+
+def test_the_seed_table_lists_every_seed_key():
+    assert set(SEEDS) == set().union(*(_seed_keys(c, s) for s, c in SECTIONS.items()))
+
+
+@pytest.mark.parametrize("key", SEEDS)
+@pytest.mark.parametrize("bad", [-1, 2**31])
+def test_every_seed_is_checked_when_params_load(tmp_path, key, bad):
+    with pytest.raises(ConfigError, match=r"out of range: must be an integer in \[0, ") as e:
+        load_params(tmp_path / "none.yaml", [f"{key}={bad}"])
+    assert str(e.value).startswith(f"{key} = {bad} "), str(e.value)
+
+
+def test_edge_values_that_are_valid_load(tmp_path):
+    p = load_params(
+        tmp_path / "none.yaml",
+        [
+            "prepare.label_ratios=[1.0]",
+            "finetune.ratios=[1.0]",
+            "sensitivity.ratio=1.0",
+            "regime.ratios=[1.0]",
+            "prepare.ctr_train_frac=0.5",
+            "prepare.ctr_test_frac=0.5",  # no history window
+            "prepare.ctr_valid_frac=0.99",
+            "tokenize.max_tokens=1",
+            "tokenize.character_coverage=1",
+            "data.seed=0",
+            "data.age_edges=[30]",
+            f"pretrain.seed={2**31 - 1}",
+        ],
+    )
+    assert p.prepare.label_ratios == (1.0,) and p.pretrain.seed == 2**31 - 1
 
 
 def test_per_user_ctr_windows_are_refused_when_params_load():
@@ -166,8 +226,66 @@ def test_dataclass_defaults_equal_params_yaml():
     assert not differ, f"ptum/config.py default vs params.yaml: {differ}"
 
 
-def test_a_missing_params_file_means_the_shipped_defaults(tmp_path):
+def test_a_missing_params_file_means_the_shipped_defaults(tmp_path, capsys):
     assert load_params(tmp_path / "missing.yaml") == load_params(ROOT / "params.yaml")
+    # ... said on stderr: a run from the wrong directory must not look like a normal one.
+    err = capsys.readouterr().err
+    assert err == (
+        f"ptum: no missing.yaml in {tmp_path}: using the built-in defaults "
+        "(run ptum from the project root)\n"
+    )
+
+
+def test_a_missing_params_file_named_by_the_user_is_an_error(tmp_path, capsys):
+    with pytest.raises(ConfigError, match=r"typo.yaml: no such params file; check the path"):
+        load_params(tmp_path / "typo.yaml", required=True)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_directory_is_not_a_params_file(tmp_path):
+    with pytest.raises(ConfigError, match=r": is a directory; name the params file itself"):
+        load_params(tmp_path, required=True)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "prepare:\n  max_behaviors: 10\n  seed: 3\n  max_behaviors: 20\n",
+            r"params.yaml:4: key 'max_behaviors' appears twice in section prepare "
+            r"\(also line 2\): keep one$",
+        ),
+        (
+            "prepare:\n  max_behaviors: 10\ndata:\n  seed: 1\nprepare:\n  seed: 3\n",
+            r"params.yaml:5: section 'prepare' appears twice \(also line 1\): keep one",
+        ),
+        (
+            "pretrain:\n  model: {dim: 8, dim: 9}\n",
+            r"params.yaml:2: key 'dim' appears twice in section pretrain.model \(also line 2\)",
+        ),
+    ],
+)
+def test_a_key_given_twice_is_refused(tmp_path, text, message):
+    f = tmp_path / "params.yaml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_params(f)
+
+
+def test_the_same_key_in_two_sections_is_fine(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_text("data:\n  seed: 1\nprepare:\n  seed: 2\n")
+    p = load_params(f)
+    assert (p.data.seed, p.prepare.seed) == (1, 2)
+
+
+def test_a_params_file_that_is_not_utf8_names_the_file(tmp_path):
+    f = tmp_path / "params.yaml"
+    f.write_bytes("data:\n  path: café\n".encode("latin-1"))
+    with pytest.raises(
+        ConfigError, match=r"params.yaml: not UTF-8 text \(byte 0xe9 at offset 17\)"
+    ):
+        load_params(f)
 
 
 def test_invalid_yaml_names_the_file_and_line(tmp_path):

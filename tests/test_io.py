@@ -101,13 +101,22 @@ def test_temp_target_recognises_only_temp_names():
         assert io.temp_target(name) is None, name
 
 
+OURS = {"marker": "manifest.json", "stage": "tokenize"}  # what an earlier output holds
+
+
+def _earlier_output(out: Path, stage: str | None = "tokenize") -> None:
+    """An output directory as the writer left it: its marker file names the stage."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").write_text(json.dumps({"stage": stage, "files": {}}))
+
+
 def test_atomic_dir_swaps_a_complete_directory(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    _earlier_output(out)
     (out / "stale.txt").write_text("previous run")
     (tmp_path / "out.tmp").mkdir()
     (tmp_path / "out.tmp" / "junk").write_text("left by a killed run")
-    with io.atomic_dir(out) as tmp:
+    with io.atomic_dir(out, **OURS) as tmp:
         assert tmp == tmp_path / "out.tmp" and _names(tmp) == []
         (tmp / "sub").mkdir()
         (tmp / "sub" / "a.txt").write_text("a")
@@ -117,9 +126,9 @@ def test_atomic_dir_swaps_a_complete_directory(tmp_path):
 
 def test_a_failure_inside_atomic_dir_keeps_the_old_directory(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
+    _earlier_output(out)
     (out / "a.txt").write_text("old")
-    with pytest.raises(ValueError), io.atomic_dir(out) as tmp:
+    with pytest.raises(ValueError), io.atomic_dir(out, **OURS) as tmp:
         (tmp / "a.txt").write_text("new")
         raise ValueError("bad input")
     assert (out / "a.txt").read_text() == "old"
@@ -127,7 +136,7 @@ def test_a_failure_inside_atomic_dir_keeps_the_old_directory(tmp_path):
 
 
 def test_atomic_dir_creates_missing_parents(tmp_path):
-    with io.atomic_dir(tmp_path / "x" / "y") as tmp:
+    with io.atomic_dir(tmp_path / "x" / "y", **OURS) as tmp:
         (tmp / "f").write_text("1")
     assert (tmp_path / "x" / "y" / "f").read_text() == "1"
 
@@ -136,14 +145,75 @@ def test_atomic_dir_keeps_the_directorys_gitignore(tmp_path):
     # DVC keeps its outputs inside data/prepared out of git with data/prepared/.gitignore and does
     # not write it again on a rerun: a swapped-in directory must carry it over.
     out = tmp_path / "prepared"
-    out.mkdir()
+    _earlier_output(out)
     (out / ".gitignore").write_text("/sequences.parquet\n")
     (out / "sequences.parquet").write_bytes(b"old")
-    with io.atomic_dir(out) as staging:
+    with io.atomic_dir(out, **OURS) as staging:
         (staging / "sequences.parquet").write_bytes(b"new")
+        _earlier_output(staging)
     assert (out / ".gitignore").read_text() == "/sequences.parquet\n"
     assert (out / "sequences.parquet").read_bytes() == b"new"
     # A stage that writes its own .gitignore keeps its own.
-    with io.atomic_dir(out) as staging:
+    with io.atomic_dir(out, **OURS) as staging:
         (staging / ".gitignore").write_text("/x\n")
     assert (out / ".gitignore").read_text() == "/x\n"
+
+
+def test_atomic_dir_never_replaces_a_directory_of_the_users_own_files(tmp_path):
+    # `ptum prepare --out ~/thesis` must not empty ~/thesis: only what the writer wrote before
+    # (its marker) is replaced; nothing is written and nothing is removed.
+    out = tmp_path / "thesis"
+    (out / "sub").mkdir(parents=True)
+    (out / "sub" / "thesis.tex").write_text("years of work")
+    with pytest.raises(
+        io.NotAnOutput,
+        match=r"thesis: holds files that are not an earlier output of stage tokenize \(no manifest.json\).*new or empty directory",
+    ):
+        with io.atomic_dir(out, **OURS):
+            raise AssertionError("the block must not run")
+    assert (out / "sub" / "thesis.tex").read_text() == "years of work"
+    assert _names(tmp_path) == ["thesis"]
+
+
+@pytest.mark.parametrize("stage", ["prepare", None])
+def test_atomic_dir_never_replaces_another_stages_output(tmp_path, stage):
+    # `ptum tokenize --out data/prepared` (or `--out data/raw`, whose manifest has no stage).
+    out = tmp_path / "other"
+    _earlier_output(out, stage=stage)
+    (out / "sequences.parquet").write_bytes(b"theirs")
+    with pytest.raises(
+        io.NotAnOutput, match=r"of stage tokenize \(its manifest.json is another stage.s\)"
+    ):
+        with io.atomic_dir(out, **OURS):
+            pass
+    assert (out / "sequences.parquet").read_bytes() == b"theirs"
+
+
+def test_atomic_dir_replaces_its_own_output_with_a_damaged_marker(tmp_path):
+    # A rerun repairs what it wrote: a truncated or flipped manifest still marks the output.
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "manifest.json").write_bytes(b'{"stage": "tok\xff')
+    with io.atomic_dir(out, **OURS) as staging:
+        (staging / "manifest.json").write_text("{}")
+    assert (out / "manifest.json").read_text() == "{}"
+
+
+@pytest.mark.parametrize("content", [[], [".gitignore"]])
+def test_atomic_dir_fills_an_empty_directory(tmp_path, content):
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in content:
+        (out / name).write_text("/x\n")
+    with io.atomic_dir(out, **OURS) as staging:
+        (staging / "a").write_text("1")
+    assert (out / "a").read_text() == "1"
+
+
+def test_atomic_dir_refuses_a_file(tmp_path):
+    out = tmp_path / "out"
+    out.write_text("a file")
+    with pytest.raises(io.NotAnOutput, match="a file, not an output directory"):
+        with io.atomic_dir(out, **OURS):
+            pass
+    assert out.read_text() == "a file"

@@ -1,9 +1,9 @@
 """Typed configuration: one frozen dataclass per `params.yaml` section.
 
 Only stage entry points (`ptum.stages`) read configuration; library functions take explicit
-arguments. Loading rejects unknown keys and wrong types with a message naming the section and
-key, so a typo in `params.yaml` or in a `--set section.key=value` override fails loudly instead of
-being ignored.
+arguments. Loading rejects unknown keys, keys given twice, wrong types and values out of range
+with a message naming the section and key, so a typo in `params.yaml` or in a
+`--set section.key=value` override fails loudly instead of being ignored.
 
 Defaults: the root `params.yaml` chooses every default and lists every key; the dataclass
 defaults are the same values (tests/test_config.py compares them key by key), so library code

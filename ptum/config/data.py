@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ptum.config.errors import ConfigError, require, require_one_of
+from ptum.config.errors import ConfigError, require, require_one_of, require_seed
 from ptum.config.names import SYNTHETIC_SIZES
 
 
@@ -33,6 +33,13 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         require_one_of(self.size, SYNTHETIC_SIZES, "data.size")
+        require_seed(self.seed, "data.seed")
+        require(
+            len(self.age_edges) >= 1 and list(self.age_edges) == sorted(set(self.age_edges)),
+            "data.age_edges",
+            self.age_edges,
+            "a non-empty list of strictly increasing ages",
+        )
 
 
 @dataclass(frozen=True)
@@ -57,7 +64,8 @@ class PrepareConfig:
     ctr_valid_frac: float = 0.1
     # Labeled users: train / validation / test shares (paper: 80/10/10).
     demo_split: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    # Nested training-label subsets (fractions of the training users / impressions).
+    # Nested training-label subsets (fractions of the training users / impressions), increasing,
+    # the last 1.0 (all of them: ptum tune fine-tunes with it); subset r is column train_<100 r>.
     label_ratios: tuple[float, ...] = (0.2, 0.5, 1.0)
     # Share of pre-training users held out to measure MBP/NBP accuracy.
     pretrain_valid_frac: float = 0.05
@@ -93,12 +101,7 @@ class PrepareConfig:
             self.demo_split,
             "3 shares >= 0 summing to 1",
         )
-        require(
-            all(0 < r <= 1 for r in self.label_ratios),
-            "prepare.label_ratios",
-            self.label_ratios,
-            "fractions in (0, 1]",
-        )
+        self._check_label_ratios()
         train, test = self.ctr_train_frac, self.ctr_test_frac
         require(
             0 < train < 1 and 0 < test < 1 and train + test <= 1,
@@ -106,7 +109,29 @@ class PrepareConfig:
             (train, test),
             "each in (0, 1), summing to <= 1",
         )
+        # Each is a share of a set that must keep members on both sides: fine-tuning selects
+        # the epoch on the CTR validation draw, pre-training measures MBP/NBP on held-out users.
+        for name in ("ctr_valid_frac", "pretrain_valid_frac"):
+            v = getattr(self, name)
+            require(0 < v < 1, f"prepare.{name}", v, "a share in (0, 1)")
+        require_seed(self.seed, "prepare.seed")
         require(self.chunk_rows >= 1, "prepare.chunk_rows", self.chunk_rows, "an integer >= 1")
+
+    def _check_label_ratios(self) -> None:
+        """Nested subsets, each its own column train_<percent>, the largest the full set."""
+        ratios = self.label_ratios
+        shares = len(ratios) >= 1 and all(0 < r <= 1 for r in ratios)  # also refuses nan
+        percents = [round(r * 100) for r in ratios] if shares else []
+        require(
+            shares
+            and percents[0] >= 1
+            and all(a < b for a, b in zip(percents, percents[1:]))
+            and ratios[-1] == 1.0,
+            "prepare.label_ratios",
+            ratios,
+            "strictly increasing shares in (0, 1], each rounding to its own percent >= 1 (subset "
+            "r is column train_<round(100 r)>), the last 1.0 (ptum tune uses all training labels)",
+        )
 
 
 @dataclass(frozen=True)
@@ -117,5 +142,17 @@ class TokenizeConfig:
     vocab_size: int = 8000
     byte_fallback: bool = True
     max_tokens: int = 30
+    # SentencePiece takes [0.98, 1].
     character_coverage: float = 0.9995
     seed: int = 1
+
+    def __post_init__(self) -> None:
+        require(self.vocab_size >= 1, "tokenize.vocab_size", self.vocab_size, "an integer >= 1")
+        require(self.max_tokens >= 1, "tokenize.max_tokens", self.max_tokens, "an integer >= 1")
+        require(
+            0.98 <= self.character_coverage <= 1,
+            "tokenize.character_coverage",
+            self.character_coverage,
+            "in [0.98, 1] (SentencePiece's range)",
+        )
+        require_seed(self.seed, "tokenize.seed")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from ptum.config.errors import require, require_each, require_one_of
+from ptum.config.errors import require, require_each, require_one_of, require_seed
 from ptum.config.names import (
     ARCHITECTURE_NAMES,
     CLASS_WEIGHT_NAMES,
@@ -66,6 +66,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         require(self.repeats >= 1, "finetune.repeats", self.repeats, "an integer >= 1")
+        require_seed(self.seed, "finetune.seed")
         require(self.lr > 0, "finetune.lr", self.lr, "> 0")
         require(self.batch_size >= 1, "finetune.batch_size", self.batch_size, "an integer >= 1")
         require(self.max_epochs >= 1, "finetune.max_epochs", self.max_epochs, "an integer >= 1")

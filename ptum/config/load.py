@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+import sys
 import types
 import typing
 from collections.abc import Mapping
@@ -85,22 +87,102 @@ def build(cls: type, raw: Any, where: str) -> Any:
     return cls(**kwargs)
 
 
-def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
-    """Load params.yaml (missing file = all defaults), apply overrides, validate every section.
+class _DuplicateKey(yaml.YAMLError):
+    """A key that appears twice in one mapping; its text is "LINE: key ... (also line N)..."."""
 
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key appearing twice in one mapping (PyYAML keeps the
+    last silently, so a repeated section would drop every key of the first)."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.where: dict[int, str] = {}  # id(mapping node) -> dotted path of its section
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        section = self.where.get(id(node), "")
+        seen: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag.endswith(":merge"):
+                continue  # a merge key ("<<") overrides on purpose; others fail in super()
+            key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+            if key in seen and not section:
+                raise _DuplicateKey(
+                    f"{line}: section {key!r} appears twice (also line {seen[key]}): keep one, "
+                    "with the keys of both"
+                )
+            if key in seen:
+                raise _DuplicateKey(
+                    f"{line}: key {key!r} appears twice in section {section} (also line "
+                    f"{seen[key]}): keep one"
+                )
+            seen[key] = line
+            self._name(value_node, f"{section}.{key}" if section else str(key))
+        return super().construct_mapping(node, deep=deep)
+
+    def _name(self, node: yaml.Node, where: str) -> None:
+        """Record the section path of each mapping in `node` (lists of mappings: path[i])."""
+        if isinstance(node, yaml.MappingNode):
+            self.where[id(node)] = where
+        elif isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._name(item, f"{where}[{i}]")
+
+
+def read_params_file(path: Path) -> dict[str, Any]:
+    """The raw sections of a params file: UTF-8 YAML, a mapping at top level, no repeated key."""
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; name the params file itself") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the params file: {e.strerror}") from e
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); "
+            "save it as UTF-8"
+        ) from None
+    try:
+        loaded = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
+    except _DuplicateKey as e:
+        raise ConfigError(f"{path}:{e}") from None
+    except yaml.YAMLError as e:  # its text names the line and column
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from e
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at top level")
+    return dict(loaded or {})
+
+
+def load_params(
+    path: str | Path = "params.yaml",
+    overrides: list[str] | None = None,
+    *,
+    required: bool = False,
+) -> Params:
+    """Load params.yaml, apply overrides, validate every section.
+
+    A missing file is an error when `required` (a path the user named); otherwise the built-in
+    defaults (the root params.yaml's values) are used, with one line on stderr saying so.
     Unknown sections are rejected like unknown keys: a misspelt section must not silently fall
     back to defaults.
     """
     path = Path(path)
     raw: dict[str, Any] = {}
     if path.exists():
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as e:  # its text names the line and column
-            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from e
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of sections at top level")
-        raw = dict(loaded or {})
+        raw = read_params_file(path)
+    elif required:
+        raise ConfigError(
+            f"{path}: no such params file; check the path given to --params, or leave --params "
+            "out to use ./params.yaml"
+        )
+    else:
+        print(
+            f"ptum: no {path.name} in {os.path.abspath(path.parent)}: using the built-in "
+            "defaults (run ptum from the project root)",
+            file=sys.stderr,
+        )
     apply_overrides(raw, list(overrides or []), set(SECTIONS))
     unknown = sorted(set(raw) - set(SECTIONS))
     if unknown:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ptum.config.errors import require, require_each, require_one_of
+from ptum.config.errors import require, require_each, require_one_of, require_seed
 from ptum.config.names import ARCHITECTURE_NAMES, BEHAVIOR_ENCODER_NAMES, DEVICE, DEVICE_NAMES
 
 
@@ -77,6 +77,7 @@ class PretrainConfig:
         require(self.weight_decay >= 0, "pretrain.weight_decay", self.weight_decay, ">= 0")
         require(self.batch_size >= 1, "pretrain.batch_size", self.batch_size, "an integer >= 1")
         require(self.epochs >= 1, "pretrain.epochs", self.epochs, "an integer >= 1")
+        require_seed(self.seed, "pretrain.seed")
         require(self.grad_clip > 0, "pretrain.grad_clip", self.grad_clip, "> 0")
         require(self.processes >= 1, "pretrain.processes", self.processes, "an integer >= 1")
         require(

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ptum.config.errors import require, require_seed
+
 
 @dataclass(frozen=True)
 class ExportConfig:
@@ -25,6 +27,12 @@ class ExportConfig:
     heads: bool = True
     head_seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("example_batch", "example_behaviors", "example_tokens"):
+            v = getattr(self, name)
+            require(v >= 2, f"export.{name}", v, "an integer >= 2 (a size-1 dim is fixed)")
+        require_seed(self.head_seed, "export.head_seed")
+
 
 @dataclass(frozen=True)
 class EmbedConfig:
@@ -33,3 +41,6 @@ class EmbedConfig:
     batch_size: int = 256
     # Also predict every demographic label that has an exported demo_<label>.onnx head.
     demo: bool = False
+
+    def __post_init__(self) -> None:
+        require(self.batch_size >= 1, "embed.batch_size", self.batch_size, "an integer >= 1")

@@ -12,12 +12,9 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from ptum.config.errors import require
+from ptum.config.errors import require, require_seed
 from ptum.config.names import ARCHITECTURE_NAMES, PRUNER_NAMES
 
-# Trial i seeds numpy with seed + i, the sampler with seed + starts + 7919 * worker: numpy
-# takes seeds below 2**32, and 2**31 leaves room for those offsets.
-SEED_LIMIT = 2**31
 # tune.storage: one SQLite file (local workers), or PostgreSQL through psycopg2 (several
 # machines; ptum.tune.database). Nothing else: a URL of another database would fail only when a
 # worker first opens it, with a driver's traceback.
@@ -35,7 +32,8 @@ class TuneConfig:
     n_trials: int = 4
     # Local worker processes on the same storage (`ptum tune --workers N` overrides).
     workers: int = 1
-    # Sampler seed; trial i pre-trains and fine-tunes with seed + i.
+    # Sampler seed; trial i pre-trains and fine-tunes with seed + i (numpy), the sampler takes
+    # seed + starts + 7919 * worker: below errors.SEED_LIMIT leaves room for those offsets.
     seed: int = 0
     # Pre-training epochs of a trial (the pruner looks after each) and the epochs of the brief
     # fine-tuning (Demo, label ratio 1.0) whose validation metric is the trial's value.
@@ -73,9 +71,7 @@ class TuneConfig:
         for name in ("n_trials", "workers", "epochs", "finetune_epochs", "heartbeat_interval"):
             v = getattr(self, name)
             require(v >= 1, f"tune.{name}", v, "an integer >= 1")
-        require(
-            0 <= self.seed < SEED_LIMIT, "tune.seed", self.seed, f"an integer in [0, {SEED_LIMIT})"
-        )
+        require_seed(self.seed, "tune.seed")
         require(
             self.prune_startup_trials >= 0,
             "tune.prune_startup_trials",

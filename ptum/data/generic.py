@@ -9,9 +9,12 @@ not contain tabs or newlines) or a Parquet file:
 
 `timestamp` is integer seconds since the epoch; `clicked` is 0 or 1; `item_id` is an optional
 source identifier used only to tell apart two events with the same text at the same second.
-Extra columns are ignored. Each row gets a `line` (1-based line in a TSV, row in Parquet) and
-a `reason` (null when the row is good), so the caller can either stop at the first bad row
-with a precise DataError or quarantine bad rows and count them per reason.
+Extra columns are ignored: they are dropped as the file is scanned, before any column of ours
+is added, so a column of any name or type does no harm. A label column may not have a name
+that prepare gives its own columns (RESERVED_LABELS). Each row gets a `line` (1-based line in
+a TSV, row in Parquet) and a `reason` (null when the row is good), so the caller can either
+stop at the first bad row with a precise DataError or quarantine bad rows and count them per
+reason.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from ptum.data import text_bytes
 from ptum.data.errors import DataError
 from ptum.data.verified import decoder_failure
 
@@ -33,8 +37,13 @@ OPTIONAL = {"behaviors": ("item_id",), "labels": (), "impressions": ("item_id",)
 # A Parquet table that `ptum ingest` converted from a text file (ptum_tsv) keeps, in this
 # column, the line of that file each row came from: messages name that line.
 SOURCE_LINE = "source_line"
+# Label column names prepare uses for columns of its own (scan's `line` and `reason`, the
+# split and its `train_<ratio>` subsets, the source line) and the prefix of scan's internal ones.
+RESERVED_LABELS = ("line", "reason", "split", SOURCE_LINE)
+RESERVED_PREFIXES = ("train_", "__")
 REASONS = (
     "blank_line",
+    "control_byte",
     "malformed_line",
     "bad_utf8",
     "missing_user",
@@ -45,7 +54,6 @@ REASONS = (
     "duplicate_user",
     "unknown_user",
 )
-_REPLACEMENT = "\ufffd"  # what a lossy UTF-8 decode puts in place of bad bytes
 
 
 def find_table(directory: Path, table: str) -> Path | None:
@@ -83,32 +91,50 @@ def scan(path: Path, table: str, origin: Path | None = None) -> tuple[pl.LazyFra
     """
     name = origin or path
     if path.suffix == ".parquet":
-        lf, columns, typed = _scan_parquet(path, table, name)
+        lf, fields, label_cols, typed = _scan_parquet(path, table, name)
     else:
-        lf, columns = _scan_tsv(path, table, name)
+        lf, fields, label_cols = _scan_tsv(path, table, name)
         typed = set()
-    keep = [c for c in columns if c in REQUIRED[table] or c in OPTIONAL[table]]
-    label_cols: list[str] = []
-    if table == "labels":
-        label_cols = [c for c in columns if c != "user_id"]
-        if not label_cols:
-            raise DataError(
-                name,
-                None if path.suffix == ".parquet" else 1,
-                "labels table has no label column besides user_id",
-            )
-        keep = ["user_id", *label_cols]
+    keep = [*fields, *label_cols]
     extra = [SOURCE_LINE] if SOURCE_LINE in typed else []
     lf = lf.select("line", *keep, *extra, "__reason")
     # Strip every string field once; the checks and the output values below read the result.
     lf = lf.with_columns(pl.col(c).str.strip_chars() for c in keep if c not in typed)
-    lf = lf.with_columns(reason=_row_reason(keep, typed)).drop("__reason")
-    return _typed(lf, keep, typed, label_cols), label_cols
+    lf = lf.with_columns(reason=_row_reason(fields, typed)).drop("__reason")
+    return _typed(lf, fields, typed, label_cols), label_cols
 
 
-def _scan_parquet(path: Path, table: str, name: Path) -> tuple[pl.LazyFrame, list[str], set[str]]:
-    """A Parquet table as string columns (integer timestamp/clicked/source line kept as they
-    are: `typed`), with `line` = 1-based row number and no reason yet. Errors name `name`."""
+def _columns(
+    columns: list[str], table: str, name: Path, line: int | None
+) -> tuple[list[str], list[str]]:
+    """(the table's own columns, the label columns) among a file's `columns`, in file order:
+    every other column is ignored. Label columns (all but user_id, for `labels`) may not have a
+    name prepare uses itself (a DataError at `line` of `name` says to rename them)."""
+    fields = [c for c in columns if c in REQUIRED[table] or c in OPTIONAL[table]]
+    if table != "labels":
+        return fields, []
+    label_cols = [c for c in columns if c != "user_id"]
+    if not label_cols:
+        raise DataError(name, line, "labels table has no label column besides user_id")
+    reserved = [c for c in label_cols if c in RESERVED_LABELS or c.startswith(RESERVED_PREFIXES)]
+    if reserved:
+        raise DataError(
+            name,
+            line,
+            f"label column(s) {reserved} have a name ptum gives its own columns "
+            f"({', '.join(RESERVED_LABELS)}, {'*, '.join(RESERVED_PREFIXES)}*): rename them",
+        )
+    return fields, label_cols
+
+
+def _scan_parquet(
+    path: Path, table: str, name: Path
+) -> tuple[pl.LazyFrame, list[str], list[str], set[str]]:
+    """A Parquet table's own and label columns (see `_columns`; the others are dropped) as
+    strings (integer timestamp/clicked/source line kept as they are: `typed`), with `line` =
+    1-based row number and a `__reason` for binary text that is not UTF-8. Returns (frame, own
+    columns, label columns, typed). A column of a type that cannot hold its values (a list, a
+    struct; a float timestamp) is a DataError naming `name`."""
     lf = pl.scan_parquet(path)
     try:
         schema = lf.collect_schema()  # reads the footer: garbage fails here
@@ -122,33 +148,90 @@ def _scan_parquet(path: Path, table: str, name: Path) -> tuple[pl.LazyFrame, lis
     missing = [c for c in REQUIRED[table] if c not in columns]
     if missing:
         raise DataError(name, None, f"missing column(s) {missing}; file has {columns}", "row")
+    fields, label_cols = _columns(columns, table, name, None)
+    wanted = [*fields, *label_cols]
+    for c in wanted:
+        _check_type(name, c, schema[c])
     # Integer timestamp/clicked columns skip the string round trip below (same values).
-    typed = {
-        c
-        for c in (*REQUIRED[table], SOURCE_LINE)
-        if c in ("timestamp", "clicked", SOURCE_LINE) and c in columns and schema[c].is_integer()
+    typed: set[str] = {
+        c for c in ("timestamp", "clicked") if c in fields and schema[c].is_integer()
     }
-    lf = (
-        lf.with_row_index("line", offset=1)
-        .with_columns(
-            pl.col(c).cast(pl.String) for c in columns if c not in typed and schema[c] != pl.String
+    if table != "labels" and SOURCE_LINE in columns and schema[SOURCE_LINE].is_integer():
+        typed.add(SOURCE_LINE)  # the line of the text file ingest converted (kept for messages)
+    binary = [c for c in wanted if schema[c] == pl.Binary]
+    reason = pl.lit(None, dtype=pl.String)
+    if binary:
+        reason = (
+            pl.when(
+                pl.any_horizontal(
+                    pl.col(c).map_batches(text_bytes.not_utf8, pl.Boolean, is_elementwise=True)
+                    for c in binary
+                )
+            )
+            .then(pl.lit("bad_utf8"))
+            .otherwise(reason)
         )
-        .with_columns(pl.lit(None, dtype=pl.String).alias("__reason"))
+    as_text = [
+        pl.col(c).map_batches(text_bytes.utf8_text, pl.String, is_elementwise=True)
+        if c in binary
+        else pl.col(c).cast(pl.String)
+        for c in wanted
+        if c not in typed and schema[c] != pl.String
+    ]
+    lf = (
+        lf.select(*wanted, *sorted(typed - set(wanted)))
+        .with_row_index("line", offset=1)
+        .with_columns(reason.alias("__reason"))
+        .with_columns(as_text)
     )
-    return lf, columns, typed
+    return lf, fields, label_cols, typed
 
 
-def _scan_tsv(path: Path, table: str, name: Path) -> tuple[pl.LazyFrame, list[str]]:
-    """A TSV table as string columns, `line` = 1-based line number, and a `__reason` for what
-    the line itself shows (blank, wrong field count, bad UTF-8). Errors name `name`."""
+def _check_type(name: Path, column: str, dtype: pl.DataType) -> None:
+    """A DataError unless a Parquet column of type `dtype` can hold `column`'s values: an
+    integer or string timestamp/clicked (strings are checked row by row); any scalar for the
+    other columns (read as strings). Lists, structs, arrays and objects never can."""
+    if column in ("timestamp", "clicked"):
+        ok = dtype.is_integer() or dtype.is_decimal() or _is_text(dtype) or dtype == pl.Null
+        expected = (
+            "an integer column (seconds since the epoch)"
+            if column == "timestamp"
+            else "an integer column (0 or 1)"
+        )
+    else:
+        ok = not dtype.is_nested() and dtype != pl.Object and dtype != pl.Unknown
+        expected = "a string (or integer) column"
+    if not ok:
+        raise DataError(
+            name,
+            None,
+            f"column {column!r} has type {dtype}, expected {expected}; rewrite it with that type",
+            "row",
+        )
+
+
+def _is_text(dtype: pl.DataType) -> bool:
+    return dtype in (pl.String, pl.Binary) or isinstance(dtype, (pl.Categorical, pl.Enum))
+
+
+def _scan_tsv(path: Path, table: str, name: Path) -> tuple[pl.LazyFrame, list[str], list[str]]:
+    """A TSV table's own and label columns (see `_columns`; the others are never extracted) as
+    strings, `line` = 1-based line number, and a `__reason` for what the line itself shows
+    (blank, the control byte 0x1F, wrong field count, bad UTF-8). Returns (frame, own columns,
+    label columns). Errors name `name`."""
     columns = _tsv_header(path, name)
     missing = [c for c in REQUIRED[table] if c not in columns]
     if missing:
         raise DataError(name, 1, f"missing column(s) {missing}; header has {columns}")
     if len(set(columns)) != len(columns):
         raise DataError(name, 1, f"duplicate column names in header {columns}")
+    own, label_cols = _columns(columns, table, name, 1)
+    control = text_bytes.lines_with(path, text_bytes.CONTROL)
+    if 1 in control:
+        raise DataError(name, 1, f"{text_bytes.CONTROL_DETAIL} (header line)")
     # One string column per physical line keeps line numbers exact (blank lines included)
-    # and lets the split below find lines with the wrong number of fields.
+    # and lets the split below find lines with the wrong number of fields. Lines holding the
+    # separator itself (0x1F) are read cut short, and flagged by their number.
     raw = pl.scan_csv(
         path,
         has_header=False,
@@ -157,28 +240,38 @@ def _scan_tsv(path: Path, table: str, name: Path) -> tuple[pl.LazyFrame, list[st
         schema={"__raw": pl.String},
         encoding="utf8-lossy",
         skip_rows=1,
+        truncate_ragged_lines=True if control else None,
+        extra_columns="ignore" if control else None,
     ).with_row_index("line", offset=2)
     fields = pl.col("__raw").str.split("\t")
+    index = {c: i for i, c in enumerate(columns)}
+    blank = pl.col("__raw").is_null() | (pl.col("__raw").str.strip_chars() == "")
+    first = (
+        pl.when(pl.col("line").is_in(sorted(control))).then(pl.lit("control_byte")).when(blank)
+        if control
+        else pl.when(blank)
+    )
     lf = (
         raw.with_columns(__fields=fields)
         .with_columns(
-            pl.col("__fields").list.get(i, null_on_oob=True).alias(c) for i, c in enumerate(columns)
+            pl.col("__fields").list.get(index[c], null_on_oob=True).alias(c)
+            for c in (*own, *label_cols)
         )
         .with_columns(
-            __reason=pl.when(pl.col("__raw").is_null() | (pl.col("__raw").str.strip_chars() == ""))
-            .then(pl.lit("blank_line"))
+            __reason=first.then(pl.lit("blank_line"))
             .when(pl.col("__fields").list.len() != len(columns))
             .then(pl.lit("malformed_line"))
-            .when(pl.col("__raw").str.contains(_REPLACEMENT, literal=True))
+            .when(text_bytes.not_utf8_lines(path))
             .then(pl.lit("bad_utf8"))
         )
         .drop("__raw", "__fields")
     )
-    return lf, columns
+    return lf, own, label_cols
 
 
 def _row_reason(keep: list[str], typed: set[str]) -> pl.Expr:
-    """The first problem of a row (null if none): the line's own, then the field checks."""
+    """The first problem of a row (null if none): the line's own, then the field checks of the
+    table's own columns `keep` (label columns have none)."""
     ts = pl.col("timestamp").cast(pl.Int64, strict=False)
     checks: list[tuple[pl.Expr, str]] = [
         (pl.col("user_id").is_null() | (pl.col("user_id") == ""), "missing_user"),
@@ -199,8 +292,8 @@ def _row_reason(keep: list[str], typed: set[str]) -> pl.Expr:
 
 
 def _typed(lf: pl.LazyFrame, keep: list[str], typed: set[str], label_cols: list[str]):
-    """Checked string fields -> their types: timestamp Int64, clicked Int8, empty label values
-    null, item_id renamed source_item_id."""
+    """Checked string fields -> their types (`keep`: the table's own columns): timestamp Int64,
+    clicked Int8, empty label values null, item_id renamed source_item_id."""
     casts = []
     if "timestamp" in keep:
         casts.append(pl.col("timestamp").cast(pl.Int64, strict=False))
@@ -240,90 +333,3 @@ def mark_duplicates(df: pl.DataFrame, keys: list[str], reason: str) -> pl.DataFr
     return df.with_columns(
         reason=pl.when(pl.Series(dup)).then(pl.lit(reason)).otherwise(pl.col("reason"))
     )
-
-
-def locate(path: Path, row: dict, origin: Path | None = None) -> tuple[Path, int, str]:
-    """(file, line, unit) to name for a row of `path` read by `scan`: the file the user gave
-    (`origin`, default `path`) and the row's line in it (its SOURCE_LINE when the table was
-    converted from a text file), unit "line" for a text file, "row" for a Parquet row number."""
-    if row.get(SOURCE_LINE) is not None:
-        return origin or path, int(row[SOURCE_LINE]), "line"
-    return origin or path, int(row["line"]), "row" if path.suffix == ".parquet" else "line"
-
-
-def raise_first(
-    bad: pl.DataFrame,
-    path: Path,
-    total: dict[str, int],
-    *,
-    origin: Path | None = None,
-    advice: str | None = "set prepare.on_bad_rows=quarantine to drop and count them",
-) -> None:
-    """Raise a DataError for the first bad row of `bad` (rows of `path` as `scan` reads them),
-    with the counts per reason and `advice` (None: none); it names `origin` (the file the user
-    gave, default `path`)."""
-    row = bad.sort("line").row(0, named=True)
-    file, line, unit = locate(path, row, origin)
-    counts = ", ".join(f"{k}: {v}" for k, v in sorted(total.items()))
-    detail = {
-        "blank_line": "blank line",
-        "malformed_line": "wrong number of tab-separated fields",
-        "bad_utf8": "bytes that are not valid UTF-8",
-        "missing_user": "empty user_id",
-        "bad_timestamp": "timestamp is not a non-negative integer (seconds since the epoch)",
-        "empty_text": "empty text",
-        "bad_clicked": "clicked is not 0 or 1",
-        "duplicate_event": "duplicate event (same user, timestamp and text as an earlier line)",
-        "duplicate_user": f"user {row.get('user_id')!r} appears more than once",
-        "unknown_user": f"user {row.get('user_id')!r} has no behaviors",
-    }[row["reason"]]
-    if path.suffix == ".parquet":
-        shown = {k: v for k, v in row.items() if k not in ("line", SOURCE_LINE, "reason")}
-        excerpt = _shorten(repr(shown))
-    else:
-        excerpt = _excerpt(path, line)
-    raise DataError(
-        file,
-        line,
-        f"{detail} [{row['reason']}]: {excerpt} (bad rows in this file: {counts}"
-        + (f"; {advice})" if advice else ")"),
-        unit,
-    )
-
-
-def raw_rows(path: Path, lines: list[int]) -> pl.Series:
-    """The rows of `path` at `lines` (sorted, as `scan` numbers them) exactly as stored: the
-    bytes of each line of a text file (without its newline), the JSON of each Parquet row
-    (values as written, before any check or cast). Binary, one entry per line."""
-    if path.suffix == ".parquet":
-        rows = (
-            pl.scan_parquet(path)
-            .with_row_index("__line", offset=1)
-            .filter(pl.col("__line").is_in(lines))
-            .sort("__line")
-            .drop("__line")
-            .select(pl.struct(pl.all()).struct.json_encode().cast(pl.Binary))
-            .collect()
-            .to_series()
-        )
-        return rows.rename("raw")
-    wanted, found = set(lines), {}
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if n in wanted:
-                found[n] = raw.rstrip(b"\r\n")
-    return pl.Series("raw", [found.get(n, b"") for n in lines], dtype=pl.Binary)
-
-
-def _shorten(text: str, width: int = 200) -> str:
-    return text if len(text) <= width else text[:width] + "..."
-
-
-def _excerpt(path: Path, line: int, width: int = 120) -> str:
-    """The raw text of one line of a file (bad bytes shown as escapes), shortened to `width`."""
-    with path.open("rb") as f:
-        for n, raw in enumerate(f, start=1):
-            if n == line:
-                text = raw.rstrip(b"\r\n").decode("utf-8", errors="backslashreplace")
-                return repr(text if len(text) <= width else text[:width] + "...")
-    return "''"

@@ -31,6 +31,12 @@ from ptum.hashing import sha256_files
 from ptum.io import atomic_dir
 
 PTUM_SEP = "#|NTABN|#"
+# The range of the Int64 timestamp column.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def _shorten(text: str, width: int = 40) -> str:
+    return text if len(text) <= width else text[:width] + "..."
 
 
 def read_ptum_tsv(path: Path) -> pl.DataFrame:
@@ -61,11 +67,20 @@ def read_ptum_tsv(path: Path) -> pl.DataFrame:
                 )
             for k, v in enumerate(s):
                 try:
-                    stamps.append(int(v))
+                    stamp = int(v)
                 except ValueError:
                     raise DataError(
-                        path, n, f"timestamp #{k + 1} {v!r} is not an integer"
+                        path, n, f"timestamp #{k + 1} {_shorten(v)!r} is not an integer"
                     ) from None
+                if not INT64_MIN <= stamp <= INT64_MAX:
+                    # Negative ones fit: prepare's row checks flag (or quarantine) them.
+                    raise DataError(
+                        path,
+                        n,
+                        f"timestamp #{k + 1} {_shorten(v)!r} is not a non-negative integer that "
+                        "fits in 64 bits (seconds since the epoch): fix or remove it",
+                    )
+                stamps.append(stamp)
             users.extend([cols[0]] * len(t))
             texts.extend(t)
             lines.extend([n] * len(t))
@@ -95,7 +110,7 @@ def ingest(
     root: Path = Path("."),
 ) -> dict:
     """Write the generic tables of `source` into out_dir (replaced atomically); return manifest."""
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, marker="manifest.json") as tmp:
         info: dict = {"source": source, "path": path}
         src = (root / path).resolve() if path else None
         if source == "synthetic":
@@ -159,6 +174,9 @@ def _read_movielens(
         movielens.verify_100k(src)
     beh, labels, imps = movielens.read(src, click_threshold, age_edges)
     info.update(variant=found, click_threshold=click_threshold, age_edges=list(age_edges))
+    if movielens.ORIGINS[found]:
+        # Rows that carry their source line: prepare's messages name that file and line.
+        info["origins"] = {out: str(src / name) for out, name in movielens.ORIGINS[found].items()}
     return {"behaviors": beh, "labels": labels, "impressions": imps}
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import polars as pl
 
 from ptum.data.errors import DataError
+from ptum.data.generic import SOURCE_LINE
 from ptum.hashing import sha256_bytes, sha256_file
 from ptum.io import atomic_dir
 
@@ -67,6 +68,15 @@ SHA256_100K = {
 SHA256 = {"ml-100k": SHA256_100K, "ml-1m": {}}
 MEMBERS = {"ml-100k": tuple(SHA256_100K), "ml-1m": ("ratings.dat", "movies.dat", "users.dat")}
 DOWNLOAD_TIMEOUT_S = 120.0
+# The file of a variant that each converted table comes from, when its rows carry the line of
+# that file (SOURCE_LINE): ingest records it in the manifest so that prepare's messages name
+# it. ml-100k records none: its files are checked against the release's SHA-256 at ingest,
+# and its converted tables stay byte for byte what they were.
+ORIGINS = {
+    "ml-100k": {},
+    "ml-1m": {"behaviors.parquet": "ratings.dat", "impressions.parquet": "ratings.dat"},
+}
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def detect_variant(path: Path) -> str:
@@ -102,10 +112,16 @@ def _lines(path: Path, encoding: str = "latin-1"):
 
 
 def _int(path: Path, n: int, field: str, value: str) -> int:
+    shown = value if len(value) <= 40 else value[:40] + "..."
     try:
-        return int(value)
+        number = int(value)
     except ValueError:
-        raise DataError(path, n, f"{field} {value!r} is not an integer") from None
+        raise DataError(path, n, f"{field} {shown!r} is not an integer") from None
+    if not INT64_MIN <= number <= INT64_MAX:
+        # Negative timestamps fit: prepare's row checks flag (or quarantine) them.
+        kind = "a non-negative integer" if field == "timestamp" else "an integer"
+        raise DataError(path, n, f"{field} {shown!r} is not {kind} that fits in 64 bits")
+    return number
 
 
 def read_100k(path: Path, click_threshold: int, age_edges: tuple[int, ...]):
@@ -158,7 +174,7 @@ def read_1m(path: Path, click_threshold: int, age_edges: tuple[int, ...]):
         texts[_int(path / "movies.dat", n, "movie id", f[0])] = (
             f"{f[1]} | {', '.join(f[2].split('|'))}"
         )
-    users, items, ts, ratings = [], [], [], []
+    users, items, ts, ratings, lines = [], [], [], [], []
     for n, line in _lines(path / "ratings.dat"):
         f = line.split("::")
         if len(f) != 4:
@@ -175,6 +191,7 @@ def read_1m(path: Path, click_threshold: int, age_edges: tuple[int, ...]):
         items.append(i)
         ratings.append(r)
         ts.append(t)
+        lines.append(n)
     label_rows = []
     for n, line in _lines(path / "users.dat"):
         f = line.split("::")
@@ -186,10 +203,12 @@ def read_1m(path: Path, click_threshold: int, age_edges: tuple[int, ...]):
         label_rows.append(
             (f[0], f[1], age_bucket(_int(path / "users.dat", n, "age", f[2]), age_edges))
         )
-    return _frames(users, items, ts, ratings, texts, label_rows, click_threshold)
+    return _frames(users, items, ts, ratings, texts, label_rows, click_threshold, lines)
 
 
-def _frames(users, items, ts, ratings, texts, label_rows, click_threshold):
+def _frames(users, items, ts, ratings, texts, label_rows, click_threshold, lines=None):
+    """The generic frames of parsed ratings; `lines` (when given): the line of the ratings file
+    each rating came from, kept as SOURCE_LINE in behaviors and impressions."""
     ratings_df = pl.DataFrame(
         {"user_id": users, "timestamp": ts, "item_id": items, "rating": ratings},
         schema={
@@ -199,13 +218,20 @@ def _frames(users, items, ts, ratings, texts, label_rows, click_threshold):
             "rating": pl.Int64,
         },
     ).with_columns(text=pl.col("item_id").replace_strict(texts, return_dtype=pl.String))
-    behaviors = ratings_df.select("user_id", "timestamp", "text", pl.col("item_id").cast(pl.String))
+    where = []
+    if lines is not None:
+        ratings_df = ratings_df.with_columns(pl.Series(SOURCE_LINE, lines, dtype=pl.Int64))
+        where = [SOURCE_LINE]
+    behaviors = ratings_df.select(
+        "user_id", "timestamp", "text", pl.col("item_id").cast(pl.String), *where
+    )
     impressions = ratings_df.select(
         "user_id",
         "timestamp",
         "text",
-        clicked=(pl.col("rating") >= click_threshold).cast(pl.Int8),
-        item_id=pl.col("item_id").cast(pl.String),
+        (pl.col("rating") >= click_threshold).cast(pl.Int8).alias("clicked"),
+        pl.col("item_id").cast(pl.String),
+        *where,
     )
     labels = pl.DataFrame(label_rows, schema=["user_id", "gender", "age"], orient="row")
     return behaviors, labels, impressions
@@ -262,7 +288,7 @@ def download(
     dest.mkdir(parents=True, exist_ok=True)
     target = dest / variant
     blob = _fetch(url, timeout_s)
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, marker=MEMBERS[variant][0]) as tmp:
         _unpack_verified(blob, url, pinned, tmp)
     return target
 

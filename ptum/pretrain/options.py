@@ -61,6 +61,12 @@ def check_negatives(corpus: Corpus, opts: TrainOptions, what: str = "training") 
         n, source = int(np.unique(corpus.pool).size), "items of its behaviors"
     else:
         n, source = corpus.num_items, "items of the item table"
+    if opts.p >= n and n < 2:
+        raise ValueError(
+            f"the {what} corpus has {n} distinct {source} (pretrain.negatives: "
+            f"{opts.negatives}): too few to pre-train on; it needs users with at least 2 "
+            f"behaviors over at least {opts.p + 1} distinct items: use more data"
+        )
     if opts.p >= n:
         raise ValueError(
             f"pretrain.p = {opts.p}: the {what} corpus has only {n} distinct {source} "

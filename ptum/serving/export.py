@@ -320,7 +320,7 @@ def _write(
     """The graphs (`graphs(directory)` returns their parity), spm.model, id_vocab.json and
     export.json, written into a scratch directory that replaces `out_dir` once complete;
     returns the export report."""
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, marker="export.json") as tmp:
         parity = graphs(tmp)
         shutil.copyfile(spm_model, tmp / "spm.model")
         if loaded.id_vocab is not None:

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from ptum.data import generic
+from ptum.data import bad_rows, generic
 from ptum.data.errors import DataError
 from ptum.data.prepare import views
 from ptum.data.prepare.sources import Source
@@ -73,7 +73,7 @@ def read_behaviors(path: Path, *, on_duplicates: str = "drop") -> Behaviors:
     if first.height:
         # Embed has no quarantine: the only advice is for duplicate events.
         advice = DUPLICATE_ADVICE if first["reason"][0] == DUPLICATE else None
-        generic.raise_first(first, path, dropped, advice=advice)
+        bad_rows.raise_first(first, path, dropped, advice=advice)
     if good.height == 0:
         raise DataError(path, None, "no valid rows", "row" if path.suffix == ".parquet" else "line")
     (user_codes, users), (text_codes, texts) = codes["user_id"], codes["text"]

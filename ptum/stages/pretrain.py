@@ -136,7 +136,7 @@ def pretrain_one(
     from ptum.pretrain.run import pretrain_arch
     from ptum.pretrain.tuned import read_tuned
 
-    tuned = read_tuned(tuned_path) if c.use_tuned else None
+    tuned = read_tuned(tuned_path, max_behaviors) if c.use_tuned else None
     return pretrain_arch(
         arch,
         train_options(c, tuned),

@@ -28,7 +28,7 @@ from ptum.hashing import HashMismatch
 from ptum.models.id_vocab import item_table_digest
 from ptum.models.user_model import ModelConfig
 from ptum.pretrain import train as train_mod
-from ptum.pretrain.options import deterministic_mode
+from ptum.pretrain.options import check_negatives, deterministic_mode
 from ptum.pretrain.train import pretrain
 from ptum.stages.pretrain import pretrain_one, train_options
 from tests.pretrain.test_train import TINY_MODEL
@@ -320,6 +320,16 @@ def test_more_negatives_than_items_is_a_clear_error(tiny_pipeline, tmp_path):
     with pytest.raises(ValueError, match=rf"only {train.num_items} distinct items of the item"):
         train_tiny(tiny_pipeline, tmp_path, p=100_000, negatives="uniform")
     assert not checkpoint.exists(tmp_path)
+
+
+def test_a_corpus_too_small_for_any_negative_says_so_not_an_impossible_p(tiny_pipeline):
+    # One distinct item (e.g. every user has one behavior, or one title): "use pretrain.p <= 1"
+    # with p = 1 was advice that could not work.
+    corpus = load_corpus(tiny_pipeline / "prepared", tiny_pipeline / "tokenized", "train", 20)
+    one = replace(corpus, pool=np.ones_like(corpus.pool))
+    opts = replace(train_options(PretrainConfig()), p=1)
+    with pytest.raises(ValueError, match=r"has 1 distinct items of its behaviors .* too few"):
+        check_negatives(one, opts)
 
 
 # ---------------------------------------------------------------- progress

@@ -23,7 +23,8 @@ def test_cli_export_then_embed(exported, tiny_pipeline: Path, tmp_path: Path, mo
     # export trains the serving heads on frozen user vectors: it reads the prepared data too.
     for sub in ("prepared", "tokenized"):
         shutil.copytree(tiny_pipeline / sub, tmp_path / "data" / sub)
-    params = ["--params", str(tmp_path / "params.yaml")]  # missing file: every default
+    (tmp_path / "params.yaml").write_text("")  # an empty params file: every default
+    params = ["--params", str(tmp_path / "params.yaml")]
     assert (
         cli.main(
             [

@@ -116,6 +116,39 @@ def test_ingest_prepare_tokenize_through_the_cli(tmp_path, monkeypatch):
     assert (tmp_path / paths.TOKENS).is_file() and (tmp_path / paths.TOKENIZE_REPORT).is_file()
 
 
+def test_an_out_holding_other_files_is_refused_and_kept(tmp_path, monkeypatch, capsys):
+    """`--out` names a directory the stage replaces whole: one of the user's own files, or
+    another stage's output, is refused with one line and every file in it stays."""
+    from ptum.presets import QUICK
+
+    monkeypatch.chdir(tmp_path)
+    params = ["--params", str(ROOT / "params.yaml"), *[a for o in QUICK for a in ("--set", o)]]
+    assert cli.main(["ingest", *params]) == 0
+    raw = {f.name: f.read_bytes() for f in paths.RAW.iterdir()}
+    capsys.readouterr()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for out in (mine, paths.RAW):
+        assert cli.main(["prepare", "--out", str(out), *params]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and f"{out}: holds files that are not an earlier output" in err[0]
+    assert (mine / "notes.txt").read_text() == "mine"
+    assert {f.name: f.read_bytes() for f in paths.RAW.iterdir()} == raw
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "mine"]
+
+
+def test_a_params_file_that_is_not_there_is_an_error_not_the_defaults(
+    tmp_path, monkeypatch, capsys
+):
+    # A typo in --params used to run the stage on the built-in defaults, over the last output.
+    monkeypatch.chdir(tmp_path)
+    _fake_stage(monkeypatch, "prepare", lambda p, **kw: pytest.fail("ran on the defaults"))
+    assert cli.main(["prepare", "--params", "typo.yaml"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "typo.yaml: no such params file" in err[0]
+
+
 # --- one writer per output; the error policy ------------------------------------------------
 
 

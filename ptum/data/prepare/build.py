@@ -19,7 +19,7 @@ from ptum.data.prepare.options import PrepareOptions
 from ptum.data.prepare.report import complete_report, headline_metrics
 from ptum.data.prepare.sources import find_sources
 from ptum.data.prepare.splits import shuffled_rank, split_impressions, split_labels
-from ptum.data.verified import write_manifest
+from ptum.data.verified import MANIFEST, write_manifest
 from ptum.io import atomic_dir
 
 
@@ -34,7 +34,7 @@ def prepare(raw_dir: Path, out_dir: Path, opts: PrepareOptions) -> dict:
     report: dict = {}
     n_chunks = max(1, math.ceil(_row_count(sources.behaviors.path) / opts.chunk_rows))
     # The previous output is replaced only once everything is written: no half-written outputs.
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, marker=MANIFEST, stage="prepare") as tmp:
         if n_chunks == 1:
             core = prepare_in_memory(sources, tmp, opts, report)
         else:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from ptum.data import generic
+from ptum.data import bad_rows, generic
 from ptum.data.errors import DataError
 from ptum.data.prepare.options import PrepareOptions
 from ptum.data.prepare.sources import Source
@@ -205,7 +205,7 @@ def settle(
         bad = pl.concat([b for _, b in parts if b.height]).sort("line")
         _raise_if_strict(source, bad, counts["rows_dropped"], opts)
         if opts.on_bad_rows == "quarantine":
-            raw = generic.raw_rows(source.path, bad["line"].to_list())
+            raw = bad_rows.raw_rows(source.path, bad["line"].to_list())
             quarantine_dir.mkdir(parents=True, exist_ok=True)
             bad.with_columns(raw).write_parquet(quarantine_dir / f"{table}.parquet")
     return counts
@@ -221,7 +221,7 @@ def _raise_if_strict(source: Source, bad: pl.DataFrame, total: dict, opts: Prepa
             if first["reason"][0] == DUPLICATE
             else "set prepare.on_bad_rows=quarantine to drop and count them"
         )
-        generic.raise_first(first, source.path, total, origin=source.origin, advice=advice)
+        bad_rows.raise_first(first, source.path, total, origin=source.origin, advice=advice)
 
 
 def first_refused(bad: pl.DataFrame, on_bad_rows: str, on_duplicates: str) -> pl.DataFrame:
