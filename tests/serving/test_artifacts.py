@@ -79,8 +79,10 @@ def test_embed_without_an_export_is_one_clear_line(tmp_path: Path, capsys, monke
     err = capsys.readouterr().err
     assert rc == 2
     assert err.splitlines() == [
+        f"ptum: no params.yaml in {tmp_path}: using the built-in defaults (run ptum from the "
+        "project root)",
         "ptum embed: error: nowhere: no ONNX export here (the directory does not exist); run "
-        "`ptum export --arch ARCH` first, or point --model at the directory it wrote"
+        "`ptum export --arch ARCH` first, or point --model at the directory it wrote",
     ]
 
 

@@ -98,6 +98,8 @@ def _tune(proj: Path, monkeypatch, capsys, *overrides: str) -> tuple[int, list[s
     monkeypatch.chdir(proj)
     monkeypatch.delenv("PTUM_DEBUG", raising=False)
     sets = [a for o in ("tune.study_name=s", *overrides) for a in ("--set", o)]
+    if not (proj / "params.yaml").exists():
+        (proj / "params.yaml").write_text("")  # every default
     rc = main(["tune", "--params", str(proj / "params.yaml"), *sets])
     return rc, capsys.readouterr().err.splitlines()
 
