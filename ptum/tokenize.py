@@ -147,3 +147,29 @@ def tokenize(
         (tmp / "report.json").write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
         verified.write_manifest(tmp, "tokenize")  # last: the SHA-256 of every file above
     return report
+
+
+def check_made_from(
+    texts: list[str], tokens: np.ndarray, tokenized: Path, sample: int = 64
+) -> None:
+    """Refuse a tokenized directory made from another item table than the one whose `texts`
+    (item i = texts[i - 1]) are read with it: `ptum tokenize` records no hash of the items it
+    read, so the token matrix must have one row per item and an evenly spread `sample` of the
+    items must encode (with its spm.model) to their rows of `tokens` ((N + 1, T))."""
+    fix = "rerun `ptum tokenize` (or `dvc repro`)"
+    if tokens.shape[0] != len(texts) + 1:
+        raise ValueError(
+            f"{tokenized}: tokens for {tokens.shape[0] - 1} items, but the item table has "
+            f"{len(texts)}: it was made from another data/prepared; {fix}"
+        )
+    model = verified.verify(tokenized / "spm.model", "tokenize").read_bytes()
+    sp = spm.SentencePieceProcessor(model_proto=model)
+    rows = np.unique(np.linspace(1, len(texts), min(sample, len(texts)), dtype=np.int64))
+    expected, _, _ = encode(sp, [texts[i - 1] for i in rows], tokens.shape[1])
+    differ = np.flatnonzero((expected[1:] != tokens[rows]).any(axis=1))
+    if differ.size:
+        item = int(rows[differ[0]])
+        raise ValueError(
+            f"{tokenized}: item {item}'s tokens do not encode its text {texts[item - 1][:60]!r}: "
+            f"it was made from another data/prepared; {fix}"
+        )

@@ -20,6 +20,7 @@ from ptum.data.pool import users_digest
 from ptum.models.behavior import ID_MIN_COUNT
 from ptum.models.id_vocab import IdVocab, build_id_vocab, item_table_digest
 from ptum.models.user_model import ARCHITECTURES, ModelConfig
+from ptum.tokenize import check_made_from
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ def load_inputs(
     sizes = dict(model_sizes or {})
     users = sorted(pool) if pool is not None else None
     train = load_corpus(prepared, tokenized, "train", max_behaviors, users=users)
+    check_made_from(item_texts(prepared), train.tokens.numpy(), tokenized)
     valid = load_corpus(prepared, tokenized, "valid", max_behaviors)
     vocab_size = int(verified.read_json(tokenized / "report.json", "tokenize")["vocab_size"])
     id_vocab = None

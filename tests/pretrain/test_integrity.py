@@ -309,6 +309,33 @@ def test_a_swapped_tokens_matrix_is_refused_even_with_a_matching_manifest(tokeni
         read_tokens(tokenized)
 
 
+@pytest.mark.parametrize("change", ["other_texts", "one_more_item"])
+def test_tokens_made_from_another_item_table_are_refused(tiny_pipeline, tmp_path, change):
+    # `ptum prepare` rerun on other data after `ptum tokenize`: the same item count trained
+    # every item on another item's tokens; one more item indexed past the token matrix.
+    import polars as pl
+
+    from ptum.pretrain.setup import load_inputs
+
+    prepared = tmp_path / "prepared"
+    shutil.copytree(tiny_pipeline / "prepared", prepared)
+    items = pl.read_parquet(prepared / "items.parquet").sort("item_id")
+    if change == "other_texts":
+        items = items.with_columns(pl.col("text").reverse())
+        expected = r"item \d+'s tokens do not encode its text"
+    else:
+        extra = items.tail(1).with_columns(
+            pl.col("item_id") + 1, pl.lit("a new title").alias("text")
+        )
+        items = pl.concat([items, extra])
+        expected = rf"tokens for {items.height - 1} items, but the item table has {items.height}"
+    items.write_parquet(prepared / "items.parquet")
+    write_manifest(prepared, "prepare")
+    with pytest.raises(ValueError, match=rf"{expected}.*rerun `ptum tokenize`"):
+        load_inputs(prepared, tiny_pipeline / "tokenized", 20, arch="hsa")
+    load_inputs(tiny_pipeline / "prepared", tiny_pipeline / "tokenized", 20, arch="hsa")
+
+
 # ---------------------------------------------------------------- parameters
 
 
