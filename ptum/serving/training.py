@@ -13,9 +13,12 @@ empty tables.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from ptum import checkpoint
@@ -128,7 +131,7 @@ def serving_heads(
     model = checkpoint.load(ckpt, item_table_sha256=items).model
     # disable=None: tqdm turns itself off when stderr is not a terminal (logs, dvc repro).
     total = len(tasks["demo"]) + int(tasks["ctr"])
-    with tqdm(total=total, desc="export heads", unit="head", disable=None) as bar:
+    with _one_thread(), tqdm(total=total, desc="export heads", unit="head", disable=None) as bar:
         demo = (
             _demo_heads(
                 model,
@@ -158,3 +161,16 @@ def serving_heads(
         )
         bar.update(int(tasks["ctr"]))
     return demo, ctr
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Train on one torch thread: the float sums of several threads differ with their number,
+    and the exported heads must be the same bytes whatever OMP_NUM_THREADS or the machine's
+    core count (the export is a DVC output)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -160,3 +160,22 @@ def test_trained_bias_head_serves_like_pytorch(tiny_pipeline: Path, tmp_path) ->
     )[0]
     np.testing.assert_allclose(got, torch.sigmoid(logit).numpy(), rtol=1e-4, atol=1e-5)
     assert head.item_bias.weight[items].abs().max() > 0  # trained item biases are served
+
+
+def test_heads_are_the_same_whatever_the_torch_threads(tiny_pipeline: Path, tmp_path) -> None:
+    """The exported heads are a DVC output: OMP_NUM_THREADS or the core count must not change a
+    byte of them (several threads sum floats in another order)."""
+    root = _pipeline(tmp_path, tiny_pipeline / "raw", ("behaviors", "labels", "impressions"))
+    before = torch.get_num_threads()
+    states = []
+    for threads in (2, 1):
+        torch.set_num_threads(threads)
+        try:
+            demo, ctr = _heads(root)
+        finally:
+            torch.set_num_threads(before)
+        assert torch.get_num_threads() == before
+        heads = {label: head for label, (head, _) in demo.items()} | {"ctr": ctr}
+        states.append({f"{k}.{n}": t for k, h in heads.items() for n, t in h.state_dict().items()})
+    assert states[0].keys() == states[1].keys() and states[0]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
