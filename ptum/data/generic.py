@@ -57,20 +57,25 @@ REASONS = (
 
 
 def find_table(directory: Path, table: str) -> Path | None:
-    """The file holding `table` in `directory` (.parquet, .tsv or .tsv.gz-less .txt), or None."""
-    for suffix in (".parquet", ".tsv", ".txt"):
-        p = directory / f"{table}{suffix}"
-        if p.exists():
-            return p
-    return None
+    """The file holding `table` in `directory` (.parquet, .tsv or .tsv.gz-less .txt), or None;
+    a DataError when two of them are there (which one the user means is not ours to guess)."""
+    found = [p for s in (".parquet", ".tsv", ".txt") if (p := directory / f"{table}{s}").exists()]
+    if len(found) > 1:
+        raise DataError(
+            found[0],
+            None,
+            f"{' and '.join(p.name for p in found)} both hold table {table!r} in {directory}: "
+            "keep one of them",
+        )
+    return found[0] if found else None
 
 
 def _tsv_header(path: Path, name: Path) -> list[str]:
     """The header fields of the TSV file `path` (`name`: the file to name in errors)."""
     with path.open("rb") as f:
         first = f.readline()
-    try:
-        header = first.decode("utf-8").rstrip("\r\n")
+    try:  # utf-8-sig: a byte-order mark (Excel, Notepad) is not part of the first name
+        header = first.decode("utf-8-sig").rstrip("\r\n")
     except UnicodeDecodeError:
         raise DataError(name, 1, "header line is not valid UTF-8 (not a TSV text file?)") from None
     if not header:

@@ -381,3 +381,33 @@ def test_ingest_refuses_an_empty_or_garbage_ptum_tsv_naming_it(tmp_path, data, p
         ingest(source="ptum_tsv", path=str(f), out_dir=tmp_path / "raw")
     assert err.value.path == str(f)
     assert not (tmp_path / "raw").exists()
+
+
+def test_a_byte_order_mark_before_the_header_is_not_part_of_the_first_column(tmp_path):
+    # Excel and Notepad write one: "missing column(s) ['user_id']" named a column the file has.
+    raw = _write(tmp_path)
+    (raw / "behaviors.tsv").write_bytes(b"\xef\xbb\xbf" + (raw / "behaviors.tsv").read_bytes())
+    (tmp_path / "plain").mkdir()
+    plain = _write(tmp_path / "plain")
+    _prepare(tmp_path, raw)
+    _prepare(tmp_path / "plain", plain)
+    for table in ("sequences", "items", "users"):
+        with_bom = pl.read_parquet(tmp_path / "prepared" / f"{table}.parquet")
+        assert with_bom.height > 0
+        assert with_bom.equals(
+            pl.read_parquet(tmp_path / "plain" / "prepared" / f"{table}.parquet")
+        )
+
+
+def test_a_table_in_two_files_is_refused_not_guessed(tmp_path):
+    # behaviors.tsv beside an older behaviors.parquet: the Parquet file was read, silently.
+    raw = _write(tmp_path)
+    pl.DataFrame(GOOD[:2], schema=["user_id", "timestamp", "text"], orient="row").write_parquet(
+        raw / "behaviors.parquet"
+    )
+    with pytest.raises(
+        DataError,
+        match=r"behaviors.parquet and behaviors.tsv both hold table 'behaviors' .*keep one",
+    ):
+        ingest(source="generic", path=str(raw), out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
