@@ -7,7 +7,7 @@ from pathlib import Path
 
 import polars as pl
 
-from ptum.data.errors import DataError
+from ptum.data.errors import DataError, shorten
 from ptum.data.generic import SOURCE_LINE
 from ptum.data.text_bytes import CONTROL_DETAIL
 
@@ -55,7 +55,7 @@ def raise_first(
     }[row["reason"]]
     if path.suffix == ".parquet":
         shown = {k: v for k, v in row.items() if k not in ("line", SOURCE_LINE, "reason")}
-        excerpt = _shorten(repr(shown))
+        excerpt = shorten(repr(shown), 200)
     else:
         excerpt = _excerpt(path, line)
     raise DataError(
@@ -108,15 +108,11 @@ def _escaped_text(s: pl.Series) -> pl.Series:
     )
 
 
-def _shorten(text: str, width: int = 200) -> str:
-    return text if len(text) <= width else text[:width] + "..."
-
-
 def _excerpt(path: Path, line: int, width: int = 120) -> str:
     """The raw text of one line of a file (bad bytes shown as escapes), shortened to `width`."""
     with path.open("rb") as f:
         for n, raw in enumerate(f, start=1):
             if n == line:
                 text = raw.rstrip(b"\r\n").decode("utf-8", errors="backslashreplace")
-                return repr(text if len(text) <= width else text[:width] + "...")
+                return repr(shorten(text, width))
     return "''"

@@ -4,6 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# The range of the Int64 columns (timestamps, ids) that text sources are parsed into.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+
+def shorten(text: str, width: int) -> str:
+    """`text` cut to `width` characters (marked "...") for quoting in a message."""
+    return text if len(text) <= width else text[:width] + "..."
+
 
 class DataError(ValueError):
     """Bad input data.

@@ -25,18 +25,12 @@ import polars as pl
 import pyarrow.parquet as pq
 
 from ptum.data import generic, movielens, synthetic
-from ptum.data.errors import DataError
+from ptum.data.errors import INT64_MAX, INT64_MIN, DataError, shorten
 from ptum.data.generic import SOURCE_LINE
 from ptum.hashing import sha256_files
 from ptum.io import atomic_dir
 
 PTUM_SEP = "#|NTABN|#"
-# The range of the Int64 timestamp column.
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-
-
-def _shorten(text: str, width: int = 40) -> str:
-    return text if len(text) <= width else text[:width] + "..."
 
 
 def read_ptum_tsv(path: Path) -> pl.DataFrame:
@@ -70,14 +64,14 @@ def read_ptum_tsv(path: Path) -> pl.DataFrame:
                     stamp = int(v)
                 except ValueError:
                     raise DataError(
-                        path, n, f"timestamp #{k + 1} {_shorten(v)!r} is not an integer"
+                        path, n, f"timestamp #{k + 1} {shorten(v, 40)!r} is not an integer"
                     ) from None
                 if not INT64_MIN <= stamp <= INT64_MAX:
                     # Negative ones fit: prepare's row checks flag (or quarantine) them.
                     raise DataError(
                         path,
                         n,
-                        f"timestamp #{k + 1} {_shorten(v)!r} is not a non-negative integer that "
+                        f"timestamp #{k + 1} {shorten(v, 40)!r} is not a non-negative integer that "
                         "fits in 64 bits (seconds since the epoch): fix or remove it",
                     )
                 stamps.append(stamp)

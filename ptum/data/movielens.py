@@ -26,7 +26,7 @@ from pathlib import Path
 
 import polars as pl
 
-from ptum.data.errors import DataError
+from ptum.data.errors import INT64_MAX, INT64_MIN, DataError, shorten
 from ptum.data.generic import SOURCE_LINE
 from ptum.hashing import sha256_bytes, sha256_file
 from ptum.io import atomic_dir
@@ -76,7 +76,6 @@ ORIGINS = {
     "ml-100k": {},
     "ml-1m": {"behaviors.parquet": "ratings.dat", "impressions.parquet": "ratings.dat"},
 }
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
 
 def detect_variant(path: Path) -> str:
@@ -112,7 +111,7 @@ def _lines(path: Path, encoding: str = "latin-1"):
 
 
 def _int(path: Path, n: int, field: str, value: str) -> int:
-    shown = value if len(value) <= 40 else value[:40] + "..."
+    shown = shorten(value, 40)
     try:
         number = int(value)
     except ValueError:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ptum.data import bad_rows, generic
-from ptum.data.errors import DataError
+from ptum.data.errors import DataError, shorten
 from ptum.hashing import verify_file
 
 TABLES = ("behaviors", "labels", "impressions")
@@ -104,7 +104,7 @@ def _check_shape(path: Path, manifest: object) -> None:
                 why = (
                     f"{key} entry {name!r} is not a file name"
                     if not _plain_name(name)
-                    else f"{key}[{name!r}] is {_shorten(value)}, not {value_kind}"
+                    else f"{key}[{name!r}] is {shorten(json.dumps(value), 60)}, not {value_kind}"
                 )
                 break
     if why is not None:
@@ -122,11 +122,6 @@ def _json_type(value: object) -> str:
     if value is None or isinstance(value, bool):
         return "null" if value is None else "boolean"
     return {list: "array", str: "string", int: "number", float: "number"}.get(type(value), "value")
-
-
-def _shorten(value: object, width: int = 60) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= width else text[:width] + "..."
 
 
 def verify_raw(raw_dir: Path, manifest: dict) -> None:
